@@ -1,0 +1,122 @@
+"""Per-session state of the plugin: results evaluated once, reports, baselines, summary.
+
+Items ask for their SAE's result; the first ask evaluates every selected SAE of
+that thresholds file together (so SAEs at one hookpoint share the model's
+first pass). Under pytest-xdist each worker evaluates the SAEs it is given, and
+the controller gathers the summary rows from the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sae_acceptance.config import LoadedThresholds
+from sae_acceptance.evaluate import EvalReport, ModelCache, SAEResult, evaluate
+from sae_acceptance.report import format_table, merge_report_json, summary_rows
+
+STATE_KEY = pytest.StashKey["SAESession"]()
+
+
+def pin_gpu_for_xdist_worker() -> None:
+    """One GPU per xdist worker (gw0 -> first visible GPU, ...), set before CUDA is touched."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = [d for d in visible.split(",") if d.strip()]
+    elif shutil.which("nvidia-smi"):
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+        devices = [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU")]
+    else:
+        devices = []
+    if len(devices) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(worker[2:]) % len(devices)]
+
+
+def is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+class SAESession:
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.models = ModelCache()
+        self.reports: dict[Path, EvalReport] = {}
+        self.results: dict[tuple[Path, str], SAEResult] = {}
+        self.worker_rows: list[list[str]] = []
+        self.selected_names: dict[Path, list[str]] = {}
+        self.progress = not config.getoption("--sae-no-progress") and not is_xdist_worker(config)
+        json_path = config.getoption("--sae-json")
+        self.json_path = Path(json_path).resolve() if json_path else None
+        if self.json_path is not None and not is_xdist_worker(config):
+            self.json_path.unlink(missing_ok=True)  # workers merge into a fresh file
+
+    def selected(self, loaded: LoadedThresholds) -> list[str]:
+        """SAE names of this file that this session runs items for."""
+        if is_xdist_worker(self.config):
+            return []  # the scheduler hands out SAEs one scope at a time
+        return self.selected_names.get(loaded.path, [])
+
+    def result(self, loaded: LoadedThresholds, name: str) -> SAEResult:
+        key = (loaded.path, name)
+        if key not in self.results:
+            names = [n for n in self.selected(loaded) if (loaded.path, n) not in self.results] or [name]
+            if name not in names:
+                names.append(name)
+            report = evaluate(loaded, names=names, progress=self.progress, models=self.models)
+            self._keep(loaded.path, report)
+        return self.results[key]
+
+    def _keep(self, path: Path, report: EvalReport) -> None:
+        previous = self.reports.get(path)
+        if previous is not None:
+            report.saes = {**previous.saes, **report.saes}
+        self.reports[path] = report
+        for name, result in report.saes.items():
+            self.results[(path, name)] = result
+
+    # -- regression baselines (sae_acceptance.baseline) ------------------------------------
+
+    def baseline_path(self, loaded: LoadedThresholds) -> Path | None:
+        option = self.config.getoption("--sae-baseline")
+        if option:
+            return Path(option).resolve()
+        if loaded.config.baseline and not self.config.getoption("--sae-update-baseline"):
+            return loaded.path.parent / loaded.config.baseline
+        return None
+
+    def regression(self, loaded: LoadedThresholds, result: SAEResult, metric: str):
+        from sae_acceptance.baseline import compare_metric, load_baseline
+
+        baseline = load_baseline(self.baseline_path(loaded))
+        return compare_metric(baseline, loaded, result, metric)
+
+    # -- end of session ----------------------------------------------------------------------
+
+    def finish(self) -> None:
+        for path, report in self.reports.items():
+            if self.json_path is not None:
+                merge_report_json(self.json_path, report)
+            if self.config.getoption("--sae-update-baseline"):
+                from sae_acceptance.baseline import update_baseline
+
+                update_baseline(self.config, path, report)
+        if is_xdist_worker(self.config):
+            self.config.workeroutput["sae_rows"] = summary_rows(
+                [r for report in self.reports.values() for r in report.saes.values()]
+            )[1:]
+
+    def absorb_worker(self, output: dict) -> None:
+        self.worker_rows += output.get("sae_rows", [])
+
+    def summary(self) -> str:
+        results = [r for report in self.reports.values() for r in report.saes.values()]
+        rows = summary_rows(results)
+        rows += self.worker_rows
+        return format_table(rows) if len(rows) > 1 else ""

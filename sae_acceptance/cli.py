@@ -1,0 +1,179 @@
+"""sae-acceptance eval | pr-profile | sweep | schema | build-reference.
+
+The same loaders and engine as the pytest plugin. Bad input ends in one line on
+stderr and exit status 2; a failed gate in exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sae_acceptance.errors import SAEAcceptanceError
+
+
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="a .npy token file, a local dataset directory, or a hub dataset")
+    parser.add_argument("--n-sequences", type=int, default=200)
+    parser.add_argument("--context-size", type=int, default=256)
+    parser.add_argument("--skip", type=int, default=0, help="sequences skipped first")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-acceptance", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="evaluate SAEs (a thresholds file, or SAEs named here)")
+    ev.add_argument("--config", type=Path, help="a thresholds.toml: run its gate without pytest")
+    ev.add_argument("--model", help="TransformerLens model name or local HF checkpoint directory")
+    ev.add_argument("--hook", help="hookpoint, e.g. blocks.3.hook_resid_post (default: the SAE's own)")
+    ev.add_argument("--sae", action="append", default=[], metavar="PATH", help="SAE directory (repeatable)")
+    _eval_args(ev)
+    ev.add_argument("--bootstrap-resamples", type=int, default=5000)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
+
+    pr = sub.add_parser("pr-profile", help="participation ratio per layer, and the canyon rule")
+    pr.add_argument("--model", required=True)
+    _eval_args(pr)
+    pr.add_argument("--hook-type", default="resid_post")
+    pr.add_argument("--threshold", type=float, default=0.02, help="canyon rule: pr_ratio below this")
+    pr.add_argument("--use", choices=["raw", "deflated"], default="raw")
+    pr.add_argument("--json", type=Path, metavar="OUT")
+    pr.add_argument("--plot", type=Path, metavar="OUT.png")
+
+    sw = sub.add_parser("sweep", help="train a sweep profile's SAEs, gate them, write the log's tables")
+    sw.add_argument("--profile", required=True, help="fast2, fast3, budget, tiny, or a profile .toml")
+    sw.add_argument("--out", type=Path, required=True)
+    sw.add_argument("--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache)")
+    sw.add_argument("--device", default="auto")
+    sw.add_argument("--no-progress", action="store_true")
+
+    sc = sub.add_parser("schema", help="write the JSON Schema of thresholds.toml")
+    sc.add_argument("--out", type=Path, default=Path("thresholds.schema.json"))
+
+    ref = sub.add_parser("build-reference", help="rebuild the embedded reference model, tokens and SAEs")
+    ref.add_argument("--out", type=Path, default=Path("reference"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SAEAcceptanceError as err:
+        print(f"sae-acceptance: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sae_acceptance.config import load_thresholds, thresholds_from_mapping
+    from sae_acceptance.evaluate import evaluate
+    from sae_acceptance.report import format_report, write_atomic
+
+    if args.config is not None:
+        loaded = load_thresholds(args.config)
+    else:
+        if not args.sae or not args.data:
+            raise SAEAcceptanceError("eval needs --config FILE, or --sae PATH (repeatable) and --data")
+        loaded = thresholds_from_mapping(
+            {
+                "eval": {
+                    "data": args.data,
+                    "model": args.model,
+                    "n_sequences": args.n_sequences,
+                    "context_size": args.context_size,
+                    "skip": args.skip,
+                    "batch_size": args.batch_size,
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "bootstrap_resamples": args.bootstrap_resamples,
+                    "seed": args.seed,
+                },
+                "sae": [{"path": str(p), **({"hook": args.hook} if args.hook else {})} for p in args.sae],
+            },
+            source="command line",
+        )
+    report = evaluate(loaded, progress=not args.no_progress)
+    print(format_report(report))
+    if args.json is not None:
+        write_atomic(args.json, report.to_json())
+        print(f"report written to {args.json}")
+    if any(r.error for r in report.saes.values()):
+        return 2
+    return 0 if report.passed else 1
+
+
+def _cmd_pr_profile(args: argparse.Namespace) -> int:
+    from sae_acceptance.geometry import (
+        CanyonRule,
+        format_profile_table,
+        plot_pr_profile,
+        pr_profile,
+        profile_to_json,
+    )
+    from sae_acceptance.report import write_json
+    from sae_acceptance.sources.model import load_model, special_token_ids
+    from sae_acceptance.sources.tokens import counted_mask, load_tokens
+
+    if not args.data:
+        raise SAEAcceptanceError("pr-profile needs --data")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    tokens = load_tokens(args.data, args.n_sequences, args.context_size, args.skip, tokenizer=model.tokenizer)
+    rule = CanyonRule(args.threshold, args.use)
+    profile = pr_profile(
+        model,
+        tokens,
+        counted_mask(tokens, special_token_ids(model)),
+        hook_type=args.hook_type,
+        batch_size=args.batch_size,
+        rule=rule,
+        progress=not args.no_progress,
+    )
+    print(format_profile_table(profile))
+    if args.json is not None:
+        write_json(args.json, profile_to_json(args.model, profile, rule, args.hook_type))
+        print(f"profile written to {args.json}")
+    if args.plot is not None:
+        plot_pr_profile(profile, args.plot, rule, title=f"{args.model}: {args.hook_type}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from sae_acceptance.train.sweep import run_sweep_command
+
+    return run_sweep_command(args)
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from sae_acceptance.config import write_json_schema
+
+    write_json_schema(args.out)
+    print(f"schema written to {args.out}")
+    return 0
+
+
+def _cmd_build_reference(args: argparse.Namespace) -> int:
+    from sae_acceptance.reference.build import build_reference
+
+    build_reference(args.out)
+    return 0
+
+
+COMMANDS = {
+    "eval": _cmd_eval,
+    "pr-profile": _cmd_pr_profile,
+    "sweep": _cmd_sweep,
+    "schema": _cmd_schema,
+    "build-reference": _cmd_build_reference,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

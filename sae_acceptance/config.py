@@ -1,0 +1,288 @@
+"""thresholds.toml: schema and validation.
+
+The whole file is validated before anything runs; the first problem becomes one
+`ConfigError` naming the file, the line and the field, and what was expected.
+Relative paths are relative to the file's own directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sae_acceptance.errors import ConfigError
+from sae_acceptance.metrics import METRICS, R2_REFUSAL
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCHEMA_FILE = "thresholds.schema.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Bound(_Strict):
+    """`min`/`max` on a metric, checked on the point estimate or on an interval end."""
+
+    min: float | None = None
+    max: float | None = None
+    on: Literal["point", "ci_low", "ci_high"] = "point"
+
+    @model_validator(mode="after")
+    def _one_side_at_least(self) -> Bound:
+        if self.min is None and self.max is None:
+            raise ValueError("a bound needs `min` or `max`")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+def _check_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
+    """Metric-level checks; messages start with `<metric>:` so errors can point at its line."""
+    for name, bound in gate.items():
+        if name == "r2":
+            raise ValueError(f"r2: {R2_REFUSAL}")
+        spec = METRICS.get(name)
+        if spec is None:
+            raise ValueError(f"{name}: unknown metric (gateable: {', '.join(gateable_metrics())})")
+        if not spec.gateable:
+            raise ValueError(f"{name}: cannot be gated")
+        if bound.on != "point" and not spec.has_ci:
+            raise ValueError(f'{name}: has no interval; use on = "point"')
+        for side in ("min", "max"):
+            value = getattr(bound, side)
+            if value is not None and not spec.lo <= value <= spec.hi:
+                raise ValueError(f"{name}: {side} = {value} is outside the range [{spec.lo}, {spec.hi}]")
+    return gate
+
+
+Gate = Annotated[dict[str, Bound], AfterValidator(_check_gate), Field(default_factory=dict)]
+
+
+class EvalSettings(_Strict):
+    data: str = Field(description="a .npy token file, a local dataset directory, or a hub dataset name")
+    model: str | None = Field(None, description="default model for every [[sae]] (hub name or local dir)")
+    n_sequences: int = Field(200, gt=0)
+    context_size: int = Field(256, gt=1)
+    skip: int = Field(0, ge=0, description="sequences skipped first (held out from training data)")
+    column: str | None = Field(None, description="dataset column: tokens, input_ids or text")
+    split: str = "train"
+    batch_size: int = Field(8, gt=0)
+    bootstrap_resamples: int = Field(5000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    exclude_special_tokens: bool | list[int] = Field(
+        True, description="true: the tokenizer's BOS/EOS/PAD; false: none; a list: these ids"
+    )
+
+
+class CanyonSettings(_Strict):
+    threshold: float = Field(0.02, gt=0, lt=1, description="flag a layer when pr_ratio is below this")
+    use: Literal["raw", "deflated"] = "raw"
+
+
+class Tolerance(_Strict):
+    tolerance: float = Field(ge=0, description="allowed worsening, in the metric's units")
+
+
+class SAEEntry(_Strict):
+    path: str
+    name: str | None = None
+    model: str | None = None
+    hook: str | None = None
+    gate: Gate
+    expect_fail: list[str] = Field(
+        default_factory=list,
+        description="negative control: these gated metrics must fail (xfail when they do, fail when they pass)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _node_safe(cls, name: str | None) -> str | None:
+        if name is not None and (not name or "::" in name or "/" in name):
+            raise ValueError(f"name {name!r} must be non-empty and contain no '::' or '/'")
+        return name
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.path).name
+
+
+class Thresholds(_Strict):
+    eval: EvalSettings
+    gate: Gate
+    canyon: CanyonSettings = CanyonSettings()
+    regression: dict[str, Tolerance] = Field(default_factory=dict)
+    baseline: str | None = Field(None, description="regression baseline JSON, relative to this file")
+    sae: list[SAEEntry] = Field(min_length=1)
+
+    @field_validator("regression")
+    @classmethod
+    def _known_metrics(cls, tolerances: dict[str, Tolerance]) -> dict[str, Tolerance]:
+        for name in tolerances:
+            if name not in METRICS or METRICS[name].higher_is_better is None:
+                raise ValueError(f"no regression direction for {name!r}")
+        return tolerances
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Thresholds:
+        seen: set[str] = set()
+        for entry in self.sae:
+            if entry.display_name in seen:
+                raise ValueError(f"two [[sae]] entries are named {entry.display_name!r}; give one a `name`")
+            seen.add(entry.display_name)
+        return self
+
+    @model_validator(mode="after")
+    def _controls_are_gated(self) -> Thresholds:
+        for i, entry in enumerate(self.sae):
+            missing = [m for m in entry.expect_fail if m not in self.gate_for(entry)]
+            if missing:
+                raise ValueError(f"sae.{i}.expect_fail names metrics without a bound: {', '.join(missing)}")
+        return self
+
+    def gate_for(self, entry: SAEEntry) -> dict[str, Bound]:
+        """The default [gate] bounds, overridden metric by metric by the entry's own."""
+        return {**self.gate, **entry.gate}
+
+
+def gateable_metrics() -> list[str]:
+    return [name for name, spec in METRICS.items() if spec.gateable]
+
+
+class LoadedThresholds(BaseModel):
+    """A validated file with its location, so paths resolve and errors can point back."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    config: Thresholds
+    path: Path
+    text: str
+
+    def resolve(self, value: str) -> str:
+        """A path relative to the file's directory; other strings (hub names) as given."""
+        candidate = self.path.parent / value
+        return str(candidate) if candidate.exists() or _looks_local(value) else value
+
+    def line_of(self, *loc: str | int) -> int:
+        return locate(self.text, loc)
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith((".npy", ".json"))
+
+
+def load_thresholds(path: str | Path) -> LoadedThresholds:
+    """Read and validate a thresholds file, or raise one ConfigError naming file:line and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return _validate(raw, path.resolve(), text, str(path))
+
+
+def thresholds_from_mapping(raw: dict[str, Any], source: str, base: Path | None = None) -> LoadedThresholds:
+    """The same validation for settings that come from elsewhere (the CLI); paths relative to `base`."""
+    return _validate(raw, (base or Path.cwd()).resolve() / f"<{source}>", "", source)
+
+
+def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedThresholds:
+    try:
+        config = Thresholds.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(first["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        if loc and loc[-1] == "gate" and ": " in message:  # a metric-level gate error
+            metric, message = message.split(": ", 1)
+            loc += (metric,)
+        field = ".".join(str(p) for p in loc)
+        shown = first["type"] != "missing" and not isinstance(first["input"], dict)
+        given = f" (got {first['input']!r})" if shown else ""
+        line = f":{locate(text, loc)}" if text else ""
+        raise ConfigError(f"{where}{line}: {field}: {message}{given}") from None
+    loaded = LoadedThresholds(config=config, path=path, text=text)
+    _check_paths(loaded, where)
+    return loaded
+
+
+def _check_paths(loaded: LoadedThresholds, where: str) -> None:
+    def at(*loc: str | int) -> str:
+        return f"{where}:{loaded.line_of(*loc)}" if loaded.text else where
+
+    for i, entry in enumerate(loaded.config.sae):
+        if not Path(loaded.resolve(entry.path)).exists():
+            raise ConfigError(f"{at('sae', i, 'path')}: sae.{i}.path: no such SAE directory {entry.path!r}")
+    data = loaded.config.eval.data
+    if _looks_local(data) and not Path(loaded.resolve(data)).exists():
+        raise ConfigError(f"{at('eval', 'data')}: eval.data: no such file or directory {data!r}")
+
+
+def locate(text: str, loc: tuple[str | int, ...]) -> int:
+    """Best line number for a validation error's location (tomllib keeps no positions).
+
+    Walks the location: a table header (`[eval]`, the n-th `[[sae]]`), then the
+    first `key =` (or inline `key = {`) line under it; falls back to the last
+    line found.
+    """
+    lines = text.splitlines()
+    line, start, end = 1, 0, len(lines)
+    keys = [p for p in loc if isinstance(p, str | int)]
+    if keys and isinstance(keys[0], str):
+        table = keys[0]
+        index = keys[1] if len(keys) > 1 and isinstance(keys[1], int) else 0
+        headers = [i for i, text_line in enumerate(lines) if re.match(rf"\s*\[\[?\s*{re.escape(table)}\s*\]\]?", text_line)]
+        if len(headers) > index:
+            start = headers[index]
+            line = start + 1
+            nxt = [i for i, text_line in enumerate(lines) if i > start and re.match(r"\s*\[", text_line)]
+            end = nxt[0] if nxt else len(lines)
+            keys = keys[2:] if len(keys) > 1 and isinstance(keys[1], int) else keys[1:]
+        else:
+            keys = keys[0:]
+    for key in keys:
+        if not isinstance(key, str):
+            continue
+        pattern = re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
+        for i in range(start, end):
+            if pattern.search(lines[i]):
+                line, start = i + 1, i
+                break
+    return line
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of thresholds.toml, for editors (`#:schema ./thresholds.schema.json`)."""
+    schema = Thresholds.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "sae-acceptance thresholds.toml"
+    return schema
+
+
+def write_json_schema(path: str | Path) -> None:
+    Path(path).write_text(json.dumps(json_schema(), indent=2) + "\n")

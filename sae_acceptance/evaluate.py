@@ -1,0 +1,317 @@
+"""The library's front door: a validated thresholds file -> an `EvalReport`.
+
+Config names the inputs; sources load them (each model and token set once);
+the engine runs each hookpoint once for all its SAEs; metrics, intervals and
+verdicts follow. Problems with one SAE (a bad file, a width that does not fit
+the hook, NaN weights) become that SAE's error, so the rest still run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_acceptance.config import LoadedThresholds, SAEEntry
+from sae_acceptance.engine import HookRun, check_finite, run_hook
+from sae_acceptance.errors import SAEAcceptanceError, SourceError
+from sae_acceptance.geometry import CanyonRule, LayerGeometry, pr_from_covariance
+from sae_acceptance.metrics import METRICS, alive_fraction, rate_bits
+from sae_acceptance.sources.model import (
+    hook_layer,
+    hook_width,
+    load_model,
+    processing_kwargs,
+    resolve_device,
+    resolve_dtype,
+    special_token_ids,
+)
+from sae_acceptance.sources.sae import SAE, load_sae
+from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
+from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
+from sae_acceptance.verdict import MetricValue, Verdict, judge, loss_context
+
+
+@dataclass
+class SAEResult:
+    """Everything measured and decided about one SAE."""
+
+    name: str
+    path: str
+    model: str | None = None
+    hook: str | None = None
+    layer: int | None = None
+    architecture: str | None = None
+    d_in: int | None = None
+    d_sae: int | None = None
+    k: int | None = None
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    geometry: LayerGeometry | None = None
+    r2_warning: str | None = None
+    error: str | None = None
+    tokens_fingerprint: str | None = None
+    expect_fail: list[str] = field(default_factory=list)
+    sums: SequenceSums | None = None
+
+    def as_expected(self, metric: str) -> bool:
+        """A verdict is as expected when it passes, or fails on a negative control's metric."""
+        return self.verdicts[metric].passed != (metric in self.expect_fail)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(self.as_expected(m) for m in self.verdicts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "hook": self.hook,
+            "layer": self.layer,
+            "path": self.path,
+            "architecture": self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "tokens_fingerprint": self.tokens_fingerprint,
+            "error": self.error,
+            "expect_fail": self.expect_fail,
+            "metrics": {name: m.to_dict() for name, m in self.metrics.items()},
+            "verdicts": {name: v.to_dict() for name, v in self.verdicts.items()},
+            "geometry": None if self.geometry is None else self.geometry.to_dict(),
+            "r2_warning": self.r2_warning,
+        }
+
+
+@dataclass
+class EvalReport:
+    settings: dict[str, Any]
+    timing: dict[str, Any]
+    saes: dict[str, SAEResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.saes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "eval": self.settings,
+            "timing": self.timing,
+            "saes": {name: r.to_dict() for name, r in self.saes.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str) + "\n"
+
+
+class ModelCache:
+    """Models loaded once per process, keyed by name, processing, device and dtype."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, Any] = {}
+
+    def get(self, name: str, kwargs: dict[str, Any], device: str, dtype: str):
+        key = (name, json.dumps(kwargs, sort_keys=True), device, dtype)
+        if key not in self._models:
+            self._models[key] = load_model(name, device=device, dtype=dtype, from_pretrained_kwargs=kwargs)
+        return self._models[key]
+
+
+@dataclass
+class _Request:
+    entry: SAEEntry
+    result: SAEResult
+    sae: SAE | None = None
+
+
+def evaluate(
+    loaded: LoadedThresholds,
+    names: list[str] | None = None,
+    progress: bool = True,
+    models: ModelCache | None = None,
+) -> EvalReport:
+    """Evaluate the named SAEs of a thresholds file (all when `names` is None)."""
+    config = loaded.config
+    settings = config.eval
+    models = models or ModelCache()
+    device = str(resolve_device(settings.device))
+    bootstrap = BootstrapSettings(settings.bootstrap_resamples, settings.confidence, settings.seed)
+    requests = [_prepare(loaded, entry) for entry in config.sae if names is None or entry.display_name in names]
+
+    groups: dict[tuple, list[_Request]] = defaultdict(list)
+    for req in requests:
+        if req.result.error is None:
+            kwargs = processing_kwargs(req.sae.metadata.get("model_from_pretrained_kwargs"))
+            groups[(req.result.model, json.dumps(kwargs, sort_keys=True))].append(req)
+
+    eval_info: dict[str, Any] = {}
+    timing = {"eval_s": 0.0, "n_tokens": 0}
+    start = time.perf_counter()
+    for (model_name, kwargs_json), group in groups.items():
+        try:
+            model = models.get(model_name, json.loads(kwargs_json), device, settings.dtype)
+            tokens, counted, excluded = _eval_tokens(loaded, model)
+        except SAEAcceptanceError as err:
+            for req in group:
+                req.result.error = str(err)
+            continue
+        eval_info.setdefault("tokens", _token_info(tokens, counted, excluded, settings.exclude_special_tokens))
+        by_hook: dict[str, list[_Request]] = defaultdict(list)
+        for req in group:
+            if _check_fits(model, req):
+                by_hook[req.result.hook].append(req)
+        for hook, hook_requests in by_hook.items():
+            dtype = resolve_dtype(settings.dtype)
+            saes = {req.result.name: req.sae.to(device=device, dtype=dtype) for req in hook_requests}
+            run = run_hook(model, hook, saes, tokens, counted, settings.batch_size, progress)
+            timing["eval_s"] += run.eval_s
+            timing["n_tokens"] += run.n_tokens
+            geometry = _geometry(run, hook, config.canyon)
+            for req in hook_requests:
+                _measure(req, loaded, run, geometry, bootstrap, fingerprint(tokens))
+    timing["wall_s"] = time.perf_counter() - start
+    timing["tokens_per_s"] = timing["n_tokens"] / timing["eval_s"] if timing["eval_s"] else None
+    return EvalReport(
+        settings={
+            **settings.model_dump(),
+            "device": device,
+            "bootstrap": {"resamples": bootstrap.resamples, "confidence": bootstrap.confidence, "seed": bootstrap.seed},
+            "canyon": config.canyon.model_dump(),
+            **eval_info,
+        },
+        timing=timing,
+        saes={req.result.name: req.result for req in requests},
+    )
+
+
+def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
+    """Load the SAE and decide its model and hook; a problem becomes the result's error."""
+    path = loaded.resolve(entry.path)
+    result = SAEResult(name=entry.display_name, path=path, expect_fail=list(entry.expect_fail))
+    try:
+        sae = load_sae(path)
+    except SAEAcceptanceError as err:
+        result.error = str(err)
+        return _Request(entry, result)
+    result.model = entry.model or loaded.config.eval.model or sae.model_name
+    result.hook = entry.hook or sae.hook_name
+    result.layer = hook_layer(result.hook) if result.hook else None
+    result.architecture, result.d_in, result.d_sae, result.k = sae.architecture, sae.d_in, sae.d_sae, sae.k
+    if result.model is None:
+        result.error = f"{path}: no model: set `model` in [[sae]] or [eval], or metadata.model_name in cfg.json"
+    elif result.model and not Path(result.model).is_absolute() and (loaded.path.parent / result.model).is_dir():
+        result.model = str(loaded.path.parent / result.model)
+    if result.hook is None:
+        result.error = f"{path}: no hook: set `hook` in [[sae]], or metadata.hook_name in cfg.json"
+    bad = sae.nonfinite_tensors()
+    if bad:
+        result.error = f"{path}: SAE weights hold NaN or infinity in tensor(s) {', '.join(bad)}"
+    return _Request(entry, result, sae)
+
+
+def _eval_tokens(loaded: LoadedThresholds, model) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    settings = loaded.config.eval
+    if settings.context_size > model.cfg.n_ctx:
+        raise SourceError(
+            f"{loaded.path}:{loaded.line_of('eval', 'context_size')}: eval.context_size = "
+            f"{settings.context_size} is beyond the model's n_ctx = {model.cfg.n_ctx}"
+        )
+    tokens = load_tokens(
+        loaded.resolve(settings.data),
+        settings.n_sequences,
+        settings.context_size,
+        settings.skip,
+        tokenizer=getattr(model, "tokenizer", None),
+        column=settings.column,
+        split=settings.split,
+    )
+    if int(tokens.max()) >= model.cfg.d_vocab or int(tokens.min()) < 0:
+        raise SourceError(
+            f"eval.data {settings.data!r}: token ids span [{int(tokens.min())}, {int(tokens.max())}], "
+            f"outside the model's vocabulary of {model.cfg.d_vocab}"
+        )
+    rule = settings.exclude_special_tokens
+    excluded = special_token_ids(model) if rule is True else list(rule) if rule else []
+    return tokens, counted_mask(tokens, excluded), excluded
+
+
+def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int], rule) -> dict[str, Any]:
+    return {
+        "fingerprint": fingerprint(tokens),
+        "n_tokens": int(tokens.numel()),
+        "n_counted": int(counted.sum()),
+        "excluded_ids": excluded,
+        "rule": "special tokens (BOS/EOS/PAD)" if rule is True else "listed ids" if rule else "none",
+    }
+
+
+def _check_fits(model, req: _Request) -> bool:
+    try:
+        width = hook_width(model, req.result.hook)
+    except SourceError as err:
+        req.result.error = f"{req.result.path}: {err}"
+        return False
+    if width != req.sae.d_in:
+        req.result.error = (
+            f"{req.result.path}: SAE d_in = {req.sae.d_in} but hook {req.result.hook} has width {width}"
+        )
+        return False
+    return True
+
+
+def _geometry(run: HookRun, hook: str, canyon) -> LayerGeometry:
+    cov = run.covariance.covariance()
+    pr, pr_deflated = pr_from_covariance(cov)
+    d = cov.shape[0]
+    rule = CanyonRule(canyon.threshold, canyon.use)
+    return LayerGeometry(
+        layer=hook_layer(hook),
+        hook=hook,
+        d_model=d,
+        pr=pr,
+        pr_deflated=pr_deflated,
+        pr_ratio=pr / d,
+        canyon=rule.flags(pr / d, pr_deflated / d),
+    )
+
+
+def _measure(
+    req: _Request,
+    loaded: LoadedThresholds,
+    run: HookRun,
+    geometry: LayerGeometry,
+    bootstrap: BootstrapSettings,
+    tokens_fingerprint: str,
+) -> None:
+    result = req.result
+    sums = run.sums[result.name]
+    result.sums, result.geometry, result.tokens_fingerprint = sums, geometry, tokens_fingerprint
+    bad = check_finite(sums)
+    if bad:
+        result.error = f"{result.path}: the eval produced NaN or infinity in {', '.join(bad)}"
+    points = {name: float(v) for name, v in sums.metrics().items()}
+    intervals = bootstrap_intervals(sums, bootstrap)
+    result.metrics = {name: MetricValue(points[name], intervals[name]) for name in points}
+    n_counted = float(sums.scalars["n_tokens"].sum())
+    result.metrics["alive_frac"] = MetricValue(alive_fraction(sums.fired))
+    result.metrics["rate_bits"] = MetricValue(rate_bits(sums.fired, n_counted))
+    result.metrics = {name: result.metrics[name] for name in METRICS if name in result.metrics}
+    context = loss_context(result.metrics)
+    result.verdicts = {
+        name: judge(name, result.metrics[name], bound, context if name.startswith(("ce_", "delta_ce", "kl_")) else "")
+        for name, bound in loaded.config.gate_for(req.entry).items()
+    }
+    if geometry.canyon:
+        r2 = result.metrics["r2"].value
+        result.r2_warning = (
+            f"{result.name}: r2 = {r2:.3f} at {geometry.hook}, a layer the PR canyon flags "
+            f"(pr = {geometry.pr:.3g}, pr_ratio = {geometry.pr_ratio:.4f} < {loaded.config.canyon.threshold}): "
+            "R² is variance-normalised and likely inflated here; judge by ce_rec, cosine and rel_error"
+        )
+    if not math.isfinite(result.metrics["r2"].value) and result.error is None:
+        result.error = f"{result.path}: r2 is not finite (the eval set has no variance?)"

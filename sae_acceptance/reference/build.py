@@ -1,0 +1,81 @@
+"""Build the embedded reference: model checkpoint, eval tokens, a text dataset, TopK SAEs.
+
+`sae-acceptance build-reference --out reference` rebuilds what the repository
+ships (about three minutes on a 2-core CPU). The repository's thresholds.toml
+gates these SAEs: at the early layer a TopK SAE passes; at a canyon layer a
+small-k SAE with an excellent-looking R² fails on patched loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_acceptance.reference.language import TopicLanguage
+from sae_acceptance.reference.model import (
+    ReferenceModelSpec,
+    inject_canyon,
+    mean_loss,
+    save_reference_model,
+    train_reference_model,
+)
+from sae_acceptance.sources.model import load_model, special_token_ids
+from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.tokens import counted_mask
+
+EVAL_SEED, SAE_TRAIN_SEED, PROBE_SEED = 1_000, 2_000, 3_000
+EVAL_SEQUENCES = 256
+SAE_TRAIN_SEQUENCES = 8_192  # 524k tokens of context 64
+SAE_GRID = {"blocks.0.hook_resid_post": (4, 32), "blocks.2.hook_resid_post": (4, 32)}
+SAE_EXPANSION = 8
+
+
+def sae_name(hook: str, k: int) -> str:
+    return f"L{hook.split('.')[1]}-k{k}"
+
+
+def build_reference(out: Path, spec: ReferenceModelSpec = ReferenceModelSpec(), progress: bool = True) -> Path:
+    from sae_acceptance.train.activations import ActivationBuffer
+    from sae_acceptance.train.topk import TrainConfig, train_topk_grid
+
+    torch.manual_seed(spec.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    language = TopicLanguage(spec.vocab_size, seed=spec.seed)
+    hf_model = train_reference_model(spec, language, progress)
+    eval_tokens = language.sequences(EVAL_SEQUENCES, spec.context_size, seed=EVAL_SEED)
+    loss = mean_loss(hf_model, eval_tokens)
+    drift = inject_canyon(hf_model, spec, torch.from_numpy(language.sequences(32, spec.context_size, PROBE_SEED)))
+    save_reference_model(hf_model, spec, out / "model")
+    np.save(out / "tokens.npy", eval_tokens.astype(np.int32))
+
+    model = load_model(out / "model", device="cpu")
+    train_tokens = torch.from_numpy(language.sequences(SAE_TRAIN_SEQUENCES, spec.context_size, SAE_TRAIN_SEED))
+    counted = counted_mask(train_tokens, special_token_ids(model))
+    for hook, ks in SAE_GRID.items():
+        cfg = TrainConfig(k=max(ks), expansion_factor=SAE_EXPANSION, batch_size=1024, seed=spec.seed,
+                          dead_tokens=100_000, warmup_steps=50)
+        n_tokens = int(counted.sum())
+        buffer = ActivationBuffer(model, train_tokens, hook, batch_size=cfg.batch_size,
+                                  buffer_tokens=65_536, seed=spec.seed, counted=counted, total_tokens=n_tokens)
+        saes = train_topk_grid(buffer, model.cfg.d_model, list(ks), cfg, total_tokens=n_tokens, progress=progress)
+        for k, sae in saes.items():
+            sae.hook_name, sae.model_name = hook, "reference/model"
+            save_sae(sae, out / "saes" / sae_name(hook, k), metadata={
+                "context_size": spec.context_size,
+                "dataset_path": "sae_acceptance.reference.language.TopicLanguage",
+                "prepend_bos": False,
+            })
+    manifest = {
+        "spec": asdict(spec),
+        "eval_loss_nats": loss,
+        "canyon_max_logit_change": drift,
+        "eval_sequences": EVAL_SEQUENCES,
+        "sae_train_tokens": int(counted.sum()),
+        "saes": [sae_name(h, k) for h, ks in SAE_GRID.items() for k in ks],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out

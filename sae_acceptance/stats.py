@@ -1,0 +1,108 @@
+"""Bootstrap over sequences, from per-sequence sums, vectorised.
+
+A resample is a vector of counts (how often each sequence was drawn); pooled
+totals of every sum for every resample are then one matrix product, and every
+metric is recomputed from resampled totals by the same functions that give the
+point estimate. The paired bootstrap applies the same counts to two runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sae_acceptance.metrics import pooled_metrics
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    resamples: int = 5000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class SequenceSums:
+    """Per-sequence float64 sums of one SAE over the eval set: all any metric needs.
+
+    `scalars[name]` is [n_seq] (names in `metrics.SUM_NAMES`); `shift_sums` is
+    [n_seq, d_in], Σ_t (a_t − c) per sequence; `fired` is [d_sae], tokens each
+    latent fired on (global: alive_frac and rate_bits carry no interval).
+    """
+
+    scalars: dict[str, np.ndarray]
+    shift_sums: np.ndarray
+    fired: np.ndarray
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.scalars["n_tokens"])
+
+    @property
+    def d_in(self) -> int:
+        return self.shift_sums.shape[1]
+
+    def metrics(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Metrics pooled with sequence `weights` ([n_seq] or [B, n_seq]; None: all once)."""
+        if weights is None:
+            weights = np.ones(self.n_sequences)
+        totals = {name: weights @ values for name, values in self.scalars.items()}
+        shift_total = weights @ self.shift_sums
+        return pooled_metrics(totals, np.einsum("...d,...d->...", shift_total, shift_total), self.d_in)
+
+
+def resample_counts(n: int, settings: BootstrapSettings) -> np.ndarray:
+    """[resamples, n] draw counts of a seeded bootstrap over n sequences."""
+    rng = np.random.default_rng(settings.seed)
+    draws = rng.integers(0, n, size=(settings.resamples, n))
+    offsets = (np.arange(settings.resamples) * n)[:, None]
+    return np.bincount((draws + offsets).ravel(), minlength=settings.resamples * n).reshape(
+        settings.resamples, n
+    ).astype(np.float64)
+
+
+def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Percentile interval of a bootstrap distribution; NaN when any resample is NaN."""
+    if not np.all(np.isfinite(samples)):
+        return (float("nan"), float("nan"))
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(samples, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def bootstrap_intervals(
+    sums: SequenceSums, settings: BootstrapSettings, counts: np.ndarray | None = None
+) -> dict[str, tuple[float, float]]:
+    """Every interval-carrying metric's percentile interval, from one resample matrix."""
+    counts = resample_counts(sums.n_sequences, settings) if counts is None else counts
+    dist = sums.metrics(counts)
+    return {name: percentile_interval(values, settings.confidence) for name, values in dist.items()}
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    """Change of a metric (candidate − baseline) on the same sequences, with its interval."""
+
+    change: float
+    ci: tuple[float, float]
+
+
+def paired_changes(
+    candidate: SequenceSums, baseline: SequenceSums, settings: BootstrapSettings
+) -> dict[str, PairedChange]:
+    """Paired bootstrap: resample sequence indices once and apply them to both runs."""
+    if candidate.n_sequences != baseline.n_sequences:
+        raise ValueError(
+            f"paired comparison needs the same sequences: {candidate.n_sequences} vs {baseline.n_sequences}"
+        )
+    counts = resample_counts(candidate.n_sequences, settings)
+    point_c, point_b = candidate.metrics(), baseline.metrics()
+    dist_c, dist_b = candidate.metrics(counts), baseline.metrics(counts)
+    return {
+        name: PairedChange(
+            float(point_c[name] - point_b[name]),
+            percentile_interval(dist_c[name] - dist_b[name], settings.confidence),
+        )
+        for name in point_c
+    }
