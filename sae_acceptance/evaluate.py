@@ -21,7 +21,7 @@ import torch
 from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.engine import HookRun, check_finite, run_hook
 from sae_acceptance.errors import SAEAcceptanceError, SourceError
-from sae_acceptance.geometry import CanyonRule, LayerGeometry, pr_from_covariance
+from sae_acceptance.geometry import CanyonRule, LayerGeometry
 from sae_acceptance.metrics import METRICS, alive_fraction, rate_bits
 from sae_acceptance.sources.model import (
     hook_layer,
@@ -265,19 +265,8 @@ def _check_fits(model, req: _Request) -> bool:
 
 
 def _geometry(run: HookRun, hook: str, canyon) -> LayerGeometry:
-    cov = run.covariance.covariance()
-    pr, pr_deflated = pr_from_covariance(cov)
-    d = cov.shape[0]
     rule = CanyonRule(canyon.threshold, canyon.use)
-    return LayerGeometry(
-        layer=hook_layer(hook),
-        hook=hook,
-        d_model=d,
-        pr=pr,
-        pr_deflated=pr_deflated,
-        pr_ratio=pr / d,
-        canyon=rule.flags(pr / d, pr_deflated / d),
-    )
+    return LayerGeometry.measure(hook, hook_layer(hook), run.covariance.covariance(), rule)
 
 
 def _measure(

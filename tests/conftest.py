@@ -8,9 +8,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import datasets  # noqa: F401  imported once here: pytester's in-process runs must not re-register its Arrow types
 import numpy as np
 import pytest
 import torch
+import transformers  # noqa: F401
 
 from sae_acceptance.reference.language import TopicLanguage, build_tokenizer
 from sae_acceptance.sources.sae import SAE
@@ -29,6 +31,7 @@ def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
     config = GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
         intermediate_size=4 * D_MODEL, max_position_embeddings=N_CTX, rotary_pct=0.25,
+        initializer_range=0.3,  # peaky next-token distributions: patching costs real loss
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
     GPTNeoXForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
