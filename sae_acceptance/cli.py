@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ref = sub.add_parser("build-reference", help="rebuild the embedded reference model, tokens and SAEs")
     ref.add_argument("--out", type=Path, default=Path("reference"))
+    ref.add_argument("--reuse-model", action="store_true", help="keep the checkpoint, retrain the SAEs")
     return parser
 
 
@@ -162,7 +163,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_build_reference(args: argparse.Namespace) -> int:
     from sae_acceptance.reference.build import build_reference
 
-    build_reference(args.out)
+    build_reference(args.out, reuse_model=args.reuse_model)
     return 0
 
 

@@ -38,19 +38,28 @@ def sae_name(hook: str, k: int) -> str:
     return f"L{hook.split('.')[1]}-k{k}"
 
 
-def build_reference(out: Path, spec: ReferenceModelSpec = ReferenceModelSpec(), progress: bool = True) -> Path:
+def build_reference(
+    out: Path, spec: ReferenceModelSpec = ReferenceModelSpec(), progress: bool = True, reuse_model: bool = False
+) -> Path:
+    """Everything under `out`; `reuse_model` keeps an existing checkpoint and retrains only the SAEs."""
     from sae_acceptance.train.activations import ActivationBuffer
     from sae_acceptance.train.topk import TrainConfig, train_topk_grid
 
     torch.manual_seed(spec.seed)
     out.mkdir(parents=True, exist_ok=True)
     language = TopicLanguage(spec.vocab_size, seed=spec.seed)
-    hf_model = train_reference_model(spec, language, progress)
     eval_tokens = language.sequences(EVAL_SEQUENCES, spec.context_size, seed=EVAL_SEED)
-    loss = mean_loss(hf_model, eval_tokens)
-    drift = inject_canyon(hf_model, spec, torch.from_numpy(language.sequences(32, spec.context_size, PROBE_SEED)))
-    save_reference_model(hf_model, spec, out / "model")
     np.save(out / "tokens.npy", eval_tokens.astype(np.int32))
+    manifest_path = out / "manifest.json"
+    if reuse_model and manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        loss, drift = previous["eval_loss_nats"], previous["canyon_max_logit_change"]
+    else:
+        hf_model = train_reference_model(spec, language, progress)
+        loss = mean_loss(hf_model, eval_tokens)
+        probe = torch.from_numpy(language.sequences(32, spec.context_size, PROBE_SEED))
+        drift = inject_canyon(hf_model, spec, probe)
+        save_reference_model(hf_model, spec, out / "model")
 
     model = load_model(out / "model", device="cpu")
     train_tokens = torch.from_numpy(language.sequences(SAE_TRAIN_SEQUENCES, spec.context_size, SAE_TRAIN_SEED))
@@ -77,5 +86,5 @@ def build_reference(out: Path, spec: ReferenceModelSpec = ReferenceModelSpec(), 
         "sae_train_tokens": int(counted.sum()),
         "saes": [sae_name(h, k) for h, ks in SAE_GRID.items() for k in ks],
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return out

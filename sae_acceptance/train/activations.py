@@ -39,15 +39,15 @@ class ActivationBuffer:
         """Counted activations of successive model batches, cycling over the tokens if needed."""
         n = self.tokens.shape[0]
         produced, begin = 0, 0
-        with torch.inference_mode():
-            while produced < self.total_tokens:
-                tok = self.tokens[begin : begin + self.model_batch].to(self.model.cfg.device)
-                mask = self.counted[begin : begin + self.model_batch].to(self.model.cfg.device)
+        while produced < self.total_tokens:
+            tok = self.tokens[begin : begin + self.model_batch].to(self.model.cfg.device)
+            mask = self.counted[begin : begin + self.model_batch].to(self.model.cfg.device)
+            with torch.inference_mode():  # only around the model: never across a yield
                 _, cache = self.model.run_with_cache(tok, names_filter=self.hook_name, stop_at_layer=self.stop_at_layer)
                 act = cache[self.hook_name].flatten(2)[mask].float()
-                produced += act.shape[0]
-                begin = (begin + self.model_batch) % n
-                yield act.clone()
+            produced += act.shape[0]
+            begin = (begin + self.model_batch) % n
+            yield act.clone()  # a normal tensor, usable for training
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
@@ -67,9 +67,12 @@ class ActivationBuffer:
                 return
             buffer = torch.cat(pending)
             buffer = buffer[torch.randperm(buffer.shape[0], generator=generator).to(buffer.device)]
-            # hand out half the buffer (all of it at the end), keep the rest to mix with new data
-            keep = 0 if exhausted else buffer.shape[0] // 2
-            give = buffer[keep:]
+            # hand out whole batches from half the buffer (all of it at the end); the rest
+            # stays to mix with new data
+            whole = buffer.shape[0] // 2 // self.batch_size * self.batch_size
+            keep = 0 if exhausted else buffer.shape[0] - max(whole, self.batch_size)
+            give = buffer[max(keep, 0):]
+            keep = max(keep, 0)
             pending, pending_tokens = [buffer[:keep]], keep
             for start in range(0, give.shape[0], self.batch_size):
                 batch = give[start : start + self.batch_size]

@@ -151,6 +151,8 @@ def train_topk_grid(
     bar = tqdm(total=total_tokens, desc=f"train topk k={ks}", unit="tok", unit_scale=True, disable=not progress)
     for batch in batches:
         x = batch.float()
+        if x.shape[0] < 2:  # no variance to normalise by
+            continue
         if step == 0:
             median = geometric_median(x)
             for t in trainees.values():
