@@ -5,7 +5,9 @@ bounds that do not divide by variance (cosine, relative error) come second; R²
 is reported, and raised as `R2ProxyWarning` where the PR canyon flags the layer.
 """
 
-from sae_acceptance.config import load_thresholds
+__version__ = "0.1.0"
+
+from sae_acceptance.config import load_thresholds  # noqa: E402
 from sae_acceptance.errors import (
     BaselineError,
     ConfigError,
@@ -19,7 +21,6 @@ from sae_acceptance.sources.model import load_model
 from sae_acceptance.sources.sae import SAE, load_sae, save_sae
 from sae_acceptance.sources.tokens import load_tokens
 
-__version__ = "0.1.0"
 __all__ = [
     "SAE",
     "BaselineError",

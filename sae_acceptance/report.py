@@ -26,6 +26,9 @@ def write_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a normal file, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -33,8 +36,8 @@ def write_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
-    return write_atomic(path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
+def write_json(path: str | Path, payload: dict[str, Any], indent: int | None = 2) -> Path:
+    return write_atomic(path, json.dumps(payload, indent=indent, allow_nan=False, default=str) + "\n")
 
 
 def merge_report_json(path: str | Path, report: EvalReport) -> Path:

@@ -149,6 +149,8 @@ class RegressionItem(_SAEItem):
         result = self.result()
         check = state.regression(self.sae.loaded, result, self.metric)
         self.user_properties += [(f"{self.metric}_change", check.change)]
+        if check.ci is not None:
+            self.user_properties += [(f"{self.metric}_change_ci_low", check.ci[0]), (f"{self.metric}_change_ci_high", check.ci[1])]
         if check.skipped:
             pytest.skip(check.message)
         if not check.passed:

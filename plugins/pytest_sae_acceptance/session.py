@@ -51,6 +51,9 @@ class SAESession:
         self.results: dict[tuple[Path, str], SAEResult] = {}
         self.worker_rows: list[list[str]] = []
         self.selected_names: dict[Path, list[str]] = {}
+        self.baselines: dict[Path, dict] = {}
+        self.regressions: list[tuple[str, object]] = []
+        self.loaded: dict[Path, LoadedThresholds] = {}
         self.progress = not config.getoption("--sae-no-progress") and not is_xdist_worker(config)
         json_path = config.getoption("--sae-json")
         self.json_path = Path(json_path).resolve() if json_path else None
@@ -70,6 +73,7 @@ class SAESession:
             if name not in names:
                 names.append(name)
             report = evaluate(loaded, names=names, progress=self.progress, models=self.models)
+            self.loaded[loaded.path] = loaded
             self._keep(loaded.path, report)
         return self.results[key]
 
@@ -83,19 +87,38 @@ class SAESession:
 
     # -- regression baselines (sae_acceptance.baseline) ------------------------------------
 
-    def baseline_path(self, loaded: LoadedThresholds) -> Path | None:
+    def baseline_target(self, loaded: LoadedThresholds) -> Path:
+        """Where --sae-update-baseline writes: the option, the file's `baseline`, or a default."""
         option = self.config.getoption("--sae-baseline")
         if option:
             return Path(option).resolve()
-        if loaded.config.baseline and not self.config.getoption("--sae-update-baseline"):
-            return loaded.path.parent / loaded.config.baseline
+        return loaded.path.parent / (loaded.config.baseline or f"{loaded.path.stem}.baseline.json")
+
+    def baseline_path(self, loaded: LoadedThresholds) -> Path | None:
+        """The baseline to compare against (none while it is being written)."""
+        if self.config.getoption("--sae-update-baseline"):
+            return None
+        if self.config.getoption("--sae-baseline") or loaded.config.baseline:
+            return self.baseline_target(loaded)
         return None
 
     def regression(self, loaded: LoadedThresholds, result: SAEResult, metric: str):
         from sae_acceptance.baseline import compare_metric, load_baseline
 
-        baseline = load_baseline(self.baseline_path(loaded))
-        return compare_metric(baseline, loaded, result, metric)
+        path = self.baseline_path(loaded)
+        if path not in self.baselines:
+            self.baselines[path] = load_baseline(path)
+        tolerance = loaded.config.regression.get(metric)
+        check = compare_metric(
+            self.baselines[path],
+            result,
+            self.reports[loaded.path].settings,
+            metric,
+            tolerance=None if tolerance is None else tolerance.tolerance,
+            strict=self.config.getoption("--sae-baseline-strict"),
+        )
+        self.regressions.append((result.name, check))
+        return check
 
     # -- end of session ----------------------------------------------------------------------
 
@@ -106,7 +129,7 @@ class SAESession:
             if self.config.getoption("--sae-update-baseline"):
                 from sae_acceptance.baseline import update_baseline
 
-                update_baseline(self.config, path, report)
+                update_baseline(self.baseline_target(self.loaded[path]), report)
         if is_xdist_worker(self.config):
             self.config.workeroutput["sae_rows"] = summary_rows(
                 [r for report in self.reports.values() for r in report.saes.values()]
@@ -119,4 +142,12 @@ class SAESession:
         results = [r for report in self.reports.values() for r in report.saes.values()]
         rows = summary_rows(results)
         rows += self.worker_rows
-        return format_table(rows) if len(rows) > 1 else ""
+        text = format_table(rows) if len(rows) > 1 else ""
+        if self.regressions:
+            changes = [["sae", "metric", "change [paired CI] vs baseline", "verdict"]]
+            for name, check in self.regressions:
+                ci = f" [{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]" if check.ci else ""
+                verdict = "new" if check.skipped else "ok" if check.passed else "REGRESSED"
+                changes.append([name, check.metric, f"{check.change:+.4f}{ci}", verdict])
+            text += "\n\n" + format_table(changes)
+        return text

@@ -1,0 +1,197 @@
+"""Regression baselines: what was measured, fingerprinted, and a paired test against it.
+
+A baseline (JSON, meant to be committed beside thresholds.toml) keeps, per SAE,
+every metric's value and interval and the per-sequence sums that a paired
+bootstrap needs. A retrained SAE is compared on the same sequences: resample
+the sequence indices once, apply them to both runs' sums. Two unpaired 95%
+intervals overlap almost always at 200 sequences; the paired interval of the
+change does not, when the change is real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sae_acceptance import __version__ as PROJECT_VERSION
+from sae_acceptance.errors import BaselineError
+from sae_acceptance.evaluate import EvalReport, SAEResult
+from sae_acceptance.metrics import METRICS
+from sae_acceptance.report import write_json
+from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
+
+FORMAT = "sae-acceptance-baseline"
+FORMAT_VERSION = 1
+DEFAULT_TOLERANCES = {
+    "ce_rec": 0.01,
+    "ce_loss_score": 0.01,
+    "delta_ce": 0.01,
+    "ce_recon": 0.01,
+    "kl_div": 0.01,
+    "kl_div_score": 0.01,
+    "cosine": 0.005,
+    "rel_error": 0.005,
+    "alive_frac": 0.02,
+}
+# What must match for a comparison to mean anything; the rest is recorded for the reader.
+MUST_MATCH = ("tokens", "model", "hook", "dtype", "excluded_ids", "n_sequences")
+
+
+def model_identity(model: str | None) -> str | None:
+    """A hub name as given; a local checkpoint by a hash of its config and weight files' names and sizes."""
+    if model is None or not Path(model).is_dir():
+        return model
+    path = Path(model)
+    digest = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
+def fingerprint(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tokens": result.tokens_fingerprint,
+        "model": model_identity(result.model),
+        "hook": result.hook,
+        "dtype": settings.get("dtype"),
+        "excluded_ids": settings.get("tokens", {}).get("excluded_ids"),
+        "n_sequences": settings.get("n_sequences"),
+        "context_size": settings.get("context_size"),
+        "bootstrap": settings.get("bootstrap"),
+        "project_version": PROJECT_VERSION,
+    }
+
+
+def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
+    sums = result.sums
+    return {
+        "fingerprint": fingerprint(result, settings),
+        "metrics": {name: m.to_dict() for name, m in result.metrics.items()},
+        "sums": {
+            "scalars": {name: values.tolist() for name, values in sums.scalars.items()},
+            "fired": sums.fired.tolist(),
+        },
+    }
+
+
+def sums_from_entry(entry: dict[str, Any], where: str) -> SequenceSums:
+    try:
+        scalars = {name: np.asarray(values, dtype=np.float64) for name, values in entry["sums"]["scalars"].items()}
+        fired = np.asarray(entry["sums"]["fired"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise BaselineError(f"{where}: malformed per-sequence sums ({err})") from None
+    n = len(scalars.get("n_tokens", []))
+    # The activation vector sums are not stored (r2 is never gated, so never regressed on).
+    return SequenceSums(scalars=scalars, shift_sums=np.zeros((n, 1)), fired=fired)
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """Read and check a baseline file; a corrupt or foreign file is one clear error."""
+    if not path.exists():
+        raise BaselineError(f"{path}: no such baseline (write one with --sae-update-baseline)")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BaselineError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise BaselineError(f"{path}: not a sae-acceptance baseline (no \"format\": \"{FORMAT}\")")
+    if payload.get("version") != FORMAT_VERSION:
+        raise BaselineError(f"{path}: baseline format version {payload.get('version')}, expected {FORMAT_VERSION}")
+    if not isinstance(payload.get("saes"), dict):
+        raise BaselineError(f"{path}: no \"saes\" table")
+    payload["_path"] = str(path)
+    return payload
+
+
+def update_baseline(path: Path, report: EvalReport) -> Path:
+    """Write this report's SAEs into the baseline at `path` (merged, atomic, safe under xdist)."""
+    from filelock import FileLock
+
+    entries = {
+        name: entry_for(result, report.settings)
+        for name, result in report.saes.items()
+        if result.error is None and result.sums is not None
+    }
+    with FileLock(str(path) + ".lock"):
+        saes: dict[str, Any] = {}
+        if path.exists():
+            try:
+                saes = load_baseline(path)["saes"]
+            except BaselineError:
+                saes = {}  # refreshing replaces a corrupt file
+        saes.update(entries)
+        payload = {"format": FORMAT, "version": FORMAT_VERSION, "saes": dict(sorted(saes.items()))}
+        return write_json(path, payload, indent=None)
+
+
+@dataclass(frozen=True)
+class RegressionCheck:
+    metric: str
+    passed: bool
+    skipped: bool
+    message: str
+    change: float = math.nan
+    ci: tuple[float, float] | None = None
+
+
+def compare_metric(
+    baseline: dict[str, Any],
+    result: SAEResult,
+    settings: dict[str, Any],
+    metric: str,
+    tolerance: float | None = None,
+    strict: bool = False,
+) -> RegressionCheck:
+    """Fail when `metric` is worse than the baseline by more than `tolerance`,
+    with the whole paired interval of the change beyond the tolerance."""
+    where = baseline.get("_path", "baseline")
+    entry = baseline["saes"].get(result.name)
+    if entry is None:
+        message = f"{result.name}: no baseline entry in {where} (a new SAE)"
+        return RegressionCheck(metric, not strict, not strict, message)
+    _check_fingerprint(entry.get("fingerprint", {}), fingerprint(result, settings), result.name, where)
+    spec = METRICS[metric]
+    if spec.higher_is_better is None:
+        raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
+    tolerance = DEFAULT_TOLERANCES.get(metric, 0.0) if tolerance is None else tolerance
+    sign = 1.0 if spec.higher_is_better else -1.0
+    before = entry["metrics"].get(metric, {}).get("value")
+    after = result.metrics[metric].value
+    if before is None:
+        raise BaselineError(f"{where}: {result.name} has no value for {metric}")
+    if spec.has_ci:
+        boot = settings.get("bootstrap", {})
+        bootstrap = BootstrapSettings(boot.get("resamples", 5000), boot.get("confidence", 0.95), boot.get("seed", 0))
+        paired = paired_changes(result.sums, sums_from_entry(entry, where), bootstrap)[metric]
+        change, ci = paired.change, paired.ci
+        worse_low = min(-sign * ci[0], -sign * ci[1])
+        interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired {int(100 * bootstrap.confidence)}% CI)"
+    else:
+        change, ci = after - before, None
+        worse_low = -sign * change
+        interval = ""
+    worse = -sign * change
+    regressed = worse > tolerance and worse_low > tolerance
+    if not math.isfinite(change) or (ci is not None and not all(map(math.isfinite, ci))):
+        return RegressionCheck(metric, False, False, f"{metric}: the change is not finite", change, ci)
+    direction = "higher is better" if spec.higher_is_better else "lower is better"
+    message = (
+        f"{metric} {before:.4f} -> {after:.4f}: change {change:+.4f}{interval}, "
+        f"tolerance {tolerance:g} ({direction})"
+    )
+    if regressed:
+        message = f"regression: {message}"
+    return RegressionCheck(metric, not regressed, False, message, change, ci)
+
+
+def _check_fingerprint(stored: dict[str, Any], current: dict[str, Any], name: str, where: str) -> None:
+    differs = [key for key in MUST_MATCH if stored.get(key) != current.get(key)]
+    if differs:
+        detail = "; ".join(f"{k}: baseline {stored.get(k)!r}, now {current.get(k)!r}" for k in differs)
+        raise BaselineError(f"{where}: {name} was measured on something else ({detail}); refresh with --sae-update-baseline")
