@@ -39,12 +39,13 @@ def sae_name(hook: str, k: int) -> str:
 
 
 def build_reference(
-    out: Path, spec: ReferenceModelSpec = ReferenceModelSpec(), progress: bool = True, reuse_model: bool = False
+    out: Path, spec: ReferenceModelSpec | None = None, progress: bool = True, reuse_model: bool = False
 ) -> Path:
     """Everything under `out`; `reuse_model` keeps an existing checkpoint and retrains only the SAEs."""
     from sae_acceptance.train.activations import ActivationBuffer
     from sae_acceptance.train.topk import TrainConfig, train_topk_grid
 
+    spec = spec or ReferenceModelSpec()
     torch.manual_seed(spec.seed)
     out.mkdir(parents=True, exist_ok=True)
     language = TopicLanguage(spec.vocab_size, seed=spec.seed)
