@@ -31,7 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--sae-baseline-strict", action="store_true", help="fail SAEs that have no baseline entry"
     )
     group.addoption("--sae-thresholds", metavar="PATH", help="thresholds file for the sae_eval fixture")
-    group.addoption("--sae-sweep", metavar="PROFILE", help="training profile for the sae_sweep fixture")
+    group.addoption("--sae-sweep", metavar="PROFILE", default="tiny",
+                    help="training profile for the sae_sweep fixture (fast2, fast3, budget, tiny, or a .toml)")
+    group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance)")
     group.addoption("--sae-no-progress", action="store_true", help="hide progress bars")
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
     parser.addini(
@@ -170,6 +172,25 @@ def sae_eval(request: pytest.FixtureRequest):
         return state.result(loaded, name)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The SAEs of the `--sae-sweep` profile, trained or loaded from the cache, gated and tabulated.
+
+    Returns `(report, points, out_dir)`: the `EvalReport`, the sweep points, and the
+    directory holding report.json, points.json and the analysis tables and plots.
+    """
+    from sae_acceptance.train.analysis import write_analysis
+    from sae_acceptance.train.sweep import default_cache, load_profile, run_sweep
+
+    config = request.config
+    cache = Path(config.getoption("--sae-sweep-cache") or default_cache())
+    out = tmp_path_factory.mktemp("sae-sweep")
+    progress = not config.getoption("--sae-no-progress")
+    report, points = run_sweep(load_profile(config.getoption("--sae-sweep")), out, cache, "auto", progress)
+    write_analysis(points, out)
+    return report, points, out
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -64,6 +64,7 @@ def build_reference(
 
     model = load_model(out / "model", device="cpu")
     train_tokens = torch.from_numpy(language.sequences(SAE_TRAIN_SEQUENCES, spec.context_size, SAE_TRAIN_SEED))
+    np.save(out / "train_tokens.npy", train_tokens.numpy().astype(np.int16))  # the tiny sweep's stream
     counted = counted_mask(train_tokens, special_token_ids(model))
     for hook, ks in SAE_GRID.items():
         cfg = TrainConfig(k=max(ks), expansion_factor=SAE_EXPANSION, batch_size=1024, seed=spec.seed,

@@ -1,0 +1,80 @@
+"""The tiny sweep profile end to end: train (cached), gate, tables; the built-in profiles parse."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from sae_acceptance.errors import ConfigError
+from sae_acceptance.train.sweep import BUILTIN_PROFILES, cache_key, load_profile
+
+
+@pytest.mark.parametrize("name", BUILTIN_PROFILES)
+def test_builtin_profiles_parse(name):
+    profile = load_profile(name)
+    assert profile.ks == sorted(profile.ks) and profile.data.train_tokens > 0
+    if name == "fast2":
+        assert profile.ks == [8, 16, 32, 64, 128, 256] and profile.data.train_tokens == 10_000_000
+        assert {m.name: m.layers for m in profile.model} == {
+            "pythia-70m": {"early": 1, "mid": 3, "late": 5},
+            "pythia-410m": {"early": 4, "mid": 12, "late": 20},
+        }
+
+
+def test_a_bad_profile_is_one_clear_error(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('name = "x"\nks = []\n')
+    with pytest.raises(ConfigError, match=str(path)):
+        load_profile(str(path))
+    with pytest.raises(ConfigError, match="no such profile"):
+        load_profile("fast9")
+
+
+def test_cache_key_covers_the_training_inputs():
+    profile = load_profile("tiny")
+    base = cache_key("m", "blocks.0.hook_resid_post", profile, "abc")
+    assert base == cache_key("m", "blocks.0.hook_resid_post", profile, "abc")
+    assert base != cache_key("m", "blocks.1.hook_resid_post", profile, "abc")
+    assert base != cache_key("m", "blocks.0.hook_resid_post", profile, "abd")
+    other = profile.model_copy(update={"ks": [8, 16]})
+    assert base != cache_key("m", "blocks.0.hook_resid_post", other, "abc")
+
+
+def test_tiny_sweep_end_to_end(pytester, monkeypatch, tmp_path):
+    """Runs the `sae_sweep` fixture twice in one cache: trains once, then loads."""
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # the tiny profile's paths are relative to the repository
+    cache = tmp_path / "cache"
+    pytester.makepyfile(
+        test_tiny="""
+        import json
+
+        def test_sweep(sae_sweep):
+            report, points, out = sae_sweep
+            largest = {p["depth"]: p["alive_frac"] for p in points if p["k"] == 32}
+            assert set(largest) == {"early", "mid", "late"}
+            assert min(largest.values()) >= 0.8
+            assert [r.geometry.canyon for r in report.saes.values()] == [False, False, True, True, True, True]
+            assert all(r.r2_warning for r in report.saes.values() if r.geometry.canyon)
+            for name in ("analysis.json", "analysis.md", "report.json", "points.json"):
+                assert (out / name).stat().st_size > 0
+            assert len(json.loads((out / "points.json").read_text())) == 6
+        """
+    )
+    start = time.perf_counter()
+    args = ["--sae-sweep", "tiny", "--sae-sweep-cache", str(cache), "--sae-no-progress", "-p", "no:cacheprovider",
+            "--rootdir", str(pytester.path)]
+    first = pytester.runpytest(str(pytester.path / "test_tiny.py"), *args)
+    first.assert_outcomes(passed=1)
+    trained_s = time.perf_counter() - start
+    weights = sorted(cache.rglob("sae_weights.safetensors"))
+    assert len(weights) == 6
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    second = pytester.runpytest(str(pytester.path / "test_tiny.py"), *args)
+    second.assert_outcomes(passed=1)
+    assert [w.stat().st_mtime_ns for w in weights] == stamps  # loaded, not retrained
+    print(f"tiny sweep: {trained_s:.0f} s with training")
+    json.dumps(stamps)
