@@ -1,4 +1,4 @@
-"""sae-acceptance eval | pr-profile | sweep | schema | build-reference.
+"""sae-acceptance eval | pr-profile | train | sweep | schema | build-reference.
 
 The same loaders and engine as the pytest plugin. Bad input ends in one line on
 stderr and exit status 2; a failed gate in exit status 1.
@@ -53,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache)")
     sw.add_argument("--device", default="auto")
     sw.add_argument("--no-progress", action="store_true")
+
+    tr = sub.add_parser("train", help="train TopK SAEs (a k grid from one data pass) at one hookpoint")
+    tr.add_argument("--model", required=True)
+    tr.add_argument("--hook", required=True)
+    tr.add_argument("--data", required=True, help="a .npy token file, a local dataset directory, or a hub dataset")
+    tr.add_argument("--k", type=int, action="append", required=True, help="repeatable: one SAE per k")
+    tr.add_argument("--train-tokens", type=int, required=True)
+    tr.add_argument("--context-size", type=int, default=256)
+    tr.add_argument("--expansion-factor", type=int, default=32)
+    tr.add_argument("--batch-size", type=int, default=4096)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--out", type=Path, required=True, help="writes OUT/k{k} in SAELens format")
+    tr.add_argument("--no-progress", action="store_true")
 
     sc = sub.add_parser("schema", help="write the JSON Schema of thresholds.toml")
     sc.add_argument("--out", type=Path, default=Path("thresholds.schema.json"))
@@ -152,6 +167,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep_command(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sae_acceptance.sources.model import load_model, special_token_ids
+    from sae_acceptance.sources.sae import save_sae
+    from sae_acceptance.sources.tokens import counted_mask, load_tokens
+    from sae_acceptance.train.activations import ActivationBuffer
+    from sae_acceptance.train.topk import TrainConfig, train_topk_grid
+
+    model = load_model(args.model, device=args.device)
+    n_sequences = args.train_tokens // args.context_size + 1
+    tokens = load_tokens(args.data, n_sequences, args.context_size, tokenizer=model.tokenizer)
+    counted = counted_mask(tokens, special_token_ids(model))
+    cfg = TrainConfig(k=max(args.k), expansion_factor=args.expansion_factor, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed)
+    total = min(args.train_tokens, int(counted.sum()))
+    buffer = ActivationBuffer(model, tokens, args.hook, cfg.batch_size, seed=args.seed, counted=counted,
+                              total_tokens=total)
+    saes = train_topk_grid(buffer, model.cfg.d_model, sorted(set(args.k)), cfg, total, not args.no_progress)
+    for k, sae in saes.items():
+        sae.hook_name, sae.model_name = args.hook, str(args.model)
+        path = save_sae(sae, args.out / f"k{k}", metadata={"context_size": args.context_size, "dataset_path": args.data})
+        print(f"k={k}: {path}")
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from sae_acceptance.config import write_json_schema
 
@@ -171,6 +210,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "pr-profile": _cmd_pr_profile,
     "sweep": _cmd_sweep,
+    "train": _cmd_train,
     "schema": _cmd_schema,
     "build-reference": _cmd_build_reference,
 }
