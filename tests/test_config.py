@@ -98,3 +98,18 @@ def test_json_schema_describes_every_table():
     schema = json_schema()
     assert {"eval", "gate", "sae", "canyon", "regression"} <= set(schema["properties"])
     json.dumps(schema)  # serialisable for editors
+
+
+def test_the_shipped_schema_is_current():
+    from conftest import REPO
+
+    shipped = json.loads((REPO / "thresholds.schema.json").read_text())
+    assert shipped == json_schema(), "regenerate with: sae-acceptance schema --out thresholds.schema.json"
+
+
+def test_the_embedded_default_is_valid_and_gates_behaviour_first():
+    from conftest import REPO
+
+    config = load_thresholds(REPO / "thresholds.toml").config
+    assert "ce_rec" in config.gate and "r2" not in config.gate
+    assert config.baseline == "thresholds.baseline.json"
