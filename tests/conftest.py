@@ -12,6 +12,7 @@ import datasets  # noqa: F401  imported once here: pytester's in-process runs mu
 import numpy as np
 import pytest
 import torch
+import transformer_lens  # noqa: F401  (likewise: torch ops may be registered only once per process)
 import transformers  # noqa: F401
 
 from sae_acceptance.reference.language import TopicLanguage, build_tokenizer
