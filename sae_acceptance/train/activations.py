@@ -1,8 +1,12 @@
-"""Shuffled activations at a hookpoint, produced by running the model only up to it.
+"""Shuffled training activations at a hookpoint, produced by running the model only up to it.
 
-The buffer fills with the activations of several sequences (counted positions
-only), shuffles them with a seeded generator, and hands out training batches,
-so consecutive batches are not dominated by one document.
+`ActivationBuffer` runs the model on a few sequences at a time (blocks up to the
+hook's layer only, under `torch.inference_mode`), keeps the counted positions,
+and pools them in a buffer that is shuffled with a seeded generator; it hands
+out batches from half of the buffer and refills that half, so a batch mixes
+tokens of many sequences. It yields exactly `total_tokens` activations: the
+first `total_tokens` counted positions of the sequences taken in order (and
+again from the first sequence when the tokens run out), each exactly once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,14 @@ from sae_acceptance.sources.model import hook_layer
 
 
 class ActivationBuffer:
+    """Iterable of float32 training batches ``[batch_size, d]`` (the last one may be shorter).
+
+    `tokens` is ``[n_seq, ctx]``; `counted` (same shape, bool) marks the
+    positions to train on (all by default). Activations with more than one
+    trailing dimension (``hook_z``: heads x d_head) are flattened. Iterating
+    again restarts from the first sequence with the same shuffle.
+    """
+
     def __init__(
         self,
         model,
@@ -26,65 +38,112 @@ class ActivationBuffer:
         counted: torch.Tensor | None = None,
         total_tokens: int | None = None,
         model_batch: int = 32,
+        device: torch.device | str | None = None,
     ):
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [n_seq, ctx], got shape {tuple(tokens.shape)}")
+        if counted is None:
+            counted = torch.ones(tokens.shape, dtype=torch.bool)
+        if counted.shape != tokens.shape:
+            raise ValueError(
+                f"counted mask shape {tuple(counted.shape)} differs from tokens {tuple(tokens.shape)}"
+            )
+        if batch_size <= 0 or buffer_tokens <= 0 or model_batch <= 0:
+            raise ValueError("batch_size, buffer_tokens and model_batch must be positive")
+        hooks = getattr(model, "hook_dict", None)
+        if hooks is not None and hook_name not in hooks:
+            raise ValueError(f"the model has no hook {hook_name!r}")
         self.model, self.tokens, self.hook_name = model, tokens, hook_name
+        self.counted = counted.to(torch.bool)
+        self.available = int(self.counted.sum())
+        if self.available == 0:
+            raise ValueError("no counted positions in the tokens: nothing to train on")
+        self.total_tokens = self.available if total_tokens is None else int(total_tokens)
+        if self.total_tokens <= 0:
+            raise ValueError(f"total_tokens must be positive, got {self.total_tokens}")
         self.batch_size, self.buffer_tokens, self.seed = batch_size, buffer_tokens, seed
-        self.counted = torch.ones_like(tokens, dtype=torch.bool) if counted is None else counted
-        self.total_tokens = int(self.counted.sum()) if total_tokens is None else total_tokens
         self.model_batch = model_batch
+        self.model_device = torch.device(getattr(model.cfg, "device", None) or "cpu")
+        self.device = torch.device(device) if device is not None else self.model_device
         layer = hook_layer(hook_name)
-        self.stop_at_layer = None if layer is None else layer + 1
+        if layer is not None:
+            self.stop_at_layer: int | None = layer + 1
+        elif hook_name in ("hook_embed", "hook_pos_embed", "hook_tokens"):
+            self.stop_at_layer = 0
+        else:
+            self.stop_at_layer = None  # ln_final, unembed: the whole model
 
-    def _activations(self) -> Iterator[torch.Tensor]:
-        """Counted activations of successive model batches, cycling over the tokens if needed."""
-        n = self.tokens.shape[0]
+    def __len__(self) -> int:
+        return -(-self.total_tokens // self.batch_size)
+
+    def _run(self, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            _, cache = self.model.run_with_cache(
+                tok.to(self.model_device),
+                names_filter=self.hook_name,
+                stop_at_layer=self.stop_at_layer,
+            )
+            act = cache[self.hook_name]
+            act = act.reshape(act.shape[0], act.shape[1], -1)[mask.to(act.device)]
+            act = act.to(device=self.device, dtype=torch.float32)
+        return act.clone()  # outside inference mode: an ordinary tensor, usable for training
+
+    def activations(self) -> Iterator[torch.Tensor]:
+        """Counted activations, model batch by model batch, in sequence order; `total_tokens` in all."""
+        n_seq = self.tokens.shape[0]
         produced, begin = 0, 0
         while produced < self.total_tokens:
-            tok = self.tokens[begin : begin + self.model_batch].to(self.model.cfg.device)
-            mask = self.counted[begin : begin + self.model_batch].to(self.model.cfg.device)
-            with torch.inference_mode():  # only around the model: never across a yield
-                _, cache = self.model.run_with_cache(tok, names_filter=self.hook_name, stop_at_layer=self.stop_at_layer)
-                act = cache[self.hook_name].flatten(2)[mask].float()
+            rows = torch.arange(begin, begin + min(self.model_batch, n_seq)) % n_seq
+            begin = (begin + rows.numel()) % n_seq
+            mask = self.counted[rows]
+            if not mask.any():
+                continue
+            act = self._run(self.tokens[rows], mask)[: self.total_tokens - produced]
             produced += act.shape[0]
-            begin = (begin + self.model_batch) % n
-            yield act.clone()  # a normal tensor, usable for training
+            yield act
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
+        capacity = max(self.buffer_tokens, 2 * self.batch_size)
+        hand_out = max(self.batch_size, capacity // 2 // self.batch_size * self.batch_size)
+        source = self.activations()
         pending: list[torch.Tensor] = []
-        pending_tokens, handed_out = 0, 0
-        source = self._activations()
-        exhausted = False
-        while handed_out < self.total_tokens:
-            while not exhausted and pending_tokens < self.buffer_tokens:
+        held, exhausted = 0, False
+        while True:
+            while not exhausted and held < capacity:
                 chunk = next(source, None)
                 if chunk is None:
                     exhausted = True
-                    break
-                pending.append(chunk)
-                pending_tokens += chunk.shape[0]
-            if pending_tokens == 0:
+                else:
+                    pending.append(chunk)
+                    held += chunk.shape[0]
+            if held == 0:
                 return
-            buffer = torch.cat(pending)
-            buffer = buffer[torch.randperm(buffer.shape[0], generator=generator).to(buffer.device)]
-            # hand out whole batches from half the buffer (all of it at the end); the rest
-            # stays to mix with new data
-            whole = buffer.shape[0] // 2 // self.batch_size * self.batch_size
-            keep = 0 if exhausted else buffer.shape[0] - max(whole, self.batch_size)
-            give = buffer[max(keep, 0):]
-            keep = max(keep, 0)
-            pending, pending_tokens = [buffer[:keep]], keep
-            for start in range(0, give.shape[0], self.batch_size):
-                batch = give[start : start + self.batch_size]
-                batch = batch[: self.total_tokens - handed_out]
-                if batch.shape[0] == 0:
-                    return
-                handed_out += batch.shape[0]
-                yield batch
+            pool = torch.cat(pending) if len(pending) > 1 else pending[0]
+            pool = pool[torch.randperm(held, generator=generator).to(pool.device)]
+            give = held if exhausted else min(hand_out, held)
+            for start in range(0, give, self.batch_size):
+                yield pool[start : min(start + self.batch_size, give)].clone()
+            pending, held = [pool[give:]], held - give
 
 
-def activation_batches_from_tensor(acts: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Cached activations [N, d], shuffled once with a seed, in batches."""
-    order = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))
-    for start in range(0, acts.shape[0], batch_size):
-        yield acts[order[start : start + batch_size]]
+def activation_batches_from_tensor(
+    acts: torch.Tensor, batch_size: int, seed: int = 0, total_tokens: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Cached activations ``[N, d]`` in shuffled batches: one pass, or `total_tokens`
+    tokens with a fresh seeded permutation for every further pass."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    total = acts.shape[0] if total_tokens is None else int(total_tokens)
+    if acts.shape[0] == 0 and total > 0:
+        raise ValueError("no activations to batch")
+    generator = torch.Generator().manual_seed(seed)
+    handed = 0
+    while handed < total:
+        order = torch.randperm(acts.shape[0], generator=generator).to(acts.device)
+        for start in range(0, acts.shape[0], batch_size):
+            take = min(batch_size, acts.shape[0] - start, total - handed)
+            if take <= 0:
+                return
+            yield acts[order[start : start + take]]
+            handed += take

@@ -1,19 +1,42 @@
 """The TopK SAE trainer (Gao et al. 2024), and a k-grid trainer that shares one data pass.
 
-Recipe: ReLU of the top-k pre-activations of (x − b_dec) W_enc + b_enc; decoder
-rows kept at unit norm (the gradient's component along each row is removed
-before a step, rows are renormalised after); encoder initialised as the
-decoder's transpose; b_dec initialised at the geometric median of the first
-batch; an AuxK loss in which the dead latents model the residual error; Adam
-with a learning rate scaled with 1/sqrt(d_sae), linear warm-up and a linear
-decay over the last fifth of training.
+Recipe:
+
+- latents: ReLU of the k largest pre-activations ``(x - b_dec) W_enc + b_enc``;
+- decoder rows are random unit vectors (seeded), kept at unit norm: the gradient's
+  component along each row is removed before a step and rows are renormalised
+  after it; the encoder starts as the decoder's transpose, ``b_enc`` at zero;
+- ``b_dec`` starts at the geometric median (Weiszfeld iterations) of a sample of
+  the first batches, or at their mean where that fails;
+- loss: squared error summed over dimensions and averaged over tokens, divided by
+  the per-token variance of the initial sample (a fixed normaliser, so the loss
+  is an FVU on a constant scale), plus ``auxk_alpha`` times the AuxK loss, in
+  which the ``auxk_k`` largest pre-activations among the dead latents (no firing
+  for ``dead_tokens`` tokens) reconstruct the main reconstruction's error,
+  normalised by that error's variance in the batch;
+- Adam (betas 0.9/0.999, eps 6.25e-10), learning rate ``2e-4 / sqrt(d_sae / 2**14)``
+  unless given, linear warm-up, linear decay to zero over the last
+  ``decay_fraction`` of the training tokens.
+
+Inputs are not rescaled: in an anisotropic layer (a "canyon", where one
+direction holds most of the variance) a scale fixed by the total variance
+shrinks every other feature, and on the reference model's canyon layer that
+cost alive latents.
+
+A step costs one dense ``[n, d_in] x [d_in, d_sae]`` product (the encoder's
+forward, without autograd); everything else touches only the selected latents:
+the decoder is a weighted gather (``F.embedding_bag``) and the encoder's
+backward is a gather over the tokens that selected each latent, so both are
+O(n (k + auxk_k) d_in) rather than O(n d_sae d_in).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,22 +44,47 @@ from tqdm.auto import tqdm
 
 from sae_acceptance.sources.sae import SAE
 
-TRAINER_VERSION = "topk-1"
+TRAINER_VERSION = "topk-2"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     k: int = 32
     expansion_factor: int = 32
-    d_sae: int | None = None
+    d_sae: int | None = None  # None: expansion_factor * d_in
     lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14)
-    batch_size: int = 4096
+    batch_size: int = 4096  # tokens per step
     warmup_steps: int = 100
-    decay_fraction: float = 0.2
+    decay_fraction: float = 0.2  # linear decay to 0 over this last share of the tokens
     auxk_alpha: float = 1 / 32
     auxk_k: int | None = None  # None: d_in // 2
     dead_tokens: int = 10_000_000  # tokens without firing before a latent counts as dead
     seed: int = 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 6.25e-10
+    init_tokens: int = 32_768  # sample (from the first batches) for b_dec and the MSE scale
+    median_iterations: int = 10
+
+    def __post_init__(self) -> None:
+        checks = {
+            "k": self.k > 0,
+            "expansion_factor": self.expansion_factor > 0,
+            "d_sae": self.d_sae is None or self.d_sae > 0,
+            "lr": self.lr is None or self.lr > 0,
+            "batch_size": self.batch_size > 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "decay_fraction": 0.0 <= self.decay_fraction <= 1.0,
+            "auxk_alpha": self.auxk_alpha >= 0,
+            "auxk_k": self.auxk_k is None or self.auxk_k > 0,
+            "dead_tokens": self.dead_tokens >= 0,
+            "init_tokens": self.init_tokens > 0,
+            "median_iterations": self.median_iterations >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "TrainConfig: invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            )
 
     def latents(self, d_in: int) -> int:
         return self.d_sae or self.expansion_factor * d_in
@@ -44,89 +92,245 @@ class TrainConfig:
     def learning_rate(self, d_in: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.latents(d_in) / 2**14)
 
+    def aux_latents(self, d_in: int) -> int:
+        return self.auxk_k or max(1, d_in // 2)
 
-def geometric_median(x: torch.Tensor, iterations: int = 20) -> torch.Tensor:
-    """Weiszfeld's iterations: a centre for b_dec that outliers do not drag."""
-    median = x.mean(0)
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float64 where the device has it."""
+    return x.detach().double() if x.device.type != "mps" else x.detach().float()
+
+
+def geometric_median(x: torch.Tensor, iterations: int = 10, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld's iterations from the mean, in float64; the mean where they do not stay finite."""
+    xd = _wide(x)
+    median = xd.mean(0)
     for _ in range(iterations):
-        weights = 1.0 / (x - median).norm(dim=1).clamp(min=1e-8)
-        median = (weights[:, None] * x).sum(0) / weights.sum()
-    return median
+        weights = 1.0 / (xd - median).norm(dim=1).clamp(min=eps)
+        candidate = (weights[:, None] * xd).sum(0) / weights.sum()
+        if not torch.isfinite(candidate).all():
+            break
+        median = candidate
+    return median.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class _Init:
+    b_dec: torch.Tensor  # geometric median of the sample
+    variance: float  # per-token variance of the sample: the MSE normaliser
+
+
+def _initial_statistics(sample: torch.Tensor, cfg: TrainConfig) -> _Init:
+    median = geometric_median(sample, cfg.median_iterations)
+    wide = _wide(sample)
+    variance = float((wide - wide.mean(0)).pow(2).sum(1).mean())
+    if not math.isfinite(variance) or variance <= 0:
+        variance = 1.0  # constant data: nothing to normalise by
+    return _Init(b_dec=median, variance=variance)
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class _SelectedPreacts(torch.autograd.Function):
+    """The pre-activations ``xc @ enc.T + b_enc`` at given latents, with a sparse backward.
+
+    The values were already computed (densely, without autograd) to choose the
+    latents; this only attaches their gradient. The backward touches only the
+    selected entries: the input's gradient is a weighted gather of encoder rows,
+    the encoder's a weighted gather, per latent, of the tokens that selected it.
+    Both are O(n slots d_in), not O(n d_sae d_in).
+    """
+
+    @staticmethod
+    def forward(ctx, xc, enc, b_enc, idx, values):  # noqa: D102
+        ctx.save_for_backward(xc, enc, idx)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        xc, enc, idx = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_xc = grad_enc = grad_b_enc = None
+        if ctx.needs_input_grad[0]:
+            grad_xc = F.embedding_bag(idx, enc, per_sample_weights=grad, mode="sum")
+        flat = idx.reshape(-1)
+        if ctx.needs_input_grad[1]:
+            # group the (token, slot) pairs by latent: one weighted bag of tokens per latent
+            order = torch.argsort(flat, stable=True)
+            tokens = torch.div(order, idx.shape[1], rounding_mode="floor")
+            counts = torch.bincount(flat, minlength=enc.shape[0])
+            offsets = torch.cumsum(counts, 0) - counts
+            grad_enc = F.embedding_bag(
+                tokens, xc, offsets, mode="sum", per_sample_weights=grad.reshape(-1)[order]
+            )
+        if ctx.needs_input_grad[2]:
+            grad_b_enc = grad.new_zeros(enc.shape[0]).index_add_(0, flat, grad.reshape(-1))
+        return grad_xc, grad_enc, grad_b_enc, None, None
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor  # detached scalars
+    fvu: torch.Tensor
+    auxk: torch.Tensor
 
 
 class TopKTrainee(torch.nn.Module):
-    """The SAE being trained, with its dead-latent bookkeeping."""
+    """The TopK SAE being trained, with its dead-latent bookkeeping.
 
-    def __init__(self, d_in: int, k: int, cfg: TrainConfig):
+    ``enc`` holds the encoder as rows ``[d_sae, d_in]`` (``W_enc`` transposed) so
+    that the sparse backward gathers contiguous rows.
+    """
+
+    def __init__(self, d_in: int, k: int, cfg: TrainConfig, device: torch.device | str = "cpu"):
         super().__init__()
         d_sae = cfg.latents(d_in)
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k={k} must be in 1..d_sae={d_sae}")
         generator = torch.Generator().manual_seed(cfg.seed)
-        w_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=1)
-        self.W_dec = torch.nn.Parameter(w_dec)
-        self.W_enc = torch.nn.Parameter(w_dec.T.clone())
-        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
-        self.k, self.auxk_k = k, cfg.auxk_k or d_in // 2
-        self.register_buffer("since_fired", torch.zeros(d_sae, dtype=torch.long))
-
-    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
-
-    def loss(self, x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, FVU of the batch); updates the dead-latent counters."""
-        pre = F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        recon = self.decode(values, indices)
-        error = x - recon
-        variance = (x - x.mean(0)).pow(2).sum()
-        fvu = error.pow(2).sum() / variance
-        with torch.no_grad():
-            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
-            fired[indices[values > 0]] = True
-            self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
-        dead = self.since_fired > cfg.dead_tokens
-        total = fvu
-        if cfg.auxk_alpha > 0 and dead.any():
-            aux_k = min(self.auxk_k, int(dead.sum()))
-            dead_pre = pre.masked_fill(~dead, 0.0)
-            aux_values, aux_indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
-            aux_recon = F.embedding_bag(aux_indices, self.W_dec, per_sample_weights=aux_values, mode="sum")
-            residual = error.detach()
-            aux = (aux_recon - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp(min=1e-12)
-            total = total + cfg.auxk_alpha * aux.nan_to_num(0.0)
-        return total, fvu.detach()
-
-    @torch.no_grad()
-    def project_decoder_gradient(self) -> None:
-        if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
-
-    @torch.no_grad()
-    def renormalise_decoder(self) -> None:
-        self.W_dec.data = F.normalize(self.W_dec.data, dim=1)
-
-    def dead_fraction(self, cfg: TrainConfig) -> float:
-        return float((self.since_fired > cfg.dead_tokens).float().mean())
-
-    def to_sae(self, metadata: dict) -> SAE:
-        return SAE(
-            W_enc=self.W_enc.detach().clone(),
-            b_enc=self.b_enc.detach().clone(),
-            W_dec=self.W_dec.detach().clone(),
-            b_dec=self.b_dec.detach().clone(),
-            architecture="topk",
-            k=self.k,
-            metadata={**metadata, "k": self.k, "trainer_version": TRAINER_VERSION},
+        w_dec = F.normalize(
+            torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32), dim=1
         )
+        self.W_dec = torch.nn.Parameter(w_dec.to(device))
+        self.enc = torch.nn.Parameter(w_dec.clone().to(device))
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in, device=device))
+        self.k = k
+        self.auxk_k = min(cfg.aux_latents(d_in), d_sae)
+        self.auxk_alpha = cfg.auxk_alpha
+        self.dead_tokens = cfg.dead_tokens
+        self.variance = 1.0
+        self.register_buffer("since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_dec.shape[0]
+
+    def initialise(self, init: _Init) -> None:
+        with torch.no_grad():
+            self.b_dec.copy_(init.b_dec.to(self.b_dec))
+        self.variance = init.variance
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.since_fired > self.dead_tokens
+
+    def dead_fraction(self) -> float:
+        return float(self.dead_mask().float().mean())
+
+    def step_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
+        """Loss of a batch [n, d_in]; updates the tokens-since-fired counters.
+
+        The counters take this batch's firing before the dead latents are chosen
+        (as in OpenAI's reference implementation), so a latent firing now is not
+        in the AuxK set.
+        """
+        n = x.shape[0]
+        xc = x - self.b_dec
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc, self.enc.t())
+            top_pre, top_idx = pre.topk(self.k, dim=1, sorted=False)
+            fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+            fired[top_idx[top_pre > 0]] = True
+            self.since_fired += n
+            self.since_fired.masked_fill_(fired, 0)
+            aux_idx = None
+            if self.auxk_alpha > 0 and n > 1:
+                dead_idx = self.dead_mask().nonzero().squeeze(1)
+                aux_k = min(self.auxk_k, dead_idx.numel())
+                if aux_k > 0:
+                    aux_pre, sub = pre.index_select(1, dead_idx).topk(aux_k, dim=1, sorted=False)
+                    aux_idx = dead_idx[sub]
+            del pre
+        if aux_idx is None:
+            top_vals = F.relu(_SelectedPreacts.apply(xc, self.enc, self.b_enc, top_idx, top_pre))
+        else:  # one sparse backward for both selections
+            both = _SelectedPreacts.apply(
+                xc,
+                self.enc,
+                self.b_enc,
+                torch.cat([top_idx, aux_idx], 1),
+                torch.cat([top_pre, aux_pre], 1),
+            )
+            top_vals, aux_vals = F.relu(both).split([self.k, aux_idx.shape[1]], dim=1)
+        recon = (
+            F.embedding_bag(top_idx, self.W_dec, per_sample_weights=top_vals, mode="sum")
+            + self.b_dec
+        )
+        error = x - recon
+        sse = error.pow(2).sum()
+        loss = sse / (n * self.variance)
+        auxk = loss.new_zeros(())
+        if aux_idx is not None:
+            residual = error.detach()
+            aux_recon = F.embedding_bag(
+                aux_idx, self.W_dec, per_sample_weights=aux_vals.contiguous(), mode="sum"
+            )
+            denom = (residual - residual.mean(0)).pow(2).sum()
+            auxk = ((aux_recon - residual).pow(2).sum() / denom).nan_to_num(0.0, 0.0, 0.0)
+            loss = loss + self.auxk_alpha * auxk
+        with torch.no_grad():
+            fvu = sse.detach() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30)
+        return loss, StepStats(loss.detach(), fvu, auxk.detach())
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop each decoder row's gradient component along the row (rows are unit norm)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12))
+
+    def to_sae(self, metadata: dict[str, Any]) -> SAE:
+        """The trained weights as the project's `SAE` (float32, CPU)."""
+        with torch.no_grad():
+            return SAE(
+                W_enc=self.enc.detach().t().contiguous().float().cpu(),
+                b_enc=self.b_enc.detach().float().cpu(),
+                W_dec=self.W_dec.detach().contiguous().float().cpu(),
+                b_dec=self.b_dec.detach().float().cpu(),
+                architecture="topk",
+                k=self.k,
+                hook_name=metadata.get("hook_name"),
+                model_name=metadata.get("model_name"),
+                metadata=metadata,
+            )
 
 
-def _schedule(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    decay_start = int(total_steps * (1 - cfg.decay_fraction))
-    decay = 1.0 if step < decay_start else max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+# --------------------------------------------------------------------------- training loop
+
+
+def lr_factor(step: int, tokens_seen: int, total_tokens: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps` steps; linear decay to 0 over the last `decay_fraction` tokens."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    decay_tokens = cfg.decay_fraction * total_tokens
+    left = total_tokens - tokens_seen
+    decay = 1.0 if decay_tokens <= 0 or left >= decay_tokens else max(0.0, left / decay_tokens)
     return warm * decay
+
+
+def _checked(batch: torch.Tensor, d_in: int) -> torch.Tensor:
+    if batch.ndim != 2 or batch.shape[1] != d_in:
+        raise ValueError(f"training batches must be [n, d_in={d_in}], got {tuple(batch.shape)}")
+    return batch
+
+
+def _peek(batches: Iterator[torch.Tensor], tokens: int, d_in: int) -> list[torch.Tensor]:
+    """The first batches, until they hold `tokens` tokens (or the stream ends)."""
+    head, held = [], 0
+    while held < tokens:
+        batch = next(batches, None)
+        if batch is None:
+            break
+        head.append(_checked(batch, d_in))
+        held += batch.shape[0]
+    return head
 
 
 def train_topk_grid(
@@ -136,53 +340,155 @@ def train_topk_grid(
     cfg: TrainConfig,
     total_tokens: int,
     progress: bool = True,
-    metadata: dict | None = None,
+    metadata: dict[str, Any] | None = None,
+    *,
+    hook_name: str | None = None,
+    model_name: str | None = None,
 ) -> dict[int, SAE]:
-    """Train one TopK SAE per k from one pass over `batches` ([n, d_in] each).
+    """Train one TopK SAE per k from one pass over `batches` ([n, d_in] each, any device).
 
-    Every SAE sees exactly the batches it would see alone (same seed, same
-    stream), so the grid equals separate runs; the activations are produced once.
+    Each batch is fed to every k's SAE in turn, so the activations are produced
+    once; every SAE sees exactly what it would see alone (same seed, same
+    stream), so ``result[k]`` equals ``train_topk`` with ``k`` on the same stream.
+    Trains on `total_tokens` tokens (the last batch is cut to fit) and returns
+    float32 SAEs on the CPU; `cfg.k` is ignored here.
     """
-    trainees = {k: TopKTrainee(d_in, k, cfg) for k in ks}
-    lr = cfg.learning_rate(d_in)
-    optimisers = {k: torch.optim.Adam(t.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10) for k, t in trainees.items()}
-    total_steps = max(1, total_tokens // cfg.batch_size)
+    ks = list(dict.fromkeys(int(k) for k in ks))
+    if not ks:
+        raise ValueError("train_topk_grid: empty k grid")
+    if total_tokens <= 0:
+        raise ValueError(f"total_tokens must be positive, got {total_tokens}")
+    stream = iter(batches)
+    head = _peek(stream, min(cfg.init_tokens, total_tokens), d_in)
+    if not head:
+        raise ValueError("train_topk_grid: the batch stream is empty")
+    device = head[0].device
+    sample = torch.cat([b.to(device=device, dtype=torch.float32) for b in head])[: cfg.init_tokens]
+    if not torch.isfinite(sample).all():
+        raise ValueError("train_topk_grid: the first batches hold NaN or infinite activations")
+    init = _initial_statistics(sample, cfg)
+    del sample
+
+    trainees: dict[int, TopKTrainee] = {}
+    optimisers: dict[int, torch.optim.Adam] = {}
+    base_lr = cfg.learning_rate(d_in)
+    for k in ks:
+        trainee = TopKTrainee(d_in, k, cfg, device)
+        trainee.initialise(init)
+        trainees[k] = trainee
+        optimisers[k] = torch.optim.Adam(
+            trainee.parameters(), lr=base_lr, betas=cfg.adam_betas, eps=cfg.adam_eps
+        )
+
+    label = f"k={ks[0]}" if len(ks) == 1 else f"k={','.join(map(str, ks))}"
+    bar = tqdm(
+        total=total_tokens,
+        desc=f"train topk {label}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
     seen, step = 0, 0
-    bar = tqdm(total=total_tokens, desc=f"train topk k={ks}", unit="tok", unit_scale=True, disable=not progress)
-    for batch in batches:
-        x = batch.float()
-        if x.shape[0] < 2:  # no variance to normalise by
-            continue
-        if step == 0:
-            median = geometric_median(x)
-            for t in trainees.values():
-                t.b_dec.data.copy_(median)
-        scale = _schedule(step, total_steps, cfg)
-        fvus = {}
+    stats: dict[int, StepStats] = {}
+    for raw in _chain(head, stream, d_in):
+        x = raw[: total_tokens - seen].to(device=device, dtype=torch.float32)
+        factor = lr_factor(step, seen, total_tokens, cfg)
         for k, trainee in trainees.items():
             optimiser = optimisers[k]
             for group in optimiser.param_groups:
-                group["lr"] = lr * scale
-            loss, fvus[k] = trainee.loss(x, cfg)
+                group["lr"] = base_lr * factor
+            loss, stats[k] = trainee.step_loss(x)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            trainee.project_decoder_gradient()
+            trainee.remove_parallel_decoder_grad()
             optimiser.step()
-            trainee.renormalise_decoder()
+            trainee.normalise_decoder()
         seen += x.shape[0]
         step += 1
         bar.update(x.shape[0])
-        if step % 20 == 0:
-            k_max = max(ks)
-            bar.set_postfix(fvu=f"{float(fvus[k_max]):.3f}", dead=f"{trainees[k_max].dead_fraction(cfg):.2f}")
-        if seen >= total_tokens:
-            break
+        done = seen >= total_tokens
+        if step % 50 == 0 or done:  # a host sync now and then, not every step
+            _check_finite(stats, step)
+        if progress and (step % 10 == 0 or done):
+            bar.set_postfix_str(_postfix(stats, trainees), refresh=False)
+        if done:
+            break  # before pulling another batch: the stream may be a model run
     bar.close()
-    meta = {**(metadata or {}), "training_tokens": seen, "seed": cfg.seed}
-    return {k: t.to_sae(meta) for k, t in trainees.items()}
+    if seen < total_tokens:
+        warnings.warn(
+            f"train_topk_grid: the batch stream ended after {seen} of {total_tokens} tokens "
+            "(the learning rate never finished its decay)",
+            stacklevel=2,
+        )
+
+    out = {}
+    for k, trainee in trainees.items():
+        meta = {
+            **(metadata or {}),
+            "k": k,
+            "d_sae": trainee.d_sae,
+            "training_tokens": seen,
+            "training_steps": step,
+            "seed": cfg.seed,
+            "lr": base_lr,
+            "trainer_version": TRAINER_VERSION,
+            "training_config": {**asdict(cfg), "k": k},
+            "final_train_fvu": float(stats[k].fvu) if k in stats else None,
+            "final_dead_fraction": trainee.dead_fraction(),
+        }
+        if hook_name is not None:
+            meta["hook_name"] = hook_name
+        if model_name is not None:
+            meta["model_name"] = model_name
+        out[k] = trainee.to_sae(meta)
+    return out
 
 
-def train_topk(batches: Iterable[torch.Tensor], d_in: int, cfg: TrainConfig, total_tokens: int,
-               progress: bool = True, metadata: dict | None = None) -> SAE:
-    """One SAE: the grid trainer with a grid of one."""
-    return train_topk_grid(batches, d_in, [cfg.k], cfg, total_tokens, progress, metadata)[cfg.k]
+def _chain(head: list[torch.Tensor], stream: Iterator[torch.Tensor], d_in: int):
+    yield from head
+    for batch in stream:
+        yield _checked(batch, d_in)
+
+
+def _check_finite(stats: dict[int, StepStats], step: int) -> None:
+    for k, s in stats.items():
+        if not torch.isfinite(s.loss):
+            raise FloatingPointError(
+                f"TopK training (k={k}): the loss is {float(s.loss)} at step {step}"
+            )
+
+
+def _postfix(stats: dict[int, StepStats], trainees: dict[int, TopKTrainee]) -> str:
+    parts = []
+    for k, s in stats.items():
+        prefix = f"k{k} " if len(stats) > 1 else ""
+        parts.append(
+            f"{prefix}loss={float(s.loss):.4f} fvu={float(s.fvu):.4f} "
+            f"dead={trainees[k].dead_fraction():.3f}"
+        )
+    return " | ".join(parts)
+
+
+def train_topk(
+    batches: Iterable[torch.Tensor],
+    d_in: int,
+    cfg: TrainConfig,
+    total_tokens: int,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+    *,
+    hook_name: str | None = None,
+    model_name: str | None = None,
+) -> SAE:
+    """One TopK SAE with ``cfg.k``: the grid trainer with a grid of one."""
+    return train_topk_grid(
+        batches,
+        d_in,
+        [cfg.k],
+        cfg,
+        total_tokens,
+        progress,
+        metadata,
+        hook_name=hook_name,
+        model_name=model_name,
+    )[cfg.k]
