@@ -27,7 +27,7 @@ from sae_acceptance.report import write_json
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
 
 FORMAT = "sae-acceptance-baseline"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sums carry d_in (mse_mean of a baseline was off by d_in in 1)
 DEFAULT_TOLERANCES = {
     "ce_rec": 0.01,
     "ce_loss_score": 0.01,
@@ -74,6 +74,7 @@ def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
         "fingerprint": fingerprint(result, settings),
         "metrics": {name: m.to_dict() for name, m in result.metrics.items()},
         "sums": {
+            "d_in": sums.d_in,
             "scalars": {name: values.tolist() for name, values in sums.scalars.items()},
             "fired": sums.fired.tolist(),
         },
@@ -82,13 +83,17 @@ def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
 
 def sums_from_entry(entry: dict[str, Any], where: str) -> SequenceSums:
     try:
-        scalars = {name: np.asarray(values, dtype=np.float64) for name, values in entry["sums"]["scalars"].items()}
-        fired = np.asarray(entry["sums"]["fired"], dtype=np.int64)
+        stored = entry["sums"]
+        scalars = {name: np.asarray(values, dtype=np.float64) for name, values in stored["scalars"].items()}
+        fired = np.asarray(stored["fired"], dtype=np.int64)
+        d_in = int(stored["d_in"])
     except (KeyError, TypeError, ValueError) as err:
-        raise BaselineError(f"{where}: malformed per-sequence sums ({err})") from None
-    n = len(scalars.get("n_tokens", []))
-    # The activation vector sums are not stored (r2 is never gated, so never regressed on).
-    return SequenceSums(scalars=scalars, shift_sums=np.zeros((n, 1)), fired=fired)
+        raise BaselineError(
+            f"{where}: malformed per-sequence sums (missing or bad {err}); refresh with --sae-update-baseline"
+        ) from None
+    # The activation vector sums are not stored ([n_seq, d_in] each): r2 is never gated,
+    # so never regressed on, and comes back NaN from a baseline.
+    return SequenceSums(scalars=scalars, fired=fired, d_in=d_in)
 
 
 def load_baseline(path: Path) -> dict[str, Any]:

@@ -193,8 +193,9 @@ def run_hook(
                 key: torch.cat([batch[key] for batch in batches]).cpu().numpy()
                 for key in batches[0]
             },
-            shift_sums=shift_np,
             fired=fired[name].cpu().numpy(),
+            d_in=shift_np.shape[1],
+            shift_sums=shift_np,
         )
         for name, batches in scalars.items()
     }

@@ -92,6 +92,8 @@ def summary_rows(results: Iterable[SAEResult], metrics: tuple[str, ...] = SUMMAR
 
 
 def _verdict_word(result: SAEResult) -> str:
+    if not result.verdicts:
+        return "no bounds"  # measured only: nothing was checked
     if not result.passed:
         return "FAIL"
     return "CAUGHT (control)" if result.expect_fail else "PASS"

@@ -26,30 +26,33 @@ class BootstrapSettings:
 class SequenceSums:
     """Per-sequence float64 sums of one SAE over the eval set: all any metric needs.
 
-    `scalars[name]` is [n_seq] (names in `metrics.SUM_NAMES`); `shift_sums` is
-    [n_seq, d_in], Σ_t (a_t − c) per sequence; `fired` is [d_sae], tokens each
-    latent fired on (global: alive_frac and rate_bits carry no interval).
+    `scalars[name]` is [n_seq] (names in `metrics.SUM_NAMES`); `fired` is
+    [d_sae], tokens each latent fired on (global: alive_frac and rate_bits carry
+    no interval); `d_in` is the activation width. `shift_sums` is [n_seq, d_in],
+    Σ_t (a_t − c) per sequence, needed only for the mean-centred SST (`r2`,
+    `sst_per_token`); where it is not kept (a stored baseline) those two are NaN.
     """
 
     scalars: dict[str, np.ndarray]
-    shift_sums: np.ndarray
     fired: np.ndarray
+    d_in: int
+    shift_sums: np.ndarray | None = None
 
     @property
     def n_sequences(self) -> int:
         return len(self.scalars["n_tokens"])
-
-    @property
-    def d_in(self) -> int:
-        return self.shift_sums.shape[1]
 
     def metrics(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Metrics pooled with sequence `weights` ([n_seq] or [B, n_seq]; None: all once)."""
         if weights is None:
             weights = np.ones(self.n_sequences)
         totals = {name: weights @ values for name, values in self.scalars.items()}
-        shift_total = weights @ self.shift_sums
-        return pooled_metrics(totals, np.einsum("...d,...d->...", shift_total, shift_total), self.d_in)
+        if self.shift_sums is None:
+            shift_sum_sq = np.full(weights.shape[:-1], np.nan)
+        else:
+            shift_total = weights @ self.shift_sums
+            shift_sum_sq = np.einsum("...d,...d->...", shift_total, shift_total)
+        return pooled_metrics(totals, shift_sum_sq, self.d_in)
 
 
 def resample_counts(n: int, settings: BootstrapSettings) -> np.ndarray:

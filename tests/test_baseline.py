@@ -69,7 +69,7 @@ def test_paired_bootstrap_sees_what_unpaired_intervals_cannot():
         scalars = {"n_tokens": tokens + 1, "n_loss": tokens, "ce_orig": ce_orig, "ce_recon": recon}
         for name in ("ce_ablate", "kl_recon", "kl_ablate", "cos", "rel_err", "sq_err", "act_sq", "l2_ratio", "l0"):
             scalars[name] = tokens.copy()
-        return SequenceSums(scalars, np.zeros((n, 1)), np.ones(4, dtype=np.int64))
+        return SequenceSums(scalars, np.ones(4, dtype=np.int64), 1)
 
     settings = BootstrapSettings(2000, 0.95, 0)
     base, cand = sums(base_recon), sums(cand_recon)
@@ -118,3 +118,34 @@ def test_default_tolerances_are_non_negative(metric):
     from sae_acceptance.baseline import DEFAULT_TOLERANCES
 
     assert DEFAULT_TOLERANCES[metric] >= 0
+
+
+def test_a_baseline_entry_gives_back_every_regressable_metric():
+    """Stored sums round-trip through JSON: every metric a regression item can check comes back
+    exactly (mse_mean included, which divides by d_in); r2 needs the activation sums, not stored."""
+    from sae_acceptance.baseline import entry_for, sums_from_entry
+    from sae_acceptance.evaluate import SAEResult
+    from sae_acceptance.metrics import METRICS, SUM_NAMES
+
+    rng = np.random.default_rng(3)
+    n, d_in = 12, 48
+    scalars = {name: rng.uniform(1.0, 50.0, n) for name in SUM_NAMES}
+    sums = SequenceSums(scalars, rng.integers(0, 9, 64), d_in, rng.normal(size=(n, d_in)))
+    entry = json.loads(json.dumps(entry_for(SAEResult(name="x", path="x", sums=sums), {})))
+    back = sums_from_entry(entry, "baseline.json").metrics()
+    original = sums.metrics()
+    regressable = [m for m, spec in METRICS.items() if spec.higher_is_better is not None and spec.has_ci]
+    assert "mse_mean" in regressable
+    for metric in regressable:
+        assert back[metric] == pytest.approx(original[metric], rel=1e-12), metric
+    assert np.isnan(back["r2"]) and np.isfinite(original["r2"])
+
+
+def test_a_baseline_of_an_older_format_is_refused_with_a_clear_error(tmp_path):
+    from sae_acceptance.baseline import load_baseline
+    from sae_acceptance.errors import BaselineError
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "sae-acceptance-baseline", "version": 1, "saes": {}}))
+    with pytest.raises(BaselineError, match="baseline format version 1, expected 2"):
+        load_baseline(old)

@@ -181,3 +181,24 @@ def test_xdist_workers_share_the_load(pytester, gate):
     result = pytester.runpytest("thresholds.toml", "-n", "2", "--dist", "loadscope", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=7, failed=1)
     result.stdout.fnmatch_lines(["*SAE acceptance*", "*good*PASS*"])
+
+
+def test_default_xdist_mode_evaluates_each_sae_once(pytester, gate):
+    """`-n 2` alone (`--dist load`): an SAE's items stay on one worker, so it is evaluated once
+    and has one row in the summary; the regression table comes back from the workers too."""
+    gate()
+    pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-update-baseline")
+    result = pytester.runpytest(
+        "thresholds.toml", "-n", "2", "-v", "-p", "no:cacheprovider", "--sae-baseline", "thresholds.baseline.json"
+    )
+    result.assert_outcomes(passed=7 + 6, failed=1)
+    lines = result.stdout.lines
+    workers: dict[str, set[str]] = {"good": set(), "bad": set()}
+    for line in lines:  # "[gw0] PASSED thresholds.toml::good::ce_rec"
+        if line.startswith("[gw") and "thresholds.toml::" in line:
+            workers[line.split("thresholds.toml::")[1].split("::")[0]].add(line.split("]")[0])
+    assert all(len(on) == 1 for on in workers.values()), workers
+    gate_rows = [line for line in lines if line.startswith(("good ", "bad "))]
+    assert sorted(row.split()[0] for row in gate_rows if "blocks.1" in row) == ["bad", "good"]
+    regression_rows = [row for row in gate_rows if "blocks.1" not in row]
+    assert len(regression_rows) == 6 and all(row.rstrip().endswith("ok") for row in regression_rows)

@@ -208,6 +208,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under the default `--dist load`, keep each SAE's items on one worker (evaluated once)."""
+    if config.getoption("dist") != "load":
+        return None
+    from pytest_sae_acceptance.scheduling import SAEScopeScheduling
+
+    return SAEScopeScheduling(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     """xdist controller: gather each worker's summary rows."""
     node.config.stash[STATE_KEY].absorb_worker(getattr(node, "workeroutput", {}))

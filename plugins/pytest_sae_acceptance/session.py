@@ -49,7 +49,8 @@ class SAESession:
         self.models = ModelCache()
         self.reports: dict[Path, EvalReport] = {}
         self.results: dict[tuple[Path, str], SAEResult] = {}
-        self.worker_rows: list[list[str]] = []
+        self.worker_gate_rows: list[list[str]] = []
+        self.worker_regression_rows: list[list[str]] = []
         self.selected_names: dict[Path, list[str]] = {}
         self.baselines: dict[Path, dict] = {}
         self.regressions: list[tuple[str, object]] = []
@@ -131,23 +132,35 @@ class SAESession:
 
                 update_baseline(self.baseline_target(self.loaded[path]), report)
         if is_xdist_worker(self.config):
-            self.config.workeroutput["sae_rows"] = summary_rows(
-                [r for report in self.reports.values() for r in report.saes.values()]
-            )[1:]
+            self.config.workeroutput["sae_rows"] = self._gate_rows()
+            self.config.workeroutput["sae_regression_rows"] = self._regression_rows()
 
     def absorb_worker(self, output: dict) -> None:
-        self.worker_rows += output.get("sae_rows", [])
+        self.worker_gate_rows += output.get("sae_rows", [])
+        self.worker_regression_rows += output.get("sae_regression_rows", [])
+
+    def _gate_rows(self) -> list[list[str]]:
+        return summary_rows([r for report in self.reports.values() for r in report.saes.values()])[1:]
+
+    def _regression_rows(self) -> list[list[str]]:
+        rows = []
+        for name, check in self.regressions:
+            ci = f" [{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]" if check.ci else ""
+            verdict = "new" if check.skipped else "ok" if check.passed else "REGRESSED"
+            rows.append([name, check.metric, f"{check.change:+.4f}{ci}", verdict])
+        return rows
 
     def summary(self) -> str:
-        results = [r for report in self.reports.values() for r in report.saes.values()]
-        rows = summary_rows(results)
-        rows += self.worker_rows
-        text = format_table(rows) if len(rows) > 1 else ""
-        if self.regressions:
-            changes = [["sae", "metric", "change [paired CI] vs baseline", "verdict"]]
-            for name, check in self.regressions:
-                ci = f" [{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]" if check.ci else ""
-                verdict = "new" if check.skipped else "ok" if check.passed else "REGRESSED"
-                changes.append([name, check.metric, f"{check.change:+.4f}{ci}", verdict])
-            text += "\n\n" + format_table(changes)
+        """The gate's table, then the regression table; rows from xdist workers included, once each."""
+        gate = _unique(self._gate_rows() + self.worker_gate_rows)
+        text = format_table([summary_rows([])[0], *gate]) if gate else ""
+        changes = _unique(self._regression_rows() + self.worker_regression_rows)
+        if changes:
+            header = ["sae", "metric", "change [paired CI] vs baseline", "verdict"]
+            text += "\n\n" + format_table([header, *changes])
         return text
+
+
+def _unique(rows: list[list[str]]) -> list[list[str]]:
+    """Rows in order, without repeats (two workers may evaluate the same SAE)."""
+    return [list(row) for row in dict.fromkeys(tuple(row) for row in rows)]

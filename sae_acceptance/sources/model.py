@@ -68,7 +68,7 @@ def load_model(
         else:
             model = _load_hub(str(name_or_path), torch_device, torch_dtype, kwargs)
     model.eval()
-    return model.to(torch_device)
+    return model.to(torch_device, print_details=False)
 
 
 def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]):
@@ -106,7 +106,7 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any]):
         center_unembed=kwargs["center_unembed"],
         fold_value_biases=kwargs["fold_value_biases"],
     )
-    return model.to(dtype)
+    return model.to(dtype, print_details=False)
 
 
 def _has_tokenizer(path: Path) -> bool:
