@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from sae_acceptance.metrics import SUM_NAMES, alive_fraction, rate_bits
-from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals, resample_counts
+from sae_acceptance.stats import (
+    BootstrapSettings,
+    SequenceSums,
+    bootstrap_intervals,
+    resample_counts,
+)
 
 N_SEQ, T, D = 6, 5, 4
 

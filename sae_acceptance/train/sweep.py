@@ -24,7 +24,7 @@ from sae_acceptance.errors import ConfigError
 from sae_acceptance.evaluate import EvalReport, ModelCache, evaluate
 from sae_acceptance.report import format_report, write_atomic
 from sae_acceptance.sources.model import special_token_ids
-from sae_acceptance.sources.sae import load_sae, save_sae
+from sae_acceptance.sources.sae import save_sae
 from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
 from sae_acceptance.train.topk import TRAINER_VERSION, TrainConfig
 
