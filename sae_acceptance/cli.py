@@ -168,25 +168,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sae_acceptance.sources.model import load_model, special_token_ids
-    from sae_acceptance.sources.sae import save_sae
-    from sae_acceptance.sources.tokens import counted_mask, load_tokens
-    from sae_acceptance.train.activations import ActivationBuffer
-    from sae_acceptance.train.topk import TrainConfig, train_topk_grid
+    from sae_acceptance.sources.model import load_model
+    from sae_acceptance.sources.tokens import load_tokens
+    from sae_acceptance.train.hookpoint import train_at_hook
+    from sae_acceptance.train.topk import TrainConfig
 
     model = load_model(args.model, device=args.device)
     n_sequences = args.train_tokens // args.context_size + 1
     tokens = load_tokens(args.data, n_sequences, args.context_size, tokenizer=model.tokenizer)
-    counted = counted_mask(tokens, special_token_ids(model))
     cfg = TrainConfig(k=max(args.k), expansion_factor=args.expansion_factor, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed)
-    total = min(args.train_tokens, int(counted.sum()))
-    buffer = ActivationBuffer(model, tokens, args.hook, cfg.batch_size, seed=args.seed, counted=counted,
-                              total_tokens=total)
-    saes = train_topk_grid(buffer, model.cfg.d_model, sorted(set(args.k)), cfg, total, not args.no_progress)
-    for k, sae in saes.items():
-        sae.hook_name, sae.model_name = args.hook, str(args.model)
-        path = save_sae(sae, args.out / f"k{k}", metadata={"context_size": args.context_size, "dataset_path": args.data})
+    paths = train_at_hook(model, str(args.model), tokens, args.hook, args.k, cfg,
+                          out={k: args.out / f"k{k}" for k in args.k}, train_tokens=args.train_tokens,
+                          metadata={"context_size": args.context_size, "dataset_path": args.data},
+                          progress=not args.no_progress)
+    for k, path in paths.items():
         print(f"k={k}: {path}")
     return 0
 

@@ -24,7 +24,6 @@ from sae_acceptance.reference.model import (
     train_reference_model,
 )
 from sae_acceptance.sources.model import load_model, special_token_ids
-from sae_acceptance.sources.sae import save_sae
 from sae_acceptance.sources.tokens import counted_mask
 
 EVAL_SEED, SAE_TRAIN_SEED, PROBE_SEED = 1_000, 2_000, 3_000
@@ -42,8 +41,8 @@ def build_reference(
     out: Path, spec: ReferenceModelSpec | None = None, progress: bool = True, reuse_model: bool = False
 ) -> Path:
     """Everything under `out`; `reuse_model` keeps an existing checkpoint and retrains only the SAEs."""
-    from sae_acceptance.train.activations import ActivationBuffer
-    from sae_acceptance.train.topk import TrainConfig, train_topk_grid
+    from sae_acceptance.train.hookpoint import train_at_hook
+    from sae_acceptance.train.topk import TrainConfig
 
     spec = spec or ReferenceModelSpec()
     torch.manual_seed(spec.seed)
@@ -65,27 +64,20 @@ def build_reference(
     model = load_model(out / "model", device="cpu")
     train_tokens = torch.from_numpy(language.sequences(SAE_TRAIN_SEQUENCES, spec.context_size, SAE_TRAIN_SEED))
     np.save(out / "train_tokens.npy", train_tokens.numpy().astype(np.int16))  # the tiny sweep's stream
-    counted = counted_mask(train_tokens, special_token_ids(model))
     for hook, ks in SAE_GRID.items():
         cfg = TrainConfig(k=max(ks), expansion_factor=SAE_EXPANSION, batch_size=1024, seed=spec.seed,
                           dead_tokens=100_000, warmup_steps=50)
-        n_tokens = int(counted.sum())
-        buffer = ActivationBuffer(model, train_tokens, hook, batch_size=cfg.batch_size,
-                                  buffer_tokens=65_536, seed=spec.seed, counted=counted, total_tokens=n_tokens)
-        saes = train_topk_grid(buffer, model.cfg.d_model, list(ks), cfg, total_tokens=n_tokens, progress=progress)
-        for k, sae in saes.items():
-            sae.hook_name, sae.model_name = hook, "reference/model"
-            save_sae(sae, out / "saes" / sae_name(hook, k), metadata={
-                "context_size": spec.context_size,
-                "dataset_path": "sae_acceptance.reference.language.TopicLanguage",
-                "prepend_bos": False,
-            })
+        train_at_hook(model, "reference/model", train_tokens, hook, list(ks), cfg,
+                      out={k: out / "saes" / sae_name(hook, k) for k in ks}, buffer_tokens=65_536,
+                      metadata={"context_size": spec.context_size, "prepend_bos": False,
+                                "dataset_path": "sae_acceptance.reference.language.TopicLanguage"},
+                      progress=progress)
     manifest = {
         "spec": asdict(spec),
         "eval_loss_nats": loss,
         "canyon_max_logit_change": drift,
         "eval_sequences": EVAL_SEQUENCES,
-        "sae_train_tokens": int(counted.sum()),
+        "sae_train_tokens": int(counted_mask(train_tokens, special_token_ids(model)).sum()),
         "saes": [sae_name(h, k) for h, ks in SAE_GRID.items() for k in ks],
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

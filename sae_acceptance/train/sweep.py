@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,7 @@ from sae_acceptance.config import Bound, thresholds_from_mapping
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.evaluate import EvalReport, ModelCache, evaluate
 from sae_acceptance.report import format_report, write_atomic
-from sae_acceptance.sources.model import special_token_ids
-from sae_acceptance.sources.sae import save_sae
-from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
+from sae_acceptance.sources.tokens import fingerprint, load_tokens
 from sae_acceptance.train.topk import TRAINER_VERSION, TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -116,8 +113,7 @@ def train_or_load_grid(model, model_name: str, hook: str, profile: Profile, cach
     """The k grid at `hook`, trained once and cached; returns the SAE directories by k."""
     from filelock import FileLock
 
-    from sae_acceptance.train.activations import ActivationBuffer
-    from sae_acceptance.train.topk import train_topk_grid
+    from sae_acceptance.train.hookpoint import train_at_hook
 
     data = profile.data
     n_train = data.train_tokens // data.context_size + 1
@@ -129,7 +125,6 @@ def train_or_load_grid(model, model_name: str, hook: str, profile: Profile, cach
     with FileLock(str(folder) + ".lock"):
         if all((p / "cfg.json").exists() for p in paths.values()):
             return paths
-        counted = counted_mask(tokens, special_token_ids(model))
         train = profile.train
         cfg = TrainConfig(
             k=max(profile.ks),
@@ -140,17 +135,9 @@ def train_or_load_grid(model, model_name: str, hook: str, profile: Profile, cach
             dead_tokens=train.dead_tokens,
             seed=train.seed,
         )
-        total = min(data.train_tokens, int(counted.sum()))
-        buffer = ActivationBuffer(model, tokens, hook, cfg.batch_size, seed=train.seed, counted=counted, total_tokens=total)
-        saes = train_topk_grid(buffer, model.cfg.d_model, profile.ks, cfg, total, progress=progress)
-        for k, sae in saes.items():
-            sae.hook_name, sae.model_name = hook, model_name
-            save_sae(sae, paths[k], metadata={
-                "context_size": data.context_size,
-                "dataset_path": data.dataset,
-                "training_config": asdict(cfg) | {"k": k},
-                "cache_key": key,
-            })
+        metadata = {"context_size": data.context_size, "dataset_path": data.dataset, "cache_key": key}
+        train_at_hook(model, model_name, tokens, hook, profile.ks, cfg, paths, data.train_tokens, metadata,
+                      progress=progress)
         return paths
 
 
