@@ -5,9 +5,14 @@ Recipe:
 - latents: ReLU of the k largest pre-activations ``(x - b_dec) W_enc + b_enc``;
 - decoder rows are random unit vectors (seeded), kept at unit norm: the gradient's
   component along each row is removed before a step and rows are renormalised
-  after it; the encoder starts as the decoder's transpose, ``b_enc`` at zero;
+  after it; ``b_enc`` starts at zero;
 - ``b_dec`` starts at the geometric median (Weiszfeld iterations) of a sample of
   the first batches, or at their mean where that fails;
+- the encoder starts as the decoder's transpose times a scale ``s`` set per k on
+  a sample of ``SCALE_TOKENS`` tokens: the least-squares factor for the initial
+  reconstruction (with ``b_enc`` at zero the top-k choice does not depend on
+  ``s``, and the reconstruction is ``s r``). Unscaled, ``r`` overshoots the more
+  the larger k is, and at small budgets a larger k then trained worse;
 - loss: squared error summed over dimensions and averaged over tokens, divided by
   the per-token variance of the initial sample (a fixed normaliser, so the loss
   is an FVU on a constant scale), plus ``auxk_alpha`` times the AuxK loss, in
@@ -44,7 +49,8 @@ from tqdm.auto import tqdm
 
 from sae_acceptance.sources.sae import SAE
 
-TRAINER_VERSION = "topk-2"
+TRAINER_VERSION = "topk-3"
+SCALE_TOKENS = 2048  # tokens of the init sample that set the encoder scale
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,7 @@ def geometric_median(x: torch.Tensor, iterations: int = 10, eps: float = 1e-8) -
 class _Init:
     b_dec: torch.Tensor  # geometric median of the sample
     variance: float  # per-token variance of the sample: the MSE normaliser
+    centred: torch.Tensor  # the first SCALE_TOKENS tokens of the sample minus b_dec
 
 
 def _initial_statistics(sample: torch.Tensor, cfg: TrainConfig) -> _Init:
@@ -129,7 +136,37 @@ def _initial_statistics(sample: torch.Tensor, cfg: TrainConfig) -> _Init:
     variance = float((wide - wide.mean(0)).pow(2).sum(1).mean())
     if not math.isfinite(variance) or variance <= 0:
         variance = 1.0  # constant data: nothing to normalise by
-    return _Init(b_dec=median, variance=variance)
+    centred = sample[:SCALE_TOKENS] - median
+    return _Init(b_dec=median, variance=variance, centred=centred)
+
+
+@torch.no_grad()
+def encoder_scale(
+    centred: torch.Tensor, enc: torch.Tensor, w_dec: torch.Tensor, k: int, chunk: int = 512
+) -> float:
+    """The factor for the encoder (``b_enc`` = 0) that best fits ``centred`` at init.
+
+    With ``b_enc`` at zero, scaling the encoder by ``s > 0`` scales every
+    pre-activation, keeps the top-k choice and scales the reconstruction (minus
+    ``b_dec``) by ``s``; so the least-squares ``s`` is ``sum(x . r) / sum(|r|^2)``,
+    ``r`` the unscaled reconstruction of the centred inputs ``x``. It is not
+    negative for a tied encoder (``x . r`` sums squares of positive
+    pre-activations); where it is not positive, the norms are matched instead;
+    1 where nothing fires. One chunk's ``[chunk, d_sae]`` pre-activations at a time.
+    """
+    xr = rr = xx = 0.0
+    for xc in centred.split(chunk):
+        vals, idx = (xc @ enc.t()).topk(k, dim=1, sorted=False)
+        r = F.embedding_bag(idx, w_dec, per_sample_weights=F.relu(vals), mode="sum")
+        xr += float((_wide(xc) * _wide(r)).sum())
+        rr += float(_wide(r).pow(2).sum())
+        xx += float(_wide(xc).pow(2).sum())
+    if not rr > 0:
+        return 1.0
+    scale = xr / rr
+    if not (math.isfinite(scale) and scale > 0):
+        scale = math.sqrt(xx / rr)  # norm matching
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
 
 
 # --------------------------------------------------------------------------- the module
@@ -211,8 +248,11 @@ class TopKTrainee(torch.nn.Module):
         return self.W_dec.shape[0]
 
     def initialise(self, init: _Init) -> None:
+        """``b_dec``, the loss normaliser, and the encoder scale for this trainee's k."""
         with torch.no_grad():
             self.b_dec.copy_(init.b_dec.to(self.b_dec))
+            centred = init.centred.to(self.enc)
+            self.enc.mul_(encoder_scale(centred, self.enc, self.W_dec, self.k))
         self.variance = init.variance
 
     def dead_mask(self) -> torch.Tensor:
