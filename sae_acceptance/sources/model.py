@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any]):
     if not (path / "config.json").exists():
         raise SourceError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        with _quiet_transformers():
+            hf_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
         cfg = loading.get_pretrained_model_config(str(path), dtype=dtype, **_cfg_kwargs(kwargs))
     except (OSError, ValueError, KeyError, NotImplementedError) as err:
@@ -107,6 +109,20 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any]):
         fold_value_biases=kwargs["fold_value_biases"],
     )
     return model.to(dtype, print_details=False)
+
+
+@contextmanager
+def _quiet_transformers():
+    """No "Loading weights" bar for a local checkpoint: it takes seconds, and logs read better without."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _has_tokenizer(path: Path) -> bool:
