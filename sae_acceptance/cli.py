@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from sae_acceptance.errors import SAEAcceptanceError
+from sae_acceptance.train import builtin_profiles
 
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", type=Path, metavar="OUT.png")
 
     sw = sub.add_parser("sweep", help="train a sweep profile's SAEs, gate them, write the log's tables")
-    sw.add_argument("--profile", required=True, help="fast2, fast3, budget, tiny, or a profile .toml")
+    sw.add_argument("--profile", required=True, help=f"{', '.join(builtin_profiles())}, or a profile .toml")
     sw.add_argument("--out", type=Path, required=True)
     sw.add_argument("--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache)")
     sw.add_argument("--device", default="auto")

@@ -18,6 +18,7 @@ import pytest
 from pytest_sae_acceptance.session import STATE_KEY, SAESession, pin_gpu_for_xdist_worker
 from sae_acceptance.config import LoadedThresholds, SAEEntry, load_thresholds
 from sae_acceptance.errors import ConfigError, R2ProxyWarning, SAEAcceptanceError
+from sae_acceptance.train import builtin_profiles
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,7 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--sae-thresholds", metavar="PATH", help="thresholds file for the sae_eval fixture")
     group.addoption("--sae-sweep", metavar="PROFILE", default="tiny",
-                    help="training profile for the sae_sweep fixture (fast2, fast3, budget, tiny, or a .toml)")
+                    help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml)")
     group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance)")
     group.addoption("--sae-no-progress", action="store_true", help="hide progress bars")
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")

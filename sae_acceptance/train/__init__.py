@@ -1,0 +1,9 @@
+"""Training: the TopK trainer, k grids at a hookpoint, sweep profiles and the log's tables."""
+
+from importlib import resources
+
+
+def builtin_profiles() -> tuple[str, ...]:
+    """Names of the sweep profiles shipped in `profiles/`: the folder is the list."""
+    folder = resources.files(__name__).joinpath("profiles")
+    return tuple(sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")))

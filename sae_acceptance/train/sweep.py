@@ -23,6 +23,7 @@ from sae_acceptance.errors import ConfigError
 from sae_acceptance.evaluate import EvalReport, ModelCache, evaluate
 from sae_acceptance.report import format_report, write_atomic
 from sae_acceptance.sources.tokens import fingerprint, load_tokens
+from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.topk import TRAINER_VERSION, TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -30,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BUILTIN_PROFILES = ("fast2", "fast3", "budget", "tiny")
+BUILTIN_PROFILES = builtin_profiles()
 
 
 class _Strict(BaseModel):
