@@ -10,7 +10,6 @@ change does not, when the change is real.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from sae_acceptance.errors import BaselineError
 from sae_acceptance.evaluate import EvalReport, SAEResult
 from sae_acceptance.metrics import METRICS
 from sae_acceptance.report import write_json
+from sae_acceptance.sources.model import model_identity
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
 
 FORMAT = "sae-acceptance-baseline"
@@ -43,24 +43,13 @@ DEFAULT_TOLERANCES = {
 MUST_MATCH = ("tokens", "model", "hook", "dtype", "excluded_ids", "n_sequences")
 
 
-def model_identity(model: str | None) -> str | None:
-    """A hub name as given; a local checkpoint by a hash of its config and weight files' names and sizes."""
-    if model is None or not Path(model).is_dir():
-        return model
-    path = Path(model)
-    digest = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
-    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return f"local:{digest.hexdigest()[:16]}"
-
-
 def fingerprint(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "tokens": result.tokens_fingerprint,
         "model": model_identity(result.model),
         "hook": result.hook,
         "dtype": settings.get("dtype"),
-        "excluded_ids": settings.get("tokens", {}).get("excluded_ids"),
+        "excluded_ids": result.excluded_ids,
         "n_sequences": settings.get("n_sequences"),
         "context_size": settings.get("context_size"),
         "bootstrap": settings.get("bootstrap"),
@@ -166,6 +155,8 @@ def compare_metric(
         raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
     tolerance = DEFAULT_TOLERANCES.get(metric, 0.0) if tolerance is None else tolerance
     sign = 1.0 if spec.higher_is_better else -1.0
+    if not isinstance(entry.get("metrics"), dict):
+        raise BaselineError(f"{where}: {result.name} has no \"metrics\" table; refresh with --sae-update-baseline")
     before = entry["metrics"].get(metric, {}).get("value")
     after = result.metrics[metric].value
     if before is None:

@@ -13,15 +13,24 @@ from pathlib import Path
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.train import builtin_profiles
 
+EVAL_FLAGS = ("data", "n_sequences", "context_size", "skip", "batch_size", "device", "dtype")
 
-def _eval_args(parser: argparse.ArgumentParser) -> None:
+
+def _eval_args(parser: argparse.ArgumentParser, with_defaults: bool = True) -> None:
+    """The eval-set flags; defaults are thresholds.toml's own (`EvalSettings`), or None to tell
+    what was given on the command line."""
+    from sae_acceptance.config import EvalSettings
+
+    def default(name: str):
+        return EvalSettings.model_fields[name].default if with_defaults else None
+
     parser.add_argument("--data", help="a .npy token file, a local dataset directory, or a hub dataset")
-    parser.add_argument("--n-sequences", type=int, default=200)
-    parser.add_argument("--context-size", type=int, default=256)
-    parser.add_argument("--skip", type=int, default=0, help="sequences skipped first")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--n-sequences", type=int, default=default("n_sequences"))
+    parser.add_argument("--context-size", type=int, default=default("context_size"))
+    parser.add_argument("--skip", type=int, default=default("skip"), help="sequences skipped first")
+    parser.add_argument("--batch-size", type=int, default=default("batch_size"))
+    parser.add_argument("--device", default=default("device"), help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default=default("dtype"), choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -34,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="TransformerLens model name or local HF checkpoint directory")
     ev.add_argument("--hook", help="hookpoint, e.g. blocks.3.hook_resid_post (default: the SAE's own)")
     ev.add_argument("--sae", action="append", default=[], metavar="PATH", help="SAE directory (repeatable)")
-    _eval_args(ev)
-    ev.add_argument("--bootstrap-resamples", type=int, default=5000)
-    ev.add_argument("--seed", type=int, default=0)
+    _eval_args(ev, with_defaults=False)  # thresholds.toml's defaults apply; with --config, its values
+    ev.add_argument("--bootstrap-resamples", type=int)
+    ev.add_argument("--seed", type=int)
     ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
 
     pr = sub.add_parser("pr-profile", help="participation ratio per layer, and the canyon rule")
@@ -51,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="train a sweep profile's SAEs, gate them, write the log's tables")
     sw.add_argument("--profile", required=True, help=f"{', '.join(builtin_profiles())}, or a profile .toml")
     sw.add_argument("--out", type=Path, required=True)
-    sw.add_argument("--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache)")
+    sw.add_argument("--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache/sae-acceptance/sweeps)")
     sw.add_argument("--device", default="auto")
     sw.add_argument("--no-progress", action="store_true")
 
@@ -93,25 +102,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sae_acceptance.evaluate import evaluate
     from sae_acceptance.report import format_report, write_atomic
 
+    settings = {name: getattr(args, name) for name in (*EVAL_FLAGS, "bootstrap_resamples", "seed")}
+    given = {name: value for name, value in settings.items() if value is not None}
     if args.config is not None:
+        clashing = [f"--{name.replace('_', '-')}" for name in given] + [
+            flag for flag, value in (("--model", args.model), ("--hook", args.hook), ("--sae", args.sae)) if value
+        ]
+        if clashing:
+            raise SAEAcceptanceError(
+                f"eval --config takes the eval settings, models and SAEs from {args.config}; "
+                f"drop {', '.join(clashing)} (or set them in the file)"
+            )
         loaded = load_thresholds(args.config)
     else:
         if not args.sae or not args.data:
             raise SAEAcceptanceError("eval needs --config FILE, or --sae PATH (repeatable) and --data")
         loaded = thresholds_from_mapping(
             {
-                "eval": {
-                    "data": args.data,
-                    "model": args.model,
-                    "n_sequences": args.n_sequences,
-                    "context_size": args.context_size,
-                    "skip": args.skip,
-                    "batch_size": args.batch_size,
-                    "device": args.device,
-                    "dtype": args.dtype,
-                    "bootstrap_resamples": args.bootstrap_resamples,
-                    "seed": args.seed,
-                },
+                "eval": {**given, **({"model": args.model} if args.model else {})},
                 "sae": [{"path": str(p), **({"hook": args.hook} if args.hook else {})} for p in args.sae],
             },
             source="command line",

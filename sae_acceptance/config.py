@@ -8,6 +8,7 @@ Relative paths are relative to the file's own directory.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ class Bound(_Strict):
 
     @model_validator(mode="after")
     def _one_side_at_least(self) -> Bound:
+        for side in ("min", "max"):
+            value = getattr(self, side)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{side} must be a finite number, not {value}")
         if self.min is None and self.max is None:
             raise ValueError("a bound needs `min` or `max`")
         if self.min is not None and self.max is not None and self.min > self.max:
@@ -87,8 +92,8 @@ class EvalSettings(_Strict):
     batch_size: int = Field(8, gt=0)
     bootstrap_resamples: int = Field(5000, ge=100)
     confidence: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     exclude_special_tokens: bool | list[int] = Field(
         True, description="true: the tokenizer's BOS/EOS/PAD; false: none; a list: these ids"
@@ -164,6 +169,12 @@ class Thresholds(_Strict):
         """The default [gate] bounds, overridden metric by metric by the entry's own."""
         return {**self.gate, **entry.gate}
 
+    def regressed_for(self, entry: SAEEntry) -> list[str]:
+        """Metrics compared against a baseline: the gated ones that have a better direction
+        (`l0` or `ce_orig` have none), and every metric given a `[regression]` tolerance."""
+        gated = [m for m in self.gate_for(entry) if METRICS[m].higher_is_better is not None]
+        return gated + [m for m in self.regression if m not in gated]
+
 
 def gateable_metrics() -> list[str]:
     return [name for name, spec in METRICS.items() if spec.gateable]
@@ -221,7 +232,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
         if loc and loc[-1] == "gate" and ": " in message:  # a metric-level gate error
             metric, message = message.split(": ", 1)
             loc += (metric,)
-        field = ".".join(str(p) for p in loc)
+            field = ".".join(str(p) for p in loc)
         shown = first["type"] != "missing" and not isinstance(first["input"], dict)
         given = f" (got {first['input']!r})" if shown else ""
         line = f":{locate(text, loc)}" if text else ""

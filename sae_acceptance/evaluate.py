@@ -57,12 +57,17 @@ class SAEResult:
     r2_warning: str | None = None
     error: str | None = None
     tokens_fingerprint: str | None = None
+    excluded_ids: list[int] | None = None
     expect_fail: list[str] = field(default_factory=list)
     sums: SequenceSums | None = None
 
     def as_expected(self, metric: str) -> bool:
-        """A verdict is as expected when it passes, or fails on a negative control's metric."""
-        return self.verdicts[metric].passed != (metric in self.expect_fail)
+        """A verdict is as expected when it passes, or fails on a negative control's metric.
+
+        A non-finite value is never as expected: NaN does not count as a control caught.
+        """
+        verdict = self.verdicts[metric]
+        return verdict.finite and verdict.passed != (metric in self.expect_fail)
 
     @property
     def passed(self) -> bool:
@@ -79,6 +84,7 @@ class SAEResult:
             "d_sae": self.d_sae,
             "k": self.k,
             "tokens_fingerprint": self.tokens_fingerprint,
+            "excluded_ids": self.excluded_ids,
             "error": self.error,
             "expect_fail": self.expect_fail,
             "metrics": {name: m.to_dict() for name, m in self.metrics.items()},
@@ -173,6 +179,7 @@ def evaluate(
             timing["n_tokens"] += run.n_tokens
             geometry = _geometry(run, hook, config.canyon)
             for req in hook_requests:
+                req.result.excluded_ids = excluded
                 _measure(req, loaded, run, geometry, bootstrap, fingerprint(tokens))
     timing["wall_s"] = time.perf_counter() - start
     timing["tokens_per_s"] = timing["n_tokens"] / timing["eval_s"] if timing["eval_s"] else None
@@ -237,7 +244,13 @@ def _eval_tokens(loaded: LoadedThresholds, model) -> tuple[torch.Tensor, torch.T
         )
     rule = settings.exclude_special_tokens
     excluded = special_token_ids(model) if rule is True else list(rule) if rule else []
-    return tokens, counted_mask(tokens, excluded), excluded
+    counted = counted_mask(tokens, excluded)
+    if not bool(counted.any()):
+        raise SourceError(
+            f"{loaded.path}:{loaded.line_of('eval', 'exclude_special_tokens')}: eval.exclude_special_tokens "
+            f"excludes every token of the eval set (ids {excluded})"
+        )
+    return tokens, counted, excluded
 
 
 def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int], rule) -> dict[str, Any]:
@@ -251,6 +264,12 @@ def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int]
 
 
 def _check_fits(model, req: _Request) -> bool:
+    if hook_layer(req.result.hook) is None:
+        req.result.error = (
+            f"{req.result.path}: hook {req.result.hook!r} is outside the blocks; only hooks inside them "
+            "(blocks.L.…) can be patched"
+        )
+        return False
     try:
         width = hook_width(model, req.result.hook)
     except SourceError as err:

@@ -222,13 +222,14 @@ class LayerGeometry:
         return cls(layer, hook, d, pr, pr_deflated, pr / d, canyon, rule)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: an undefined PR (no variance left after deflation) is null."""
         return {
             "layer": self.layer,
             "hook": self.hook,
             "d_model": self.d_model,
-            "pr": self.pr,
-            "pr_deflated": self.pr_deflated,
-            "pr_ratio": self.pr_ratio,
+            "pr": _finite(self.pr),
+            "pr_deflated": _finite(self.pr_deflated),
+            "pr_ratio": _finite(self.pr_ratio),
             "canyon": self.canyon,
         }
 
@@ -338,14 +339,7 @@ def profile_to_json(
         "hook_type": hook_type,
         "rule": {"threshold": rule.threshold, "use": rule.use},
         "layers": [
-            {
-                "layer": g.layer,
-                "hook": g.hook,
-                "pr": _finite(g.pr),
-                "pr_deflated": _finite(g.pr_deflated),
-                "pr_ratio": _finite(g.pr_ratio),
-                "canyon": g.canyon,
-            }
+            {key: value for key, value in g.to_dict().items() if key != "d_model"}
             for g in profile
         ],
     }

@@ -35,6 +35,11 @@ class Verdict:
     checked: float
     straddles: bool = False
 
+    @property
+    def finite(self) -> bool:
+        """False when the checked number is NaN or infinite: a failed eval, whatever was expected."""
+        return math.isfinite(self.checked)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["checked"] = _finite_or_none(self.checked)

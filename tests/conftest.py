@@ -5,8 +5,13 @@ Everything is built locally with fixed seeds: no hub, no network.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
+
+# No test may reach a hub: set before the Hugging Face libraries read their configuration.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import datasets  # noqa: F401  imported once here: pytester's in-process runs must not re-register its Arrow types
 import numpy as np

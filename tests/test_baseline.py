@@ -149,3 +149,21 @@ def test_a_baseline_of_an_older_format_is_refused_with_a_clear_error(tmp_path):
     old.write_text(json.dumps({"format": "sae-acceptance-baseline", "version": 1, "saes": {}}))
     with pytest.raises(BaselineError, match="baseline format version 1, expected 2"):
         load_baseline(old)
+
+
+def test_model_identity_sees_the_weights_not_only_their_shapes(tmp_path, tiny_checkpoint):
+    """A retrained checkpoint of the same shape is another model, for baselines and sweep caches."""
+    import shutil
+
+    from sae_acceptance.sources.model import model_identity
+    from sae_acceptance.train.sweep import cache_key, load_profile
+
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    before, key = model_identity(copy), cache_key(str(copy), "blocks.0.hook_resid_post", load_profile("tiny"), "t")
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one weight's lowest bits: same size, same shapes
+    weights.write_bytes(bytes(data))
+    assert before.startswith("local:") and model_identity(copy) != before
+    assert cache_key(str(copy), "blocks.0.hook_resid_post", load_profile("tiny"), "t") != key
+    assert model_identity("pythia-70m") == "pythia-70m"  # hub names as given

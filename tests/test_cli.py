@@ -73,3 +73,20 @@ def test_pr_profile_finds_the_reference_canyon(tmp_path):
 def test_missing_arguments_are_explained(argv, capsys):
     assert main(argv) == 2
     assert "needs" in capsys.readouterr().err
+
+
+def test_eval_with_a_config_refuses_flags_it_would_ignore(capsys):
+    status = main(["eval", "--config", str(REPO / "thresholds.toml"), "--device", "cpu", "--n-sequences", "4"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "eval --config takes the eval settings, models and SAEs from" in error
+    assert "drop --n-sequences, --device" in error
+
+
+def test_eval_flags_default_to_the_thresholds_file_defaults():
+    from sae_acceptance.cli import build_parser
+    from sae_acceptance.config import EvalSettings
+
+    pr = build_parser().parse_args(["pr-profile", "--model", "m", "--data", "d.npy"])
+    for name in ("n_sequences", "context_size", "skip", "batch_size", "device", "dtype"):
+        assert getattr(pr, name) == EvalSettings.model_fields[name].default, name

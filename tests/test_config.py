@@ -72,6 +72,10 @@ def test_a_good_file_loads_with_defaults_and_overrides(write):
         (('path = "sae_b"', 'path = "missing_sae"'), ":15: sae.1.path: no such SAE directory 'missing_sae'"),
         (('name = "second"', 'name = "sae_a"'), "two [[sae]] entries are named 'sae_a'"),
         (('data = "tokens.npy"', 'data = "nope.npy"'), ":2: eval.data: no such file or directory 'nope.npy'"),
+        (("n_sequences = 8", "n_sequences = 8\nseed = -1"), ":4: eval.seed: Input should be greater than or equal to 0"),
+        (("n_sequences = 8", 'n_sequences = 8\ndevice = "gpu"'), ":4: eval.device: String should match pattern"),
+        (("cosine = { min = 0.9 }", "rel_error = { max = inf }"), ":8: gate.rel_error: max must be a finite number"),
+        (('name = "second"', 'name = "sae_a"'), ":1: (top level): two [[sae]] entries"),
     ],
 )
 def test_each_mistake_gets_one_clear_error(write, edit, expected):
@@ -113,3 +117,12 @@ def test_the_embedded_default_is_valid_and_gates_behaviour_first():
     config = load_thresholds(REPO / "thresholds.toml").config
     assert "ce_rec" in config.gate and "r2" not in config.gate
     assert config.baseline == "thresholds.baseline.json"
+
+
+def test_regression_items_cover_directed_gated_metrics_and_every_tolerance(write):
+    text = GOOD.replace("cosine = { min = 0.9 }", "cosine = { min = 0.9 }\nl0 = { max = 64 }")
+    text = text.replace("[[sae]]", "[regression]\nkl_div = { tolerance = 0.02 }\n\n[[sae]]", 1)
+    config = load_thresholds(write(text)).config
+    # l0 is gated but has no better direction: nothing to regress on; kl_div has a tolerance
+    assert config.regressed_for(config.sae[0]) == ["ce_rec", "cosine", "kl_div"]
+    assert config.regressed_for(config.sae[1]) == ["ce_rec", "cosine", "rel_error", "kl_div"]

@@ -202,3 +202,17 @@ def test_default_xdist_mode_evaluates_each_sae_once(pytester, gate):
     assert sorted(row.split()[0] for row in gate_rows if "blocks.1" in row) == ["bad", "good"]
     regression_rows = [row for row in gate_rows if "blocks.1" not in row]
     assert len(regression_rows) == 6 and all(row.rstrip().endswith("ok") for row in regression_rows)
+
+
+def test_a_hook_outside_the_blocks_fails_only_its_own_sae(pytester, gate):
+    gate(extra_sae='hook = "ln_final.hook_normalized"\n')
+    result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*hook 'ln_final.hook_normalized' is outside the blocks*"])
+    result.assert_outcomes(passed=4, failed=4)  # good's four items pass; bad's four fail with that error
+
+
+def test_sae_eval_with_an_unknown_name_lists_the_names(pytester, gate):
+    gate()
+    pytester.makepyfile(test_hand="def test_typo(sae_eval):\n    sae_eval('godo')\n")
+    result = pytester.runpytest("test_hand.py", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*no [[][[]sae[]][]] named 'godo' (there are: good, bad)*"])

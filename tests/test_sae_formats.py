@@ -147,3 +147,22 @@ def test_bad_directories_are_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SAEFormatError, match="expected a directory holding cfg.json"):
         load_sae(tmp_path / "file")
+
+
+def test_malformed_configs_and_tensors_are_one_clear_error(tmp_path):
+    with pytest.raises(SAEFormatError, match="k must be a whole number, got 'eight'"):
+        load_sae(write_saelens(tmp_path / "k", architecture="topk", k="eight"))
+    flat = write_saelens(tmp_path / "list")
+    (flat / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(SAEFormatError, match=r"cfg\.json: expected a JSON object, got list"):
+        load_sae(flat)
+    latin = write_saelens(tmp_path / "latin")
+    (latin / "cfg.json").write_bytes('{"d_in": "é"}'.encode("latin-1"))
+    with pytest.raises(SAEFormatError, match=r"cfg\.json: not UTF-8 text"):
+        load_sae(latin)
+    one_d = {**random_weights(), "W_enc": torch.zeros(D_IN)}
+    with pytest.raises(SAEFormatError, match=r"tensor W_enc has shape \(16,\), expected \[d_in, d_sae\]"):
+        load_sae(write_saelens(tmp_path / "flat_enc", one_d))
+    threshold = {**random_weights(), "threshold": torch.zeros(D_SAE + 1)}
+    with pytest.raises(SAEFormatError, match=r"tensor threshold has shape \(65,\), expected \(64,\)"):
+        load_sae(write_saelens(tmp_path / "thr", threshold, architecture="jumprelu"))

@@ -109,3 +109,14 @@ def test_counted_mask_and_fingerprint():
     assert fingerprint(tokens) == fingerprint(tokens.clone().to(torch.int32))  # content, not dtype
     assert fingerprint(tokens) != fingerprint(tokens.flip(0))
     assert fingerprint(tokens) != fingerprint(tokens.reshape(4, 2))  # shape counts too
+
+
+def test_a_saved_dataset_dict_without_the_split_names_the_splits(tmp_path, documents):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"tokens": [d.tolist() for d in documents]})
+    datasets.DatasetDict({"validation": rows}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(SourceError, match=r"no split 'train' \(has validation\)"):
+        load_tokens(tmp_path / "dd", 4, CTX)
+    got = load_tokens(tmp_path / "dd", 4, CTX, split="validation")
+    assert got.tolist() == expected_rows(documents, 4, 0).tolist()

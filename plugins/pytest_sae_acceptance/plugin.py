@@ -34,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sae-thresholds", metavar="PATH", help="thresholds file for the sae_eval fixture")
     group.addoption("--sae-sweep", metavar="PROFILE", default="tiny",
                     help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml)")
-    group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance)")
+    group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance/sweeps)")
     group.addoption("--sae-no-progress", action="store_true", help="hide progress bars")
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
     parser.addini(
@@ -78,7 +78,7 @@ class SAECollector(pytest.Collector):
         for metric in [*gated, "r2"]:
             yield MetricItem.from_parent(self, name=metric, metric=metric)
         if state.baseline_path(self.loaded) is not None:
-            for metric in gated:
+            for metric in self.loaded.config.regressed_for(self.entry):
                 yield RegressionItem.from_parent(self, name=f"regression_{metric}", metric=metric)
 
     def reportinfo(self):
@@ -136,6 +136,8 @@ class MetricItem(_SAEItem):
             return
         verdict = result.verdicts[self.metric]
         self.user_properties += [("passed", verdict.passed)]
+        if not verdict.finite:  # a failed eval, even on a negative control's metric
+            raise SAECheckFailed(verdict.message)
         if self.metric in result.expect_fail:
             if verdict.passed:
                 raise SAECheckFailed(f"negative control passed, the gate no longer catches it: {verdict.message}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sae_acceptance.config import LoadedThresholds
+from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.evaluate import EvalReport, ModelCache, SAEResult, evaluate
 from sae_acceptance.report import format_table, merge_report_json, summary_rows
 
@@ -49,6 +50,7 @@ class SAESession:
         self.models = ModelCache()
         self.reports: dict[Path, EvalReport] = {}
         self.results: dict[tuple[Path, str], SAEResult] = {}
+        self.failures: dict[tuple[Path, str], SAEAcceptanceError] = {}
         self.worker_gate_rows: list[list[str]] = []
         self.worker_regression_rows: list[list[str]] = []
         self.selected_names: dict[Path, list[str]] = {}
@@ -68,12 +70,26 @@ class SAESession:
         return self.selected_names.get(loaded.path, [])
 
     def result(self, loaded: LoadedThresholds, name: str) -> SAEResult:
+        """The SAE's result, evaluating it (with every other selected SAE of the file) once.
+
+        An evaluation that fails as a whole (the model or tokens cannot load) fails every
+        item of its SAEs with the same error, without being run again for each.
+        """
         key = (loaded.path, name)
+        known = [entry.display_name for entry in loaded.config.sae]
+        if name not in known:
+            raise SAEAcceptanceError(f"{loaded.path}: no [[sae]] named {name!r} (there are: {', '.join(known)})")
+        if key in self.failures:
+            raise self.failures[key]
         if key not in self.results:
             names = [n for n in self.selected(loaded) if (loaded.path, n) not in self.results] or [name]
             if name not in names:
                 names.append(name)
-            report = evaluate(loaded, names=names, progress=self.progress, models=self.models)
+            try:
+                report = evaluate(loaded, names=names, progress=self.progress, models=self.models)
+            except SAEAcceptanceError as err:
+                self.failures.update({(loaded.path, n): err for n in names})
+                raise
             self.loaded[loaded.path] = loaded
             self._keep(loaded.path, report)
         return self.results[key]

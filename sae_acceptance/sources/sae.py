@@ -80,21 +80,25 @@ class SAE:
                 f"{self._where()}: architecture {self.architecture!r} is not supported "
                 f"(expected one of {', '.join(ARCHITECTURES)})"
             )
-        if self.architecture == "topk" and (self.k is None or not 0 < self.k <= self.d_sae):
-            raise SAEFormatError(f"{self._where()}: topk SAE needs 0 < k <= d_sae, got k={self.k}")
         if self.architecture == "jumprelu" and self.threshold is None:
             raise SAEFormatError(f"{self._where()}: jumprelu SAE has no 'threshold' tensor")
+        if self.W_enc.ndim != 2:
+            raise SAEFormatError(f"{self._where()}: tensor W_enc has shape {tuple(self.W_enc.shape)}, expected [d_in, d_sae]")
         shapes = {
             "W_enc": (self.W_enc.shape, (self.d_in, self.d_sae)),
             "b_enc": (self.b_enc.shape, (self.d_sae,)),
             "W_dec": (self.W_dec.shape, (self.d_sae, self.d_in)),
             "b_dec": (self.b_dec.shape, (self.d_in,)),
         }
+        if self.threshold is not None:
+            shapes["threshold"] = (self.threshold.shape, (self.d_sae,))
         for name, (got, want) in shapes.items():
             if tuple(got) != want:
                 raise SAEFormatError(
                     f"{self._where()}: tensor {name} has shape {tuple(got)}, expected {want}"
                 )
+        if self.architecture == "topk" and (self.k is None or not 0 < self.k <= self.d_sae):
+            raise SAEFormatError(f"{self._where()}: topk SAE needs 0 < k <= d_sae, got k={self.k}")
 
     def _where(self) -> str:
         return str(self.path) if self.path is not None else "SAE"
@@ -176,9 +180,13 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     if not cfg_path.exists():
         raise SAEFormatError(f"{path}: no cfg.json in the SAE directory")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise SAEFormatError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise SAEFormatError(f"{cfg_path}: not UTF-8 text") from None
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if (path / SAELENS_WEIGHTS).exists():
         sae = _from_saelens(path, cfg)
     elif (path / SPARSIFY_WEIGHTS).exists():
@@ -232,7 +240,7 @@ def _from_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
         W_dec=tensors["W_dec"],
         b_dec=tensors["b_dec"],
         architecture=arch,
-        k=int(k) if k is not None else None,
+        k=_as_k(k, path),
         threshold=tensors.get("threshold"),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", arch != "jumprelu")),
         hook_name=hook,
@@ -240,6 +248,14 @@ def _from_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
         metadata=meta,
         path=path,
     ).to(dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def _as_k(k: Any, path: Path) -> int | None:
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k:
+        raise SAEFormatError(f"{path / 'cfg.json'}: k must be a whole number, got {k!r}")
+    return int(k)
 
 
 def _legacy_architecture(cfg: dict[str, Any], path: Path) -> tuple[str, int | None]:
@@ -272,7 +288,7 @@ def _from_sparsify(path: Path, cfg: dict[str, Any]) -> SAE:
         W_dec=tensors["W_dec"],
         b_dec=tensors["b_dec"],
         architecture="topk",
-        k=int(cfg["k"]),
+        k=_as_k(cfg["k"], path),
         apply_b_dec_to_input=True,
         hook_name=None,
         model_name=None,

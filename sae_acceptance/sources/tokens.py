@@ -70,15 +70,17 @@ def _dataset_rows(name: str, split: str, column: str | None, tokenizer) -> Itera
 
     path = Path(name)
     try:
-        if path.is_dir() and (path / "dataset_info.json").exists():
+        if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
             dataset = datasets.load_from_disk(str(path))
             if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise SourceError(f"data {name!r}: no split {split!r} (has {', '.join(dataset)})")
                 dataset = dataset[split]
         else:
             dataset = datasets.load_dataset(name, split=split, streaming=True)
+        first = next(iter(dataset), None)  # a streamed dataset opens its files only here
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
         raise SourceError(f"data {name!r}: cannot open as a dataset ({err})") from None
-    first = next(iter(dataset), None)
     if first is None:
         raise SourceError(f"data {name!r}: the dataset is empty")
     column = column or next((c for c in (*TOKEN_COLUMNS, "text") if c in first), None)

@@ -22,6 +22,7 @@ from sae_acceptance.config import Bound, thresholds_from_mapping
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.evaluate import EvalReport, ModelCache, evaluate
 from sae_acceptance.report import format_report, write_atomic
+from sae_acceptance.sources.model import model_identity
 from sae_acceptance.sources.tokens import fingerprint, load_tokens
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.topk import TRAINER_VERSION, TrainConfig
@@ -99,7 +100,7 @@ def sae_name(model: str, depth: str, k: int) -> str:
 def cache_key(model: str, hook: str, profile: Profile, data_fingerprint: str) -> str:
     """Hash of every training input: a change anywhere trains anew."""
     inputs = {
-        "model": model,
+        "model": model_identity(model),
         "hook": hook,
         "ks": sorted(profile.ks),
         "data": profile.data.model_dump(),
