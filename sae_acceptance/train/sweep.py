@@ -65,6 +65,11 @@ class TrainSpec(_Strict):
 class ModelSpec(_Strict):
     name: str
     layers: dict[str, int]
+    label: str | None = None  # in SAE names, tables and plots; default: the name's last part
+
+    @property
+    def shown(self) -> str:
+        return self.label or Path(self.name).name
 
 
 class Profile(_Strict):
@@ -94,7 +99,7 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 def sae_name(model: str, depth: str, k: int) -> str:
-    return f"{Path(model).name}-{depth}-k{k}"
+    return f"{model}-{depth}-k{k}"
 
 
 def cache_key(model: str, hook: str, profile: Profile, data_fingerprint: str) -> str:
@@ -153,9 +158,9 @@ def run_sweep(profile: Profile, out: Path, cache: Path, device: str = "auto", pr
             hook = f"blocks.{layer}.hook_resid_post"
             grid = train_or_load_grid(model, spec.name, hook, profile, cache, progress)
             for k, path in grid.items():
-                name = sae_name(spec.name, depth, k)
+                name = sae_name(spec.shown, depth, k)
                 entries.append({"name": name, "path": str(path), "model": spec.name, "hook": hook})
-                meta[name] = {"model": Path(spec.name).name, "d_model": model.cfg.d_model, "layer": layer,
+                meta[name] = {"model": spec.shown, "d_model": model.cfg.d_model, "layer": layer,
                               "depth": depth, "k": k, "train_tokens": profile.data.train_tokens}
     ev = profile.eval
     mapping = {
