@@ -122,8 +122,7 @@ def format_report(report: EvalReport) -> str:
             lines.append(f"ERROR {r.name}: {r.error}")
         for metric, v in r.verdicts.items():
             if not r.as_expected(metric):
-                caught_nothing = v.passed and v.finite
-                lines.append(f"FAIL  {r.name}: negative control passed: {v.message}" if caught_nothing else f"FAIL  {r.name}: {v.message}")
+                lines.append(f"FAIL  {r.name}: {v.message}" if not v.passed else f"FAIL  {r.name}: negative control passed: {v.message}")
             elif not v.passed:
                 lines.append(f"XFAIL {r.name}: negative control caught: {v.message}")
         if r.r2_warning:
