@@ -149,24 +149,18 @@ def encoder_scale(
     With ``b_enc`` at zero, scaling the encoder by ``s > 0`` scales every
     pre-activation, keeps the top-k choice and scales the reconstruction (minus
     ``b_dec``) by ``s``; so the least-squares ``s`` is ``sum(x . r) / sum(|r|^2)``,
-    ``r`` the unscaled reconstruction of the centred inputs ``x``. It is not
-    negative for a tied encoder (``x . r`` sums squares of positive
-    pre-activations); where it is not positive, the norms are matched instead;
-    1 where nothing fires. One chunk's ``[chunk, d_sae]`` pre-activations at a time.
+    ``r`` the unscaled reconstruction of the centred inputs ``x``. For a tied
+    encoder ``x . r`` is a sum of squared positive pre-activations, so ``s > 0``
+    whenever anything fires; where nothing fires (``r = 0``) the scale is 1.
+    One chunk's ``[chunk, d_sae]`` pre-activations at a time.
     """
-    xr = rr = xx = 0.0
+    xr = rr = 0.0
     for xc in centred.split(chunk):
         vals, idx = (xc @ enc.t()).topk(k, dim=1, sorted=False)
-        r = F.embedding_bag(idx, w_dec, per_sample_weights=F.relu(vals), mode="sum")
-        xr += float((_wide(xc) * _wide(r)).sum())
-        rr += float(_wide(r).pow(2).sum())
-        xx += float(_wide(xc).pow(2).sum())
-    if not rr > 0:
-        return 1.0
-    scale = xr / rr
-    if not (math.isfinite(scale) and scale > 0):
-        scale = math.sqrt(xx / rr)  # norm matching
-    return scale if math.isfinite(scale) and scale > 0 else 1.0
+        r = _wide(F.embedding_bag(idx, w_dec, per_sample_weights=F.relu(vals), mode="sum"))
+        xr += float((_wide(xc) * r).sum())
+        rr += float(r.pow(2).sum())
+    return xr / rr if rr > 0 else 1.0
 
 
 # --------------------------------------------------------------------------- the module
