@@ -5,6 +5,8 @@ the model and saved to a tensor; every trainer then reads the same shuffled
 batches of that tensor, with the same d_sae, k and batch size:
 
 - ours: `sae_acceptance.train.topk.train_topk` (Adam, warm-up, decay, AuxK).
+- ours-signum: the same with `optimizer="signum"` (sign descent under
+  schedule-free averaging, sparsify's default optimiser).
 - sparsify: sparsify's `SparseCoder` stepped exactly as `sparsify.Trainer.fit`
   steps it on its `fvu` loss (b_dec at the first batch's mean, unit-norm
   decoder, parallel-gradient removal, dead-latent AuxK), with its default
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-TRAINERS = ("ours", "sparsify", "sparsify-adam")
+TRAINERS = ("ours", "ours-signum", "sparsify", "sparsify-adam")
 GRID = ("grid", "separate")
 
 
@@ -160,11 +162,12 @@ def sparsify_to_sae(coder, k: int):
 # ----------------------------------------------------------------------------- workers (children)
 
 
-def train_config(args, k: int, d_sae: int):
+def train_config(args, k: int, d_sae: int, optimizer: str = "adam"):
     from sae_acceptance.train.topk import TrainConfig
 
     return TrainConfig(
         k=k,
+        optimizer=optimizer,
         d_sae=d_sae,
         batch_size=args.batch_tokens,
         warmup_steps=args.warmup_steps,
@@ -179,12 +182,12 @@ def cached_batches(args, acts: torch.Tensor):
         yield batch.to(args.device)
 
 
-def worker_ours(args, workdir: Path) -> dict:
+def worker_ours(args, workdir: Path, optimizer: str) -> dict:
     from sae_acceptance.train.topk import train_topk
 
     acts = torch.load(workdir / "acts_train.pt")
     d_in = acts.shape[1]
-    cfg = train_config(args, args.k, args.d_sae)
+    cfg = train_config(args, args.k, args.d_sae, optimizer)
     with common.PeakMemory(args.device) as mem, common.Timer(args.device) as t:
         sae = train_topk(
             cached_batches(args, acts), d_in, cfg, total_tokens=acts.shape[0], progress=False
@@ -330,7 +333,8 @@ def worker_grid(args, workdir: Path, separate: bool) -> dict:
 
 
 WORKERS = {
-    "ours": worker_ours,
+    "ours": lambda a, w: worker_ours(a, w, "adam"),
+    "ours-signum": lambda a, w: worker_ours(a, w, "signum"),
     "sparsify": lambda a, w: worker_sparsify(a, w, "signum"),
     "sparsify-adam": lambda a, w: worker_sparsify(a, w, "adam"),
     "grid": lambda a, w: worker_grid(a, w, separate=False),
@@ -434,13 +438,13 @@ def summarise(results: dict) -> dict:
                 row[key] = runs[0][key]
         out[name] = row
     ratios = {}
-    for other in ("sparsify", "sparsify-adam"):
-        if "ours" in out and other in out:
-            ratios[f"ours_over_{other}_tokens_per_s"] = (
-                out["ours"]["tokens_per_s"] / out[other]["tokens_per_s"]
+    for mine, other in (("ours", "sparsify-adam"), ("ours-signum", "sparsify")):
+        if mine in out and other in out:
+            ratios[f"{mine}_over_{other}_tokens_per_s"] = (
+                out[mine]["tokens_per_s"] / out[other]["tokens_per_s"]
             )
-            ratios[f"ours_over_{other}_tokens_per_cpu_s"] = (
-                out["ours"]["tokens_per_cpu_s"] / out[other]["tokens_per_cpu_s"]
+            ratios[f"{mine}_over_{other}_tokens_per_cpu_s"] = (
+                out[mine]["tokens_per_cpu_s"] / out[other]["tokens_per_cpu_s"]
             )
     if "grid" in out and "separate" in out:
         ratios["separate_over_grid_s"] = out["separate"]["median_s"] / out["grid"]["median_s"]

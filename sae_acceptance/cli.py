@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from sae_acceptance.errors import SAEAcceptanceError
-from sae_acceptance.train import builtin_profiles
+from sae_acceptance.train import OPTIMISERS, builtin_profiles
 
 EVAL_FLAGS = ("data", "n_sequences", "context_size", "skip", "batch_size", "device", "dtype")
 
@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--context-size", type=int, default=256)
     tr.add_argument("--expansion-factor", type=int, default=32)
     tr.add_argument("--batch-size", type=int, default=4096)
-    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--optimizer", choices=OPTIMISERS, default="adam",
+                    help="adam: Adam with warm-up and decay; signum: sign descent, schedule-free")
+    tr.add_argument("--lr", type=float, default=None, help="default: 2e-4 (adam) or 5e-3 (signum) / sqrt(d_sae / 2^14)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
     tr.add_argument("--out", type=Path, required=True, help="writes OUT/k{k} in SAELens format")
@@ -185,8 +187,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     n_sequences = args.train_tokens // args.context_size + 1
     tokens = load_tokens(args.data, n_sequences, args.context_size, tokenizer=model.tokenizer)
-    cfg = TrainConfig(k=max(args.k), expansion_factor=args.expansion_factor, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(k=max(args.k), optimizer=args.optimizer, expansion_factor=args.expansion_factor,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     paths = train_at_hook(model, str(args.model), tokens, args.hook, args.k, cfg,
                           out={k: args.out / f"k{k}" for k in args.k}, train_tokens=args.train_tokens,
                           metadata={"context_size": args.context_size, "dataset_path": args.data},

@@ -18,11 +18,13 @@ from sae_acceptance.train.activations import ActivationBuffer, activation_batche
 from sae_acceptance.train.topk import (
     SCALE_TOKENS,
     TRAINER_VERSION,
+    SignSGD,
     TopKTrainee,
     TrainConfig,
     _initial_statistics,
     geometric_median,
     lr_factor,
+    make_optimiser,
     train_topk,
     train_topk_grid,
 )
@@ -63,7 +65,8 @@ def alive_fraction(sae, x: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- quality
 
 
-def test_recovers_a_known_sparse_dictionary():
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_recovers_a_known_sparse_dictionary(optimizer):
     """128 atoms in 32 dimensions, 4 active per sample: the SAE (256 latents, k=4) finds them.
 
     The dictionary has its own seed, so no decoder row starts at an atom.
@@ -71,11 +74,21 @@ def test_recovers_a_known_sparse_dictionary():
     dictionary = sparse_dictionary(seed=11)
     x = sparse_samples(dictionary, 480_000, seed=1)
     held_out = sparse_samples(dictionary, 5_000, seed=2)
-    cfg = TrainConfig(k=4, d_sae=256, batch_size=512, warmup_steps=10, dead_tokens=20_000, seed=0)
+    cfg = TrainConfig(
+        k=4,
+        d_sae=256,
+        batch_size=512,
+        warmup_steps=10,
+        dead_tokens=20_000,
+        seed=0,
+        optimizer=optimizer,
+    )
     sae = train_topk(activation_batches_from_tensor(x, 512, seed=3), 32, cfg, 480_000, progress=False)
     best = (dictionary @ sae.W_dec.T).max(dim=1).values  # each true atom's closest learned row
-    # observed over dictionary seeds 11-13: 98-100% of atoms above 0.9 (96-98% without the
-    # encoder scale), held-out FVU 0.133 (0.14), alive 0.51-0.53: about one latent per atom
+    # observed over dictionary seeds 11-13: adam 98-100% of atoms above 0.9 (96-98% without
+    # the encoder scale), held-out FVU 0.133 (0.14), alive 0.51-0.53: about one latent per
+    # atom; signum 100%, FVU 0.135-0.136, alive 0.56-0.57 (0-2% and FVU 0.17 when the
+    # averaged decoder rows, of norm 0.55-0.58, were kept unnormalised)
     assert (best > 0.9).float().mean() >= 0.97, best.sort().values[:10]
     untrained = TopKTrainee(32, 4, cfg).to_sae({})
     assert fvu(untrained, held_out) > 0.5
@@ -210,13 +223,43 @@ def test_sparse_backward_equals_dense_autograd():
         torch.testing.assert_close(param.grad, p[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_sign_descent_moves_every_weight_by_the_learning_rate():
+    """One SignSGD step: -lr where the gradient is positive, +lr where negative, 0 where zero
+    or absent; and under the schedule-free wrapper the trained SAE is the average, whose
+    decoder rows are renormalised to unit norm."""
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    untouched = torch.nn.Parameter(torch.tensor([5.0]))
+    optimiser = SignSGD([weight, untouched], lr=0.25)
+    weight.grad = torch.tensor([0.5, -1e-9, 0.0, 7.0])
+    optimiser.step()
+    assert weight.detach().tolist() == [0.75, 2.25, 3.0, 3.75]
+    assert untouched.item() == 5.0
+
+    dictionary = sparse_dictionary(64)
+    x = sparse_samples(dictionary, 4_000, active=3, seed=4)
+    cfg = TrainConfig(k=4, d_sae=64, batch_size=500, warmup_steps=0, seed=5, optimizer="signum")
+    sae = train_topk(activation_batches_from_tensor(x, 500, 6), 32, cfg, 4_000, progress=False)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-5)
+    optimiser = make_optimiser(TopKTrainee(32, 4, cfg), cfg, cfg.learning_rate(32))
+    assert isinstance(optimiser.base, SignSGD) and optimiser.momentum == 0.95
+
+
 # --------------------------------------------------------------------------- grid, format
 
 
-def test_grid_equals_separate_runs_and_loads_in_saelens(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_grid_equals_separate_runs_and_loads_in_saelens(tmp_path, optimizer):
     dictionary = sparse_dictionary(64)
     x = sparse_samples(dictionary, 7_000, active=3, seed=4)
-    cfg = TrainConfig(k=8, d_sae=64, batch_size=500, warmup_steps=2, dead_tokens=1_000, seed=5)
+    cfg = TrainConfig(
+        k=8,
+        d_sae=64,
+        batch_size=500,
+        warmup_steps=2,
+        dead_tokens=1_000,
+        seed=5,
+        optimizer=optimizer,
+    )
     total = 6_250  # not a whole number of batches: the last one is cut
     ks = [2, 5, 8]
     grid = train_topk_grid(
@@ -270,8 +313,13 @@ def test_schedule_and_geometric_median():
     assert lr_factor(90, 900, total, cfg) == pytest.approx(0.5)
     assert lr_factor(99, 999, total, cfg) == pytest.approx(0.005)
     assert TrainConfig(d_sae=2**12).learning_rate(64) == pytest.approx(4e-4)
+    assert TrainConfig(d_sae=2**12, optimizer="signum").learning_rate(64) == pytest.approx(1e-2)
+    assert TrainConfig().decay() == 0.2 and TrainConfig(optimizer="signum").decay() == 0.0
+    assert TrainConfig(optimizer="signum", decay_fraction=0.1).decay() == 0.1
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="optimizer='sgd'.*adam, signum"):
+        TrainConfig(optimizer="sgd")
 
     g = torch.Generator().manual_seed(0)
     points = torch.randn(900, 8, generator=g)

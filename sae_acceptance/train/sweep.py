@@ -24,7 +24,7 @@ from sae_acceptance.evaluate import EvalReport, ModelCache, evaluate
 from sae_acceptance.report import format_report, write_atomic
 from sae_acceptance.sources.model import model_identity
 from sae_acceptance.sources.tokens import fingerprint, load_tokens
-from sae_acceptance.train import builtin_profiles
+from sae_acceptance.train import Optimizer, builtin_profiles
 from sae_acceptance.train.topk import TRAINER_VERSION, TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -54,6 +54,7 @@ class EvalSpec(_Strict):
 
 
 class TrainSpec(_Strict):
+    optimizer: Optimizer = TrainConfig.optimizer
     expansion_factor: int = 32
     batch_size: int = 4096
     lr: float | None = None
@@ -135,6 +136,7 @@ def train_or_load_grid(model, model_name: str, hook: str, profile: Profile, cach
         train = profile.train
         cfg = TrainConfig(
             k=max(profile.ks),
+            optimizer=train.optimizer,
             expansion_factor=train.expansion_factor,
             batch_size=train.batch_size,
             lr=train.lr,
