@@ -65,17 +65,19 @@ def instrument() -> None:
 
 
 def encoder_product_seconds(args, d_in: int, tokens: int, repeats: int = 5) -> float:
-    """Seconds for the encoder products of `tokens` tokens, batch by batch (median of `repeats`)."""
+    """Seconds for the encoder products of `tokens` tokens, batch by batch, into one buffer
+    as the trainer does (median of `repeats`)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_tokens, d_in, generator=g).to(args.device)
     enc = torch.randn(args.grid_d_sae, d_in, generator=g).to(args.device)
     b_enc = torch.zeros(args.grid_d_sae, device=args.device)
+    out = torch.empty(args.batch_tokens, args.grid_d_sae, device=args.device)
     steps = -(-tokens // args.batch_tokens)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
-            torch.addmm(b_enc, x, enc.t())
+            torch.addmm(b_enc, x, enc.t(), out=out)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
