@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", type=Path, help="a thresholds.toml: run its gate without pytest")
     ev.add_argument("--model", help="TransformerLens model name or local HF checkpoint directory")
     ev.add_argument("--hook", help="hookpoint, e.g. blocks.3.hook_resid_post (default: the SAE's own)")
-    ev.add_argument("--sae", action="append", default=[], metavar="PATH", help="SAE directory (repeatable)")
+    ev.add_argument("--sae", action="append", default=[], metavar="PATH", help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)")
     _eval_args(ev, with_defaults=False)  # thresholds.toml's defaults apply; with --config, its values
     ev.add_argument("--bootstrap-resamples", type=int)
     ev.add_argument("--seed", type=int)

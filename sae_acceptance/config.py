@@ -26,6 +26,7 @@ from pydantic import (
 
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.metrics import METRICS, R2_REFUSAL
+from sae_acceptance.sources.hub import is_remote
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,7 +111,9 @@ class Tolerance(_Strict):
 
 
 class SAEEntry(_Strict):
-    path: str
+    path: str = Field(
+        description="SAE directory relative to this file, hf://owner/repo[@revision]/folder, or sae-lens://release/sae_id"
+    )
     name: str | None = None
     model: str | None = None
     hook: str | None = None
@@ -247,7 +250,7 @@ def _check_paths(loaded: LoadedThresholds, where: str) -> None:
         return f"{where}:{loaded.line_of(*loc)}" if loaded.text else where
 
     for i, entry in enumerate(loaded.config.sae):
-        if not Path(loaded.resolve(entry.path)).exists():
+        if not is_remote(entry.path) and not Path(loaded.resolve(entry.path)).exists():
             raise ConfigError(f"{at('sae', i, 'path')}: sae.{i}.path: no such SAE directory {entry.path!r}")
     data = loaded.config.eval.data
     if _looks_local(data) and not Path(loaded.resolve(data)).exists():

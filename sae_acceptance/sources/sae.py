@@ -1,7 +1,8 @@
 """SAE formats on disk -> one `SAE` object (encode, decode, d_in, d_sae, hook).
 
 Reads SAELens directories (v6 and pre-6.0 `cfg.json` layouts) and EleutherAI
-sparsify directories, always with safetensors, never by unpickling. Writes the
+sparsify directories, local or fetched from the hub (`hub.py`), always with
+safetensors, never by unpickling. Writes the
 SAELens v6 layout, so that SAELens and this loader both read what we train.
 """
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.sources.hub import locate_sae
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -168,8 +170,12 @@ class SAE:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SAE:
-    """Load an SAE directory: SAELens (`cfg.json` + `sae_weights.safetensors`) or sparsify."""
-    path = Path(path)
+    """Load an SAE directory: SAELens (`cfg.json` + `sae_weights.safetensors`) or sparsify.
+
+    `path` may also name a hub folder (``hf://owner/repo/folder``,
+    ``sae-lens://release/sae_id``: see `sources/hub.py`), fetched into the cache first.
+    """
+    path = locate_sae(path)
     if not path.exists():
         raise SAEFormatError(f"{path}: no such SAE directory")
     if path.is_file():

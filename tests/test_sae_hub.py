@@ -1,0 +1,122 @@
+"""SAEs named on the Hugging Face Hub (``hf://``, ``sae-lens://``), loaded through its cache.
+
+The cache is built here in huggingface_hub's own layout (``models--owner--repo``
+with ``refs/main`` and ``snapshots/<commit>``) and the hub is offline (conftest),
+so `snapshot_download` takes the path it takes on a machine that downloaded the
+repository before: the same code as with a network, from local inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_topk_sae
+
+from sae_acceptance.config import load_thresholds
+from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.evaluate import ModelCache, evaluate
+from sae_acceptance.sources.hub import is_remote, locate_sae
+from sae_acceptance.sources.sae import load_sae, save_sae
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SAELENS_REPO = "ctigges/pythia-70m-deduped__res-sm_processed"  # release pythia-70m-deduped-res-sm
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache in use; `put(repo_id, folder, sae)` adds an SAE to it."""
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+
+    def put(repo_id: str, folder: str, sae) -> Path:
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(COMMIT)
+        return save_sae(sae, repo / "snapshots" / COMMIT / folder)
+
+    return put
+
+
+def assert_same_sae(a, b) -> None:
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.architecture, a.k, a.hook_name) == (b.architecture, b.k, b.hook_name)
+
+
+def test_hf_folder_loads_like_the_local_directory(hub_cache):
+    local = hub_cache("acme/topk-saes", "layers/3", random_topk_sae(hook="blocks.1.hook_resid_post"))
+    expected = load_sae(local)
+    for spec in ("hf://acme/topk-saes/layers/3", f"hf://acme/topk-saes@{COMMIT}/layers/3/"):
+        assert is_remote(spec)
+        assert locate_sae(spec) == local
+        assert_same_sae(load_sae(spec), expected)
+    assert not is_remote(local) and locate_sae(local) == local
+
+
+def test_hub_errors_name_the_spec_and_what_is_missing(hub_cache):
+    hub_cache("acme/topk-saes", "layers/3", random_topk_sae())
+    with pytest.raises(SAEFormatError, match=r"^hf://acme/absent/x: cannot fetch acme/absent from the Hugging Face Hub"):
+        load_sae("hf://acme/absent/x")
+    with pytest.raises(SAEFormatError, match=r"cannot fetch acme/topk-saes@v2 "):
+        load_sae("hf://acme/topk-saes@v2/layers/3")
+    with pytest.raises(SAEFormatError, match=r"the repository acme/topk-saes has no folder 'layers/4'"):
+        load_sae("hf://acme/topk-saes/layers/4")
+    with pytest.raises(SAEFormatError, match=r"^hf://acme: expected hf://<owner>/<repo>"):
+        load_sae("hf://acme")
+
+
+def test_saelens_release_ids_resolve_through_saelens_directory(hub_cache):
+    local = hub_cache(SAELENS_REPO, "0-res-sm", random_topk_sae(hook="blocks.0.hook_resid_post"))
+    sae = load_sae("sae-lens://pythia-70m-deduped-res-sm/blocks.0.hook_resid_post")
+    assert_same_sae(sae, load_sae(local))
+    with pytest.raises(SAEFormatError, match=r"no SAELens release 'pythia-70m-dedup-res-sm' \(did you mean 'pythia-70m-deduped-res-sm'"):
+        load_sae("sae-lens://pythia-70m-dedup-res-sm/blocks.0.hook_resid_post")
+    with pytest.raises(SAEFormatError, match=r"has no SAE 'blocks.0.hook_resid_pots' \(did you mean 'blocks.0.hook_resid_post'"):
+        load_sae("sae-lens://pythia-70m-deduped-res-sm/blocks.0.hook_resid_pots")
+    with pytest.raises(SAEFormatError, match=r"format SAELens converts on load \('gemma_3'\)"):
+        load_sae("sae-lens://gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_small")
+    with pytest.raises(SAEFormatError, match=r"expected sae-lens://<release>/<sae_id>"):
+        load_sae("sae-lens://pythia-70m-deduped-res-sm")
+
+
+def test_a_thresholds_file_gates_a_hub_sae_as_it_gates_the_local_copy(
+    hub_cache, tmp_path, tiny_checkpoint, tiny_tokens_file
+):
+    local = hub_cache("acme/topk-saes", "layers/1", random_topk_sae(hook="blocks.1.hook_resid_post"))
+    path = tmp_path / "thresholds.toml"
+    path.write_text(
+        f"""\
+[eval]
+model = "{tiny_checkpoint}"
+data = "{tiny_tokens_file}"
+n_sequences = 16
+context_size = 16
+bootstrap_resamples = 200
+
+[gate]
+cosine = {{ min = 0.0 }}
+
+[[sae]]
+name = "local"
+path = "{local}"
+
+[[sae]]
+name = "hub"
+path = "hf://acme/topk-saes/layers/1"
+"""
+    )
+    models = ModelCache()
+    report = evaluate(load_thresholds(path), progress=False, models=models)
+    hub, local_result = report.saes["hub"], report.saes["local"]
+    assert hub.error is None and hub.path == "hf://acme/topk-saes/layers/1"
+    assert hub.metrics == local_result.metrics and hub.metrics
+
+    # a hub SAE that cannot be fetched is that SAE's error, not the file's
+    path.write_text(path.read_text().replace("hf://acme/topk-saes/layers/1", "hf://acme/topk-saes/layers/9"))
+    report = evaluate(load_thresholds(path), progress=False, models=models)
+    assert report.saes["local"].error is None
+    assert "has no folder 'layers/9'" in report.saes["hub"].error
