@@ -134,40 +134,53 @@ class RegressionCheck:
     ci: tuple[float, float] | None = None
 
 
-def compare_metric(
+def compare_sae(
     baseline: dict[str, Any],
     result: SAEResult,
     settings: dict[str, Any],
-    metric: str,
-    tolerance: float | None = None,
+    tolerances: dict[str, float | None],
     strict: bool = False,
-) -> RegressionCheck:
-    """Fail when `metric` is worse than the baseline by more than `tolerance`,
-    with the whole paired interval of the change beyond the tolerance."""
+) -> dict[str, RegressionCheck]:
+    """Each metric of `tolerances` (None: its default tolerance) against the baseline.
+
+    A metric fails when it is worse than the baseline by more than its tolerance,
+    with the whole paired interval of the change beyond the tolerance. One paired
+    bootstrap serves every metric of the SAE.
+    """
     where = baseline.get("_path", "baseline")
     entry = baseline["saes"].get(result.name)
     if entry is None:
         message = f"{result.name}: no baseline entry in {where} (a new SAE)"
-        return RegressionCheck(metric, not strict, not strict, message)
+        return {m: RegressionCheck(m, not strict, not strict, message) for m in tolerances}
     _check_fingerprint(entry.get("fingerprint", {}), fingerprint(result, settings), result.name, where)
-    spec = METRICS[metric]
-    if spec.higher_is_better is None:
-        raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
-    tolerance = DEFAULT_TOLERANCES.get(metric, 0.0) if tolerance is None else tolerance
-    sign = 1.0 if spec.higher_is_better else -1.0
     if not isinstance(entry.get("metrics"), dict):
         raise BaselineError(f"{where}: {result.name} has no \"metrics\" table; refresh with --sae-update-baseline")
-    before = entry["metrics"].get(metric, {}).get("value")
-    after = result.metrics[metric].value
-    if before is None:
-        raise BaselineError(f"{where}: {result.name} has no value for {metric}")
+    for metric in tolerances:
+        if METRICS[metric].higher_is_better is None:
+            raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
+        if entry["metrics"].get(metric, {}).get("value") is None:
+            raise BaselineError(f"{where}: {result.name} has no value for {metric}")
+    boot = settings.get("bootstrap", {})
+    bootstrap = BootstrapSettings(boot.get("resamples", 5000), boot.get("confidence", 0.95), boot.get("seed", 0))
+    paired = {}
+    if any(METRICS[m].has_ci for m in tolerances):
+        paired = paired_changes(result.sums, sums_from_entry(entry, where), bootstrap)
+    return {
+        metric: _check(metric, entry["metrics"][metric]["value"], result.metrics[metric].value,
+                       paired.get(metric), bootstrap.confidence,
+                       DEFAULT_TOLERANCES.get(metric, 0.0) if tolerance is None else tolerance)
+        for metric, tolerance in tolerances.items()
+    }
+
+
+def _check(metric: str, before: float, after: float, paired, confidence: float, tolerance: float) -> RegressionCheck:
+    """One metric's verdict from its values and, where it has an interval, its paired change."""
+    spec = METRICS[metric]
+    sign = 1.0 if spec.higher_is_better else -1.0
     if spec.has_ci:
-        boot = settings.get("bootstrap", {})
-        bootstrap = BootstrapSettings(boot.get("resamples", 5000), boot.get("confidence", 0.95), boot.get("seed", 0))
-        paired = paired_changes(result.sums, sums_from_entry(entry, where), bootstrap)[metric]
         change, ci = paired.change, paired.ci
         worse_low = min(-sign * ci[0], -sign * ci[1])
-        interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired {int(100 * bootstrap.confidence)}% CI)"
+        interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired {int(100 * confidence)}% CI)"
     else:
         change, ci = after - before, None
         worse_low = -sign * change

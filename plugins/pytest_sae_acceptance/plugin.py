@@ -152,7 +152,7 @@ class RegressionItem(_SAEItem):
     def runtest(self) -> None:
         state: SAESession = self.config.stash[STATE_KEY]
         result = self.result()
-        check = state.regression(self.sae.loaded, result, self.metric)
+        check = state.regression(self.sae.loaded, self.sae.entry, result, self.metric)
         self.user_properties += [(f"{self.metric}_change", check.change)]
         if check.ci is not None:
             self.user_properties += [(f"{self.metric}_change_ci_low", check.ci[0]), (f"{self.metric}_change_ci_high", check.ci[1])]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_acceptance.config import LoadedThresholds
+from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.evaluate import EvalReport, ModelCache, SAEResult, evaluate
 from sae_acceptance.report import format_table, merge_report_json, summary_rows
@@ -56,6 +56,7 @@ class SAESession:
         self.selected_names: dict[Path, list[str]] = {}
         self.baselines: dict[Path, dict] = {}
         self.regressions: list[tuple[str, object]] = []
+        self.regression_checks: dict[tuple[Path, str], dict | SAEAcceptanceError] = {}
         self.loaded: dict[Path, LoadedThresholds] = {}
         self.progress = not config.getoption("--sae-no-progress") and not is_xdist_worker(config)
         json_path = config.getoption("--sae-json")
@@ -119,23 +120,37 @@ class SAESession:
             return self.baseline_target(loaded)
         return None
 
-    def regression(self, loaded: LoadedThresholds, result: SAEResult, metric: str):
-        from sae_acceptance.baseline import compare_metric, load_baseline
+    def regression(self, loaded: LoadedThresholds, entry: SAEEntry, result: SAEResult, metric: str):
+        """`metric`'s check against the baseline; every regressed metric of the SAE is
+        compared at its first item, from one paired bootstrap (an error, likewise once)."""
+        from sae_acceptance.baseline import compare_sae, load_baseline
 
-        path = self.baseline_path(loaded)
-        if path not in self.baselines:
-            self.baselines[path] = load_baseline(path)
-        tolerance = loaded.config.regression.get(metric)
-        check = compare_metric(
-            self.baselines[path],
-            result,
-            self.reports[loaded.path].settings,
-            metric,
-            tolerance=None if tolerance is None else tolerance.tolerance,
-            strict=self.config.getoption("--sae-baseline-strict"),
-        )
-        self.regressions.append((result.name, check))
-        return check
+        key = (loaded.path, result.name)
+        if key not in self.regression_checks:
+            try:
+                path = self.baseline_path(loaded)
+                if path not in self.baselines:
+                    self.baselines[path] = load_baseline(path)
+                regression = loaded.config.regression
+                tolerances = {
+                    m: regression[m].tolerance if m in regression else None
+                    for m in loaded.config.regressed_for(entry)
+                }
+                checks = compare_sae(
+                    self.baselines[path],
+                    result,
+                    self.reports[loaded.path].settings,
+                    tolerances,
+                    strict=self.config.getoption("--sae-baseline-strict"),
+                )
+            except SAEAcceptanceError as err:
+                checks = err
+            self.regression_checks[key] = checks
+        checks = self.regression_checks[key]
+        if isinstance(checks, SAEAcceptanceError):
+            raise checks
+        self.regressions.append((result.name, checks[metric]))
+        return checks[metric]
 
     # -- end of session ----------------------------------------------------------------------
 
