@@ -228,21 +228,26 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
     try:
         config = Thresholds.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = tuple(first["loc"])
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
-        if loc and loc[-1] == "gate" and ": " in message:  # a metric-level gate error
-            metric, message = message.split(": ", 1)
-            loc += (metric,)
-            field = ".".join(str(p) for p in loc)
-        shown = first["type"] != "missing" and not isinstance(first["input"], dict)
-        given = f" (got {first['input']!r})" if shown else ""
-        line = f":{locate(text, loc)}" if text else ""
-        raise ConfigError(f"{where}{line}: {field}: {message}{given}") from None
+        raise ConfigError(describe(err, text, where)) from None
     loaded = LoadedThresholds(config=config, path=path, text=text)
     _check_paths(loaded, where)
     return loaded
+
+
+def describe(err: ValidationError, text: str, where: str) -> str:
+    """A validation error as one line: ``file:line: field: message (got value)``."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if loc and loc[-1] == "gate" and ": " in message:  # a metric-level gate error
+        metric, message = message.split(": ", 1)
+        loc += (metric,)
+        field = ".".join(str(p) for p in loc)
+    shown = first["type"] != "missing" and not isinstance(first["input"], dict)
+    given = f" (got {first['input']!r})" if shown else ""
+    line = f":{locate(text, loc)}" if text else ""
+    return f"{where}{line}: {field}: {message}{given}"
 
 
 def _check_paths(loaded: LoadedThresholds, where: str) -> None:

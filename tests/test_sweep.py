@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,11 @@ def test_a_bad_profile_is_one_clear_error(tmp_path):
         load_profile(str(path))
     with pytest.raises(ConfigError, match="no such profile"):
         load_profile("fast9")
+    tiny = (Path(__file__).parents[1] / "sae_acceptance/train/profiles/tiny.toml").read_text()
+    path.write_text(tiny.replace("[train]\n", '[train]\noptimizer = "sgd"\n'))
+    line = tiny.splitlines().index("[train]") + 2
+    with pytest.raises(ConfigError, match=rf"p.toml:{line}: train\.optimizer: Input should be 'adam' or 'signum' \(got 'sgd'\)$"):
+        load_profile(str(path))
 
 
 def test_cache_key_covers_the_training_inputs():
@@ -40,6 +46,8 @@ def test_cache_key_covers_the_training_inputs():
     assert base != cache_key("m", "blocks.0.hook_resid_post", profile, "abd")
     other = profile.model_copy(update={"ks": [8, 16]})
     assert base != cache_key("m", "blocks.0.hook_resid_post", other, "abc")
+    signum = profile.model_copy(update={"train": profile.train.model_copy(update={"optimizer": "signum"})})
+    assert base != cache_key("m", "blocks.0.hook_resid_post", signum, "abc")
 
 
 def test_tiny_sweep_end_to_end(pytester, monkeypatch, tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sae_acceptance.config import Bound, thresholds_from_mapping
+from sae_acceptance.config import Bound, describe, thresholds_from_mapping
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.evaluate import EvalReport, ModelCache, evaluate
 from sae_acceptance.report import format_report, write_atomic
@@ -95,8 +95,10 @@ def load_profile(name_or_path: str) -> Profile:
         text, where = path.read_text(), str(path)
     try:
         return Profile.model_validate(tomllib.loads(text))
-    except (ValidationError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where}: not valid TOML ({err})") from None
+    except ValidationError as err:
+        raise ConfigError(describe(err, text, where)) from None
 
 
 def sae_name(model: str, depth: str, k: int) -> str:
