@@ -39,8 +39,9 @@ SAE_STAGES = (
 )
 
 
-def instrument() -> None:
-    """Wrap the trainer's building blocks in profiler ranges."""
+def instrument(synchronize: bool) -> None:
+    """Wrap the trainer's building blocks in profiler ranges; with `synchronize` (a GPU) each
+    range waits for its kernels, so that its CPU time is the stage's time, not its launches."""
     from schedulefree import ScheduleFreeWrapper
 
     from sae_acceptance.train.activations import ActivationBuffer
@@ -51,7 +52,10 @@ def instrument() -> None:
 
         def wrapped(*a, **kw):
             with record_function(f"stage: {label}"):
-                return fn(*a, **kw)
+                out = fn(*a, **kw)
+                if synchronize:
+                    torch.cuda.synchronize()
+                return out
 
         setattr(owner, name, wrapped)
 
@@ -115,7 +119,7 @@ def main(argv=None) -> None:
         bench_train.n_sequences(args.grid_tokens, args.ctx), args.ctx, size.vocab, args.seed + 3
     )
     cfg = bench_train.train_config(args, args.grid_ks[0], args.grid_d_sae, args.optimizer)
-    instrument()
+    instrument(synchronize=args.device.startswith("cuda"))
     activities = [ProfilerActivity.CPU] + (
         [ProfilerActivity.CUDA] if args.device.startswith("cuda") else []
     )

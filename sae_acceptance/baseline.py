@@ -158,19 +158,22 @@ def compare_sae(
     for metric in tolerances:
         if METRICS[metric].higher_is_better is None:
             raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
-        if entry["metrics"].get(metric, {}).get("value") is None:
-            raise BaselineError(f"{where}: {result.name} has no value for {metric}")
     boot = settings.get("bootstrap", {})
     bootstrap = BootstrapSettings(boot.get("resamples", 5000), boot.get("confidence", 0.95), boot.get("seed", 0))
     paired = {}
     if any(METRICS[m].has_ci for m in tolerances):
         paired = paired_changes(result.sums, sums_from_entry(entry, where), bootstrap)
-    return {
-        metric: _check(metric, entry["metrics"][metric]["value"], result.metrics[metric].value,
-                       paired.get(metric), bootstrap.confidence,
-                       DEFAULT_TOLERANCES.get(metric, 0.0) if tolerance is None else tolerance)
-        for metric, tolerance in tolerances.items()
-    }
+    checks = {}
+    for metric, tolerance in tolerances.items():
+        before = entry["metrics"].get(metric, {}).get("value")
+        if before is None:  # absent, or not finite when the baseline was written (JSON null)
+            message = f"{where}: {result.name} has no value for {metric}; refresh with --sae-update-baseline"
+            checks[metric] = RegressionCheck(metric, False, False, message)
+            continue
+        checks[metric] = _check(metric, before, result.metrics[metric].value, paired.get(metric),
+                                bootstrap.confidence,
+                                DEFAULT_TOLERANCES.get(metric, 0.0) if tolerance is None else tolerance)
+    return checks
 
 
 def _check(metric: str, before: float, after: float, paired, confidence: float, tolerance: float) -> RegressionCheck:

@@ -26,7 +26,7 @@ from pydantic import (
 
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.metrics import METRICS, R2_REFUSAL
-from sae_acceptance.sources.hub import is_remote
+from sae_acceptance.sources.hub import default_name, is_remote
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,7 +132,9 @@ class SAEEntry(_Strict):
 
     @property
     def display_name(self) -> str:
-        return self.name or Path(self.path).name
+        if self.name:
+            return self.name
+        return default_name(self.path) if is_remote(self.path) else Path(self.path).name
 
 
 class Thresholds(_Strict):

@@ -102,6 +102,28 @@ def test_fingerprint_mismatch_corrupt_file_and_missing_entries(pytester, gate): 
     strict.stdout.fnmatch_lines(["*FAILED thresholds.toml::bad::regression_ce_rec*no baseline entry*"])
 
 
+def test_one_paired_bootstrap_per_sae_and_a_missing_value_fails_only_its_item(
+    pytester, gate, monkeypatch  # noqa: F811
+):
+    import sae_acceptance.baseline as baseline_module
+
+    gate()
+    pytester.runpytest(*RUN, "--sae-update-baseline")
+    path = pytester.path / "thresholds.baseline.json"
+    data = json.loads(path.read_text())
+    data["saes"]["good"]["metrics"]["cosine"]["value"] = None  # as a NaN is written
+    path.write_text(json.dumps(data))
+    calls = []
+    real = baseline_module.paired_changes
+    monkeypatch.setattr(baseline_module, "paired_changes", lambda *a: calls.append(a) or real(*a))
+    result = pytester.runpytest(*RUN, "--sae-baseline", "thresholds.baseline.json", "-k", "regression")
+    assert len(calls) == 2  # one per SAE, for its three regression items
+    result.stdout.fnmatch_lines(
+        ["*_ good::regression_cosine _*", "*thresholds.baseline.json: good has no value for cosine; refresh*"]
+    )
+    result.assert_outcomes(passed=5, failed=1, deselected=8)
+
+
 def test_update_under_xdist_leaves_one_valid_file(pytester, gate):  # noqa: F811
     gate()
     result = pytester.runpytest(*RUN, "--sae-update-baseline", "-n", "2", "--dist", "loadscope")

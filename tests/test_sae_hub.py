@@ -58,15 +58,32 @@ def test_hf_folder_loads_like_the_local_directory(hub_cache):
 
 
 def test_hub_errors_name_the_spec_and_what_is_missing(hub_cache):
-    hub_cache("acme/topk-saes", "layers/3", random_topk_sae())
+    local = hub_cache("acme/topk-saes", "layers/3", random_topk_sae())
     with pytest.raises(SAEFormatError, match=r"^hf://acme/absent/x: cannot fetch acme/absent from the Hugging Face Hub"):
         load_sae("hf://acme/absent/x")
     with pytest.raises(SAEFormatError, match=r"cannot fetch acme/topk-saes@v2 "):
         load_sae("hf://acme/topk-saes@v2/layers/3")
-    with pytest.raises(SAEFormatError, match=r"the repository acme/topk-saes has no folder 'layers/4'"):
+    with pytest.raises(SAEFormatError, match=r"cached copy of acme/topk-saes has no SAE files at its folder 'layers/4' \(HF_HUB_OFFLINE"):
         load_sae("hf://acme/topk-saes/layers/4")
-    with pytest.raises(SAEFormatError, match=r"^hf://acme: expected hf://<owner>/<repo>"):
-        load_sae("hf://acme")
+    for bad in ("hf://acme", "hf://acme/topk-saes@/layers/3", "hf://acme/topk-saes/../other/x", "hf://acme//x"):
+        with pytest.raises(SAEFormatError, match=r"expected hf://<owner>/<repo>\[@<revision>\]"):
+            load_sae(bad)
+    with pytest.raises(SAEFormatError, match=r"SAEs are read from model repositories, not datasets"):
+        load_sae("hf://datasets/acme/tokens/x")
+    (local / "cfg.json").write_text("{broken")  # a problem inside the fetched folder names the spec
+    with pytest.raises(SAEFormatError, match=r"^hf://acme/topk-saes/layers/3: .*cfg.json:1: not valid JSON"):
+        load_sae("hf://acme/topk-saes/layers/3")
+
+
+def test_revisions_with_a_slash_are_percent_encoded_and_names_come_from_the_spec():
+    from sae_acceptance.sources.hub import _parse_hf, default_name
+
+    assert _parse_hf("hf://acme/saes@refs%2Fpr%2F3/layers.3") == ("acme/saes", "refs/pr/3", "layers.3")
+    assert _parse_hf("hf://acme/saes") == ("acme/saes", None, "")
+    assert default_name("hf://EleutherAI/sae-pythia-70m-32k@main/layers.3") == "sae-pythia-70m-32k-layers.3"
+    assert default_name("sae-lens://gemma-scope-2b-pt-res/layer_3/width_16k/canonical") == (
+        "gemma-scope-2b-pt-res-layer_3-width_16k-canonical"
+    )
 
 
 def test_saelens_release_ids_resolve_through_saelens_directory(hub_cache):
@@ -119,4 +136,4 @@ path = "hf://acme/topk-saes/layers/1"
     path.write_text(path.read_text().replace("hf://acme/topk-saes/layers/1", "hf://acme/topk-saes/layers/9"))
     report = evaluate(load_thresholds(path), progress=False, models=models)
     assert report.saes["local"].error is None
-    assert "has no folder 'layers/9'" in report.saes["hub"].error
+    assert report.saes["hub"].error.startswith("hf://acme/topk-saes/layers/9: the cached copy")

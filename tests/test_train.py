@@ -24,7 +24,6 @@ from sae_acceptance.train.topk import (
     _initial_statistics,
     geometric_median,
     lr_factor,
-    make_optimiser,
     train_topk,
     train_topk_grid,
 )
@@ -225,8 +224,7 @@ def test_sparse_backward_equals_dense_autograd():
 
 def test_sign_descent_moves_every_weight_by_the_learning_rate():
     """One SignSGD step: -lr where the gradient is positive, +lr where negative, 0 where zero
-    or absent; and under the schedule-free wrapper the trained SAE is the average, whose
-    decoder rows are renormalised to unit norm."""
+    or absent."""
     weight = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     untouched = torch.nn.Parameter(torch.tensor([5.0]))
     optimiser = SignSGD([weight, untouched], lr=0.25)
@@ -235,13 +233,38 @@ def test_sign_descent_moves_every_weight_by_the_learning_rate():
     assert weight.detach().tolist() == [0.75, 2.25, 3.0, 3.75]
     assert untouched.item() == 5.0
 
+
+def test_signum_saves_the_schedule_free_average_with_unit_decoder_rows(monkeypatch):
+    """The saved SAE is the average x, rebuilt here from the training iterate y and the
+    base sequence z (y = m x + (1 - m) z, m = 0.95), not y; its decoder rows are x's
+    renormalised."""
+    from schedulefree import ScheduleFreeWrapper
+
+    seen = {}
+    original = ScheduleFreeWrapper.eval
+
+    def recording_eval(self):
+        params = self.param_groups[0]["params"]
+        seen["y"] = [p.detach().clone() for p in params]
+        seen["z"] = [self.state[p]["z"].clone() for p in params]
+        seen["momentum"] = self.momentum
+        return original(self)
+
+    monkeypatch.setattr(ScheduleFreeWrapper, "eval", recording_eval)
     dictionary = sparse_dictionary(64)
     x = sparse_samples(dictionary, 4_000, active=3, seed=4)
     cfg = TrainConfig(k=4, d_sae=64, batch_size=500, warmup_steps=0, seed=5, optimizer="signum")
     sae = train_topk(activation_batches_from_tensor(x, 500, 6), 32, cfg, 4_000, progress=False)
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-5)
-    optimiser = make_optimiser(TopKTrainee(32, 4, cfg), cfg, cfg.learning_rate(32))
-    assert isinstance(optimiser.base, SignSGD) and optimiser.momentum == 0.95
+
+    m = seen["momentum"]
+    assert m == 0.95
+    w_dec, enc, b_enc, b_dec = ((y - (1 - m) * z) / m for y, z in zip(seen["y"], seen["z"], strict=True))
+    torch.testing.assert_close(sae.W_enc, enc.T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.b_enc, b_enc, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.b_dec, b_dec, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.W_dec, F.normalize(w_dec, dim=1), rtol=1e-4, atol=1e-6)
+    assert (seen["y"][1] - enc).abs().max() > 1e-3  # the iterate is not the average
+    assert w_dec.norm(dim=1).max() < 0.999  # the average's rows were shorter than unit
 
 
 # --------------------------------------------------------------------------- grid, format

@@ -122,7 +122,8 @@ class SAESession:
 
     def regression(self, loaded: LoadedThresholds, entry: SAEEntry, result: SAEResult, metric: str):
         """`metric`'s check against the baseline; every regressed metric of the SAE is
-        compared at its first item, from one paired bootstrap (an error, likewise once)."""
+        compared at its first item, from one paired bootstrap. An error that covers the
+        whole SAE (another fingerprint, no metrics) is kept and raised by each item."""
         from sae_acceptance.baseline import compare_sae, load_baseline
 
         key = (loaded.path, result.name)
@@ -148,7 +149,7 @@ class SAESession:
             self.regression_checks[key] = checks
         checks = self.regression_checks[key]
         if isinstance(checks, SAEAcceptanceError):
-            raise checks
+            raise type(checks)(*checks.args)  # a fresh one per item: no traceback piling up
         self.regressions.append((result.name, checks[metric]))
         return checks[metric]
 

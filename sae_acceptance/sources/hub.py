@@ -17,6 +17,7 @@ import difflib
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import unquote
 
 from sae_acceptance.errors import SAEFormatError
 
@@ -36,25 +37,58 @@ def locate_sae(spec: str | Path) -> Path:
         repo_id, folder = _saelens_location(text)
         return _fetch(text, repo_id, None, folder)
     if text.startswith(HF_PREFIX):
-        parts = text[len(HF_PREFIX) :].strip("/").split("/")
-        if len(parts) < 2 or not all(parts):
-            raise SAEFormatError(f"{text}: expected hf://<owner>/<repo>[@<revision>][/<folder>]")
-        name, _, revision = parts[1].partition("@")
-        return _fetch(text, f"{parts[0]}/{name}", revision or None, "/".join(parts[2:]))
+        return _fetch(text, *_parse_hf(text))
     return Path(text)
 
 
-def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
-    from huggingface_hub import snapshot_download
+def default_name(spec: str) -> str:
+    """A name for a hub SAE without one: the repository (or release) and folder (or SAE id)."""
+    if spec.startswith(SAELENS_PREFIX):
+        release, _, sae_id = spec[len(SAELENS_PREFIX) :].partition("/")
+        parts = [release, *sae_id.split("/")]
+    else:
+        repo_id, _, folder = _parse_hf(spec)
+        parts = [repo_id.split("/")[1], *folder.split("/")]
+    return "-".join(p for p in parts if p)
 
+
+def _parse_hf(spec: str) -> tuple[str, str | None, str]:
+    """``hf://owner/repo[@revision][/folder]`` -> (repo id, revision or None, folder).
+
+    A revision holding a slash is written percent-encoded (``refs%2Fpr%2F3``)."""
+    parts = spec[len(HF_PREFIX) :].strip("/").split("/")
+    expected = f"{spec}: expected hf://<owner>/<repo>[@<revision>][/<folder>]"
+    if len(parts) < 2 or not all(parts) or any(p in (".", "..") for p in parts):
+        raise SAEFormatError(expected)
+    if parts[0] in ("datasets", "spaces"):
+        raise SAEFormatError(f"{spec}: SAEs are read from model repositories, not {parts[0]}")
+    name, at, revision = parts[1].partition("@")
+    if not name or (at and not revision):
+        raise SAEFormatError(expected)
+    return f"{parts[0]}/{name}", unquote(revision) if revision else None, "/".join(parts[2:])
+
+
+def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
+    """Download the SAE files of `folder` (nothing else of the repository) and return its path."""
+    from huggingface_hub import constants, snapshot_download
+
+    from sae_acceptance.sources.sae import SAE_FILES
+
+    prefix = f"{folder}/" if folder else ""
     try:
-        root = snapshot_download(repo_id, revision=revision, allow_patterns=[f"{folder}/*"] if folder else None)
+        root = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + f for f in SAE_FILES])
     except Exception as err:  # offline without a cached copy, no such repo or revision, HTTP
         at = f"{repo_id}@{revision}" if revision else repo_id
         raise SAEFormatError(f"{spec}: cannot fetch {at} from the Hugging Face Hub ({type(err).__name__}: {err})") from err
     path = Path(root) / folder
-    if not path.is_dir():
-        raise SAEFormatError(f"{spec}: the repository {repo_id} has no folder {folder!r}")
+    if not any((path / f).is_file() for f in SAE_FILES):
+        where = f"folder {folder!r}" if folder else "top level"
+        if constants.HF_HUB_OFFLINE:
+            raise SAEFormatError(
+                f"{spec}: the cached copy of {repo_id} has no SAE files at its {where} "
+                "(HF_HUB_OFFLINE is set: they may be on the hub, not yet downloaded)"
+            )
+        raise SAEFormatError(f"{spec}: {repo_id} has no SAE files ({', '.join(SAE_FILES)}) at its {where}")
     return path
 
 

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.hub import locate_sae
+from sae_acceptance.sources.hub import is_remote, locate_sae
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+SAE_FILES = ("cfg.json", SAELENS_WEIGHTS, SPARSIFY_WEIGHTS)  # what an SAE directory needs, at most
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 SAELENS_VERSION_WRITTEN = "6.54.12"
 
@@ -175,7 +176,16 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     `path` may also name a hub folder (``hf://owner/repo/folder``,
     ``sae-lens://release/sae_id``: see `sources/hub.py`), fetched into the cache first.
     """
-    path = locate_sae(path)
+    if not is_remote(path):
+        return _load_directory(Path(path), device, dtype)
+    try:
+        return _load_directory(locate_sae(path), device, dtype)
+    except SAEFormatError as err:
+        message = str(err)
+        raise SAEFormatError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> SAE:
     if not path.exists():
         raise SAEFormatError(f"{path}: no such SAE directory")
     if path.is_file():

@@ -68,7 +68,6 @@ SCALE_TOKENS = 2048  # tokens of the init sample that set the encoder scale
 @dataclass(frozen=True)
 class TrainConfig:
     k: int = 32
-    optimizer: Optimizer = "adam"
     expansion_factor: int = 32
     d_sae: int | None = None  # None: expansion_factor * d_in
     lr: float | None = None  # None: 2e-4 (adam) or 5e-3 (signum) / sqrt(d_sae / 2**14)
@@ -83,6 +82,7 @@ class TrainConfig:
     adam_eps: float = 6.25e-10
     init_tokens: int = 32_768  # sample (from the first batches) for b_dec and the MSE scale
     median_iterations: int = 10
+    optimizer: Optimizer = "adam"  # last: positional use of the earlier fields keeps working
 
     def __post_init__(self) -> None:
         checks = {
@@ -102,10 +102,9 @@ class TrainConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
+            choices = f" (one of {', '.join(OPTIMISERS)})" if "optimizer" in bad else ""
             raise ValueError(
-                "TrainConfig: invalid "
-                + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
-                + f" (optimizer is one of {', '.join(OPTIMISERS)})"
+                "TrainConfig: invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) + choices
             )
 
     def latents(self, d_in: int) -> int:
@@ -290,6 +289,8 @@ class TopKTrainee(torch.nn.Module):
         reference implementation), so a latent firing now is not in the AuxK set.
         """
         n = x.shape[0]
+        if scratch is not None and (scratch.shape[0] < n or scratch.shape[1] != self.d_sae):
+            raise ValueError(f"scratch {tuple(scratch.shape)} cannot hold [{n}, {self.d_sae}]")
         xc = x - self.b_dec
         with torch.no_grad():
             out = None if scratch is None else scratch[:n]
@@ -448,7 +449,9 @@ def train_topk_grid(
     once; every SAE sees exactly what it would see alone (same seed, same
     stream), so ``result[k]`` equals ``train_topk`` with ``k`` on the same stream.
     Trains on `total_tokens` tokens (the last batch is cut to fit) and returns
-    float32 SAEs on the CPU; `cfg.k` is ignored here.
+    float32 SAEs on the CPU; `cfg.k` is ignored here. Their metadata's
+    ``final_train_fvu`` is the last batch's FVU as its step saw it (with
+    ``signum``: at the training iterate, not at the saved average).
     """
     ks = list(dict.fromkeys(int(k) for k in ks))
     if not ks:
@@ -520,9 +523,9 @@ def train_topk_grid(
             optimiser.eval()
             trainees[k].normalise_decoder()
     if seen < total_tokens:
+        unfinished = " (the learning rate never finished its decay)" if cfg.decay() > 0 else ""
         warnings.warn(
-            f"train_topk_grid: the batch stream ended after {seen} of {total_tokens} tokens "
-            "(the learning rate never finished its decay)",
+            f"train_topk_grid: the batch stream ended after {seen} of {total_tokens} tokens{unfinished}",
             stacklevel=2,
         )
 
@@ -537,7 +540,7 @@ def train_topk_grid(
             "seed": cfg.seed,
             "lr": base_lr,
             "trainer_version": TRAINER_VERSION,
-            "training_config": {**asdict(cfg), "k": k},
+            "training_config": {**asdict(cfg), "k": k, "decay_fraction": cfg.decay()},
             "final_train_fvu": float(stats[k].fvu) if k in stats else None,
             "final_dead_fraction": trainee.dead_fraction(),
         }
