@@ -24,9 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from sae_acceptance.errors import ConfigError
+from sae_acceptance.errors import ConfigError, SAEFormatError
 from sae_acceptance.metrics import METRICS, R2_REFUSAL
-from sae_acceptance.sources.hub import default_name, is_remote
+from sae_acceptance.sources.hub import check_spec, default_name, is_remote
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,6 +122,16 @@ class SAEEntry(_Strict):
         default_factory=list,
         description="negative control: these gated metrics must fail (xfail when they do, fail when they pass)",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _hub_name_well_formed(cls, path: str) -> str:
+        """A hub name's syntax is checked here; fetching waits for the eval."""
+        try:
+            check_spec(path)
+        except SAEFormatError as err:
+            raise ValueError(str(err)) from None
+        return path
 
     @field_validator("name")
     @classmethod

@@ -76,6 +76,8 @@ def test_a_good_file_loads_with_defaults_and_overrides(write):
         (("n_sequences = 8", 'n_sequences = 8\ndevice = "gpu"'), ":4: eval.device: String should match pattern"),
         (("cosine = { min = 0.9 }", "rel_error = { max = inf }"), ":8: gate.rel_error: max must be a finite number"),
         (('name = "second"', 'name = "sae_a"'), ":1: (top level): two [[sae]] entries"),
+        (('path = "sae_b"', 'path = "hf://acme"'), ":15: sae.1.path: hf://acme: expected hf://<owner>/<repo>"),
+        (('path = "sae_a"', 'path = "sae-lens://release-only"'), ":11: sae.0.path: sae-lens://release-only: expected"),
     ],
 )
 def test_each_mistake_gets_one_clear_error(write, edit, expected):

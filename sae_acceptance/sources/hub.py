@@ -41,10 +41,18 @@ def locate_sae(spec: str | Path) -> Path:
     return Path(text)
 
 
+def check_spec(spec: str) -> None:
+    """Raise SAEFormatError for a malformed hub name; no network (config files check early)."""
+    if spec.startswith(SAELENS_PREFIX):
+        _parse_saelens(spec)
+    elif spec.startswith(HF_PREFIX):
+        _parse_hf(spec)
+
+
 def default_name(spec: str) -> str:
     """A name for a hub SAE without one: the repository (or release) and folder (or SAE id)."""
     if spec.startswith(SAELENS_PREFIX):
-        release, _, sae_id = spec[len(SAELENS_PREFIX) :].partition("/")
+        release, sae_id = _parse_saelens(spec)
         parts = [release, *sae_id.split("/")]
     else:
         repo_id, _, folder = _parse_hf(spec)
@@ -66,6 +74,14 @@ def _parse_hf(spec: str) -> tuple[str, str | None, str]:
     if not name or (at and not revision):
         raise SAEFormatError(expected)
     return f"{parts[0]}/{name}", unquote(revision) if revision else None, "/".join(parts[2:])
+
+
+def _parse_saelens(spec: str) -> tuple[str, str]:
+    """``sae-lens://release/sae_id`` -> (release, SAE id); the id may hold slashes."""
+    release, _, sae_id = spec[len(SAELENS_PREFIX) :].partition("/")
+    if not release or not sae_id:
+        raise SAEFormatError(f"{spec}: expected sae-lens://<release>/<sae_id>")
+    return release, sae_id
 
 
 def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
@@ -94,9 +110,7 @@ def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
 
 def _saelens_location(spec: str) -> tuple[str, str]:
     """(repository, folder) of a SAELens release id, from SAELens's own directory."""
-    release, _, sae_id = spec[len(SAELENS_PREFIX) :].partition("/")
-    if not release or not sae_id:
-        raise SAEFormatError(f"{spec}: expected sae-lens://<release>/<sae_id>")
+    release, sae_id = _parse_saelens(spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
