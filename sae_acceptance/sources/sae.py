@@ -178,11 +178,11 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     """
     if not is_remote(path):
         return _load_directory(Path(path), device, dtype)
+    local = locate_sae(path)  # its errors name the spec already
     try:
-        return _load_directory(locate_sae(path), device, dtype)
+        return _load_directory(local, device, dtype)
     except SAEFormatError as err:
-        message = str(err)
-        raise SAEFormatError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        raise SAEFormatError(f"{path}: {err}") from None
 
 
 def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> SAE:

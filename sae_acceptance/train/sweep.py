@@ -135,17 +135,7 @@ def train_or_load_grid(model, model_name: str, hook: str, profile: Profile, cach
     with FileLock(str(folder) + ".lock"):
         if all((p / "cfg.json").exists() for p in paths.values()):
             return paths
-        train = profile.train
-        cfg = TrainConfig(
-            k=max(profile.ks),
-            optimizer=train.optimizer,
-            expansion_factor=train.expansion_factor,
-            batch_size=train.batch_size,
-            lr=train.lr,
-            warmup_steps=train.warmup_steps,
-            dead_tokens=train.dead_tokens,
-            seed=train.seed,
-        )
+        cfg = TrainConfig(k=max(profile.ks), **profile.train.model_dump())  # TrainSpec's fields are TrainConfig's
         metadata = {"context_size": data.context_size, "dataset_path": data.dataset, "cache_key": key}
         train_at_hook(model, model_name, tokens, hook, profile.ks, cfg, paths, data.train_tokens, metadata,
                       progress=progress)

@@ -63,8 +63,6 @@ TRAINER_VERSION = "topk-4"
 SCALE_TOKENS = 2048  # tokens of the init sample that set the encoder scale
 
 
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     k: int = 32
