@@ -36,11 +36,13 @@ else:  # pragma: no cover
 SCHEMA_FILE = "thresholds.schema.json"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Settings: unknown keys are errors, values frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Bound(_Strict):
+class Bound(StrictModel):
     """`min`/`max` on a metric, checked on the point estimate or on an interval end."""
 
     min: float | None = None
@@ -82,7 +84,7 @@ def _check_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
 Gate = Annotated[dict[str, Bound], AfterValidator(_check_gate), Field(default_factory=dict)]
 
 
-class EvalSettings(_Strict):
+class EvalSettings(StrictModel):
     data: str = Field(description="a .npy token file, a local dataset directory, or a hub dataset name")
     model: str | None = Field(None, description="default model for every [[sae]] (hub name or local dir)")
     n_sequences: int = Field(200, gt=0)
@@ -101,16 +103,16 @@ class EvalSettings(_Strict):
     )
 
 
-class CanyonSettings(_Strict):
+class CanyonSettings(StrictModel):
     threshold: float = Field(0.02, gt=0, lt=1, description="flag a layer when pr_ratio is below this")
     use: Literal["raw", "deflated"] = "raw"
 
 
-class Tolerance(_Strict):
+class Tolerance(StrictModel):
     tolerance: float = Field(ge=0, description="allowed worsening, in the metric's units")
 
 
-class SAEEntry(_Strict):
+class SAEEntry(StrictModel):
     path: str = Field(
         description="SAE directory relative to this file, hf://owner/repo[@revision]/folder, or sae-lens://release/sae_id"
     )
@@ -147,7 +149,7 @@ class SAEEntry(_Strict):
         return default_name(self.path) if is_remote(self.path) else Path(self.path).name
 
 
-class Thresholds(_Strict):
+class Thresholds(StrictModel):
     eval: EvalSettings
     gate: Gate
     canyon: CanyonSettings = CanyonSettings()
@@ -220,15 +222,20 @@ def _looks_local(value: str) -> bool:
 def load_thresholds(path: str | Path) -> LoadedThresholds:
     """Read and validate a thresholds file, or raise one ConfigError naming file:line and field."""
     path = Path(path)
+    raw, text = read_toml(path)
+    return _validate(raw, path.resolve(), text, str(path))
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """A TOML file's tables and its text (for line numbers), or one ConfigError."""
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    return _validate(raw, path.resolve(), text, str(path))
 
 
 def thresholds_from_mapping(raw: dict[str, Any], source: str, base: Path | None = None) -> LoadedThresholds:

@@ -24,9 +24,9 @@ from sae_acceptance.errors import SAEAcceptanceError, SourceError
 from sae_acceptance.geometry import CanyonRule, LayerGeometry
 from sae_acceptance.metrics import METRICS, alive_fraction, rate_bits
 from sae_acceptance.sources.model import (
+    ModelCache,
     hook_layer,
     hook_width,
-    load_model,
     processing_kwargs,
     resolve_device,
     resolve_dtype,
@@ -113,19 +113,6 @@ class EvalReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str) + "\n"
-
-
-class ModelCache:
-    """Models loaded once per process, keyed by name, processing, device and dtype."""
-
-    def __init__(self) -> None:
-        self._models: dict[tuple, Any] = {}
-
-    def get(self, name: str, kwargs: dict[str, Any], device: str, dtype: str):
-        key = (name, json.dumps(kwargs, sort_keys=True), device, dtype)
-        if key not in self._models:
-            self._models[key] = load_model(name, device=device, dtype=dtype, from_pretrained_kwargs=kwargs)
-        return self._models[key]
 
 
 @dataclass

@@ -16,8 +16,9 @@ from conftest import random_topk_sae
 
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.evaluate import ModelCache, evaluate
+from sae_acceptance.evaluate import evaluate
 from sae_acceptance.sources.hub import is_remote, locate_sae
+from sae_acceptance.sources.model import ModelCache
 from sae_acceptance.sources.sae import load_sae, save_sae
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

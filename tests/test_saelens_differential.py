@@ -32,10 +32,10 @@ from conftest import D_MODEL, VOCAB, random_topk_sae
 
 from sae_acceptance.config import thresholds_from_mapping
 from sae_acceptance.engine import run_hook
-from sae_acceptance.evaluate import ModelCache, evaluate
+from sae_acceptance.evaluate import evaluate
 from sae_acceptance.metrics import rate_bits
 from sae_acceptance.reference.language import BOS, EOS, TopicLanguage
-from sae_acceptance.sources.model import special_token_ids
+from sae_acceptance.sources.model import ModelCache, special_token_ids
 from sae_acceptance.sources.sae import SAE, save_sae
 from sae_acceptance.sources.tokens import counted_mask
 

@@ -17,8 +17,9 @@ import pytest
 
 from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.errors import SAEAcceptanceError
-from sae_acceptance.evaluate import EvalReport, ModelCache, SAEResult, evaluate
+from sae_acceptance.evaluate import EvalReport, SAEResult, evaluate
 from sae_acceptance.report import format_table, merge_report_json, summary_rows
+from sae_acceptance.sources.model import ModelCache
 
 STATE_KEY = pytest.StashKey["SAESession"]()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,3 +190,16 @@ def special_token_ids(model) -> list[int]:
         return []
     ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     return sorted(i for i in ids if i is not None)
+
+
+class ModelCache:
+    """Models loaded once per process, keyed by name, processing, device and dtype."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, Any] = {}
+
+    def get(self, name: str, kwargs: dict[str, Any], device: str, dtype: str):
+        key = (name, json.dumps(kwargs, sort_keys=True), device, dtype)
+        if key not in self._models:
+            self._models[key] = load_model(name, device=device, dtype=dtype, from_pretrained_kwargs=kwargs)
+        return self._models[key]

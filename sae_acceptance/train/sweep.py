@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_acceptance.config import Bound, describe, thresholds_from_mapping
 from sae_acceptance.errors import ConfigError
-from sae_acceptance.evaluate import EvalReport, ModelCache, evaluate
+from sae_acceptance.evaluate import EvalReport, evaluate
 from sae_acceptance.report import format_report, write_atomic
-from sae_acceptance.sources.model import model_identity
+from sae_acceptance.sources.model import ModelCache, model_identity
 from sae_acceptance.sources.tokens import fingerprint, load_tokens
 from sae_acceptance.train import Optimizer, builtin_profiles
 from sae_acceptance.train.topk import TRAINER_VERSION, TrainConfig

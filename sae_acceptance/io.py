@@ -1,0 +1,101 @@
+"""Files: atomic writes, JSON, and locks that give up with a clear error.
+
+Every report, baseline and cache entry is written to a temporary file in the
+same directory and renamed over the target, so an interrupted or concurrent
+run never leaves half a file. Locks (for files several processes update, such
+as a JSON report merged by pytest-xdist workers) time out with one line naming
+the path. A lock file is removed by the run's last writer (`remove_lock`), never
+on release: a waiting process may already hold a descriptor to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from sae_acceptance.errors import SAEAcceptanceError
+
+LOCK_TIMEOUT_S = 120.0
+
+
+class OutputError(SAEAcceptanceError):
+    """A report, baseline or cache file cannot be written where asked."""
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Replace `path` with `data` in one step (text or bytes)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory, expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write there ({err.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a normal file, not mkstemp's private 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def to_json(payload: Any, indent: int | None = 2) -> str:
+    """JSON with NaN refused (a report holds null for a non-finite number, never NaN)."""
+    return json.dumps(payload, indent=indent, allow_nan=False, default=str) + "\n"
+
+
+def write_json(path: str | Path, payload: Any, indent: int | None = 2) -> Path:
+    return write_atomic(path, to_json(payload, indent))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file, or one error naming the file, the line and `what` it should be."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise OutputError(f"{path}: cannot read {what} ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise OutputError(f"{path}:{err.lineno}: not valid JSON, expected {what} ({err.msg})") from None
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold `<path>.lock` while the block runs; give up after `timeout` seconds with one line."""
+    lock_path = Path(str(Path(path).expanduser()) + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{lock_path.parent}: cannot create the folder ({err.strerror})") from None
+    lock = FileLock(str(lock_path), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputError(f"{lock_path}: still locked after {timeout:.0f} s (another run holds it?)") from None
+    except OSError as err:
+        raise OutputError(f"{lock_path}: cannot lock ({err.strerror})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def remove_lock(path: str | Path) -> None:
+    """Remove `<path>.lock` once no other process of this run can still want it."""
+    with contextlib.suppress(OSError):
+        Path(str(Path(path).expanduser()) + ".lock").unlink()
