@@ -95,8 +95,10 @@ def test_saelens_release_ids_resolve_through_saelens_directory(hub_cache):
         load_sae("sae-lens://pythia-70m-dedup-res-sm/blocks.0.hook_resid_post")
     with pytest.raises(SAEFormatError, match=r"has no SAE 'blocks.0.hook_resid_pots' \(did you mean 'blocks.0.hook_resid_post'"):
         load_sae("sae-lens://pythia-70m-deduped-res-sm/blocks.0.hook_resid_pots")
-    with pytest.raises(SAEFormatError, match=r"format SAELens converts on load \('gemma_3'\)"):
-        load_sae("sae-lens://gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_small")
+    with pytest.raises(SAEFormatError, match=r"^sae-lens://gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_small: SAELens's 'gemma_3' loader failed \(LocalEntryNotFoundError"):
+        load_sae("sae-lens://gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_small")  # not in the offline cache
+    with pytest.raises(SAEFormatError, match=r"conversion function 'mntss_clt_layer_transcoder' is refused: SAELens loads one layer of a cross-layer transcoder"):
+        load_sae("sae-lens://mntss-gemma-2-2b-2.5m-clt-as-per-layer/layer_0")
     with pytest.raises(SAEFormatError, match=r"expected sae-lens://<release>/<sae_id>"):
         load_sae("sae-lens://pythia-70m-deduped-res-sm")
 

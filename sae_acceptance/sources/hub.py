@@ -3,9 +3,9 @@
 Two ways to name one, beside a local path:
 
 - ``hf://owner/repo[@revision][/folder]``: a folder of a model repository, in
-  SAELens or sparsify layout; only that folder's files are downloaded;
-- ``sae-lens://release/sae_id``: SAELens's pretrained-SAE directory names the
-  repository and folder (needs sae-lens installed).
+  any layout `formats/layouts.py` reads; only that folder's SAE files are downloaded;
+- ``sae-lens://release/sae_id``: an entry of SAELens's pretrained-SAE directory
+  (needs sae-lens installed), loaded by `formats/converters.py`.
 
 Downloads go through `huggingface_hub.snapshot_download`, so its cache, token,
 ``HF_HUB_OFFLINE=1`` (a warm cache, no network) and ``HF_ENDPOINT`` all apply.
@@ -17,9 +17,11 @@ import difflib
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.sources.formats.layouts import SAE_FILES, has_sae_files
 
 HF_PREFIX = "hf://"
 SAELENS_PREFIX = "sae-lens://"
@@ -31,13 +33,14 @@ def is_remote(spec: str | Path) -> bool:
 
 
 def locate_sae(spec: str | Path) -> Path:
-    """The local directory of an SAE: a path as given, or a hub folder fetched into the cache."""
+    """The local directory of an SAE: a path as given, or an ``hf://`` folder fetched into the cache.
+
+    A ``sae-lens://`` id names no directory of ours (SAELens's converter reads it): see `saelens_entry`."""
     text = str(spec)
     if text.startswith(SAELENS_PREFIX):
-        repo_id, folder = _saelens_location(text)
-        return _fetch(text, repo_id, None, folder)
+        raise SAEFormatError(f"{text}: a SAELens release id is loaded by its converter, not located as a folder")
     if text.startswith(HF_PREFIX):
-        return _fetch(text, *_parse_hf(text))
+        return fetch_folder(text, *_parse_hf(text))
     return Path(text)
 
 
@@ -84,11 +87,10 @@ def _parse_saelens(spec: str) -> tuple[str, str]:
     return release, sae_id
 
 
-def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
+def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
     """Download the SAE files of `folder` (nothing else of the repository) and return its path."""
+    # lazy on purpose: huggingface_hub is imported only when an SAE is fetched
     from huggingface_hub import constants, snapshot_download
-
-    from sae_acceptance.sources.sae import SAE_FILES
 
     prefix = f"{folder}/" if folder else ""
     try:
@@ -97,7 +99,7 @@ def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
         at = f"{repo_id}@{revision}" if revision else repo_id
         raise SAEFormatError(f"{spec}: cannot fetch {at} from the Hugging Face Hub ({type(err).__name__}: {err})") from err
     path = Path(root) / folder
-    if not any((path / f).is_file() for f in SAE_FILES):
+    if not has_sae_files(path):
         where = f"folder {folder!r}" if folder else "top level"
         if constants.HF_HUB_OFFLINE:
             raise SAEFormatError(
@@ -108,10 +110,11 @@ def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
     return path
 
 
-def _saelens_location(spec: str) -> tuple[str, str]:
-    """(repository, folder) of a SAELens release id, from SAELens's own directory."""
+def saelens_entry(spec: str) -> tuple[Any, str, str]:
+    """(SAELens's directory entry, release, SAE id) of a ``sae-lens://`` id."""
     release, sae_id = _parse_saelens(spec)
     try:
+        # lazy on purpose: sae-lens is optional, needed only for sae-lens:// ids
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
@@ -126,13 +129,7 @@ def _saelens_location(spec: str) -> tuple[str, str]:
     lookup = directory[release]
     if sae_id not in lookup.saes_map:
         raise SAEFormatError(f"{spec}: release {release!r} has no SAE {sae_id!r}{_did_you_mean(sae_id, lookup.saes_map)}")
-    if lookup.conversion_func not in (None, "sae_lens"):
-        raise SAEFormatError(
-            f"{spec}: release {release!r} is stored in a format SAELens converts on load "
-            f"({lookup.conversion_func!r}), not in SAELens's own; load it with SAELens "
-            "and save it with `SAE.save_model` to a directory, then give that directory"
-        )
-    return lookup.repo_id, lookup.saes_map[sae_id]
+    return lookup, release, sae_id
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:

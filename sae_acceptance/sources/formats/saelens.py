@@ -1,0 +1,184 @@
+"""SAELens configs (v6 and the flat pre-6.0 layout) and state dicts -> `SAE`.
+
+The same mapping serves a SAELens directory on disk and the (config, state
+dict) pair that SAELens's converters return for releases stored in other
+formats (`converters.py`), so every SAELens architecture is read in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.sources.autoencoder import SAE, fold_decoder_norm_rescale, fold_input_scale
+from sae_acceptance.sources.formats.tensors import (
+    read_json_object,
+    read_safetensors,
+    require,
+    whole_number,
+)
+
+WEIGHTS = "sae_weights.safetensors"
+
+# SAELens architecture -> (encoder rule, transcoder?)
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "standard": ("standard", False),
+    "topk": ("topk", False),
+    "jumprelu": ("jumprelu", False),
+    "gated": ("gated", False),
+    "transcoder": ("standard", True),
+    "skip_transcoder": ("standard", True),
+    "jumprelu_transcoder": ("jumprelu", True),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+REFUSED_ARCHITECTURES = {
+    "temporal": "its latents depend on earlier tokens through attention layers, not a per-token encoder",
+    "matching_pursuit": "its encoder is an iterative residual pursuit, not a single-layer encoder",
+    "abstopk": "its top-k on absolute pre-activations keeps negative latents, which the project does not model",
+}
+
+
+def read_directory(path: Path) -> SAE:
+    cfg_file = path / "cfg.json"
+    if not cfg_file.exists():
+        raise SAEFormatError(f"{path}: no cfg.json in the SAE directory")
+    cfg = read_json_object(cfg_file)
+    file = path / WEIGHTS
+    return from_config(cfg, read_safetensors(file), where=cfg_file, weights=file, path=path)
+
+
+def from_config(
+    cfg: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    where: Path | str,
+    weights: Path | str | None = None,
+    path: Path | None = None,
+    norm_scaling_factor: float | None = None,
+) -> SAE:
+    """One SAELens config and its tensors -> `SAE`; `where`/`weights` name the config and tensor sources in errors."""
+    weights = weights if weights is not None else where
+    legacy = not (cfg.get("metadata") or {}).get("sae_lens_version") and not cfg.get("sae_lens_version")
+    meta = {**cfg, **(cfg.get("metadata") or {})} if legacy else dict(cfg.get("metadata") or {})
+    meta.pop("metadata", None)
+    name = _architecture(cfg, legacy, where)
+    if name in REFUSED_ARCHITECTURES:
+        raise SAEFormatError(f"{where}: architecture {name!r} is not supported ({REFUSED_ARCHITECTURES[name]})")
+    if name not in ARCHITECTURES:
+        known = ", ".join(ARCHITECTURES)
+        raise SAEFormatError(f"{where}: architecture {name!r} is not supported (expected one of {known})")
+    rule, transcoder = ARCHITECTURES[name]
+    tensors = _fold_finetuning_scale(dict(tensors), weights)
+    if "log_threshold" in tensors and "threshold" not in tensors:  # older SAELens JumpReLU checkpoints
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    if rule == "gated":
+        require(tensors, ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"), weights)
+        tensors["b_enc"] = tensors["b_gate"]
+    require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), weights)
+    threshold = tensors.get("threshold")
+    if rule == "jumprelu" and threshold is not None and threshold.ndim == 0:
+        threshold = threshold.expand(tensors["W_enc"].shape[-1]).clone()
+    first = lambda *keys: next((v for k in keys if (v := cfg.get(k, meta.get(k))) is not None), None)  # noqa: E731
+    norm = _normalization(cfg.get("normalize_activations"), norm_scaling_factor, where)
+    sae = SAE(
+        W_enc=tensors["W_enc"],
+        b_enc=tensors["b_enc"],
+        W_dec=tensors["W_dec"],
+        b_dec=tensors["b_dec"],
+        architecture=rule,
+        k=whole_number(_k(cfg), "k", where) if rule == "topk" else None,
+        threshold=threshold if rule == "jumprelu" else None,
+        apply_b_dec_to_input=False if transcoder else bool(cfg.get("apply_b_dec_to_input", legacy or rule != "jumprelu")),
+        hook_name=first("hook_name", "hook_point"),
+        model_name=first("model_name"),
+        metadata=meta,
+        path=path,
+        b_mag=tensors.get("b_mag") if rule == "gated" else None,
+        r_mag=tensors.get("r_mag") if rule == "gated" else None,
+        W_skip=tensors.get("W_skip") if name.endswith("skip_transcoder") else None,
+        hook_name_out=first("hook_name_out"),
+        hook_head_index=whole_number(first("hook_head_index", "hook_point_head_index"), "hook_head_index", where),
+        normalize_activations=norm if isinstance(norm, str) else "none",
+        transcoder=transcoder,
+    )
+    if name.endswith("skip_transcoder") and sae.W_skip is None:
+        raise SAEFormatError(f"{weights}: {name} without a W_skip tensor")
+    if isinstance(norm, float):
+        sae = fold_input_scale(sae, norm)
+    if rule == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        sae = fold_decoder_norm_rescale(sae)
+    dtype = getattr(torch, str(cfg.get("dtype") or "float32").removeprefix("torch."), None)
+    return sae.to(dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def _architecture(cfg: dict[str, Any], legacy: bool, where: Path | str) -> str:
+    name = str(cfg.get("architecture") or "standard")
+    if not legacy:
+        return name
+    act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
+    if act == "topk" or name == "topk":
+        if _k(cfg) is None:
+            raise SAEFormatError(f"{where}: topk activation without activation_fn_kwargs.k")
+        return "topk"
+    if act != "relu" and name == "standard":
+        raise SAEFormatError(f"{where}: cannot tell the architecture (architecture={name!r}, activation_fn={act!r})")
+    return name
+
+
+def _k(cfg: dict[str, Any]) -> Any:
+    return cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+
+
+def _normalization(mode: Any, factor: float | None, where: Path | str) -> str | float:
+    """A run-time mode the SAE applies itself, or the constant input scale to fold into the weights."""
+    if mode in (None, False, "none"):
+        return "none"
+    if mode is True or mode == "expected_average_only_in":
+        if factor is None:
+            raise SAEFormatError(
+                f"{where}: normalize_activations='expected_average_only_in' needs the activation scaling "
+                "factor it was trained with, which is not recorded here (fold it into the weights and save with 'none')"
+            )
+        return float(factor)
+    if mode in ("constant_norm_rescale", "layer_norm"):
+        return str(mode)
+    raise SAEFormatError(
+        f"{where}: normalize_activations={mode!r} is not supported "
+        "(expected none, expected_average_only_in with its factor, constant_norm_rescale or layer_norm)"
+    )
+
+
+def _fold_finetuning_scale(tensors: dict[str, torch.Tensor], where: Path | str) -> dict[str, torch.Tensor]:
+    """A per-latent scale applied before decoding (`scaling_factor`/`finetuning_scaling_factor`) goes into W_dec."""
+    for key in ("scaling_factor", "finetuning_scaling_factor"):
+        scale = tensors.pop(key, None)
+        if scale is None or bool((scale == 1).all()):
+            continue
+        if "W_dec" not in tensors or scale.shape != tensors["W_dec"].shape[:1]:
+            raise SAEFormatError(f"{where}: tensor {key} has shape {tuple(scale.shape)}, expected [d_sae]")
+        tensors["W_dec"] = tensors["W_dec"] * scale[:, None]
+    return tensors
+
+
+def saelens_architecture(sae: SAE) -> str:
+    """The SAELens architecture name that `sae` is written as (`save_sae`)."""
+    if sae.architecture == "groupmax":
+        raise SAEFormatError(f"{sae._where()}: groupmax (sparsify) has no SAELens architecture; keep it in sparsify layout")
+    if not sae.transcoder:
+        return sae.architecture
+    if sae.architecture not in ("standard", "jumprelu"):
+        raise SAEFormatError(f"{sae._where()}: SAELens has no {sae.architecture} transcoder")
+    prefix = "jumprelu_" if sae.architecture == "jumprelu" else ""
+    return f"{prefix}{'skip_' if sae.W_skip is not None else ''}transcoder"
+
+
+def state_dict(sae: SAE) -> dict[str, torch.Tensor]:
+    """Tensors under SAELens's names."""
+    tensors = dict(sae.tensors())
+    if sae.architecture == "gated":
+        tensors["b_gate"] = tensors.pop("b_enc")
+    return tensors
+

@@ -1,0 +1,83 @@
+"""Reading weight files without running anything: safetensors, npz without pickles, torch tensors only."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from sae_acceptance.errors import SAEFormatError
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types
+        raise SAEFormatError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def read_npz(file: Path) -> dict[str, torch.Tensor]:
+    """An .npz of plain arrays; object arrays would need unpickling and are refused."""
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {name: torch.from_numpy(np.array(data[name])) for name in data.files}
+    except ValueError as err:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise SAEFormatError(f"{file}: holds arrays that need unpickling ({err}); refused") from None
+    except Exception as err:
+        raise SAEFormatError(f"{file}: not a readable .npz file ({type(err).__name__}: {err})") from None
+
+
+def tensors_only_load(file: Any, map_location: Any = None, **_: Any) -> Any:
+    """`torch.load` restricted to tensors and plain containers: anything else is refused unrun."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SAEFormatError(
+            f"{file}: holds Python objects other than tensors; refused without running it ({first})"
+        ) from None
+    except Exception as err:  # not a torch file at all
+        raise SAEFormatError(f"{file}: not a readable torch file ({type(err).__name__}: {err})") from None
+
+
+def read_torch(file: Path) -> dict[str, torch.Tensor]:
+    """A torch-saved state dict (name -> tensor), read with `weights_only=True`."""
+    state = tensors_only_load(file, map_location="cpu")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise SAEFormatError(f"{file}: expected a dict of named tensors, got {type(state).__name__}")
+    return dict(state)
+
+
+def require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], file: Path | str) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise SAEFormatError(f"{file}: missing tensor(s) {', '.join(missing)} (has {', '.join(sorted(tensors))})")
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SAEFormatError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise SAEFormatError(f"{file}: not UTF-8 text") from None
+    if not isinstance(value, dict):
+        raise SAEFormatError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def whole_number(value: Any, what: str, where: Path | str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise SAEFormatError(f"{where}: {what} must be a whole number, got {value!r}")
+    return int(value)
