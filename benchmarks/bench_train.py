@@ -163,9 +163,9 @@ def sparsify_to_sae(coder, k: int):
 
 
 def train_config(args, k: int, d_sae: int, optimizer: str = "adam"):
-    from sae_acceptance.train.topk import TrainConfig
+    from sae_acceptance.train.settings import TrainSettings
 
-    return TrainConfig(
+    return TrainSettings(
         k=k,
         optimizer=optimizer,
         d_sae=d_sae,
@@ -208,11 +208,11 @@ def worker_sparsify(args, workdir: Path, optimizer: str) -> dict:
         warnings.simplefilter("ignore")
         from sparsify import SparseCoder, SparseCoderConfig
 
-    from sae_acceptance.train.topk import TrainConfig
+    from sae_acceptance.train.settings import TrainSettings
 
     acts = torch.load(workdir / "acts_train.pt")
     d_in, total = acts.shape[1], acts.shape[0]
-    ours = TrainConfig()  # the AuxK weight and dead-latent window ours uses, for parity
+    ours = TrainSettings()  # the AuxK weight and dead-latent window ours uses, for parity
     auxk_alpha, dead_threshold = ours.auxk_alpha, ours.dead_tokens
     n_steps = -(-total // args.batch_tokens)
 

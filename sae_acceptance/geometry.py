@@ -1,4 +1,4 @@
-"""Participation ratio per layer and the PR-canyon rule.
+"""Covariance, participation ratio and the PR-canyon rule: the maths, no model.
 
 The canyon is where the residual stream's covariance collapses onto a few
 directions. There R² is inflated by a variance scale the model may ignore, so the
@@ -11,31 +11,27 @@ hook (pythia-410m: 8 MiB a layer, about 200 MiB for all 24 layers).
 
 from __future__ import annotations
 
-import difflib
+import importlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from pydantic import ValidationError
 
-from sae_acceptance.errors import ConfigError, SourceError
-from sae_acceptance.sources.model import hook_layer
+from sae_acceptance.config import CanyonSettings, describe
+from sae_acceptance.errors import ConfigError
 
 __all__ = [
     "CanyonRule",
     "CovarianceAccumulator",
     "LayerGeometry",
-    "format_profile_table",
-    "hook_layer",
     "participation_ratio",
-    "plot_pr_profile",
     "pr_from_covariance",
-    "pr_profile",
-    "profile_to_json",
 ]
+
+_CANYON = CanyonSettings()  # the rule's defaults live in the thresholds schema
 
 
 def _float64_device(device: torch.device | str | None) -> torch.device:
@@ -107,33 +103,9 @@ class CovarianceAccumulator:
         self.count += x.shape[0]
         self.weight += total
 
-    def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
-        """Add another accumulator's rows (another worker, another shard); returns self."""
-        if other.d != self.d:
-            raise ValueError(f"cannot merge width {other.d} into width {self.d}")
-        if other.shift is None:
-            return self
-        o_shift, o_sum, o_outer = (t.to(self.device) for t in (other.shift, other.sum, other.outer))
-        if self.shift is None:
-            self.shift = o_shift.clone()
-        # Rows y in other's frame: y − shift = (y − o_shift) + delta.
-        delta = o_shift - self.shift
-        w = other.weight
-        self.outer += o_outer + torch.outer(o_sum, delta) + torch.outer(delta, o_sum)
-        self.outer += w * torch.outer(delta, delta)
-        self.sum += o_sum + w * delta
-        self.count += other.count
-        self.weight += w
-        return self
-
     def _check(self) -> None:
         if self.weight == 0.0:
             raise ValueError("no rows accumulated: every position was excluded")
-
-    def mean(self) -> np.ndarray:
-        """Weighted mean of the rows, float64 [d]."""
-        self._check()
-        return (self.shift + self.sum / self.weight).cpu().numpy()
 
     def covariance(self) -> np.ndarray:
         """Population covariance (divides by Σw, like np.cov(bias=True)), float64 [d, d]."""
@@ -171,19 +143,23 @@ def pr_from_covariance(cov: np.ndarray) -> tuple[float, float]:
 class CanyonRule:
     """Flag a layer when PR / d_model (raw, or with the top direction removed) is below `threshold`.
 
-    The seed's points: 70M L3 (0.008), 410M L5 (0.002), L12 (0.001) are flagged at
-    0.02; 70M L1 (0.101) and 410M L4 (0.109) are not. PR ≥ 1 always, so pr_ratio
-    ≥ 1/d_model: below d_model = 1/threshold (50 by default) no layer can be flagged.
+    At the default 0.02, pythia-70m's block 3 and pythia-410m's blocks 5 and 12 are
+    flagged, their blocks 1 and 4 are not. PR ≥ 1 always, so pr_ratio ≥ 1/d_model:
+    below d_model = 1/threshold (50 by default) no layer can be flagged.
     """
 
-    threshold: float = 0.02
-    use: Literal["raw", "deflated"] = "raw"
+    threshold: float = _CANYON.threshold
+    use: Literal["raw", "deflated"] = _CANYON.use
 
     def __post_init__(self) -> None:
-        if self.use not in ("raw", "deflated"):
-            raise ConfigError(f"canyon rule: use must be 'raw' or 'deflated', not {self.use!r}")
-        if not 0 < self.threshold < 1:
-            raise ConfigError(f"canyon rule: threshold must be in (0, 1), not {self.threshold}")
+        try:
+            CanyonSettings(threshold=self.threshold, use=self.use)
+        except ValidationError as err:
+            raise ConfigError(describe(err, "", "canyon rule")) from None
+
+    @classmethod
+    def from_settings(cls, settings: CanyonSettings) -> CanyonRule:
+        return cls(settings.threshold, settings.use)
 
     def flags(self, pr_ratio_raw: float, pr_ratio_deflated: float) -> bool:
         """True when the chosen ratio is below the threshold (NaN is never flagged)."""
@@ -206,10 +182,6 @@ class LayerGeometry:
     pr_ratio: float
     canyon: bool
     rule: CanyonRule = field(default=CanyonRule(), repr=False)
-
-    @property
-    def pr_ratio_deflated(self) -> float:
-        return self.pr_deflated / self.d_model
 
     @classmethod
     def measure(
@@ -234,195 +206,16 @@ class LayerGeometry:
         }
 
 
-def pr_profile(
-    model,
-    tokens: torch.Tensor,
-    counted: torch.Tensor | None = None,
-    hook_type: str = "resid_post",
-    batch_size: int = 8,
-    rule: CanyonRule = CanyonRule(),
-    layers: list[int] | None = None,
-    progress: bool = True,
-) -> list[LayerGeometry]:
-    """PR of `blocks.L.hook_{hook_type}` per layer, over the counted positions of `tokens`.
-
-    model: a HookedTransformer. tokens: [n_seq, ctx] token ids. counted: [n_seq, ctx]
-    bool, False at positions left out (special tokens); all True by default.
-    One `run_with_cache` pass per batch, stopped after the deepest requested layer.
-    Memory: one d² float64 covariance per layer on the model's device (pythia-410m:
-    8 MiB a layer, ≈ 200 MiB for 24), plus the batch's cached activations.
-    """
-    n_layers = model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
-    if not layers or not all(0 <= layer < n_layers for layer in layers):
-        raise SourceError(f"layers must be in 0..{n_layers - 1}, got {layers}")
-    names = {layer: f"blocks.{layer}.hook_{hook_type}" for layer in layers}
-    for name in names.values():
-        if name not in model.hook_dict:
-            valid = sorted(
-                {
-                    h.split(".", 2)[2].removeprefix("hook_")
-                    for h in model.hook_dict
-                    if h.startswith("blocks.0.hook_")
-                }
-            )
-            close = difflib.get_close_matches(hook_type, valid, n=3)
-            hint = (
-                f"; did you mean {', '.join(close)}?"
-                if close
-                else f"; block-level hook types: {', '.join(valid)}"
-            )
-            raise SourceError(f"hook type {hook_type!r}: the model has no {name}{hint}")
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim != 2:
-        raise SourceError(f"tokens must be [n_seq, ctx], got shape {tuple(tokens.shape)}")
-    counted = (
-        torch.ones_like(tokens, dtype=torch.bool) if counted is None else torch.as_tensor(counted)
-    )
-    if counted.shape != tokens.shape:
-        raise SourceError(
-            f"counted mask {tuple(counted.shape)} does not match tokens {tuple(tokens.shape)}"
-        )
-    if not bool(counted.any()):
-        raise SourceError("no counted token: every position is excluded")
-
-    device = model.cfg.device
-    accumulators: dict[int, CovarianceAccumulator] = {}
-    batches = range(0, tokens.shape[0], batch_size)
-    with torch.inference_mode():
-        for begin in tqdm(
-            batches, desc=f"pr-profile {hook_type}", unit="batch", disable=not progress
-        ):
-            mask = counted[begin : begin + batch_size]
-            if not bool(mask.any()):
-                continue
-            tok = tokens[begin : begin + batch_size].to(device)
-            _, cache = model.run_with_cache(
-                tok, names_filter=list(names.values()), stop_at_layer=layers[-1] + 1
-            )
-            for layer, name in names.items():
-                act = cache[name].flatten(2)  # [batch, pos, width]; heads flattened if any
-                acc = accumulators.get(layer)
-                if acc is None:
-                    acc = accumulators[layer] = CovarianceAccumulator(act.shape[-1], act.device)
-                acc.update(act, mask.to(act.device))
-            del cache
-    return [
-        LayerGeometry.measure(name, layer, accumulators[layer].covariance(), rule)
-        for layer, name in names.items()
-    ]
-
-
-def _hook_type(hook: str) -> str:
-    """`blocks.3.hook_resid_post` -> `resid_post`."""
-    return hook.split(".", 2)[-1].removeprefix("hook_")
-
-
 def _finite(value: float) -> float | None:
     """JSON has no NaN: an undefined PR is written as null."""
     return float(value) if math.isfinite(value) else None
 
 
-def profile_to_json(
-    model_name: str,
-    profile: list[LayerGeometry],
-    rule: CanyonRule | None = None,
-    hook_type: str | None = None,
-) -> dict[str, Any]:
-    """The `pr-profile` JSON; rule and hook type default to those the profile was measured with."""
-    if not profile:
-        raise ValueError("empty profile")
-    rule = profile[0].rule if rule is None else rule
-    hook_type = _hook_type(profile[0].hook) if hook_type is None else hook_type
-    return {
-        "model": model_name,
-        "hook_type": hook_type,
-        "rule": {"threshold": rule.threshold, "use": rule.use},
-        "layers": [
-            {key: value for key, value in g.to_dict().items() if key != "d_model"}
-            for g in profile
-        ],
-    }
+_MOVED = ("format_profile_table", "plot_pr_profile", "pr_profile", "profile_to_json")
 
 
-def format_profile_table(profile: list[LayerGeometry]) -> str:
-    """Plain-text table for the CLI."""
-    lines = [f"{'layer':>5}  {'pr':>10}  {'pr_deflated':>11}  {'pr_ratio':>8}  canyon"]
-    for g in profile:
-        layer = "-" if g.layer is None else str(g.layer)
-        canyon = "yes" if g.canyon else "no"
-        lines.append(
-            f"{layer:>5}  {g.pr:>10.3f}  {g.pr_deflated:>11.3f}  {g.pr_ratio:>8.4f}  {canyon}"
-        )
-    return "\n".join(lines)
-
-
-def plot_pr_profile(
-    profile: list[LayerGeometry],
-    path: str | Path,
-    rule: CanyonRule | None = None,
-    title: str | None = None,
-) -> Path:
-    """PR (log scale) against depth, raw and deflated, with the canyon band shaded; saves a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not profile:
-        raise ValueError("empty profile")
-    rule = profile[0].rule if rule is None else rule
-    xs = [i if g.layer is None else g.layer for i, g in enumerate(profile)]
-    d = profile[0].d_model
-    raw = [g.pr for g in profile]
-    deflated = [g.pr_deflated for g in profile]
-    band = rule.threshold * d
-    floor = min(0.7, 0.7 * band)  # PR ≥ 1 always; keep the band visible when threshold·d < 1
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    which = "PR" if rule.use == "raw" else "deflated PR"
-    ax.axhspan(
-        floor,
-        band,
-        color="tab:red",
-        alpha=0.12,
-        lw=0,
-        label=f"canyon: {which} < {rule.threshold:g}·d_model ({band:.3g})",
-    )
-    ax.axhline(band, color="tab:red", lw=0.8, ls=":")
-    ax.plot(xs, raw, "o-", color="tab:blue", label="raw PR")
-    ax.plot(xs, deflated, "s--", color="tab:green", label="deflated PR (top direction removed)")
-    flagged = [
-        (x, r if rule.use == "raw" else f)
-        for x, r, f, g in zip(xs, raw, deflated, profile, strict=True)
-        if g.canyon
-    ]
-    if flagged:
-        fx, fy = zip(*flagged, strict=True)
-        ax.scatter(
-            fx,
-            fy,
-            s=160,
-            facecolors="none",
-            edgecolors="tab:red",
-            linewidths=2,
-            zorder=3,
-            label="flagged layer",
-        )
-    ax.set_yscale("log")
-    ax.set_ylim(floor, d * 1.5)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("participation ratio")
-    ax.secondary_yaxis("right", functions=(lambda p: p / d, lambda r: r * d)).set_ylabel(
-        "PR / d_model"
-    )
-    ax.set_xticks(xs)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.set_title(title or "participation ratio by depth")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def __getattr__(name: str) -> Any:
+    """The profiler's names, moved to `sae_acceptance.pr_profile`, until cli.py imports them there."""
+    if name in _MOVED:
+        return getattr(importlib.import_module("sae_acceptance.pr_profile"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,22 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from csv_tables import points_from_csv, read_table
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from sae_acceptance.train.analysis import (
+from sae_acceptance.train.analysis import analysis_markdown, write_analysis
+from sae_acceptance.train.tables import (
     SweepPoint,
-    analysis_markdown,
     analysis_report,
     correlations,
     delta_table,
     kstar,
     kstar_table,
-    points_from_csv,
-    read_table,
     scale_table,
-    write_analysis,
 )
 
 REFERENCE = Path(__file__).parent / "data" / "reference"

@@ -86,3 +86,19 @@ def test_tiny_sweep_end_to_end(pytester, monkeypatch, tmp_path):
     assert [w.stat().st_mtime_ns for w in weights] == stamps  # loaded, not retrained
     print(f"tiny sweep: {trained_s:.0f} s with training")
     json.dumps(stamps)
+
+
+def test_train_table_is_the_trainer_settings(tmp_path):
+    """A profile's [train] table is `TrainSettings`: its fields, checks and descriptions."""
+    from sae_acceptance.train.settings import TrainSettings
+
+    assert load_profile("tiny").train == TrainSettings(expansion_factor=8, batch_size=1024, warmup_steps=50,
+                                                       dead_tokens=100_000)
+    assert all(field.description for field in TrainSettings.model_fields.values())
+    tiny = (Path(__file__).parents[1] / "sae_acceptance/train/profiles/tiny.toml").read_text()
+    path = tmp_path / "p.toml"
+    for line, message in [("auxk_alpha = -1", r"train\.auxk_alpha: Input should be greater than or equal to 0"),
+                          ("k = 4", r"train: k is not a \[train\] setting")]:
+        path.write_text(tiny.replace("[train]\n", f"[train]\n{line}\n"))
+        with pytest.raises(ConfigError, match=message):
+            load_profile(str(path))

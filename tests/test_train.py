@@ -15,15 +15,14 @@ import torch.nn.functional as F
 
 from sae_acceptance.sources.sae import load_sae, save_sae
 from sae_acceptance.train.activations import ActivationBuffer, activation_batches_from_tensor
+from sae_acceptance.train.optim import SignSGD, lr_factor
+from sae_acceptance.train.settings import TrainSettings
 from sae_acceptance.train.topk import (
     SCALE_TOKENS,
     TRAINER_VERSION,
-    SignSGD,
     TopKTrainee,
-    TrainConfig,
     _initial_statistics,
     geometric_median,
-    lr_factor,
     train_topk,
     train_topk_grid,
 )
@@ -73,7 +72,7 @@ def test_recovers_a_known_sparse_dictionary(optimizer):
     dictionary = sparse_dictionary(seed=11)
     x = sparse_samples(dictionary, 480_000, seed=1)
     held_out = sparse_samples(dictionary, 5_000, seed=2)
-    cfg = TrainConfig(
+    cfg = TrainSettings(
         k=4,
         d_sae=256,
         batch_size=512,
@@ -106,7 +105,7 @@ def test_initial_encoder_scale_is_the_least_squares_fit_for_each_k():
     at k=96); scaled it is below 1 (0.24 and 0.11), and so is the first step's."""
     dictionary = sparse_dictionary(128, 32)
     x = sparse_samples(dictionary, 3 * SCALE_TOKENS, active=6, seed=1) + 0.5
-    cfg = TrainConfig(d_sae=512, batch_size=SCALE_TOKENS, warmup_steps=10, seed=0)
+    cfg = TrainSettings(d_sae=512, batch_size=SCALE_TOKENS, warmup_steps=10, seed=0)
     init = _initial_statistics(x, cfg)
     sample = x[:SCALE_TOKENS]  # the tokens the scale is fit on
     scales = {}
@@ -127,7 +126,7 @@ def test_initial_encoder_scale_is_the_least_squares_fit_for_each_k():
         first = train_topk(
             activation_batches_from_tensor(x[SCALE_TOKENS:], SCALE_TOKENS, seed=0),
             32,
-            TrainConfig(**{**cfg.__dict__, "k": k}),
+            cfg.model_copy(update={"k": k}),
             SCALE_TOKENS,
             progress=False,
         )
@@ -162,7 +161,7 @@ def test_auxk_trains_the_dead_latents_on_the_residual():
     held_out = sparse_samples(dictionary, 8_000, active=2, seed=2)
     saes, unmoved = {}, {}
     for alpha in (0.0, 1 / 32):
-        cfg = TrainConfig(
+        cfg = TrainSettings(
             k=2,
             d_sae=256,
             batch_size=512,
@@ -193,7 +192,7 @@ def test_sparse_backward_equals_dense_autograd():
     """The gathered encoder backward and embedding-bag decoder give the gradients of the plain
     dense formulation of the same loss (TopK + AuxK over the dead latents)."""
     d, m, k = 16, 64, 4
-    cfg = TrainConfig(k=k, d_sae=m, auxk_k=8, dead_tokens=0, auxk_alpha=0.5, seed=0)
+    cfg = TrainSettings(k=k, d_sae=m, auxk_k=8, dead_tokens=0, auxk_alpha=0.5, seed=0)
     trainee = TopKTrainee(d, k, cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -253,7 +252,7 @@ def test_signum_saves_the_schedule_free_average_with_unit_decoder_rows(monkeypat
     monkeypatch.setattr(ScheduleFreeWrapper, "eval", recording_eval)
     dictionary = sparse_dictionary(64)
     x = sparse_samples(dictionary, 4_000, active=3, seed=4)
-    cfg = TrainConfig(k=4, d_sae=64, batch_size=500, warmup_steps=0, seed=5, optimizer="signum")
+    cfg = TrainSettings(k=4, d_sae=64, batch_size=500, warmup_steps=0, seed=5, optimizer="signum")
     sae = train_topk(activation_batches_from_tensor(x, 500, 6), 32, cfg, 4_000, progress=False)
 
     m = seen["momentum"]
@@ -274,7 +273,7 @@ def test_signum_saves_the_schedule_free_average_with_unit_decoder_rows(monkeypat
 def test_grid_equals_separate_runs_and_loads_in_saelens(tmp_path, optimizer):
     dictionary = sparse_dictionary(64)
     x = sparse_samples(dictionary, 7_000, active=3, seed=4)
-    cfg = TrainConfig(
+    cfg = TrainSettings(
         k=8,
         d_sae=64,
         batch_size=500,
@@ -300,7 +299,7 @@ def test_grid_equals_separate_runs_and_loads_in_saelens(tmp_path, optimizer):
         alone = train_topk(
             activation_batches_from_tensor(x, 500, 6),
             32,
-            TrainConfig(**{**cfg.__dict__, "k": k}),
+            cfg.model_copy(update={"k": k}),
             total,
             progress=False,
         )
@@ -328,21 +327,21 @@ def test_grid_equals_separate_runs_and_loads_in_saelens(tmp_path, optimizer):
 
 
 def test_schedule_and_geometric_median():
-    cfg = TrainConfig(warmup_steps=10, decay_fraction=0.2)
+    cfg = TrainSettings(warmup_steps=10, decay_fraction=0.2)
     total = 1000
     assert lr_factor(0, 0, total, cfg) == pytest.approx(0.1)
     assert lr_factor(9, 90, total, cfg) == 1.0
     assert lr_factor(50, 799, total, cfg) == 1.0
     assert lr_factor(90, 900, total, cfg) == pytest.approx(0.5)
     assert lr_factor(99, 999, total, cfg) == pytest.approx(0.005)
-    assert TrainConfig(d_sae=2**12).learning_rate(64) == pytest.approx(4e-4)
-    assert TrainConfig(d_sae=2**12, optimizer="signum").learning_rate(64) == pytest.approx(1e-2)
-    assert TrainConfig().decay() == 0.2 and TrainConfig(optimizer="signum").decay() == 0.0
-    assert TrainConfig(optimizer="signum", decay_fraction=0.1).decay() == 0.1
+    assert TrainSettings(d_sae=2**12).learning_rate(64) == pytest.approx(4e-4)
+    assert TrainSettings(d_sae=2**12, optimizer="signum").learning_rate(64) == pytest.approx(1e-2)
+    assert TrainSettings().decay() == 0.2 and TrainSettings(optimizer="signum").decay() == 0.0
+    assert TrainSettings(optimizer="signum", decay_fraction=0.1).decay() == 0.1
     with pytest.raises(ValueError, match="batch_size"):
-        TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="optimizer='sgd'.*adam, signum"):
-        TrainConfig(optimizer="sgd")
+        TrainSettings(batch_size=0)
+    with pytest.raises(ValueError, match="optimizer\n.*'adam' or 'signum'"):
+        TrainSettings(optimizer="sgd")
 
     g = torch.Generator().manual_seed(0)
     points = torch.randn(900, 8, generator=g)
@@ -456,7 +455,7 @@ def test_activation_buffer_stops_at_the_hook_layer_and_feeds_the_trainer(tiny_ho
         sae = train_topk(
             buffer,
             16,
-            TrainConfig(k=2, d_sae=32, batch_size=40, warmup_steps=1, seed=0),
+            TrainSettings(k=2, d_sae=32, batch_size=40, warmup_steps=1, seed=0),
             total_tokens=128,
             progress=False,
             hook_name=hook,

@@ -8,13 +8,14 @@ small-k SAE with an excellent-looking R² fails on patched loss.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sae_acceptance.hooks import HookPoint
+from sae_acceptance.io import read_json, write_json
 from sae_acceptance.reference.language import TopicLanguage
 from sae_acceptance.reference.model import (
     ReferenceModelSpec,
@@ -25,25 +26,24 @@ from sae_acceptance.reference.model import (
 )
 from sae_acceptance.sources.model import load_model, special_token_ids
 from sae_acceptance.sources.tokens import counted_mask
+from sae_acceptance.train.hookpoint import train_at_hook
+from sae_acceptance.train.profile import load_profile
 
 EVAL_SEED, SAE_TRAIN_SEED, PROBE_SEED = 1_000, 2_000, 3_000
 EVAL_SEQUENCES = 256
 SAE_TRAIN_SEQUENCES = 8_192  # 524k tokens of context 64
-SAE_GRID = {"blocks.0.hook_resid_post": (4, 32), "blocks.2.hook_resid_post": (4, 32)}
-SAE_EXPANSION = 8
+SAE_GRID = {0: (4, 32), 2: (4, 32)}  # k values by block: resid_post before and in the canyon
+SAE_SETTINGS_PROFILE = "tiny"  # the SAEs train as the tiny sweep does: its [train] table
 
 
-def sae_name(hook: str, k: int) -> str:
-    return f"L{hook.split('.')[1]}-k{k}"
+def sae_name(layer: int, k: int) -> str:
+    return f"L{layer}-k{k}"
 
 
 def build_reference(
     out: Path, spec: ReferenceModelSpec | None = None, progress: bool = True, reuse_model: bool = False
 ) -> Path:
     """Everything under `out`; `reuse_model` keeps an existing checkpoint and retrains only the SAEs."""
-    from sae_acceptance.train.hookpoint import train_at_hook
-    from sae_acceptance.train.topk import TrainConfig
-
     spec = spec or ReferenceModelSpec()
     torch.manual_seed(spec.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def build_reference(
     np.save(out / "tokens.npy", eval_tokens.astype(np.int32))
     manifest_path = out / "manifest.json"
     if reuse_model and manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
+        previous = read_json(manifest_path, "the reference manifest")
         loss, drift = previous["eval_loss_nats"], previous["canyon_max_logit_change"]
     else:
         hf_model = train_reference_model(spec, language, progress)
@@ -64,11 +64,11 @@ def build_reference(
     model = load_model(out / "model", device="cpu")
     train_tokens = torch.from_numpy(language.sequences(SAE_TRAIN_SEQUENCES, spec.context_size, SAE_TRAIN_SEED))
     np.save(out / "train_tokens.npy", train_tokens.numpy().astype(np.int16))  # the tiny sweep's stream
-    for hook, ks in SAE_GRID.items():
-        cfg = TrainConfig(k=max(ks), expansion_factor=SAE_EXPANSION, batch_size=1024, seed=spec.seed,
-                          dead_tokens=100_000, warmup_steps=50)
-        train_at_hook(model, "reference/model", train_tokens, hook, list(ks), cfg,
-                      out={k: out / "saes" / sae_name(hook, k) for k in ks}, buffer_tokens=65_536,
+    settings = load_profile(SAE_SETTINGS_PROFILE).train
+    for layer, ks in SAE_GRID.items():
+        cfg = settings.model_copy(update={"k": max(ks), "seed": spec.seed})
+        train_at_hook(model, "reference/model", train_tokens, HookPoint.at(layer).name, list(ks), cfg,
+                      out={k: out / "saes" / sae_name(layer, k) for k in ks}, buffer_tokens=65_536,
                       metadata={"context_size": spec.context_size, "prepend_bos": False,
                                 "dataset_path": "sae_acceptance.reference.language.TopicLanguage"},
                       progress=progress)
@@ -78,7 +78,7 @@ def build_reference(
         "canyon_max_logit_change": drift,
         "eval_sequences": EVAL_SEQUENCES,
         "sae_train_tokens": int(counted_mask(train_tokens, special_token_ids(model)).sum()),
-        "saes": [sae_name(h, k) for h, ks in SAE_GRID.items() for k in ks],
+        "saes": [sae_name(layer, k) for layer, ks in SAE_GRID.items() for k in ks],
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(manifest_path, manifest)
     return out

@@ -55,14 +55,10 @@ class TopicLanguage:
                 break
         return np.concatenate(parts)[:need].reshape(n, context_size)
 
-    def texts(self, n_docs: int, seed: int) -> list[str]:
-        """Documents as whitespace-separated words (no special tokens), for text datasets."""
-        rng = np.random.default_rng(seed)
-        return [" ".join(f"w{t}" for t in self.document(rng)[1:-1]) for _ in range(n_docs)]
-
 
 def build_tokenizer(vocab_size: int):
     """A word-level fast tokenizer: `w17` <-> 17, with <bos>/<eos>/<pad> as special tokens."""
+    # imported here: transformers takes seconds to import, and only a build or a test needs this
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,10 +1,10 @@
 """Training: the TopK trainer, k grids at a hookpoint, sweep profiles and the log's tables."""
 
 from importlib import resources
-from typing import Literal, get_args
 
-Optimizer = Literal["adam", "signum"]  # the trainer's optimisers (train/topk.py says what each is)
-OPTIMISERS: tuple[str, ...] = get_args(Optimizer)
+from sae_acceptance.train.settings import OPTIMISERS, TrainSettings
+
+__all__ = ["OPTIMISERS", "TrainSettings", "builtin_profiles"]
 
 
 def builtin_profiles() -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from sae_acceptance.sources.model import hook_layer
+from sae_acceptance.hooks import HookPoint
 
 
 class ActivationBuffer:
@@ -65,7 +65,7 @@ class ActivationBuffer:
         self.model_batch = model_batch
         self.model_device = torch.device(getattr(model.cfg, "device", None) or "cpu")
         self.device = torch.device(device) if device is not None else self.model_device
-        layer = hook_layer(hook_name)
+        layer = HookPoint.parse(hook_name).layer
         if layer is not None:
             self.stop_at_layer: int | None = layer + 1
         elif hook_name in ("hook_embed", "hook_pos_embed", "hook_tokens"):

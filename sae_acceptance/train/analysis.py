@@ -1,320 +1,38 @@
-"""Sweep points -> the research log's tables and plots.
+"""A sweep's analysis, rendered: analysis.json, Markdown tables and two plots.
 
-The derived tables follow the metric contract ("Derived tables of the seed"): deltas are
-larger minus smaller model at one depth and k; correlations of r2 and ce_rec are pooled and
-within fixed k; k*(t) interpolates linearly in k; the scale table backs SST/token out of r2.
-Models are ordered by size (d_model). Everything here is pure arithmetic on the points, so
-the log's printed numbers can be checked against it.
+The tables are computed in `tables`; here they are laid out (`render.format_table`)
+and drawn (`plots`).
 """
 
 from __future__ import annotations
 
-import csv
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from sae_acceptance.io import write_atomic, write_json
+from sae_acceptance.plots import Figure, Panel, Series, colours, plot
+from sae_acceptance.render import format_table
+from sae_acceptance.train.tables import (
+    SweepPoint,
+    analysis_report,
+    as_points,
+    depths_in,
+    grid_by_k,
+    models_by_size,
+)
 
-DEPTHS = ("early", "mid", "late")
-KSTAR_TARGETS = (0.85, 0.90)
-_INT_FIELDS = ("k", "d_model", "layer", "train_tokens")
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    """One SAE of a sweep: where it sits (model, depth, k) and what it scored (None: not measured)."""
-
-    model: str
-    depth: str
-    k: int
-    d_model: int | None = None
-    layer: int | None = None
-    train_tokens: int | None = None
-    r2: float | None = None
-    ce_rec: float | None = None
-    ce_rec_ci: tuple[float, float] | None = None
-    cosine: float | None = None
-    rel_error: float | None = None
-    mse_mean: float | None = None
-    alive_frac: float | None = None
-    rate_bits: float | None = None
-
-    @classmethod
-    def from_mapping(cls, record: Mapping[str, Any]) -> SweepPoint:
-        """Known fields only (a sweep may record more); a non-finite metric counts as not measured."""
-        missing = [name for name in ("model", "depth", "k") if record.get(name) is None]
-        if missing:
-            raise ValueError(
-                f"sweep point {dict(record)} lacks {', '.join(missing)} "
-                "(for a CSV without the column, pass it: points_from_csv(path, depth='mid'))"
-            )
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            value = record.get(field.name)
-            if field.name in ("model", "depth"):
-                values[field.name] = str(value)
-            elif field.name == "ce_rec_ci":
-                ends = None if value is None else tuple(_finite(v) for v in value)
-                values[field.name] = ends if ends and len(ends) == 2 and None not in ends else None
-            elif field.name in _INT_FIELDS:
-                values[field.name] = None if value is None else int(value)
-            else:
-                values[field.name] = _finite(value)
-        return cls(**values)
-
-
-def _finite(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _cell(text: str) -> int | float | str | None:
-    """A CSV cell as a number where it is one; an empty cell is None."""
-    if text == "":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def read_table(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a CSV with numbers parsed, e.g. the log's reference tables."""
-    with open(path, newline="") as handle:
-        return [{name: _cell(text) for name, text in row.items()} for row in csv.DictReader(handle)]
-
-
-def points_from_csv(path: str | Path, **defaults: Any) -> list[SweepPoint]:
-    """Points from a CSV in the reference layout; `defaults` supply columns the file lacks (depth='mid')."""
-    points = []
-    for row in read_table(path):
-        record = defaults | row
-        low, high = record.pop("ce_rec_ci_low", None), record.pop("ce_rec_ci_high", None)
-        if low is not None and high is not None:
-            record["ce_rec_ci"] = (low, high)
-        points.append(SweepPoint.from_mapping(record))
-    return points
-
-
-def as_points(points: Iterable[SweepPoint | Mapping[str, Any]]) -> list[SweepPoint]:
-    """Accept sweep records as SweepPoints or as the plain dicts a sweep writes to points.json."""
-    return [p if isinstance(p, SweepPoint) else SweepPoint.from_mapping(p) for p in points]
-
-
-def models_by_size(points: Iterable[SweepPoint]) -> list[str]:
-    """Model names, smaller to larger by d_model (models without one keep their order, last)."""
-    width: dict[str, int | None] = {}
-    for p in points:
-        width.setdefault(p.model, p.d_model)
-    return sorted(width, key=lambda m: (width[m] is None, width[m] or 0))
-
-
-def depths_in(points: Iterable[SweepPoint]) -> list[str]:
-    """Depths present, early -> mid -> late first, any others after in name order."""
-    present = {p.depth for p in points}
-    return [d for d in DEPTHS if d in present] + sorted(present - set(DEPTHS))
-
-
-def _grid(points: Iterable[SweepPoint], model: str, depth: str) -> dict[int, SweepPoint]:
-    """One model's points at one depth by k; two points at one k (two budgets) are ambiguous."""
-    grid: dict[int, SweepPoint] = {}
-    for p in points:
-        if p.model == model and p.depth == depth:
-            if p.k in grid:
-                raise ValueError(
-                    f"two points for {model} {depth} k={p.k} (train_tokens "
-                    f"{grid[p.k].train_tokens} and {p.train_tokens}): analyse one budget at a time"
-                )
-            grid[p.k] = p
-    return dict(sorted(grid.items()))
-
-
-def _minus(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
-
-
-def delta_table(
-    points: Iterable[SweepPoint], depth: str, smaller: str, larger: str
-) -> list[dict[str, Any]]:
-    """Δr2 and Δce_rec (larger minus smaller) at each k both models have: the proxy gap's sign test."""
-    points = as_points(points)
-    small, large = _grid(points, smaller, depth), _grid(points, larger, depth)
-    return [
-        {
-            "k": k,
-            "delta_r2": _minus(large[k].r2, small[k].r2),
-            "delta_ce_rec": _minus(large[k].ce_rec, small[k].ce_rec),
-        }
-        for k in sorted(small.keys() & large.keys())
-    ]
-
-
-def pearson(x: Sequence[float], y: Sequence[float], what: str = "correlation") -> float:
-    """Pearson's r; a ValueError rather than NaN when it is undefined."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 3:
-        raise ValueError(f"{what}: {len(x)} points, a correlation needs at least 3")
-    x, y = x - x.mean(), y - y.mean()
-    if np.sqrt(np.mean(x * x)) <= 1e-12 or np.sqrt(np.mean(y * y)) <= 1e-12:
-        raise ValueError(f"{what}: zero variance, the correlation is undefined")
-    return float(np.clip(x @ y / np.sqrt((x @ x) * (y @ y)), -1.0, 1.0))
-
-
-def demean_within(groups: Sequence[Any], values: Sequence[float]) -> np.ndarray:
-    """Subtract each group's mean: what is left varies only within a group (here: scale at fixed k)."""
-    groups, values = np.asarray(groups), np.asarray(values, dtype=np.float64)
-    out = values.copy()
-    for g in np.unique(groups):
-        out[groups == g] -= values[groups == g].mean()
-    return out
-
-
-def correlations(points: Iterable[SweepPoint], depth: str, strict: bool = True) -> dict[str, Any]:
-    """r2 vs ce_rec at one depth: pooled over k and models, and within fixed k (scale only).
-
-    An undefined correlation raises ValueError; with strict=False it is None instead and the
-    reason is kept under "undefined" (a one-model sweep still has a pooled correlation).
-    """
-    measured = [
-        p
-        for p in as_points(points)
-        if p.depth == depth and p.r2 is not None and p.ce_rec is not None
-    ]
-    ks = [p.k for p in measured]
-    r2, ce_rec = [p.r2 for p in measured], [p.ce_rec for p in measured]
-    pairs = {
-        "corr_pooled": (r2, ce_rec),
-        "corr_within_k": (demean_within(ks, r2), demean_within(ks, ce_rec)),
-    }
-    result: dict[str, Any] = {"n": len(measured)}
-    undefined = []
-    for name, (x, y) in pairs.items():
-        try:
-            result[name] = pearson(x, y, f"{depth}: {name}")
-        except ValueError as err:
-            if strict:
-                raise
-            result[name] = None
-            undefined.append(str(err))
-    return result | ({"undefined": "; ".join(undefined)} if undefined else {})
-
-
-def kstar(ks: Sequence[int], ce_recs: Sequence[float], target: float) -> float | None:
-    """Smallest k with ce_rec >= target, linear in k between the grid points bracketing the first
-    crossing; the first k if it already reaches the target; None if no grid point does."""
-    if len(ks) != len(ce_recs):
-        raise ValueError(f"{len(ks)} k values but {len(ce_recs)} ce_rec values")
-    if len(set(ks)) != len(ks):
-        raise ValueError(f"repeated k in {list(ks)}")
-    previous = None
-    for k, ce_rec in sorted(zip(ks, ce_recs, strict=True)):
-        if ce_rec >= target:
-            if previous is None:
-                return float(k)
-            k0, ce0 = previous
-            return float(k0 + (target - ce0) * (k - k0) / (ce_rec - ce0))
-        previous = (k, ce_rec)
-    return None
-
-
-def kstar_table(
-    points: Iterable[SweepPoint], depth: str, targets: Sequence[float], models: Sequence[str]
-) -> list[dict[str, Any]]:
-    """k*(t) per model (smaller to larger) and the tax: ratio of the largest's k* to the smallest's."""
-    if not models:
-        raise ValueError("k* table: no models named")
-    points = as_points(points)
-    curves = {
-        m: {k: p.ce_rec for k, p in _grid(points, m, depth).items() if p.ce_rec is not None}
-        for m in models
-    }
-    rows = []
-    for target in targets:
-        values = {m: kstar(list(c), list(c.values()), target) for m, c in curves.items()}
-        first, last = values[models[0]], values[models[-1]]
-        ratio = last / first if len(models) > 1 and first and last else None
-        rows.append({"depth": depth, "target": target, "kstar": values, "ratio": ratio})
-    return rows
-
-
-def scale_table(points: Iterable[SweepPoint]) -> list[dict[str, Any]]:
-    """Per-token SSE and SST: a high r2 can come from a large SST rather than a small error."""
-    rows = []
-    for p in _ordered(as_points(points)):
-        if p.mse_mean is None or p.d_model is None or p.r2 is None:
-            continue
-        sse = p.mse_mean * p.d_model
-        rows.append(
-            {
-                "model": p.model,
-                "depth": p.depth,
-                "k": p.k,
-                "d_model": p.d_model,
-                "mse_mean": p.mse_mean,
-                "rel_error": p.rel_error,
-                "r2": p.r2,
-                "sse_per_token": sse,
-                "sst_per_token": sse / (1 - p.r2) if p.r2 < 1 else None,
-                "ce_rec": p.ce_rec,
-                "loss_ratio": None if p.ce_rec is None else 2 - p.ce_rec,  # L_recon / L_orig
-            }
-        )
-    return rows
-
-
-def _ordered(points: list[SweepPoint]) -> list[SweepPoint]:
-    depth_rank = {d: i for i, d in enumerate(depths_in(points))}
-    model_rank = {m: i for i, m in enumerate(models_by_size(points))}
-    return sorted(
-        points, key=lambda p: (depth_rank[p.depth], p.k, model_rank[p.model], p.train_tokens or 0)
-    )
-
-
-def analysis_report(points: Iterable[SweepPoint | Mapping[str, Any]]) -> dict[str, Any]:
-    """Every table of the log for a sweep, as JSON-ready data (no NaN: undefined is None)."""
-    points = _ordered(as_points(points))
-    depths = depths_in(points)
-    at_depth = {d: models_by_size(p for p in points if p.depth == d) for d in depths}
-    return {
-        "models": models_by_size(points),
-        "depths": depths,
-        "points": [
-            asdict(p) | {"ce_rec_ci": list(p.ce_rec_ci) if p.ce_rec_ci else None} for p in points
-        ],
-        "deltas": [
-            {"depth": d, "smaller": a, "larger": b, "rows": delta_table(points, d, a, b)}
-            for d in depths
-            for a, b in combinations(at_depth[d], 2)
-        ],
-        "correlations": [{"depth": d, **correlations(points, d, strict=False)} for d in depths],
-        "kstar": [
-            row for d in depths for row in kstar_table(points, d, KSTAR_TARGETS, at_depth[d])
-        ],
-        "scale": scale_table(points),
-    }
+Points = Iterable[SweepPoint | Mapping[str, Any]]
 
 
 def _fmt(value: Any, spec: str = ".3f", missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def _table_of(records: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A table from (header, key, format spec) columns."""
+    """A Markdown table from (header, key, format spec) columns."""
     rows = [[_fmt(r[key], spec) for _, key, spec in columns] for r in records]
-    return _table([header for header, _, _ in columns], rows)
+    return format_table([header for header, _, _ in columns], rows, markdown=True)
 
 
 _POINT_COLUMNS = (
@@ -342,7 +60,7 @@ def _point_text(p: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def analysis_markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown tables laid out like the log's."""
+    """`analysis_report`'s tables as Markdown."""
     parts = [
         "# Sweep analysis",
         "ce_rec = 2 − L_recon/L_orig (1 = loss unchanged, 0 = loss doubled) is the behavioural "
@@ -357,17 +75,14 @@ def analysis_markdown(report: Mapping[str, Any]) -> str:
         parts.append(_table_of(block["rows"], _DELTA_COLUMNS))
     parts.append("## Correlation of r2 and ce_rec")
     parts.append(
-        _table(
+        format_table(
             ["depth", "n", "pooled over k and scale", "within fixed k (scale only)"],
             [
-                [
-                    r["depth"],
-                    str(r["n"]),
-                    _fmt(r["corr_pooled"], "+.3f", "undefined"),
-                    _fmt(r["corr_within_k"], "+.3f", "undefined"),
-                ]
+                [r["depth"], str(r["n"]), _fmt(r["corr_pooled"], "+.3f", "undefined"),
+                 _fmt(r["corr_within_k"], "+.3f", "undefined")]
                 for r in report["correlations"]
             ],
+            markdown=True,
         )
     )
     notes = [f"- {r['undefined']}" for r in report["correlations"] if "undefined" in r]
@@ -375,20 +90,15 @@ def analysis_markdown(report: Mapping[str, Any]) -> str:
     models = report["models"]
     parts.append("## k*(t): smallest k with ce_rec ≥ t (linear interpolation in k)")
     parts.append(
-        _table(
+        format_table(
             ["depth", "t", *[f"k*({m})" for m in models], "ratio (largest/smallest)"],
             [
-                [
-                    r["depth"],
-                    f"{r['target']:.2f}",
-                    *[
-                        _fmt(r["kstar"][m], ".1f", "undefined") if m in r["kstar"] else "—"
-                        for m in models
-                    ],
-                    _fmt(r["ratio"], ".2f"),
-                ]
+                [r["depth"], f"{r['target']:.2f}",
+                 *[_fmt(r["kstar"][m], ".1f", "undefined") if m in r["kstar"] else "—" for m in models],
+                 _fmt(r["ratio"], ".2f")]
                 for r in report["kstar"]
             ],
+            markdown=True,
         )
     )
     if report["scale"]:
@@ -397,117 +107,70 @@ def analysis_markdown(report: Mapping[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _figure(width: float, height: float):
-    """A figure drawn by Agg alone: no pyplot, no window, no global backend switch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _colours(models: Sequence[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    return {m: colormaps["tab10"](i % 10) for i, m in enumerate(models)}
-
-
-def plot_ce_rec_vs_k(points: Iterable[SweepPoint | Mapping[str, Any]], path: str | Path) -> Path:
+def plot_ce_rec_vs_k(points: Points, path: str | Path) -> Path:
     """ce_rec against k, one panel per depth, a line per model, bootstrap CI bands where measured."""
     points = [p for p in as_points(points) if p.ce_rec is not None]
     if not points:
         raise ValueError("no point has ce_rec: nothing to plot")
     depths, models = depths_in(points), models_by_size(points)
-    colour = _colours(models)
-    fig = _figure(1.0 + 3.6 * len(depths), 3.8)
-    axes = fig.subplots(1, len(depths), sharey=True, squeeze=False)[0]
-    for ax, depth in zip(axes, depths, strict=True):
+    colour = colours(models)
+    nan = float("nan")
+    panels = []
+    for i, depth in enumerate(depths):
+        series = []
         for model in models:
-            grid = list(_grid(points, model, depth).values())
+            grid = list(grid_by_k(points, model, depth).values())
             if not grid:
                 continue
-            ax.plot(
-                [p.k for p in grid],
-                [p.ce_rec for p in grid],
-                "o-",
-                color=colour[model],
-                label=model,
-            )
-            band = [(p.k, *p.ce_rec_ci) for p in grid if p.ce_rec_ci]
-            if band:
-                k, low, high = zip(*band, strict=True)
-                ax.fill_between(k, low, high, color=colour[model], alpha=0.15, linewidth=0)
-        ks = sorted({p.k for p in points if p.depth == depth})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.minorticks_off()
-        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{depth} depth")
-        ax.set_xlabel("k (active latents per token)")
-    axes[0].set_ylabel("ce_rec = 2 − L_recon / L_orig")
-    axes[0].legend(loc="lower right", fontsize="small")
-    fig.savefig(path, dpi=120)
-    return Path(path)
+            band = None
+            if any(p.ce_rec_ci for p in grid):
+                band = ([p.ce_rec_ci[0] if p.ce_rec_ci else nan for p in grid],
+                        [p.ce_rec_ci[1] if p.ce_rec_ci else nan for p in grid])
+            series.append(Series([p.k for p in grid], [p.ce_rec for p in grid], model, colour[model], band=band))
+        panels.append(Panel(
+            series, title=f"{depth} depth", xlabel="k (active latents per token)",
+            ylabel="ce_rec = 2 − L_recon / L_orig" if i == 0 else "", log_x=2,
+            xticks=sorted({p.k for p in points if p.depth == depth}), guides=(1.0,),
+            legend="lower right" if i == 0 else None,
+        ))  # fmt: skip
+    return plot(Figure(panels, width=1.0 + 3.6 * len(depths), height=3.8, share_y=True), path)
 
 
 _DEPTH_MARKERS = {"early": "^", "mid": "o", "late": "s"}
 
 
-def plot_r2_vs_ce_rec(points: Iterable[SweepPoint | Mapping[str, Any]], path: str | Path) -> Path:
+def plot_r2_vs_ce_rec(points: Points, path: str | Path) -> Path:
     """r2 against ce_rec, colour per model, marker per depth, each point labelled with its k."""
-    from matplotlib.lines import Line2D
-
     points = [p for p in as_points(points) if p.r2 is not None and p.ce_rec is not None]
     if not points:
         raise ValueError("no point has both r2 and ce_rec: nothing to plot")
     depths, models = depths_in(points), models_by_size(points)
-    colour = _colours(models)
+    colour = colours(models)
     extra = iter("DvPX*" * len(depths))
     marker = {d: _DEPTH_MARKERS.get(d) or next(extra) for d in depths}
-    fig = _figure(6.4, 4.6)
-    ax = fig.subplots()
+    series = []
     for depth in depths:
         for model in models:
-            grid = list(_grid(points, model, depth).values())  # in k order: the line shows the path
+            grid = list(grid_by_k(points, model, depth).values())  # in k order: the line shows the path
             if not grid:
                 continue
             r2, ce_rec = [p.r2 for p in grid], [p.ce_rec for p in grid]
-            ax.plot(r2, ce_rec, color=colour[model], linewidth=0.8, alpha=0.4)
-            ax.scatter(r2, ce_rec, color=colour[model], marker=marker[depth], s=40, zorder=3)
-            for p in grid:
-                ax.annotate(
-                    f"{p.k}",
-                    (p.r2, p.ce_rec),
-                    textcoords="offset points",
-                    xytext=(4, 3),
-                    fontsize=7,
-                )
-    ax.set_xlabel("r2 (variance explained)")
-    ax.set_ylabel("ce_rec (behaviour preserved)")
-    ax.grid(alpha=0.3)
-    ax.set_title("Reconstruction vs behaviour (point labels: k)")
-    handles = [Line2D([], [], color=colour[m], marker="o", linestyle="", label=m) for m in models]
-    handles += [
-        Line2D([], [], color="grey", marker=marker[d], linestyle="", label=d) for d in depths
-    ]
-    ax.legend(handles=handles, loc="best", fontsize="small")
-    fig.savefig(path, dpi=120)
-    return Path(path)
+            series.append(Series(r2, ce_rec, colour=colour[model], style="-", line_width=0.8, alpha=0.4))
+            series.append(Series(r2, ce_rec, colour=colour[model], style=marker[depth],
+                                 labels=[str(p.k) for p in grid]))
+    series += [Series([], [], m, colour[m], style="o") for m in models]  # legend: models, then depths
+    series += [Series([], [], d, "grey", style=marker[d]) for d in depths]
+    panel = Panel(series, title="Reconstruction vs behaviour (point labels: k)",
+                  xlabel="r2 (variance explained)", ylabel="ce_rec (behaviour preserved)")
+    return plot(Figure([panel]), path)
 
 
-def write_analysis(
-    points: Iterable[SweepPoint | Mapping[str, Any]], out_dir: str | Path
-) -> dict[str, Path]:
-    """analysis.json (atomic), analysis.md and the two plots, into `out_dir`."""
-    from sae_acceptance.report import write_atomic, write_json  # the writers (report imports torch)
-
+def write_analysis(points: Points, out_dir: str | Path) -> dict[str, Path]:
+    """analysis.json, analysis.md and the two plots, into `out_dir` (each written atomically)."""
     points = as_points(points)
     if not points:
         raise ValueError("no sweep points to analyse")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     report = analysis_report(points)
     return {
         "json": write_json(out / "analysis.json", report),

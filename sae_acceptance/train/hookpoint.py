@@ -16,7 +16,8 @@ from sae_acceptance.sources.model import special_token_ids
 from sae_acceptance.sources.sae import save_sae
 from sae_acceptance.sources.tokens import counted_mask
 from sae_acceptance.train.activations import ActivationBuffer
-from sae_acceptance.train.topk import TrainConfig, train_topk_grid
+from sae_acceptance.train.settings import TrainSettings
+from sae_acceptance.train.topk import train_topk_grid
 
 
 def train_at_hook(
@@ -25,7 +26,7 @@ def train_at_hook(
     tokens: torch.Tensor,
     hook: str,
     ks: list[int],
-    cfg: TrainConfig,
+    cfg: TrainSettings,
     out: Mapping[int, Path],
     train_tokens: int | None = None,
     metadata: dict[str, Any] | None = None,

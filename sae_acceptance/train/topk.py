@@ -1,46 +1,10 @@
 """The TopK SAE trainer (Gao et al. 2024), and a k-grid trainer that shares one data pass.
 
-Recipe:
-
-- latents: ReLU of the k largest pre-activations ``(x - b_dec) W_enc + b_enc``;
-- decoder rows are random unit vectors (seeded), kept at unit norm: the gradient's
-  component along each row is removed before a step and rows are renormalised
-  after it; ``b_enc`` starts at zero;
-- ``b_dec`` starts at the geometric median (Weiszfeld iterations) of a sample of
-  the first batches, or at their mean where that fails;
-- the encoder starts as the decoder's transpose times a scale ``s`` set per k on
-  a sample of ``SCALE_TOKENS`` tokens: the least-squares factor for the initial
-  reconstruction (with ``b_enc`` at zero the top-k choice does not depend on
-  ``s``, and the reconstruction is ``s r``). Unscaled, ``r`` overshoots the more
-  the larger k is, and at small budgets a larger k then trained worse;
-- loss: squared error summed over dimensions and averaged over tokens, divided by
-  the per-token variance of the initial sample (a fixed normaliser, so the loss
-  is an FVU on a constant scale), plus ``auxk_alpha`` times the AuxK loss, in
-  which the ``auxk_k`` largest pre-activations among the dead latents (no firing
-  for ``dead_tokens`` tokens) reconstruct the main reconstruction's error,
-  normalised by that error's variance in the batch;
-- optimiser ``adam`` (the default): Adam (betas 0.9/0.999, eps 6.25e-10), learning
-  rate ``2e-4 / sqrt(d_sae / 2**14)`` unless given, linear warm-up, linear decay to
-  zero over the last ``decay_fraction`` (0.2) of the training tokens;
-- optimiser ``signum``: sign descent (every weight moves by the learning rate,
-  ``5e-3 / sqrt(d_sae / 2**14)`` unless given) under schedule-free averaging
-  (``schedulefree.ScheduleFreeWrapper``, momentum 0.95), linear warm-up and no
-  decay (the average takes the schedule's place); the saved weights are the
-  average. It is sparsify's default and converges faster at small token
-  budgets (benchmarks/README.md).
-
-Inputs are not rescaled: in an anisotropic layer (a "canyon", where one
-direction holds most of the variance) a scale fixed by the total variance
-shrinks every other feature, and on the reference model's canyon layer that
-cost alive latents.
-
-A step costs one dense ``[n, d_in] x [d_in, d_sae]`` product (the encoder's
-forward, without autograd), written into a buffer that every step and every SAE
-of a grid reuses (a fresh ``[n, d_sae]`` tensor per step cost 30% on top of the
-product in page faults); everything else touches only the selected latents:
-the decoder is a weighted gather (``F.embedding_bag``) and the encoder's
-backward is a gather over the tokens that selected each latent, so both are
-O(n (k + auxk_k) d_in) rather than O(n d_sae d_in).
+A grid trains one SAE per k from the same batches, so the activations (a model
+run) are produced once. A step costs one dense encoder product, written into a
+buffer every step and every SAE of a grid reuses; the decoder and the encoder's
+backward touch only the selected latents (`_SelectedPreacts`). The recipe, its
+defaults and why each was chosen: docs/training.md.
 """
 
 from __future__ import annotations
@@ -48,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,70 +21,12 @@ from schedulefree import ScheduleFreeWrapper
 from tqdm.auto import tqdm
 
 from sae_acceptance.sources.sae import SAE
-from sae_acceptance.train import OPTIMISERS, Optimizer
+from sae_acceptance.train.optim import lr_factor, make_optimiser
+from sae_acceptance.train.settings import TrainSettings
 
 TRAINER_VERSION = "topk-4"
 SCALE_TOKENS = 2048  # tokens of the init sample that set the encoder scale
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    k: int = 32
-    expansion_factor: int = 32
-    d_sae: int | None = None  # None: expansion_factor * d_in
-    lr: float | None = None  # None: 2e-4 (adam) or 5e-3 (signum) / sqrt(d_sae / 2**14)
-    batch_size: int = 4096  # tokens per step
-    warmup_steps: int = 100
-    decay_fraction: float | None = None  # linear decay to 0 over this last share; None: 0.2 (adam), 0 (signum)
-    auxk_alpha: float = 1 / 32
-    auxk_k: int | None = None  # None: d_in // 2
-    dead_tokens: int = 10_000_000  # tokens without firing before a latent counts as dead
-    seed: int = 0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 6.25e-10
-    init_tokens: int = 32_768  # sample (from the first batches) for b_dec and the MSE scale
-    median_iterations: int = 10
-    optimizer: Optimizer = "adam"  # last: positional use of the earlier fields keeps working
-
-    def __post_init__(self) -> None:
-        checks = {
-            "k": self.k > 0,
-            "expansion_factor": self.expansion_factor > 0,
-            "d_sae": self.d_sae is None or self.d_sae > 0,
-            "lr": self.lr is None or self.lr > 0,
-            "batch_size": self.batch_size > 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "optimizer": self.optimizer in OPTIMISERS,
-            "decay_fraction": self.decay_fraction is None or 0.0 <= self.decay_fraction <= 1.0,
-            "auxk_alpha": self.auxk_alpha >= 0,
-            "auxk_k": self.auxk_k is None or self.auxk_k > 0,
-            "dead_tokens": self.dead_tokens >= 0,
-            "init_tokens": self.init_tokens > 0,
-            "median_iterations": self.median_iterations >= 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            choices = f" (one of {', '.join(OPTIMISERS)})" if "optimizer" in bad else ""
-            raise ValueError(
-                "TrainConfig: invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad) + choices
-            )
-
-    def latents(self, d_in: int) -> int:
-        return self.d_sae or self.expansion_factor * d_in
-
-    def learning_rate(self, d_in: int) -> float:
-        if self.lr is not None:
-            return self.lr
-        base = 5e-3 if self.optimizer == "signum" else 2e-4
-        return base / math.sqrt(self.latents(d_in) / 2**14)
-
-    def decay(self) -> float:
-        if self.decay_fraction is not None:
-            return self.decay_fraction
-        return 0.0 if self.optimizer == "signum" else 0.2
-
-    def aux_latents(self, d_in: int) -> int:
-        return self.auxk_k or max(1, d_in // 2)
+TrainConfig = TrainSettings  # the old name, until cli.py imports TrainSettings
 
 
 # --------------------------------------------------------------------------- initialisation
@@ -151,7 +57,7 @@ class _Init:
     centred: torch.Tensor  # the first SCALE_TOKENS tokens of the sample minus b_dec
 
 
-def _initial_statistics(sample: torch.Tensor, cfg: TrainConfig) -> _Init:
+def _initial_statistics(sample: torch.Tensor, cfg: TrainSettings) -> _Init:
     median = geometric_median(sample, cfg.median_iterations)
     wide = _wide(sample)
     variance = float((wide - wide.mean(0)).pow(2).sum(1).mean())
@@ -238,7 +144,7 @@ class TopKTrainee(torch.nn.Module):
     that the sparse backward gathers contiguous rows.
     """
 
-    def __init__(self, d_in: int, k: int, cfg: TrainConfig, device: torch.device | str = "cpu"):
+    def __init__(self, d_in: int, k: int, cfg: TrainSettings, device: torch.device | str = "cpu"):
         super().__init__()
         d_sae = cfg.latents(d_in)
         if not 0 < k <= d_sae:
@@ -364,51 +270,7 @@ class TopKTrainee(torch.nn.Module):
             )
 
 
-# --------------------------------------------------------------------------- optimisers
-
-
-class SignSGD(torch.optim.Optimizer):
-    """Sign descent: each weight moves by the learning rate against its gradient's sign.
-
-    Steepest descent in the max norm (Bernstein et al. 2018); under schedule-free
-    averaging it is sparsify's default for SAEs.
-    """
-
-    def __init__(self, params, lr: float):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102
-        if closure is not None:
-            raise ValueError("SignSGD.step takes no closure")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad.sign(), alpha=-group["lr"])
-
-
-def make_optimiser(trainee: TopKTrainee, cfg: TrainConfig, lr: float):
-    """``cfg.optimizer`` over the trainee's parameters, ready to step."""
-    if cfg.optimizer == "adam":
-        fused = trainee.W_dec.device.type in ("cpu", "cuda")  # one kernel: 9x faster on a CPU
-        return torch.optim.Adam(
-            trainee.parameters(), lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None
-        )
-    optimiser = ScheduleFreeWrapper(SignSGD(trainee.parameters(), lr=lr), momentum=0.95)
-    optimiser.train()
-    return optimiser
-
-
 # --------------------------------------------------------------------------- training loop
-
-
-def lr_factor(step: int, tokens_seen: int, total_tokens: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps` steps; linear decay to 0 over the last `decay_fraction` tokens."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    decay_tokens = cfg.decay() * total_tokens
-    left = total_tokens - tokens_seen
-    decay = 1.0 if decay_tokens <= 0 or left >= decay_tokens else max(0.0, left / decay_tokens)
-    return warm * decay
 
 
 def _checked(batch: torch.Tensor, d_in: int) -> torch.Tensor:
@@ -433,7 +295,7 @@ def train_topk_grid(
     batches: Iterable[torch.Tensor],
     d_in: int,
     ks: list[int],
-    cfg: TrainConfig,
+    cfg: TrainSettings,
     total_tokens: int,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
@@ -474,7 +336,7 @@ def train_topk_grid(
         trainee = TopKTrainee(d_in, k, cfg, device)
         trainee.initialise(init)
         trainees[k] = trainee
-        optimisers[k] = make_optimiser(trainee, cfg, base_lr)
+        optimisers[k] = make_optimiser(list(trainee.parameters()), cfg, base_lr)
 
     label = f"k={ks[0]}" if len(ks) == 1 else f"k={','.join(map(str, ks))}"
     bar = tqdm(
@@ -516,8 +378,7 @@ def train_topk_grid(
     for k, optimiser in optimisers.items():
         if isinstance(optimiser, ScheduleFreeWrapper):
             # the parameters become the average: the trained SAE. An average of unit
-            # rows that keep turning is shorter than unit (0.55 on a toy dictionary,
-            # which then went unrecovered), so the rows are renormalised.
+            # rows that keep turning is shorter than unit, so the rows are renormalised.
             optimiser.eval()
             trainees[k].normalise_decoder()
     if seen < total_tokens:
@@ -538,7 +399,7 @@ def train_topk_grid(
             "seed": cfg.seed,
             "lr": base_lr,
             "trainer_version": TRAINER_VERSION,
-            "training_config": {**asdict(cfg), "k": k, "decay_fraction": cfg.decay()},
+            "training_config": cfg.model_dump() | {"k": k, "decay_fraction": cfg.decay()},
             "final_train_fvu": float(stats[k].fvu) if k in stats else None,
             "final_dead_fraction": trainee.dead_fraction(),
         }
@@ -578,7 +439,7 @@ def _postfix(stats: dict[int, StepStats], trainees: dict[int, TopKTrainee]) -> s
 def train_topk(
     batches: Iterable[torch.Tensor],
     d_in: int,
-    cfg: TrainConfig,
+    cfg: TrainSettings,
     total_tokens: int,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,

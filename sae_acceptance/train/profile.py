@@ -1,0 +1,81 @@
+"""Sweep profiles: which models, layers, k grid, data and training budget a sweep covers.
+
+A profile is a TOML file, or the name of one shipped in `profiles/`. Its `[train]`
+table is the trainer's own `TrainSettings` (the k grid is the top-level `ks`).
+Every mistake is one `ConfigError` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from pydantic import Field, PositiveInt, ValidationError, field_validator
+
+from sae_acceptance.config import Bound, StrictModel, describe, read_toml
+from sae_acceptance.errors import ConfigError
+from sae_acceptance.train import builtin_profiles
+from sae_acceptance.train.settings import TrainSettings
+
+
+class DataSpec(StrictModel):
+    dataset: str
+    column: str | None = None
+    context_size: int = Field(gt=1)
+    train_tokens: int = Field(gt=0)
+
+
+class EvalSpec(StrictModel):
+    dataset: str | None = Field(None, description="default: the training stream, skipped ahead")
+    n_sequences: int = Field(200, gt=0)
+    skip: int = Field(0, ge=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class ModelSpec(StrictModel):
+    name: str
+    layers: dict[str, int]
+    label: str | None = Field(None, description="in SAE names, tables and plots; default: the name's last part")
+
+    @property
+    def shown(self) -> str:
+        return self.label or Path(self.name).name
+
+
+class Profile(StrictModel):
+    name: str
+    ks: list[PositiveInt] = Field(min_length=1)
+    data: DataSpec
+    eval: EvalSpec = EvalSpec()
+    train: TrainSettings = TrainSettings()
+    model: list[ModelSpec] = Field(min_length=1)
+    gate: dict[str, Bound] = Field(default_factory=dict)
+
+    @field_validator("train")
+    @classmethod
+    def _k_is_the_grid(cls, train: TrainSettings) -> TrainSettings:
+        if "k" in train.model_fields_set:
+            raise ValueError("k is not a [train] setting: a profile's k values are its top-level `ks`")
+        return train
+
+    def train_settings(self) -> TrainSettings:
+        """The trainer's settings for this profile's grid (its largest k; the grid sets each SAE's)."""
+        return self.train.model_copy(update={"k": max(self.ks)})
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A built-in profile by name, or a profile file."""
+    builtin = builtin_profiles()
+    if name_or_path in builtin:
+        path = Path(str(resources.files("sae_acceptance.train").joinpath("profiles", f"{name_or_path}.toml")))
+        where = f"profile {name_or_path}"
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such profile (built in: {', '.join(builtin)})")
+        where = str(path)
+    raw, text = read_toml(path)
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe(err, text, where)) from None
