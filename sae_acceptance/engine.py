@@ -1,29 +1,31 @@
 """Batched forward passes: the only place that runs the model for evaluations.
 
-Per batch the model runs once up to the hookpoint; then only the later layers
-run, once per variant (original, zero-ablated, every SAE at that hookpoint).
-SAEs at the same hookpoint share the first pass. What leaves a batch is
-per-sequence float64 sums; at most one variant's logits are alive at a time,
-beside the original's probabilities that KL needs.
+Per batch the model runs once, capturing every hook any SAE needs and the
+original logits; then, per hook, the zero-ablation and every SAE at that hook
+each run the model's tail from the hook (a full pass where the backend has no
+tails); then every splice (several SAEs at several hooks patched in together)
+runs once. What leaves a batch is per-sequence float64 sums. The memory bound
+is stated in docs/engine.md.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_acceptance.errors import SourceError
 from sae_acceptance.geometry import CovarianceAccumulator
-from sae_acceptance.sources.model import hook_layer
+from sae_acceptance.metrics import SUM_NAMES
+from sae_acceptance.sources.backends import Backend, as_backend
+from sae_acceptance.sources.backends.base import Pass, Patch
 from sae_acceptance.sources.sae import SAE
 from sae_acceptance.stats import SequenceSums
 
-Tail = Callable[[torch.Tensor], torch.Tensor]
+SPLICE_SUMS = ("n_tokens", "n_loss", "ce_orig", "ce_recon", "ce_ablate", "kl_ablate", "kl_recon")
 
 
 @dataclass
@@ -41,42 +43,46 @@ class HookRun:
         return self.n_tokens / self.eval_s if self.eval_s > 0 else float("nan")
 
 
-def first_pass(model, hook_name: str, tokens: torch.Tensor) -> tuple[torch.Tensor, Tail]:
-    """Run up to `hook_name`; return its activation [B, T, d] and the tail from there to logits.
+@dataclass
+class ModelRun:
+    """Every hook and splice of one model over the eval set. `backend` names how it ran
+    (`transformer_lens`, `hf` ...) and `tail_only` whether patched passes were tails."""
 
-    Residual hooks need no recomputation: the tail starts at the next block.
-    Any other hook inside block L reruns block L with the activation replaced.
-    """
-    layer = hook_layer(hook_name)
-    if layer is None:
-        raise SourceError(f"hook {hook_name!r}: only hooks inside blocks (blocks.L.…) can be patched")
-    if hook_name == f"blocks.{layer}.hook_resid_post":
-        act = model(tokens, stop_at_layer=layer + 1)
-        return act, lambda x: model(x, start_at_layer=layer + 1)
-    if hook_name == f"blocks.{layer}.hook_resid_pre":
-        act = model(tokens, stop_at_layer=layer)
-        return act, lambda x: model(x, start_at_layer=layer)
+    hooks: dict[str, HookRun]
+    splices: dict[str, SequenceSums]
+    eval_s: float
+    n_tokens: int
+    backend: str = ""
+    tail_only: bool = True
 
-    resid_pre = model(tokens, stop_at_layer=layer)
-    block = model.blocks[layer]
-    captured: list[torch.Tensor] = []
 
-    def capture(act, hook):
-        captured.append(act)
+@dataclass(frozen=True)
+class _Target:
+    """What an SAE replaces: the activation at `hook` (a transcoder's out hook), or one
+    head's slice of it (`head`, `width`: hook_z SAEs trained on a single head)."""
 
-    with model.hooks(fwd_hooks=[(hook_name, capture)]):
-        block(resid_pre)
-    shape = captured[0].shape
+    hook: str
+    head: int | None = None
+    width: int | None = None
 
-    def tail(x: torch.Tensor) -> torch.Tensor:
-        def replace(act, hook):
-            return x.reshape(shape)
+    @classmethod
+    def of(cls, hook: str, sae: SAE) -> _Target:
+        out = getattr(sae, "hook_name_out", None) or hook
+        head = getattr(sae, "hook_head_index", None)
+        return cls(out, head, sae.d_in if head is not None else None)
 
-        with model.hooks(fwd_hooks=[(hook_name, replace)]):
-            out = block(resid_pre)
-        return model(out, start_at_layer=layer + 1)
+    def view(self, act: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return act
+        return act[..., self.head * self.width : (self.head + 1) * self.width]
 
-    return captured[0].flatten(2), tail
+    def put(self, act: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """`act` with `part` in place of the view."""
+        if self.head is None:
+            return part
+        out = act.clone()
+        out[..., self.head * self.width : (self.head + 1) * self.width] = part
+        return out
 
 
 class _LossTerms:
@@ -86,9 +92,8 @@ class _LossTerms:
     KL(p_orig ‖ p_var) is its value for the original minus this. Both come from one
     `log_softmax` per variant, written into a scratch buffer kept across batches
     (on a large vocabulary a fresh [batch, pos, vocab] tensor per variant costs more
-    in page faults than the arithmetic: 112 ms against 36 ms at vocab 50k on a CPU).
-    The product with p_orig is summed by torch's cascade sum, which is also more
-    precise than a batched dot product.
+    in page faults than the arithmetic). The product with p_orig is summed by
+    torch's cascade sum, which is also more precise than a batched dot product.
     """
 
     def __init__(self) -> None:
@@ -103,7 +108,7 @@ class _LossTerms:
 
     def original(self, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Start a batch with the unpatched logits: keep p_orig, return their CE and cross term."""
-        self.targets = tokens[:, 1:, None]
+        self.targets = tokens[:, 1:, None].to(logits.device)
         self.p_orig = torch.softmax(logits, -1, dtype=torch.float32, out=self._scratch("p_orig", logits))
         return self(logits)
 
@@ -117,7 +122,267 @@ class _LossTerms:
 def _per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ over positions of values where mask, per sequence, in float64 (an excluded
     position counts for nothing, even where its value is not finite)."""
-    return torch.where(mask, values.double(), 0.0).sum(1)
+    return torch.where(mask, values.to(mask.device).double(), 0.0).sum(1)
+
+
+def _reconstruct(sae: SAE, act: torch.Tensor):
+    """The SAE's reconstruction of flat [B, T, d] `act`, in `act`'s shape, dtype and device; and its code."""
+    recon, code = sae.reconstruct(act.reshape(-1, act.shape[-1]).to(sae.dtype))
+    return recon.reshape(act.shape).to(device=act.device, dtype=act.dtype), code
+
+
+@dataclass
+class _Batch:
+    """One batch's original forward and masks, shared by every variant."""
+
+    original: Pass
+    mask: torch.Tensor  # [B, T] counted positions
+    ce_orig: torch.Tensor
+    cross_orig: torch.Tensor
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        return self.mask[:, :-1]
+
+    def keep(self, like: torch.Tensor) -> torch.Tensor:
+        return self.mask.to(like.device).unsqueeze(-1)
+
+    def loss_sums(self, loss_terms: _LossTerms, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence Σ CE and Σ KL(p_orig ‖ p_variant) of a variant's logits."""
+        ce, cross = loss_terms(logits)
+        return _per_sequence(ce, self.loss_mask), _per_sequence(self.cross_orig - cross, self.mask)
+
+
+@dataclass
+class _TargetSums:
+    """Per target: the shift for the mean-centred SST, and each batch's shared sums."""
+
+    shift: torch.Tensor | None = None
+    shift_sums: list[torch.Tensor] = field(default_factory=list)
+    batch: dict[str, torch.Tensor] | None = None
+
+
+class _Evaluation:
+    """The state of one `run_model` call, batch by batch."""
+
+    def __init__(self, backend: Backend, by_hook, splices) -> None:
+        self.backend, self.by_hook, self.splices = backend, by_hook, splices
+        self.loss_terms = _LossTerms()
+        self.targets = {(hook, name): _Target.of(hook, sae) for hook, saes in by_hook.items() for name, sae in saes.items()}
+        self.target_sums: dict[_Target, _TargetSums] = {}
+        self.covariance: dict[str, CovarianceAccumulator] = {}
+        self.scalars: dict[tuple[str, str], list[dict[str, torch.Tensor]]] = {key: [] for key in self.targets}
+        self.fired = {
+            (hook, name): torch.zeros(sae.d_sae, dtype=torch.int64, device=backend.hook_device(hook))
+            for hook, saes in by_hook.items()
+            for name, sae in saes.items()
+        }
+        self.splice_scalars: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in splices}
+        self.hook_s = dict.fromkeys(by_hook, 0.0)
+        self.reads = sorted(
+            set(by_hook)
+            | {t.hook for t in self.targets.values()}
+            | {h for members in splices.values() for h in members}
+            | {_Target.of(h, sae).hook for members in splices.values() for h, sae in members.items()}
+        )
+
+    def batch(self, tok: torch.Tensor, mask: torch.Tensor) -> None:
+        original = self.backend.forward(tok, self.reads)
+        ce_orig, cross_orig = self.loss_terms.original(tok, original.logits)
+        original.logits = None  # one batch of logits per variant: the original's go now
+        b = _Batch(original, mask, ce_orig, cross_orig)
+        for hook in self.by_hook:
+            start = time.perf_counter()
+            self._hook(b, hook)
+            self.hook_s[hook] += time.perf_counter() - start
+        for name in self.splices:
+            self._splice(b, name)
+        for sums in self.target_sums.values():
+            sums.batch = None
+
+    def _shared(self, b: _Batch, target: _Target) -> dict[str, torch.Tensor]:
+        """The sums every SAE replacing `target` shares: original and ablated CE/KL, Σ‖a − c‖²."""
+        sums = self.target_sums.setdefault(target, _TargetSums())
+        if sums.batch is not None:
+            return sums.batch
+        full = b.original.acts[target.hook]
+        keep = b.keep(full)
+        zeros = target.put(full, torch.zeros_like(target.view(full)))
+        ce_ablate, kl_ablate = b.loss_sums(
+            self.loss_terms, self.backend.patched(b.original, [(target.hook, torch.where(keep, zeros, full))])
+        )
+        a = target.view(full).float()
+        if sums.shift is None:  # the first sequence's mean: near the data's mean, whatever the batching
+            sums.shift = (a[0] * keep[0]).sum(0).double() / keep[0].sum().clamp(min=1)
+        centred = a.double() - sums.shift
+        sums.shift_sums.append((centred * keep).sum(1).cpu())
+        sums.batch = {
+            "n_tokens": b.mask.sum(1).double(),
+            "n_loss": b.loss_mask.sum(1).double(),
+            "ce_orig": _per_sequence(b.ce_orig, b.loss_mask),
+            "ce_ablate": ce_ablate,
+            "kl_ablate": kl_ablate,
+            "act_sq": _per_sequence(centred.pow(2).sum(-1), b.mask),
+        }
+        return sums.batch
+
+    def _hook(self, b: _Batch, hook: str) -> None:
+        act = b.original.acts[hook]
+        mask = b.mask
+        if hook not in self.covariance:
+            self.covariance[hook] = CovarianceAccumulator(act.shape[-1], device=act.device)
+        self.covariance[hook].update(act.float()[mask.to(act.device)])
+        for name, sae in self.by_hook[hook].items():
+            target = self.targets[(hook, name)]
+            shared = self._shared(b, target)
+            full = b.original.acts[target.hook]
+            keep = b.keep(full)
+            a_out = target.view(full)
+            a_in = act if target.hook != hook else a_out
+            recon, code = _reconstruct(sae, a_in)
+            patch = torch.where(keep, target.put(full, recon), full)
+            ce_recon, kl_recon = b.loss_sums(self.loss_terms, self.backend.patched(b.original, [(target.hook, patch)]))
+
+            a, r = a_out.float(), recon.float()
+            a_norm, r_norm = a.norm(dim=-1), r.norm(dim=-1)
+            err = (a - r).pow(2).sum(-1)
+            dot = (a * r).sum(-1)
+            cos = torch.where(r_norm > 0, dot / (a_norm * r_norm).clamp(min=1e-30), 0.0).clamp(-1, 1)
+            l0 = code.l0().reshape(mask.shape)
+            code.values = code.values * mask.reshape(-1, 1).to(code.values)
+            self.fired[(hook, name)] += code.fired(sae.d_sae).to(self.fired[(hook, name)].device)
+            self.scalars[(hook, name)].append(
+                {
+                    **shared,
+                    "ce_recon": ce_recon,
+                    "kl_recon": kl_recon,
+                    "cos": _per_sequence(cos, mask),
+                    "rel_err": _per_sequence(err.sqrt() / a_norm, mask),
+                    "sq_err": _per_sequence(err, mask),
+                    "l2_ratio": _per_sequence(r_norm / a_norm, mask),
+                    "l0": _per_sequence(l0, mask),
+                }
+            )
+
+    def _splice(self, b: _Batch, name: str) -> None:
+        """All members patched in one forward, each reconstructing the activation that forward
+        computes at its hook; the ablation zero-ablates every member's target together."""
+        members = self.splices[name]
+        recon_patches: list[tuple[str, Patch]] = []
+        ablate_patches: list[tuple[str, Patch]] = []
+        for hook, sae in members.items():
+            target = _Target.of(hook, sae)
+            live: dict[str, torch.Tensor] = {}
+            if target.hook != hook:  # a transcoder reads its input hook on the way
+                recon_patches.append((hook, _observer(live)))
+            recon_patches.append((target.hook, _splice_patch(b, sae, target, live)))
+            ablate_patches.append((target.hook, _ablation_patch(b, target)))
+        ce_ablate, kl_ablate = b.loss_sums(self.loss_terms, self.backend.patched(b.original, ablate_patches))
+        ce_recon, kl_recon = b.loss_sums(self.loss_terms, self.backend.patched(b.original, recon_patches))
+        self.splice_scalars[name].append(
+            {
+                "n_tokens": b.mask.sum(1).double(),
+                "n_loss": b.loss_mask.sum(1).double(),
+                "ce_orig": _per_sequence(b.ce_orig, b.loss_mask),
+                "ce_recon": ce_recon,
+                "ce_ablate": ce_ablate,
+                "kl_ablate": kl_ablate,
+                "kl_recon": kl_recon,
+            }
+        )
+
+    def results(self, n_seq: int, ctx: int, n_counted: int, eval_s: float, shared_s: float) -> ModelRun:
+        per_hook_shared = shared_s / max(len(self.by_hook), 1)
+        hooks = {}
+        for hook, saes in self.by_hook.items():
+            sums = {}
+            for name in saes:
+                target = self.targets[(hook, name)]
+                shift_np = torch.cat(self.target_sums[target].shift_sums).numpy()
+                sums[name] = SequenceSums(
+                    scalars=_concat(self.scalars[(hook, name)]),
+                    fired=self.fired[(hook, name)].cpu().numpy(),
+                    d_in=shift_np.shape[1],
+                    shift_sums=shift_np,
+                )
+            hooks[hook] = HookRun(
+                sums=sums,
+                covariance=self.covariance[hook],
+                n_tokens=n_seq * ctx,
+                n_counted=n_counted,
+                eval_s=self.hook_s[hook] + per_hook_shared,
+            )
+        splices = {}
+        for name, batches in self.splice_scalars.items():
+            scalars = _concat(batches)
+            nan = np.full(n_seq, np.nan)
+            splices[name] = SequenceSums(
+                scalars={key: scalars.get(key, nan) for key in SUM_NAMES},
+                fired=np.zeros(0, dtype=np.int64),
+                d_in=1,
+            )
+        return ModelRun(hooks, splices, eval_s, n_seq * ctx, self.backend.kind, self.backend.tail_only)
+
+
+def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    return {key: torch.cat([batch[key] for batch in batches]).cpu().numpy() for key in batches[0]}
+
+
+def _observer(into: dict[str, torch.Tensor]) -> Patch:
+    def observe(act: torch.Tensor) -> torch.Tensor:
+        into["act"] = act
+        return act
+
+    return observe
+
+
+def _splice_patch(b: _Batch, sae: SAE, target: _Target, live: dict[str, torch.Tensor]) -> Patch:
+    def patch(act: torch.Tensor) -> torch.Tensor:
+        recon, _ = _reconstruct(sae, live.get("act", target.view(act)))
+        return torch.where(b.keep(act), target.put(act, recon.to(act.device)), act)
+
+    return patch
+
+
+def _ablation_patch(b: _Batch, target: _Target) -> Patch:
+    def patch(act: torch.Tensor) -> torch.Tensor:
+        return torch.where(b.keep(act), target.put(act, torch.zeros_like(target.view(act))), act)
+
+    return patch
+
+
+def run_model(
+    model,
+    by_hook: Mapping[str, Mapping[str, SAE]],
+    tokens: torch.Tensor,
+    counted: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    splices: Mapping[str, Mapping[str, SAE]] | None = None,
+) -> ModelRun:
+    """Evaluate every SAE of `by_hook` ({hook: {name: SAE}}) and every splice ({name: {hook: SAE}})
+    over `tokens` ([n_seq, ctx]) with one original forward per batch.
+
+    `model` is a backend or a model `as_backend` wraps. `counted` ([n_seq, ctx] bool)
+    marks the positions that count: excluded ones keep their original activation in
+    every patched pass (the zero-ablation too) and are left out of every sum; a
+    next-token loss counts when its input position does.
+    """
+    backend = as_backend(model)
+    by_hook = {hook: dict(saes) for hook, saes in by_hook.items() if saes}
+    splices = {name: dict(members) for name, members in (splices or {}).items() if members}
+    n_seq, ctx = tokens.shape
+    state = _Evaluation(backend, by_hook, splices)
+    label = ", ".join(by_hook) if len(by_hook) == 1 else f"{len(by_hook)} hooks"
+    bar = tqdm(range(0, n_seq, batch_size), desc=f"eval {label}", unit="batch", disable=not progress)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for begin in bar:
+            tok = tokens[begin : begin + batch_size].to(backend.device)
+            mask = counted[begin : begin + batch_size].to(backend.device)
+            state.batch(tok, mask)
+    eval_s = time.perf_counter() - start
+    return state.results(n_seq, ctx, int(counted.sum()), eval_s, eval_s - sum(state.hook_s.values()))
 
 
 def run_hook(
@@ -129,100 +394,8 @@ def run_hook(
     batch_size: int = 8,
     progress: bool = True,
 ) -> HookRun:
-    """Evaluate every SAE in `saes` at `hook_name` over `tokens` ([n_seq, ctx]).
-
-    `counted` ([n_seq, ctx] bool) marks the positions that count: excluded ones
-    keep their original activation in every patched pass (the zero-ablation
-    too) and are left out of every sum; a next-token loss counts when its input
-    position does.
-    """
-    device = model.cfg.device
-    n_seq, ctx = tokens.shape
-    names = list(saes)
-    scalars = {name: [] for name in names}
-    shift_sums: list[torch.Tensor] = []
-    fired = {name: torch.zeros(s.d_sae, dtype=torch.int64, device=device) for name, s in saes.items()}
-    covariance: CovarianceAccumulator | None = None
-    shift: torch.Tensor | None = None
-    start = time.perf_counter()
-    bar = tqdm(range(0, n_seq, batch_size), desc=f"eval {hook_name}", unit="batch", disable=not progress)
-    loss_terms = _LossTerms()
-    with torch.inference_mode():
-        for begin in bar:
-            tok = tokens[begin : begin + batch_size].to(device)
-            mask = counted[begin : begin + batch_size].to(device)
-            loss_mask = mask[:, :-1]
-            act, tail = first_pass(model, hook_name, tok)
-            keep = mask.unsqueeze(-1)
-
-            ce_orig, cross_orig = loss_terms.original(tok, tail(act))
-            ce_ablate, cross_ablate = loss_terms(tail(torch.where(keep, torch.zeros_like(act), act)))
-
-            a = act.float()
-            if shift is None:  # the first sequence's mean: near the data's mean, whatever the batching
-                shift = (a[0] * keep[0]).sum(0).double() / keep[0].sum().clamp(min=1)
-                covariance = CovarianceAccumulator(a.shape[-1], device=device)
-            covariance.update(a[mask])
-            centred = a.double() - shift
-            act_sq = _per_sequence(centred.pow(2).sum(-1), mask)
-            shift_sums.append((centred * keep).sum(1).cpu())
-            shared = {
-                "n_tokens": mask.sum(1).double(),
-                "n_loss": loss_mask.sum(1).double(),
-                "ce_orig": _per_sequence(ce_orig, loss_mask),
-                "ce_ablate": _per_sequence(ce_ablate, loss_mask),
-                "kl_ablate": _per_sequence(cross_orig - cross_ablate, mask),
-                "act_sq": act_sq,
-            }
-
-            for name in names:
-                sae = saes[name]
-                flat = act.reshape(-1, act.shape[-1]).to(sae.dtype)
-                recon, code = sae.reconstruct(flat)
-                recon = recon.reshape(act.shape).to(act.dtype)
-                ce_recon, cross_recon = loss_terms(tail(torch.where(keep, recon, act)))
-
-                r = recon.float()
-                a_norm, r_norm = a.norm(dim=-1), r.norm(dim=-1)
-                err = (a - r).pow(2).sum(-1)
-                dot = (a * r).sum(-1)
-                cos = torch.where(r_norm > 0, dot / (a_norm * r_norm).clamp(min=1e-30), 0.0).clamp(-1, 1)
-                l0 = code.l0().reshape(mask.shape)
-                code.values = code.values * mask.reshape(-1, 1).to(code.values.dtype)
-                fired[name] += code.fired(sae.d_sae)
-                scalars[name].append(
-                    {
-                        **shared,
-                        "ce_recon": _per_sequence(ce_recon, loss_mask),
-                        "kl_recon": _per_sequence(cross_orig - cross_recon, mask),
-                        "cos": _per_sequence(cos, mask),
-                        "rel_err": _per_sequence(err.sqrt() / a_norm, mask),
-                        "sq_err": _per_sequence(err, mask),
-                        "l2_ratio": _per_sequence(r_norm / a_norm, mask),
-                        "l0": _per_sequence(l0, mask),
-                    }
-                )
-    eval_s = time.perf_counter() - start
-    shift_np = torch.cat(shift_sums).numpy()
-    sums = {
-        name: SequenceSums(
-            scalars={
-                key: torch.cat([batch[key] for batch in batches]).cpu().numpy()
-                for key in batches[0]
-            },
-            fired=fired[name].cpu().numpy(),
-            d_in=shift_np.shape[1],
-            shift_sums=shift_np,
-        )
-        for name, batches in scalars.items()
-    }
-    return HookRun(
-        sums=sums,
-        covariance=covariance,
-        n_tokens=n_seq * ctx,
-        n_counted=int(counted.sum()),
-        eval_s=eval_s,
-    )
+    """Every SAE in `saes` at `hook_name`: `run_model` with one hook."""
+    return run_model(model, {hook_name: saes}, tokens, counted, batch_size, progress).hooks[hook_name]
 
 
 def check_finite(sums: SequenceSums) -> list[str]:

@@ -1,0 +1,249 @@
+"""Plain Hugging Face causal LMs: hook points are module paths, patched with forward hooks.
+
+`gpt_neox.layers.3` is that layer's output, `...attention.dense.input` the input of the
+attention's output projection; sparsify's `layers.3` resolves against the model's layer
+list, and TransformerLens names map through the family table. On a family the table
+knows, a tail calls the decoder layers from the patched one on directly, with the
+arguments the original forward gave them (masks, rotary embeddings), then the final
+norm and the head: the earlier layers run once per batch. Elsewhere every patched
+variant is a full forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sae_acceptance.errors import SourceError
+from sae_acceptance.hooks import HookPoint
+from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
+from sae_acceptance.sources.backends.families import Family, family_of
+
+_SUFFIXES = (".input", ".output")
+
+
+@dataclass(frozen=True)
+class HFSite(Site):
+    """A Site on a Hugging Face model: the module and whether its input or output is meant."""
+
+    module: torch.nn.Module | None = None
+    io: str = "output"
+
+
+@dataclass
+class HFBackend(Backend):
+    kind = "hf"
+    family: Family | None = None
+    layers_path: str | None = None
+    full_passes: bool = False  # force full passes (tests compare them with tails)
+
+    @classmethod
+    def wrap(cls, model: Any, tokenizer: Any = None, full_passes: bool = False) -> HFBackend:
+        config = model.config
+        architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+        family = family_of(architecture) or family_of(type(model).__name__)
+        backend = cls(
+            model=model,
+            n_ctx=int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)),
+            d_vocab=int(config.vocab_size),
+            n_layers=int(config.num_hidden_layers),
+            tokenizer=tokenizer,
+            device=next(model.parameters()).device,
+            config_special_ids=_config_ids(config),
+            family=family,
+            layers_path=family.layers if family else _find_layers(model, config.num_hidden_layers),
+            full_passes=full_passes,
+        )
+        backend.placement = _placement(model)
+        return backend
+
+    @property
+    def tail_only(self) -> bool:
+        return self.family is not None and not self.full_passes
+
+    def _layers(self) -> torch.nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    # ------------------------------------------------------------------ hooks
+
+    def module_path(self, hook: str) -> str:
+        """`hook` as a module path of this model (with `.input` where the input is meant)."""
+        point = HookPoint.parse(hook)
+        if point.layer is not None:
+            path = self.family.module_path(point.layer, point.kind) if self.family else None
+            if path is None:
+                known = ", ".join(self.family.kinds) if self.family else "none (unknown architecture)"
+                raise SourceError(
+                    f"hook {hook!r} has no module path on {type(self.model).__name__}; TransformerLens kinds "
+                    f"mapped: {known}; name a module path instead (e.g. {self.layers_path}.{point.layer})"
+                )
+            return path
+        if self.layers_path and not _has_module(self.model, _strip(hook)[0]):
+            container = self.layers_path.rsplit(".", 1)[-1]
+            if hook.startswith(container + "."):  # sparsify: `layers.3` relative to the layer list
+                return f"{self.layers_path}.{hook[len(container) + 1:]}"
+        return hook
+
+    def _resolve(self, hook: str) -> Site:
+        path, io = _strip(self.module_path(hook))
+        if not _has_module(self.model, path):
+            raise SourceError(
+                f"hook {hook!r}: {type(self.model).__name__} has no module {path!r} "
+                f"(decoder layers: {self.layers_path}.0-{self.n_layers - 1}; suffix .input for a module's input)"
+            )
+        prefix = f"{self.layers_path}."
+        head, _, inner = path[len(prefix) :].partition(".") if path.startswith(prefix) else ("", "", "")
+        if not head.isdigit():
+            raise SourceError(
+                f"hook {hook!r} is outside the decoder layers ({self.layers_path}.L…); only hooks inside them can be patched"
+            )
+        layer = int(head)
+        position = "inside" if inner else ("in" if io == "input" else "out")
+        return HFSite(path + (".input" if io == "input" else ""), layer, position, self.model.get_submodule(path), io)
+
+    def hook_device(self, hook: str) -> torch.device:
+        module = self.site(hook).module
+        param = next(module.parameters(), None)
+        return param.device if param is not None else self.device
+
+    # ------------------------------------------------------------------ passes
+
+    def _run(self, tokens, sites, entries):
+        acts: dict[str, torch.Tensor] = {}
+        entry_acts: dict[int, torch.Tensor] = {}
+        layer_args: dict[int, tuple[tuple, dict]] = {}
+        handles = [_attach(s, _store(acts, hook)) for hook, s in sites.items()]
+        if entries:
+            layers = self._layers()
+            for i in range(min(entries), self.n_layers):
+                handles.append(layers[i].register_forward_pre_hook(_record(layer_args, entry_acts, i), with_kwargs=True))
+            if self.n_layers in entries:
+                handles.append(self._final_norm().register_forward_pre_hook(_record({}, entry_acts, self.n_layers), with_kwargs=True))
+        try:
+            logits = self.model(input_ids=tokens, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, acts, entry_acts, layer_args
+
+    def _tail(self, start: int, x: torch.Tensor, hooked: list[tuple[Site, Patch]], original: Pass) -> torch.Tensor:
+        handles = [_attach(s, _replace(patch)) for s, patch in hooked]
+        try:
+            layers = self._layers()
+            for i in range(start, self.n_layers):
+                args, kwargs = original.state[i]
+                out = layers[i](x, *args, **kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+            return self._head(self._final_norm()(x))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _full(self, tokens: torch.Tensor, hooked: list[tuple[Site, Patch]]) -> torch.Tensor:
+        handles = [_attach(s, _replace(patch)) for s, patch in hooked]
+        try:
+            return self.model(input_ids=tokens, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _final_norm(self) -> torch.nn.Module:
+        return self.model.get_submodule(self.family.final_norm)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The causal LM's head as its forward applies it (Gemma 2's final soft-capping included)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _strip(hook: str) -> tuple[str, str]:
+    for suffix in _SUFFIXES:
+        if hook.endswith(suffix):
+            return hook[: -len(suffix)], suffix[1:]
+    return hook, "output"
+
+
+def _has_module(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _find_layers(model: torch.nn.Module, n_layers: int) -> str | None:
+    """The first ModuleList of `n_layers` modules: the decoder layers of an unknown family."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return name
+    return None
+
+
+def _attach(site: HFSite, fn):
+    """A hook on `site` calling fn(activation) -> replacement or None."""
+    if site.io == "input":
+
+        def pre(module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        return site.module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(module, args, output):
+        act = output[0] if isinstance(output, tuple) else output
+        new = fn(act)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return site.module.register_forward_hook(post)
+
+
+def _store(into: dict, key):
+    def fn(act):
+        into[key] = act
+
+    return fn
+
+
+def _replace(patch: Patch):
+    return lambda act: apply(patch, act)
+
+
+def _record(layer_args: dict, entries: dict, index: int):
+    """Keep what the original forward passed to layer `index` (beside the residual)."""
+
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        entries[index] = hidden
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        layer_args[index] = (args[1:], rest)
+
+    return pre
+
+
+def _config_ids(config) -> list[int]:
+    ids: set[int] = set()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, name, None)
+        ids.update(value if isinstance(value, list | tuple) else [] if value is None else [value])
+    return sorted(ids)
+
+
+def _placement(model) -> dict[str, str]:
+    """Which device holds which modules: accelerate's `hf_device_map` where it placed them."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        groups: dict[str, list[str]] = {}
+        for module, device in device_map.items():
+            groups.setdefault(str(device), []).append(module or "<model>")
+        return {device: ", ".join(mods) for device, mods in groups.items()}
+    return {str(next(model.parameters()).device): "<model>"}
