@@ -3,38 +3,45 @@
 Behaviour (patched cross-entropy, KL) is the acceptance test; reconstruction
 bounds that do not divide by variance (cosine, relative error) come second; R²
 is reported, and raised as `R2ProxyWarning` where the PR canyon flags the layer.
+
+Public names load on first use, so `import sae_acceptance.config` (or the pytest
+plugin in an unrelated test suite) does not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from sae_acceptance.config import load_thresholds  # noqa: E402
-from sae_acceptance.errors import (
-    BaselineError,
-    ConfigError,
-    R2ProxyWarning,
-    SAEAcceptanceError,
-    SAEFormatError,
-    SourceError,
-)
-from sae_acceptance.evaluate import EvalReport, SAEResult, evaluate
-from sae_acceptance.sources.model import load_model
-from sae_acceptance.sources.sae import SAE, load_sae, save_sae
-from sae_acceptance.sources.tokens import load_tokens
+_PUBLIC = {
+    "BaselineError": "sae_acceptance.errors",
+    "ConfigError": "sae_acceptance.errors",
+    "R2ProxyWarning": "sae_acceptance.errors",
+    "SAEAcceptanceError": "sae_acceptance.errors",
+    "SAEFormatError": "sae_acceptance.errors",
+    "SourceError": "sae_acceptance.errors",
+    "load_thresholds": "sae_acceptance.config",
+    "EvalReport": "sae_acceptance.results",
+    "SAEResult": "sae_acceptance.results",
+    "evaluate": "sae_acceptance.evaluate",
+    "load_model": "sae_acceptance.sources.model",
+    "SAE": "sae_acceptance.sources.sae",
+    "load_sae": "sae_acceptance.sources.sae",
+    "save_sae": "sae_acceptance.sources.sae",
+    "load_tokens": "sae_acceptance.sources.tokens",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = [
-    "SAE",
-    "BaselineError",
-    "ConfigError",
-    "EvalReport",
-    "R2ProxyWarning",
-    "SAEAcceptanceError",
-    "SAEFormatError",
-    "SAEResult",
-    "SourceError",
-    "evaluate",
-    "load_model",
-    "load_sae",
-    "load_thresholds",
-    "load_tokens",
-    "save_sae",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'sae_acceptance' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

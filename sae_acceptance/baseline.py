@@ -10,7 +10,6 @@ change does not, when the change is real.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.errors import BaselineError
-from sae_acceptance.evaluate import EvalReport, SAEResult
+from sae_acceptance.io import OutputError, locked, read_json, remove_lock, write_json
 from sae_acceptance.metrics import METRICS
-from sae_acceptance.report import write_json
+from sae_acceptance.results import EvalReport, SAEResult
 from sae_acceptance.sources.model import model_identity
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
 
@@ -43,7 +42,8 @@ DEFAULT_TOLERANCES = {
 MUST_MATCH = ("tokens", "model", "hook", "dtype", "excluded_ids", "n_sequences")
 
 
-def fingerprint(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
+def run_identity(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
+    """What the SAE was measured on (stored as an entry's "fingerprint")."""
     return {
         "tokens": result.tokens_fingerprint,
         "model": model_identity(result.model),
@@ -60,7 +60,7 @@ def fingerprint(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
 def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
     sums = result.sums
     return {
-        "fingerprint": fingerprint(result, settings),
+        "fingerprint": run_identity(result, settings),
         "metrics": {name: m.to_dict() for name, m in result.metrics.items()},
         "sums": {
             "d_in": sums.d_in,
@@ -85,43 +85,54 @@ def sums_from_entry(entry: dict[str, Any], where: str) -> SequenceSums:
     return SequenceSums(scalars=scalars, fired=fired, d_in=d_in)
 
 
-def load_baseline(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Baseline:
+    """A read baseline file: where it is (for messages) and its per-SAE entries."""
+
+    path: Path
+    saes: dict[str, Any]
+
+
+def load_baseline(path: Path) -> Baseline:
     """Read and check a baseline file; a corrupt or foreign file is one clear error."""
     if not path.exists():
         raise BaselineError(f"{path}: no such baseline (write one with --sae-update-baseline)")
     try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BaselineError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        payload = read_json(path, "a sae-acceptance baseline")
+    except OutputError as err:
+        raise BaselineError(str(err)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BaselineError(f"{path}: not a sae-acceptance baseline (no \"format\": \"{FORMAT}\")")
     if payload.get("version") != FORMAT_VERSION:
         raise BaselineError(f"{path}: baseline format version {payload.get('version')}, expected {FORMAT_VERSION}")
     if not isinstance(payload.get("saes"), dict):
         raise BaselineError(f"{path}: no \"saes\" table")
-    payload["_path"] = str(path)
-    return payload
+    return Baseline(path, payload["saes"])
 
 
-def update_baseline(path: Path, report: EvalReport) -> Path:
-    """Write this report's SAEs into the baseline at `path` (merged, atomic, safe under xdist)."""
-    from filelock import FileLock
-
-    entries = {
+def baseline_entries(report: EvalReport) -> dict[str, Any]:
+    """The baseline entries of a report's SAEs that were measured (an SAE with an error has none)."""
+    return {
         name: entry_for(result, report.settings)
         for name, result in report.saes.items()
         if result.error is None and result.sums is not None
     }
-    with FileLock(str(path) + ".lock"):
+
+
+def update_baseline(path: Path, entries: dict[str, Any]) -> Path:
+    """Merge `entries` into the baseline at `path` and write it atomically (under a lock)."""
+    with locked(path):
         saes: dict[str, Any] = {}
         if path.exists():
             try:
-                saes = load_baseline(path)["saes"]
+                saes = load_baseline(path).saes
             except BaselineError:
                 saes = {}  # refreshing replaces a corrupt file
         saes.update(entries)
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "saes": dict(sorted(saes.items()))}
-        return write_json(path, payload, indent=None)
+        written = write_json(path, payload, indent=None)
+    remove_lock(path)
+    return written
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ class RegressionCheck:
 
 
 def compare_sae(
-    baseline: dict[str, Any],
+    baseline: Baseline,
     result: SAEResult,
     settings: dict[str, Any],
     tolerances: dict[str, float | None],
@@ -147,19 +158,18 @@ def compare_sae(
     with the whole paired interval of the change beyond the tolerance. One paired
     bootstrap serves every metric of the SAE.
     """
-    where = baseline.get("_path", "baseline")
-    entry = baseline["saes"].get(result.name)
+    where = str(baseline.path)
+    entry = baseline.saes.get(result.name)
     if entry is None:
         message = f"{result.name}: no baseline entry in {where} (a new SAE)"
         return {m: RegressionCheck(m, not strict, not strict, message) for m in tolerances}
-    _check_fingerprint(entry.get("fingerprint", {}), fingerprint(result, settings), result.name, where)
+    _check_identity(entry.get("fingerprint", {}), run_identity(result, settings), result.name, where)
     if not isinstance(entry.get("metrics"), dict):
         raise BaselineError(f"{where}: {result.name} has no \"metrics\" table; refresh with --sae-update-baseline")
     for metric in tolerances:
         if METRICS[metric].higher_is_better is None:
             raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
-    boot = settings.get("bootstrap", {})
-    bootstrap = BootstrapSettings(boot.get("resamples", 5000), boot.get("confidence", 0.95), boot.get("seed", 0))
+    bootstrap = BootstrapSettings.from_report(settings)
     paired = {}
     if any(METRICS[m].has_ci for m in tolerances):
         paired = paired_changes(result.sums, sums_from_entry(entry, where), bootstrap)
@@ -202,7 +212,7 @@ def _check(metric: str, before: float, after: float, paired, confidence: float, 
     return RegressionCheck(metric, not regressed, False, message, change, ci)
 
 
-def _check_fingerprint(stored: dict[str, Any], current: dict[str, Any], name: str, where: str) -> None:
+def _check_identity(stored: dict[str, Any], current: dict[str, Any], name: str, where: str) -> None:
     differs = [key for key in MUST_MATCH if stored.get(key) != current.get(key)]
     if differs:
         detail = "; ".join(f"{k}: baseline {stored.get(k)!r}, now {current.get(k)!r}" for k in differs)

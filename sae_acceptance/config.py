@@ -211,6 +211,11 @@ class LoadedThresholds(BaseModel):
         candidate = self.path.parent / value
         return str(candidate) if candidate.exists() or _looks_local(value) else value
 
+    def resolve_model(self, name: str) -> str:
+        """A model directory relative to the file's directory; a hub name as given."""
+        candidate = self.path.parent / name
+        return str(candidate) if not Path(name).is_absolute() and candidate.is_dir() else name
+
     def line_of(self, *loc: str | int) -> int:
         return locate(self.text, loc)
 

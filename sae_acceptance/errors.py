@@ -1,8 +1,10 @@
-"""Error and warning types: one clear message each, naming the file, line or field."""
+"""Error and warning types: one clear message each, naming the file, line or field.
+
+No pytest here: the library raises these without it, and the plugin turns them
+into test outcomes.
+"""
 
 from __future__ import annotations
-
-import pytest
 
 
 class SAEAcceptanceError(Exception):
@@ -25,8 +27,8 @@ class BaselineError(SAEAcceptanceError):
     """A regression baseline is corrupt, foreign or measured on something else."""
 
 
-class R2ProxyWarning(pytest.PytestWarning):
+class R2ProxyWarning(UserWarning):
     """R² at a layer the PR canyon flags: variance-normalised, likely inflated.
 
-    Escalate with `-W error::sae_acceptance.R2ProxyWarning`.
+    Escalate with `-W error::sae_acceptance.R2ProxyWarning` (pytest or python).
     """

@@ -12,8 +12,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,10 +21,11 @@ from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.engine import HookRun, check_finite, run_hook
 from sae_acceptance.errors import SAEAcceptanceError, SourceError
 from sae_acceptance.geometry import CanyonRule, LayerGeometry
+from sae_acceptance.hooks import hook_layer
 from sae_acceptance.metrics import METRICS, alive_fraction, rate_bits
+from sae_acceptance.results import EvalReport, SAEResult
 from sae_acceptance.sources.model import (
     ModelCache,
-    hook_layer,
     hook_width,
     processing_kwargs,
     resolve_device,
@@ -34,85 +34,8 @@ from sae_acceptance.sources.model import (
 )
 from sae_acceptance.sources.sae import SAE, load_sae
 from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
-from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
-from sae_acceptance.verdict import MetricValue, Verdict, judge, loss_context
-
-
-@dataclass
-class SAEResult:
-    """Everything measured and decided about one SAE."""
-
-    name: str
-    path: str
-    model: str | None = None
-    hook: str | None = None
-    layer: int | None = None
-    architecture: str | None = None
-    d_in: int | None = None
-    d_sae: int | None = None
-    k: int | None = None
-    metrics: dict[str, MetricValue] = field(default_factory=dict)
-    verdicts: dict[str, Verdict] = field(default_factory=dict)
-    geometry: LayerGeometry | None = None
-    r2_warning: str | None = None
-    error: str | None = None
-    tokens_fingerprint: str | None = None
-    excluded_ids: list[int] | None = None
-    expect_fail: list[str] = field(default_factory=list)
-    sums: SequenceSums | None = None
-
-    def as_expected(self, metric: str) -> bool:
-        """A verdict is as expected when it passes, or fails on a negative control's metric.
-
-        A non-finite value is never as expected: NaN does not count as a control caught.
-        """
-        verdict = self.verdicts[metric]
-        return verdict.finite and verdict.passed != (metric in self.expect_fail)
-
-    @property
-    def passed(self) -> bool:
-        return self.error is None and all(self.as_expected(m) for m in self.verdicts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "hook": self.hook,
-            "layer": self.layer,
-            "path": self.path,
-            "architecture": self.architecture,
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-            "k": self.k,
-            "tokens_fingerprint": self.tokens_fingerprint,
-            "excluded_ids": self.excluded_ids,
-            "error": self.error,
-            "expect_fail": self.expect_fail,
-            "metrics": {name: m.to_dict() for name, m in self.metrics.items()},
-            "verdicts": {name: v.to_dict() for name, v in self.verdicts.items()},
-            "geometry": None if self.geometry is None else self.geometry.to_dict(),
-            "r2_warning": self.r2_warning,
-        }
-
-
-@dataclass
-class EvalReport:
-    settings: dict[str, Any]
-    timing: dict[str, Any]
-    saes: dict[str, SAEResult]
-
-    @property
-    def passed(self) -> bool:
-        return all(r.passed for r in self.saes.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "eval": self.settings,
-            "timing": self.timing,
-            "saes": {name: r.to_dict() for name, r in self.saes.items()},
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str) + "\n"
+from sae_acceptance.stats import BootstrapSettings, bootstrap_intervals
+from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_context
 
 
 @dataclass
@@ -127,12 +50,16 @@ def evaluate(
     names: list[str] | None = None,
     progress: bool = True,
     models: ModelCache | None = None,
+    device: str | None = None,
 ) -> EvalReport:
-    """Evaluate the named SAEs of a thresholds file (all when `names` is None)."""
+    """Evaluate the named SAEs of a thresholds file (all when `names` is None).
+
+    `device` overrides `[eval] device` (the pytest plugin gives each xdist worker its GPU).
+    """
     config = loaded.config
     settings = config.eval
     models = models or ModelCache()
-    device = str(resolve_device(settings.device))
+    device = str(resolve_device(device or settings.device))
     bootstrap = BootstrapSettings(settings.bootstrap_resamples, settings.confidence, settings.seed)
     requests = [_prepare(loaded, entry) for entry in config.sae if names is None or entry.display_name in names]
 
@@ -184,7 +111,7 @@ def evaluate(
 
 
 def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
-    """Load the SAE and decide its model and hook; a problem becomes the result's error."""
+    """Load the SAE and decide its model and hook; every problem found becomes the result's error."""
     path = loaded.resolve(entry.path)
     result = SAEResult(name=entry.display_name, path=path, expect_fail=list(entry.expect_fail))
     try:
@@ -192,19 +119,21 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
     except SAEAcceptanceError as err:
         result.error = str(err)
         return _Request(entry, result)
-    result.model = entry.model or loaded.config.eval.model or sae.model_name
+    model = entry.model or loaded.config.eval.model or sae.model_name
+    result.model = None if model is None else loaded.resolve_model(model)
     result.hook = entry.hook or sae.hook_name
     result.layer = hook_layer(result.hook) if result.hook else None
     result.architecture, result.d_in, result.d_sae, result.k = sae.architecture, sae.d_in, sae.d_sae, sae.k
+    problems = []
     if result.model is None:
-        result.error = f"{path}: no model: set `model` in [[sae]] or [eval], or metadata.model_name in cfg.json"
-    elif result.model and not Path(result.model).is_absolute() and (loaded.path.parent / result.model).is_dir():
-        result.model = str(loaded.path.parent / result.model)
+        problems.append("no model: set `model` in [[sae]] or [eval], or metadata.model_name in cfg.json")
     if result.hook is None:
-        result.error = f"{path}: no hook: set `hook` in [[sae]], or metadata.hook_name in cfg.json"
+        problems.append("no hook: set `hook` in [[sae]], or metadata.hook_name in cfg.json")
     bad = sae.nonfinite_tensors()
     if bad:
-        result.error = f"{path}: SAE weights hold NaN or infinity in tensor(s) {', '.join(bad)}"
+        problems.append(f"SAE weights hold NaN or infinity in tensor(s) {', '.join(bad)}")
+    if problems:
+        result.error = f"{path}: {'; '.join(problems)}"
     return _Request(entry, result, sae)
 
 
@@ -302,11 +231,9 @@ def _measure(
         for name, bound in loaded.config.gate_for(req.entry).items()
     }
     if geometry.canyon:
-        r2 = result.metrics["r2"].value
-        result.r2_warning = (
-            f"{result.name}: r2 = {r2:.3f} at {geometry.hook}, a layer the PR canyon flags "
-            f"(pr = {geometry.pr:.3g}, pr_ratio = {geometry.pr_ratio:.4f} < {loaded.config.canyon.threshold}): "
-            "R² is variance-normalised and likely inflated here; judge by ce_rec, cosine and rel_error"
+        result.r2_warning = canyon_warning(
+            result.name, result.metrics["r2"].value, geometry.hook, geometry.pr, geometry.pr_ratio,
+            loaded.config.canyon.threshold,
         )
     if not math.isfinite(result.metrics["r2"].value) and result.error is None:
         result.error = f"{result.path}: r2 is not finite (the eval set has no variance?)"

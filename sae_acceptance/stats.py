@@ -17,9 +17,17 @@ from sae_acceptance.metrics import pooled_metrics
 
 @dataclass(frozen=True)
 class BootstrapSettings:
-    resamples: int = 5000
-    confidence: float = 0.95
-    seed: int = 0
+    """How intervals are drawn; the defaults live in `config.EvalSettings` and the report records them."""
+
+    resamples: int
+    confidence: float
+    seed: int
+
+    @classmethod
+    def from_report(cls, settings: dict) -> BootstrapSettings:
+        """The settings a report (or a baseline's fingerprint) recorded under `bootstrap`."""
+        boot = settings["bootstrap"]
+        return cls(int(boot["resamples"]), float(boot["confidence"]), int(boot["seed"]))
 
 
 @dataclass

@@ -1,11 +1,15 @@
-"""Bounds from the config -> pass / fail, with the message a person reads first.
+"""Decisions: a bound applied to a metric, an item's outcome, and the R² canyon warning.
 
-A NaN or infinite metric fails. A bound checked on the point estimate whose
-interval straddles it passes or fails by the point, and says that it straddles.
+Every pass/fail the plugin, the CLI and the reports show comes from `judge` (one
+bound, one number) and `outcome` (that verdict read against the entry's
+negative controls). A NaN or infinite metric fails, even where a failure was
+expected. A bound checked on the point estimate whose interval straddles it
+passes or fails by the point, and says that it straddles.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import asdict, dataclass
 
@@ -23,7 +27,7 @@ class MetricValue:
         return f"{self.value:.3f} [{self.ci[0]:.3f}, {self.ci[1]:.3f}]"
 
     def to_dict(self) -> dict:
-        return {"value": _finite_or_none(self.value), "ci": None if self.ci is None else [_finite_or_none(c) for c in self.ci]}
+        return {"value": finite_or_none(self.value), "ci": None if self.ci is None else [finite_or_none(c) for c in self.ci]}
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,12 @@ class Verdict:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["checked"] = _finite_or_none(self.checked)
+        out["checked"] = finite_or_none(self.checked)
         return out
 
 
-def _finite_or_none(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: a non-finite number is written as null."""
     return x if math.isfinite(x) else None
 
 
@@ -98,3 +103,47 @@ def loss_context(metrics: dict[str, MetricValue]) -> str:
         return ""
     change = 100.0 * (recon.value - orig.value) / orig.value
     return f"loss {orig.value:.2f} -> {recon.value:.2f} nats ({change:+.1f}%)"
+
+
+class Status(enum.Enum):
+    """What one gated item came to. `as_expected` is what a gate's exit status reads."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    CAUGHT = "caught"  # a negative control failed, as it must (pytest: xfail)
+    MISSED = "missed"  # a negative control passed: the gate no longer catches it
+    BROKEN = "broken"  # the checked number is NaN or infinite
+
+    @property
+    def as_expected(self) -> bool:
+        return self in (Status.PASSED, Status.CAUGHT)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    message: str
+
+    @property
+    def as_expected(self) -> bool:
+        return self.status.as_expected
+
+
+def outcome(verdict: Verdict, control: bool) -> Outcome:
+    """A verdict read against the entry: `control` when the metric is in its `expect_fail`."""
+    if not verdict.finite:
+        return Outcome(Status.BROKEN, verdict.message)
+    if control:
+        if verdict.passed:
+            return Outcome(Status.MISSED, f"negative control passed, the gate no longer catches it: {verdict.message}")
+        return Outcome(Status.CAUGHT, f"negative control caught: {verdict.message}")
+    return Outcome(Status.PASSED if verdict.passed else Status.FAILED, verdict.message)
+
+
+def canyon_warning(sae: str, r2: float, hook: str, pr: float, pr_ratio: float, threshold: float) -> str:
+    """The R² warning where the PR canyon flags the SAE's layer (callers check the flag)."""
+    return (
+        f"{sae}: r2 = {r2:.3f} at {hook}, a layer the PR canyon flags "
+        f"(pr = {pr:.3g}, pr_ratio = {pr_ratio:.4f} < {threshold}): "
+        "R² is variance-normalised and likely inflated here; judge by ce_rec, cosine and rel_error"
+    )

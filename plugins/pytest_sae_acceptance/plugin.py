@@ -1,24 +1,27 @@
-"""pytest plugin: thresholds.toml as tests. Hooks, options and fixtures only.
+"""pytest plugin: thresholds files as tests. Hooks, options and fixtures only.
 
 `pytest thresholds.toml` collects one collector per `[[sae]]` and one item per
 gated metric (`thresholds.toml::<sae>::<metric>`), plus an `r2` item that warns
 where the PR canyon flags the layer and `regression_<metric>` items when a
-baseline is given. Models load at the first item that needs them, never at
-collection; the logic lives in `sae_acceptance` and in `session.py` here.
+baseline is given. The plugin is inert until a thresholds file is collected or
+a `--sae-*` option is given: installed beside an unrelated suite, it loads no
+model, imports no torch and changes no environment variable.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from pathlib import Path
 
 import pytest
 
-from pytest_sae_acceptance.session import STATE_KEY, SAESession, pin_gpu_for_xdist_worker
-from sae_acceptance.config import LoadedThresholds, SAEEntry, load_thresholds
-from sae_acceptance.errors import ConfigError, R2ProxyWarning, SAEAcceptanceError
+from pytest_sae_acceptance.items import ThresholdsFile, _SAEItem, sae_session
+from pytest_sae_acceptance.selection import SELECTED_KEY, SESSION_KEY, is_xdist_worker
+from sae_acceptance.config import load_thresholds
 from sae_acceptance.train import builtin_profiles
+
+ROWS_KEY = pytest.StashKey[list[dict]]()
+ACTIVATING_OPTIONS = ("--sae-json", "--sae-baseline", "--sae-update-baseline", "--sae-thresholds", "--sae-sweep")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,8 +35,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--sae-baseline-strict", action="store_true", help="fail SAEs that have no baseline entry"
     )
     group.addoption("--sae-thresholds", metavar="PATH", help="thresholds file for the sae_eval fixture")
-    group.addoption("--sae-sweep", metavar="PROFILE", default="tiny",
-                    help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml)")
+    group.addoption("--sae-sweep", metavar="PROFILE", default=None,
+                    help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml; default tiny)")
     group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance/sweeps)")
     group.addoption("--sae-no-progress", action="store_true", help="hide progress bars")
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
@@ -42,10 +45,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def asked_for(config: pytest.Config) -> bool:
+    """Whether this run is the plugin's: a `--sae-*` option, or a thresholds file among the
+    paths to collect (given, or directly inside a directory given)."""
+    if any(config.getoption(option) for option in ACTIVATING_OPTIONS):
+        return True
+    pattern = config.getini("sae_thresholds_pattern")
+    for arg in config.args:
+        path = Path(arg.split("::", 1)[0])
+        if fnmatch.fnmatch(path.name, pattern):
+            return True
+        if path.is_dir() and any(fnmatch.fnmatch(child.name, pattern) for child in path.iterdir()):
+            return True
+    return False
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    pin_gpu_for_xdist_worker()
     config.addinivalue_line("markers", "sae: an SAE acceptance check from a thresholds file")
-    config.stash[STATE_KEY] = SAESession(config)
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist keeps a group on one worker")
+    if is_xdist_worker(config):
+        if config.workerinput.get("sae_loadgroup"):
+            config.option.loadgroup = True  # mirror the controller: tag items with their group
+    elif getattr(config.option, "dist", "no") == "load" and asked_for(config):
+        # SAEs of one hookpoint share passes, so they go to one worker together; other
+        # tests are spread one by one, as under `load`.
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller: tell each worker whether SAE groups are scheduled as units."""
+    node.workerinput["sae_loadgroup"] = node.config.getoption("dist") == "loadgroup"
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
@@ -54,127 +84,18 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     return None
 
 
-class ThresholdsFile(pytest.File):
-    def collect(self):
-        try:
-            loaded = load_thresholds(self.path)
-        except ConfigError as err:
-            raise self.CollectError(str(err)) from None
-        for i, entry in enumerate(loaded.config.sae):
-            yield SAECollector.from_parent(
-                self, name=entry.display_name, loaded=loaded, entry=entry, line=loaded.line_of("sae", i)
-            )
-
-
-class SAECollector(pytest.Collector):
-    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry, line: int, **kwargs):
-        super().__init__(**kwargs)
-        self.loaded, self.entry, self.line = loaded, entry, line
-        self.add_marker("sae")
-
-    def collect(self):
-        state: SAESession = self.config.stash[STATE_KEY]
-        gated = list(self.loaded.config.gate_for(self.entry))
-        for metric in [*gated, "r2"]:
-            yield MetricItem.from_parent(self, name=metric, metric=metric)
-        if state.baseline_path(self.loaded) is not None:
-            for metric in self.loaded.config.regressed_for(self.entry):
-                yield RegressionItem.from_parent(self, name=f"regression_{metric}", metric=metric)
-
-    def reportinfo(self):
-        return self.path, self.line - 1, self.name
-
-
-class SAECheckFailed(Exception):
-    """A failed acceptance check: its message is the whole report."""
-
-
-class _SAEItem(pytest.Item):
-    def __init__(self, *, metric: str, **kwargs):
-        super().__init__(**kwargs)
-        self.metric = metric
-
-    @property
-    def sae(self) -> SAECollector:
-        return self.parent
-
-    def result(self):
-        state: SAESession = self.config.stash[STATE_KEY]
-        try:
-            result = state.result(self.sae.loaded, self.sae.entry.display_name)
-        except SAEAcceptanceError as err:
-            raise SAECheckFailed(str(err)) from None
-        if result.error is not None:
-            raise SAECheckFailed(result.error)
-        return result
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, SAECheckFailed | SAEAcceptanceError):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
-
-    def reportinfo(self):
-        return self.path, self.sae.line - 1, f"{self.sae.name}::{self.name}"
-
-
-class MetricItem(_SAEItem):
-    """One gated metric of one SAE (or `r2`: reported, and a warning in the canyon)."""
-
-    def runtest(self) -> None:
-        result = self.result()
-        metric = result.metrics[self.metric]
-        self.user_properties += [(self.metric, metric.value)]
-        if metric.ci is not None:
-            self.user_properties += [(f"{self.metric}_ci_low", metric.ci[0]), (f"{self.metric}_ci_high", metric.ci[1])]
-        if self.metric == "r2":
-            if result.geometry is not None:
-                self.user_properties += [("pr", result.geometry.pr), ("pr_ratio", result.geometry.pr_ratio)]
-            if result.r2_warning:
-                warnings.warn(R2ProxyWarning(result.r2_warning), stacklevel=1)
-            if metric.value != metric.value:
-                raise SAECheckFailed(f"r2 is NaN for {result.name}")
-            return
-        verdict = result.verdicts[self.metric]
-        self.user_properties += [("passed", verdict.passed)]
-        if not verdict.finite:  # a failed eval, even on a negative control's metric
-            raise SAECheckFailed(verdict.message)
-        if self.metric in result.expect_fail:
-            if verdict.passed:
-                raise SAECheckFailed(f"negative control passed, the gate no longer catches it: {verdict.message}")
-            pytest.xfail(f"negative control caught: {verdict.message}")
-        if not verdict.passed:
-            raise SAECheckFailed(verdict.message)
-
-
-class RegressionItem(_SAEItem):
-    """A metric against the committed baseline, by a paired bootstrap on the same sequences."""
-
-    def runtest(self) -> None:
-        state: SAESession = self.config.stash[STATE_KEY]
-        result = self.result()
-        check = state.regression(self.sae.loaded, self.sae.entry, result, self.metric)
-        self.user_properties += [(f"{self.metric}_change", check.change)]
-        if check.ci is not None:
-            self.user_properties += [(f"{self.metric}_change_ci_low", check.ci[0]), (f"{self.metric}_change_ci_high", check.ci[1])]
-        if check.skipped:
-            pytest.skip(check.message)
-        if not check.passed:
-            raise SAECheckFailed(check.message)
-
-
 @pytest.fixture(scope="session")
 def sae_eval(request: pytest.FixtureRequest):
-    """`sae_eval("name")` -> that SAE's `SAEResult` from the thresholds file (evaluated once)."""
+    """`sae_eval("name")` -> that SAE's `sae_acceptance.SAEResult` (evaluated once per run).
+
+    The thresholds file is `--sae-thresholds`, else the `sae_thresholds` ini value,
+    relative to the directory pytest was started from.
+    """
     config = request.config
-    path = Path(config.getoption("--sae-thresholds") or config.getini("sae_thresholds"))
-    path = path if path.is_absolute() else config.rootpath / path
+    path = Path(config.getoption("--sae-thresholds") or config.getini("sae_thresholds")).expanduser()
+    path = path if path.is_absolute() else config.invocation_params.dir / path
     loaded = load_thresholds(path)
-    state: SAESession = config.stash[STATE_KEY]
-
-    def get(name: str):
-        return state.result(loaded, name)
-
-    return get
+    return lambda name: sae_session(config).result(loaded, name)
 
 
 @pytest.fixture(scope="session")
@@ -184,14 +105,14 @@ def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     Returns `(report, points, out_dir)`: the `EvalReport`, the sweep points, and the
     directory holding report.json, points.json and the analysis tables and plots.
     """
-    from sae_acceptance.train.analysis import write_analysis
+    from sae_acceptance.train.analysis import write_analysis  # torch: only when the fixture is used
     from sae_acceptance.train.sweep import default_cache, load_profile, run_sweep
 
     config = request.config
     cache = Path(config.getoption("--sae-sweep-cache") or default_cache())
     out = tmp_path_factory.mktemp("sae-sweep")
     progress = not config.getoption("--sae-no-progress")
-    report, points = run_sweep(load_profile(config.getoption("--sae-sweep")), out, cache, "auto", progress)
+    report, points = run_sweep(load_profile(config.getoption("--sae-sweep") or "tiny"), out, cache, "auto", progress)
     write_analysis(points, out)
     return report, points, out
 
@@ -203,32 +124,41 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             names = selected.setdefault(item.sae.loaded.path, [])
             if item.sae.entry.display_name not in names:
                 names.append(item.sae.entry.display_name)
-    session.config.stash[STATE_KEY].selected_names = selected
+    session.config.stash[SELECTED_KEY] = selected
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    session.config.stash[STATE_KEY].finish()
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Workers hand their results to the controller; the controller (or a plain run) writes
+    the JSON report and the baseline, each once, atomically."""
+    config = session.config
+    state = config.stash.get(SESSION_KEY, None)
+    mine = [] if state is None else [state.finish()]
+    if is_xdist_worker(config):
+        config.workeroutput["sae_parts"] = mine
+        return
+    parts = mine + config.stash.get(ROWS_KEY, [])
+    config.stash[ROWS_KEY] = parts
+    if parts:
+        from pytest_sae_acceptance.session import (
+            write_outputs,  # torch already loaded by a worker or item
+        )
 
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under the default `--dist load`, keep each SAE's items on one worker (evaluated once)."""
-    if config.getoption("dist") != "load":
-        return None
-    from pytest_sae_acceptance.scheduling import SAEScopeScheduling
-
-    return SAEScopeScheduling(config, log)
+        write_outputs(config, parts, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
-    """xdist controller: gather each worker's summary rows."""
-    node.config.stash[STATE_KEY].absorb_worker(getattr(node, "workeroutput", {}))
+    """xdist controller: gather each worker's results and summary rows."""
+    node.config.stash.setdefault(ROWS_KEY, []).extend(getattr(node, "workeroutput", {}).get("sae_parts", []))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    summary = config.stash[STATE_KEY].summary()
-    if summary:
-        terminalreporter.section("SAE acceptance")
-        terminalreporter.write_line(summary)
+    parts = config.stash.get(ROWS_KEY, [])
+    if not parts:
+        return
+    from pytest_sae_acceptance.session import summary_text
 
+    text = summary_text(parts)
+    if text:
+        terminalreporter.section("SAE acceptance")
+        terminalreporter.write_line(text)

@@ -1,48 +1,48 @@
-"""Per-session state of the plugin: results evaluated once, reports, baselines, summary.
+"""Per-run state of the plugin: each SAE evaluated once, baselines compared once, reports written.
 
-Items ask for their SAE's result; the first ask evaluates every selected SAE of
-that thresholds file together (so SAEs at one hookpoint share the model's
-first pass). Under pytest-xdist each worker evaluates the SAEs it is given, and
-the controller gathers the summary rows from the workers.
+Items ask for their SAE's result; the first ask evaluates every selected SAE it
+may share passes with (the whole file without xdist; its hookpoint group on an
+xdist worker, which gets the whole group), so SAEs at one hookpoint share the
+model's first pass. The controller gathers the summary rows from the workers.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
+from pytest_sae_acceptance.selection import (
+    baseline_path,
+    baseline_target,
+    group_key,
+    is_xdist_worker,
+    selected_names,
+)
+from sae_acceptance.baseline import (
+    Baseline,
+    RegressionCheck,
+    baseline_entries,
+    compare_sae,
+    load_baseline,
+    update_baseline,
+)
 from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.errors import SAEAcceptanceError
-from sae_acceptance.evaluate import EvalReport, SAEResult, evaluate
-from sae_acceptance.report import format_table, merge_report_json, summary_rows
+from sae_acceptance.evaluate import evaluate
+from sae_acceptance.io import write_json
+from sae_acceptance.render import format_table
+from sae_acceptance.report import (
+    REGRESSION_HEADER,
+    SUMMARY_HEADER,
+    merge_reports,
+    regression_rows,
+    summary_rows,
+)
+from sae_acceptance.results import EvalReport, SAEResult
 from sae_acceptance.sources.model import ModelCache
-
-STATE_KEY = pytest.StashKey["SAESession"]()
-
-
-def pin_gpu_for_xdist_worker() -> None:
-    """One GPU per xdist worker (gw0 -> first visible GPU, ...), set before CUDA is touched."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not worker.startswith("gw"):
-        return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        devices = [d for d in visible.split(",") if d.strip()]
-    elif shutil.which("nvidia-smi"):
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
-        devices = [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU")]
-    else:
-        devices = []
-    if len(devices) > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(worker[2:]) % len(devices)]
-
-
-def is_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
 
 
 class SAESession:
@@ -50,29 +50,26 @@ class SAESession:
         self.config = config
         self.models = ModelCache()
         self.reports: dict[Path, EvalReport] = {}
+        self.loaded: dict[Path, LoadedThresholds] = {}
         self.results: dict[tuple[Path, str], SAEResult] = {}
         self.failures: dict[tuple[Path, str], SAEAcceptanceError] = {}
-        self.worker_gate_rows: list[list[str]] = []
-        self.worker_regression_rows: list[list[str]] = []
-        self.selected_names: dict[Path, list[str]] = {}
-        self.baselines: dict[Path, dict] = {}
-        self.regressions: list[tuple[str, object]] = []
-        self.regression_checks: dict[tuple[Path, str], dict | SAEAcceptanceError] = {}
-        self.loaded: dict[Path, LoadedThresholds] = {}
+        self.baselines: dict[Path, Baseline] = {}
+        self.regressions: list[tuple[str, RegressionCheck]] = []
+        self.regression_checks: dict[tuple[Path, str], dict[str, RegressionCheck] | SAEAcceptanceError] = {}
         self.progress = not config.getoption("--sae-no-progress") and not is_xdist_worker(config)
-        json_path = config.getoption("--sae-json")
-        self.json_path = Path(json_path).resolve() if json_path else None
-        if self.json_path is not None and not is_xdist_worker(config):
-            self.json_path.unlink(missing_ok=True)  # workers merge into a fresh file
+        self.device = worker_device(config)
 
-    def selected(self, loaded: LoadedThresholds) -> list[str]:
-        """SAE names of this file that this session runs items for."""
+    def _together(self, loaded: LoadedThresholds, name: str) -> list[str]:
+        """The selected SAEs to evaluate with `name`: the file's, or on a worker its group's."""
+        entries = {entry.display_name: entry for entry in loaded.config.sae}
+        selected = [n for n in selected_names(self.config).get(loaded.path, []) if (loaded.path, n) not in self.results]
         if is_xdist_worker(self.config):
-            return []  # the scheduler hands out SAEs one scope at a time
-        return self.selected_names.get(loaded.path, [])
+            group = group_key(loaded, entries[name])
+            selected = [n for n in selected if group_key(loaded, entries[n]) == group]
+        return selected if name in selected else [*selected, name]
 
     def result(self, loaded: LoadedThresholds, name: str) -> SAEResult:
-        """The SAE's result, evaluating it (with every other selected SAE of the file) once.
+        """The SAE's result, evaluating it (with the SAEs it shares passes with) once.
 
         An evaluation that fails as a whole (the model or tokens cannot load) fails every
         item of its SAEs with the same error, without being run again for each.
@@ -84,11 +81,9 @@ class SAESession:
         if key in self.failures:
             raise self.failures[key]
         if key not in self.results:
-            names = [n for n in self.selected(loaded) if (loaded.path, n) not in self.results] or [name]
-            if name not in names:
-                names.append(name)
+            names = self._together(loaded, name)
             try:
-                report = evaluate(loaded, names=names, progress=self.progress, models=self.models)
+                report = evaluate(loaded, names=names, progress=self.progress, models=self.models, device=self.device)
             except SAEAcceptanceError as err:
                 self.failures.update({(loaded.path, n): err for n in names})
                 raise
@@ -104,47 +99,22 @@ class SAESession:
         for name, result in report.saes.items():
             self.results[(path, name)] = result
 
-    # -- regression baselines (sae_acceptance.baseline) ------------------------------------
-
-    def baseline_target(self, loaded: LoadedThresholds) -> Path:
-        """Where --sae-update-baseline writes: the option, the file's `baseline`, or a default."""
-        option = self.config.getoption("--sae-baseline")
-        if option:
-            return Path(option).resolve()
-        return loaded.path.parent / (loaded.config.baseline or f"{loaded.path.stem}.baseline.json")
-
-    def baseline_path(self, loaded: LoadedThresholds) -> Path | None:
-        """The baseline to compare against (none while it is being written)."""
-        if self.config.getoption("--sae-update-baseline"):
-            return None
-        if self.config.getoption("--sae-baseline") or loaded.config.baseline:
-            return self.baseline_target(loaded)
-        return None
-
-    def regression(self, loaded: LoadedThresholds, entry: SAEEntry, result: SAEResult, metric: str):
+    def regression(self, loaded: LoadedThresholds, entry: SAEEntry, result: SAEResult, metric: str) -> RegressionCheck:
         """`metric`'s check against the baseline; every regressed metric of the SAE is
         compared at its first item, from one paired bootstrap. An error that covers the
         whole SAE (another fingerprint, no metrics) is kept and raised by each item."""
-        from sae_acceptance.baseline import compare_sae, load_baseline
-
         key = (loaded.path, result.name)
         if key not in self.regression_checks:
             try:
-                path = self.baseline_path(loaded)
+                path = baseline_path(self.config, loaded)
                 if path not in self.baselines:
                     self.baselines[path] = load_baseline(path)
                 regression = loaded.config.regression
                 tolerances = {
-                    m: regression[m].tolerance if m in regression else None
-                    for m in loaded.config.regressed_for(entry)
+                    m: regression[m].tolerance if m in regression else None for m in loaded.config.regressed_for(entry)
                 }
-                checks = compare_sae(
-                    self.baselines[path],
-                    result,
-                    self.reports[loaded.path].settings,
-                    tolerances,
-                    strict=self.config.getoption("--sae-baseline-strict"),
-                )
+                strict = self.config.getoption("--sae-baseline-strict")
+                checks = compare_sae(self.baselines[path], result, self.reports[loaded.path].settings, tolerances, strict)
             except SAEAcceptanceError as err:
                 checks = err
             self.regression_checks[key] = checks
@@ -154,46 +124,62 @@ class SAESession:
         self.regressions.append((result.name, checks[metric]))
         return checks[metric]
 
-    # -- end of session ----------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """This process's part of the run, as plain data a worker can send to the controller:
+        its reports, its baseline entries, and its summary rows."""
+        results = [r for report in self.reports.values() for r in report.saes.values()]
+        part: dict[str, Any] = {
+            "reports": [report.to_dict() for report in self.reports.values()],
+            "gate": summary_rows(results),
+            "regression": regression_rows(self.regressions),
+            "baselines": {},
+        }
+        if self.config.getoption("--sae-update-baseline"):
+            for path, report in self.reports.items():
+                target = str(baseline_target(self.config, self.loaded[path]))
+                part["baselines"].setdefault(target, {}).update(baseline_entries(report))
+        return part
 
-    def finish(self) -> None:
-        for path, report in self.reports.items():
-            if self.json_path is not None:
-                merge_report_json(self.json_path, report)
-            if self.config.getoption("--sae-update-baseline"):
-                from sae_acceptance.baseline import update_baseline
 
-                update_baseline(self.baseline_target(self.loaded[path]), report)
-        if is_xdist_worker(self.config):
-            self.config.workeroutput["sae_rows"] = self._gate_rows()
-            self.config.workeroutput["sae_regression_rows"] = self._regression_rows()
+def write_outputs(config: pytest.Config, parts: list[dict[str, Any]], interrupted: bool) -> None:
+    """The controller's (or a plain run's) writes: the JSON report, then the baseline; a baseline
+    only when the run was not interrupted."""
+    json_path = config.getoption("--sae-json")
+    if json_path:
+        merged = merge_reports(report for part in parts for report in part["reports"])
+        if merged is not None:
+            write_json(Path(json_path).expanduser(), merged)
+    if interrupted:
+        return
+    targets: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for target, entries in part["baselines"].items():
+            targets.setdefault(target, {}).update(entries)
+    for target, entries in targets.items():
+        update_baseline(Path(target), entries)
 
-    def absorb_worker(self, output: dict) -> None:
-        self.worker_gate_rows += output.get("sae_rows", [])
-        self.worker_regression_rows += output.get("sae_regression_rows", [])
 
-    def _gate_rows(self) -> list[list[str]]:
-        return summary_rows([r for report in self.reports.values() for r in report.saes.values()])[1:]
+def worker_device(config: pytest.Config) -> str | None:
+    """One GPU per xdist worker (gw0 -> cuda:0, gw1 -> cuda:1, ...) where several are visible.
 
-    def _regression_rows(self) -> list[list[str]]:
-        rows = []
-        for name, check in self.regressions:
-            ci = f" [{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]" if check.ci else ""
-            verdict = "new" if check.skipped else "ok" if check.passed else "REGRESSED"
-            rows.append([name, check.metric, f"{check.change:+.4f}{ci}", verdict])
-        return rows
+    Chosen as a device, not by rewriting CUDA_VISIBLE_DEVICES: nothing outside this
+    plugin's own evaluations changes. None keeps `[eval] device`.
+    """
+    if not is_xdist_worker(config) or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    index = int(config.workerinput["workerid"].removeprefix("gw"))
+    return f"cuda:{index % torch.cuda.device_count()}"
 
-    def summary(self) -> str:
-        """The gate's table, then the regression table; rows from xdist workers included, once each."""
-        gate = _unique(self._gate_rows() + self.worker_gate_rows)
-        text = format_table([summary_rows([])[0], *gate]) if gate else ""
-        changes = _unique(self._regression_rows() + self.worker_regression_rows)
-        if changes:
-            header = ["sae", "metric", "change [paired CI] vs baseline", "verdict"]
-            text += "\n\n" + format_table([header, *changes])
-        return text
+
+def summary_text(parts: list[dict[str, Any]]) -> str:
+    """The gate's table, then the regression table; each row once (workers may repeat one)."""
+    gate = _unique([row for part in parts for row in part["gate"]])
+    changes = _unique([row for part in parts for row in part["regression"]])
+    text = format_table(SUMMARY_HEADER, gate) if gate else ""
+    if changes:
+        text += "\n\n" + format_table(REGRESSION_HEADER, changes)
+    return text
 
 
 def _unique(rows: list[list[str]]) -> list[list[str]]:
-    """Rows in order, without repeats (two workers may evaluate the same SAE)."""
     return [list(row) for row in dict.fromkeys(tuple(row) for row in rows)]
