@@ -84,20 +84,32 @@ def _check_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
 Gate = Annotated[dict[str, Bound], AfterValidator(_check_gate), Field(default_factory=dict)]
 
 
+DType = Literal["float32", "float16", "bfloat16"]
+
+
 class EvalSettings(StrictModel):
+    """`[eval]`: the eval set and how it runs. These defaults are the CLI's too."""
+
     data: str = Field(description="a .npy token file, a local dataset directory, or a hub dataset name")
     model: str | None = Field(None, description="default model for every [[sae]] (hub name or local dir)")
-    n_sequences: int = Field(200, gt=0)
-    context_size: int = Field(256, gt=1)
+    n_sequences: int = Field(200, gt=0, description="sequences in the eval set")
+    context_size: int = Field(256, gt=1, description="tokens per sequence")
     skip: int = Field(0, ge=0, description="sequences skipped first (held out from training data)")
     column: str | None = Field(None, description="dataset column: tokens, input_ids or text")
-    split: str = "train"
-    batch_size: int = Field(8, gt=0)
-    bootstrap_resamples: int = Field(5000, ge=100)
-    confidence: float = Field(0.95, gt=0, lt=1)
-    seed: int = Field(0, ge=0)
+    split: str = Field("train", description="dataset split")
+    batch_size: int = Field(8, gt=0, description="sequences per forward pass")
+    bootstrap_resamples: int = Field(5000, ge=100, description="percentile-bootstrap resamples over sequences")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of every interval")
+    seed: int = Field(0, ge=0, description="bootstrap seed")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    devices: int | list[str] | None = Field(
+        None, description="place the model across GPUs: a count, or a list such as [\"cuda:0\", \"cuda:1\"]"
+    )
+    dtype: DType = Field("float32", description="the model's dtype (sums stay float64)")
+    sae_dtype: DType | None = Field(None, description="the SAEs' dtype (default: each SAE's own)")
+    backend: Literal["auto", "transformer_lens", "hf"] = Field(
+        "auto", description="how the model runs: TransformerLens where it can load it, else Hugging Face"
+    )
     exclude_special_tokens: bool | list[int] = Field(
         True, description="true: the tokenizer's BOS/EOS/PAD; false: none; a list: these ids"
     )
