@@ -38,7 +38,7 @@ class ReferenceModelSpec:
 
 
 def gpt_neox_config(spec: ReferenceModelSpec):
-    from transformers import GPTNeoXConfig
+    from transformers import GPTNeoXConfig  # slow to import: only a build needs it
 
     return GPTNeoXConfig(
         vocab_size=spec.vocab_size,
@@ -58,7 +58,7 @@ def gpt_neox_config(spec: ReferenceModelSpec):
 
 def train_reference_model(spec: ReferenceModelSpec, language: TopicLanguage, progress: bool = True):
     """Next-token training on the language's stream; returns the HF model in eval mode."""
-    from transformers import GPTNeoXForCausalLM
+    from transformers import GPTNeoXForCausalLM  # slow to import: only a build needs it
 
     torch.manual_seed(spec.seed)
     model = GPTNeoXForCausalLM(gpt_neox_config(spec))

@@ -1,4 +1,4 @@
-"""Training: the TopK trainer, k grids at a hookpoint, sweep profiles and the log's tables."""
+"""Training: the TopK trainer, k grids at a hookpoint, sweep profiles and their analysis."""
 
 from importlib import resources
 

@@ -1,4 +1,4 @@
-"""Sweep profiles -> trained SAEs (content-addressed cache) -> the gate -> the log's tables.
+"""Sweep profiles -> trained SAEs (content-addressed cache) -> the gate -> the analysis tables.
 
 Every SAE of a k grid at one hookpoint trains from one pass over the data. A
 trained grid is cached under a key that covers every training input (model, hook,
