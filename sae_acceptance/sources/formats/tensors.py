@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from sae_acceptance.errors import SAEFormatError
 
+_TORCH_LOAD = torch.load  # the real one: `converters` swaps torch.load for `tensors_only_load` while SAELens runs
+
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
@@ -35,7 +37,7 @@ def read_npz(file: Path) -> dict[str, torch.Tensor]:
 def tensors_only_load(file: Any, map_location: Any = None, **_: Any) -> Any:
     """`torch.load` restricted to tensors and plain containers: anything else is refused unrun."""
     try:
-        return torch.load(file, map_location=map_location, weights_only=True)
+        return _TORCH_LOAD(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SAEFormatError(
