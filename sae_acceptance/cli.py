@@ -1,37 +1,69 @@
 """sae-acceptance eval | pr-profile | train | sweep | schema | build-reference.
 
-The same loaders and engine as the pytest plugin. Bad input ends in one line on
-stderr and exit status 2; a failed gate in exit status 1.
+The same loaders and engine as the pytest plugin. Exit status: 0 all as
+expected, 1 a gate failed, 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from sae_acceptance.errors import SAEAcceptanceError
-from sae_acceptance.train import OPTIMISERS, builtin_profiles
+from pydantic import BaseModel, ValidationError
 
-EVAL_FLAGS = ("data", "n_sequences", "context_size", "skip", "batch_size", "device", "dtype")
+from sae_acceptance.config import (
+    CanyonSettings,
+    EvalSettings,
+    describe,
+    load_thresholds,
+    thresholds_from_mapping,
+    write_json_schema,
+)
+from sae_acceptance.errors import ConfigError, SAEAcceptanceError
+from sae_acceptance.evaluate import evaluate
+from sae_acceptance.geometry import CanyonRule
+from sae_acceptance.io import write_atomic, write_json
+from sae_acceptance.pr_profile import (
+    format_profile_table,
+    plot_pr_profile,
+    pr_profile,
+    profile_to_json,
+)
+from sae_acceptance.reference.build import build_reference
+from sae_acceptance.report import format_report
+from sae_acceptance.sources.model import load_model, special_token_ids
+from sae_acceptance.sources.tokens import counted_mask, load_tokens
+from sae_acceptance.train import builtin_profiles
+from sae_acceptance.train.hookpoint import train_at_hook
+from sae_acceptance.train.settings import TrainSettings
+from sae_acceptance.train.sweep import sweep
+
+EVAL_SET = ("data", "n_sequences", "context_size", "skip", "batch_size", "device", "dtype")
+EVAL_RUN = ("sae_dtype", "backend", "bootstrap_resamples", "seed")
+TRAIN_OPTIONS = ("expansion_factor", "d_sae", "batch_size", "lr", "optimizer", "warmup_steps", "dead_tokens", "seed")
 
 
-def _eval_args(parser: argparse.ArgumentParser, with_defaults: bool = True) -> None:
-    """The eval-set flags; defaults are thresholds.toml's own (`EvalSettings`), or None to tell
-    what was given on the command line."""
-    from sae_acceptance.config import EvalSettings
-
-    def default(name: str):
-        return EvalSettings.model_fields[name].default if with_defaults else None
-
-    parser.add_argument("--data", help="a .npy token file, a local dataset directory, or a hub dataset")
-    parser.add_argument("--n-sequences", type=int, default=default("n_sequences"))
-    parser.add_argument("--context-size", type=int, default=default("context_size"))
-    parser.add_argument("--skip", type=int, default=default("skip"), help="sequences skipped first")
-    parser.add_argument("--batch-size", type=int, default=default("batch_size"))
-    parser.add_argument("--device", default=default("device"), help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default=default("dtype"), choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--no-progress", action="store_true")
+def add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], names: tuple[str, ...], defaults: bool = True) -> None:
+    """One `--flag` per settings field: type, choices, help and default come from the model,
+    so the CLI never restates a default. With `defaults=False` an absent flag is None."""
+    for name in names:
+        field = model.model_fields[name]
+        kind = field.annotation
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        options: dict[str, Any] = {"help": field.description}
+        if typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        elif kind in (int, float):
+            options["type"] = kind
+        default = field.default if defaults and not field.is_required() else None
+        if default is not None:
+            options["help"] = f"{field.description} (default: {default})"
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,20 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", type=Path, help="a thresholds.toml: run its gate without pytest")
     ev.add_argument("--model", help="TransformerLens model name or local HF checkpoint directory")
     ev.add_argument("--hook", help="hookpoint, e.g. blocks.3.hook_resid_post (default: the SAE's own)")
-    ev.add_argument("--sae", action="append", default=[], metavar="PATH", help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)")
-    _eval_args(ev, with_defaults=False)  # thresholds.toml's defaults apply; with --config, its values
-    ev.add_argument("--bootstrap-resamples", type=int)
-    ev.add_argument("--seed", type=int)
+    ev.add_argument("--sae", action="append", default=[], metavar="PATH",
+                    help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)")
+    add_fields(ev, EvalSettings, EVAL_SET + EVAL_RUN, defaults=False)  # thresholds.toml's defaults apply
     ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
+    ev.add_argument("--no-progress", action="store_true")
 
     pr = sub.add_parser("pr-profile", help="participation ratio per layer, and the canyon rule")
     pr.add_argument("--model", required=True)
-    _eval_args(pr)
+    add_fields(pr, EvalSettings, EVAL_SET)
     pr.add_argument("--hook-type", default="resid_post")
-    pr.add_argument("--threshold", type=float, default=0.02, help="canyon rule: pr_ratio below this")
-    pr.add_argument("--use", choices=["raw", "deflated"], default="raw")
+    add_fields(pr, CanyonSettings, ("threshold", "use"))
     pr.add_argument("--json", type=Path, metavar="OUT")
     pr.add_argument("--plot", type=Path, metavar="OUT.png")
+    pr.add_argument("--no-progress", action="store_true")
 
     sw = sub.add_parser("sweep", help="train a sweep profile's SAEs, gate them, write the log's tables")
     sw.add_argument("--profile", required=True, help=f"{', '.join(builtin_profiles())}, or a profile .toml")
@@ -70,13 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help="a .npy token file, a local dataset directory, or a hub dataset")
     tr.add_argument("--k", type=int, action="append", required=True, help="repeatable: one SAE per k")
     tr.add_argument("--train-tokens", type=int, required=True)
-    tr.add_argument("--context-size", type=int, default=256)
-    tr.add_argument("--expansion-factor", type=int, default=32)
-    tr.add_argument("--batch-size", type=int, default=4096)
-    tr.add_argument("--optimizer", choices=OPTIMISERS, default="adam",
-                    help="adam: Adam with warm-up and decay; signum: sign descent, schedule-free")
-    tr.add_argument("--lr", type=float, default=None, help="default: 2e-4 (adam) or 5e-3 (signum) / sqrt(d_sae / 2^14)")
-    tr.add_argument("--seed", type=int, default=0)
+    add_fields(tr, EvalSettings, ("context_size",))
+    add_fields(tr, TrainSettings, TRAIN_OPTIONS)
     tr.add_argument("--device", default="auto")
     tr.add_argument("--out", type=Path, required=True, help="writes OUT/k{k} in SAELens format")
     tr.add_argument("--no-progress", action="store_true")
@@ -100,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sae_acceptance.config import load_thresholds, thresholds_from_mapping
-    from sae_acceptance.evaluate import evaluate
-    from sae_acceptance.report import format_report, write_atomic
-
-    settings = {name: getattr(args, name) for name in (*EVAL_FLAGS, "bootstrap_resamples", "seed")}
-    given = {name: value for name, value in settings.items() if value is not None}
+    given = {name: getattr(args, name) for name in EVAL_SET + EVAL_RUN if getattr(args, name) is not None}
     if args.config is not None:
         clashing = [f"--{name.replace('_', '-')}" for name in given] + [
             flag for flag, value in (("--model", args.model), ("--hook", args.hook), ("--sae", args.sae)) if value
@@ -137,17 +159,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_pr_profile(args: argparse.Namespace) -> int:
-    from sae_acceptance.geometry import (
-        CanyonRule,
-        format_profile_table,
-        plot_pr_profile,
-        pr_profile,
-        profile_to_json,
-    )
-    from sae_acceptance.report import write_json
-    from sae_acceptance.sources.model import load_model, special_token_ids
-    from sae_acceptance.sources.tokens import counted_mask, load_tokens
-
     if not args.data:
         raise SAEAcceptanceError("pr-profile needs --data")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -173,22 +184,18 @@ def _cmd_pr_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from sae_acceptance.train.sweep import run_sweep_command
-
-    return run_sweep_command(args)
+    return sweep(args.profile, args.out, args.cache, args.device, not args.no_progress)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sae_acceptance.sources.model import load_model
-    from sae_acceptance.sources.tokens import load_tokens
-    from sae_acceptance.train.hookpoint import train_at_hook
-    from sae_acceptance.train.topk import TrainConfig
-
     model = load_model(args.model, device=args.device)
     n_sequences = args.train_tokens // args.context_size + 1
     tokens = load_tokens(args.data, n_sequences, args.context_size, tokenizer=model.tokenizer)
-    cfg = TrainConfig(k=max(args.k), optimizer=args.optimizer, expansion_factor=args.expansion_factor,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
+    try:
+        cfg = TrainSettings(k=max(args.k), **settings)
+    except ValidationError as err:
+        raise ConfigError(describe(err, "", "train")) from None
     paths = train_at_hook(model, str(args.model), tokens, args.hook, args.k, cfg,
                           out={k: args.out / f"k{k}" for k in args.k}, train_tokens=args.train_tokens,
                           metadata={"context_size": args.context_size, "dataset_path": args.data},
@@ -199,16 +206,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from sae_acceptance.config import write_json_schema
-
     write_json_schema(args.out)
     print(f"schema written to {args.out}")
     return 0
 
 
 def _cmd_build_reference(args: argparse.Namespace) -> int:
-    from sae_acceptance.reference.build import build_reference
-
     build_reference(args.out, reuse_model=args.reuse_model)
     return 0
 

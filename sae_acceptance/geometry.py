@@ -11,7 +11,6 @@ hook (pythia-410m: 8 MiB a layer, about 200 MiB for all 24 layers).
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 
 from sae_acceptance.config import CanyonSettings, describe
 from sae_acceptance.errors import ConfigError
+from sae_acceptance.io import finite_or_none
 
 __all__ = [
     "CanyonRule",
@@ -199,23 +199,8 @@ class LayerGeometry:
             "layer": self.layer,
             "hook": self.hook,
             "d_model": self.d_model,
-            "pr": _finite(self.pr),
-            "pr_deflated": _finite(self.pr_deflated),
-            "pr_ratio": _finite(self.pr_ratio),
+            "pr": finite_or_none(self.pr),
+            "pr_deflated": finite_or_none(self.pr_deflated),
+            "pr_ratio": finite_or_none(self.pr_ratio),
             "canyon": self.canyon,
         }
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: an undefined PR is written as null."""
-    return float(value) if math.isfinite(value) else None
-
-
-_MOVED = ("format_profile_table", "plot_pr_profile", "pr_profile", "profile_to_json")
-
-
-def __getattr__(name: str) -> Any:
-    """The profiler's names, moved to `sae_acceptance.pr_profile`, until cli.py imports them there."""
-    if name in _MOVED:
-        return getattr(importlib.import_module("sae_acceptance.pr_profile"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -52,6 +53,11 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: a non-finite number is written as null."""
+    return float(x) if math.isfinite(x) else None
 
 
 def to_json(payload: Any, indent: int | None = 2) -> str:

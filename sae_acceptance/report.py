@@ -6,7 +6,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from sae_acceptance.baseline import RegressionCheck
-from sae_acceptance.io import write_atomic, write_json  # noqa: F401  re-exported until train/ imports sae_acceptance.io
 from sae_acceptance.render import format_table
 from sae_acceptance.results import EvalReport, SAEResult
 from sae_acceptance.verdict import Status

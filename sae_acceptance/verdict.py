@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from sae_acceptance.config import Bound
+from sae_acceptance.io import finite_or_none
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,6 @@ class Verdict:
         out = asdict(self)
         out["checked"] = finite_or_none(self.checked)
         return out
-
-
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN: a non-finite number is written as null."""
-    return x if math.isfinite(x) else None
 
 
 def checked_value(metric: MetricValue, bound: Bound) -> float:

@@ -136,8 +136,3 @@ def sweep(profile: str, out: Path, cache: Path | None = None, device: str = "aut
     write_analysis(points, out)
     print(f"tables and plots written to {out}")
     return 0 if report.passed else 1
-
-
-def run_sweep_command(args) -> int:
-    """The old argparse entry point, until cli.py calls `sweep`."""
-    return sweep(args.profile, args.out, args.cache, args.device, not args.no_progress)

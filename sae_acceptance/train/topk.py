@@ -26,7 +26,6 @@ from sae_acceptance.train.settings import TrainSettings
 
 TRAINER_VERSION = "topk-4"
 SCALE_TOKENS = 2048  # tokens of the init sample that set the encoder scale
-TrainConfig = TrainSettings  # the old name, until cli.py imports TrainSettings
 
 
 # --------------------------------------------------------------------------- initialisation
