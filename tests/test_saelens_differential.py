@@ -22,8 +22,11 @@ independent float64 computation instead.
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +39,7 @@ from sae_acceptance.evaluate import evaluate
 from sae_acceptance.metrics import rate_bits
 from sae_acceptance.reference.language import BOS, EOS, TopicLanguage
 from sae_acceptance.sources.model import ModelCache, special_token_ids
-from sae_acceptance.sources.sae import SAE, save_sae
+from sae_acceptance.sources.sae import SAE, load_sae, save_sae
 from sae_acceptance.sources.tokens import counted_mask
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -84,6 +87,36 @@ def standard_sae(hook: str, d_sae: int = 64, seed: int = 1) -> SAE:
     )
 
 
+def gated_sae(hook: str, seed: int = 5) -> SAE:
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.nn.functional.normalize(torch.randn(64, D_MODEL, generator=g), dim=1)
+    return SAE(w_dec.T.clone(), torch.full((64,), -0.1), w_dec, torch.randn(D_MODEL, generator=g) * 0.1,
+               architecture="gated", b_mag=torch.randn(64, generator=g) * 0.1,
+               r_mag=torch.randn(64, generator=g) * 0.2, hook_name=hook, model_name="tiny")
+
+
+def jumprelu_sae(hook: str, seed: int = 6) -> SAE:
+    sae = standard_sae(hook, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    return SAE(sae.W_enc, torch.zeros(64), sae.W_dec, sae.b_dec, architecture="jumprelu",
+               threshold=torch.rand(64, generator=g) * 0.4, apply_b_dec_to_input=False, hook_name=hook, model_name="tiny")
+
+
+def dictionary_learning_sae(dict_class: str, seed: int) -> SAE:
+    """A dictionary_learning `ae.pt` + `config.json` (layer 1), read by `load_sae`."""
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.nn.functional.normalize(torch.randn(64, D_MODEL, generator=g), dim=1)
+    state = {"encoder.weight": w_dec.clone(), "encoder.bias": torch.zeros(64), "decoder.weight": w_dec.T.clone(),
+             "b_dec": torch.randn(D_MODEL, generator=g) * 0.1, "k": torch.tensor(4, dtype=torch.int),
+             "threshold": torch.tensor(0.3)}
+    trainer = {"dict_class": dict_class, "activation_dim": D_MODEL, "dict_size": 64, "k": 4, "layer": 1,
+               "lm_name": "tiny"}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / "ae.pt")
+        (Path(tmp) / "config.json").write_text(json.dumps({"trainer": trainer}))
+        return load_sae(tmp)
+
+
 # Three engine paths: a residual hook (tail from the next block), a hook inside a
 # block (the block is rerun), and attention's hook_z (heads flattened to d_model).
 # The hooks are ones where zero-ablation moves the loss, so the scores are not
@@ -92,6 +125,11 @@ CASES = {
     "topk-resid_post": lambda: random_topk_sae(k=4, seed=0, hook="blocks.1.hook_resid_post"),
     "standard-mlp_out": lambda: standard_sae("blocks.1.hook_mlp_out"),
     "topk-hook_z": lambda: random_topk_sae(k=4, seed=3, hook="blocks.0.attn.hook_z"),
+    # the architectures people train, through SAELens's own classes on the same directory
+    "gated-resid_post": lambda: gated_sae("blocks.1.hook_resid_post"),
+    "jumprelu-mlp_out": lambda: jumprelu_sae("blocks.1.hook_mlp_out"),
+    "dl_batchtopk_as_jumprelu-resid_post": lambda: dictionary_learning_sae("BatchTopKSAE", 7),
+    "dl_topk-resid_post": lambda: dictionary_learning_sae("AutoEncoderTopK", 8),
 }
 
 
