@@ -105,16 +105,8 @@ def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     Returns `(report, points, out_dir)`: the `EvalReport`, the sweep points, and the
     directory holding report.json, points.json and the analysis tables and plots.
     """
-    from sae_acceptance.train.analysis import write_analysis  # torch: only when the fixture is used
-    from sae_acceptance.train.sweep import default_cache, load_profile, run_sweep
-
-    config = request.config
-    cache = Path(config.getoption("--sae-sweep-cache") or default_cache())
     out = tmp_path_factory.mktemp("sae-sweep")
-    progress = not config.getoption("--sae-no-progress")
-    report, points = run_sweep(load_profile(config.getoption("--sae-sweep") or "tiny"), out, cache, "auto", progress)
-    write_analysis(points, out)
-    return report, points, out
+    return sae_session(request.config).sweep(out)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -139,11 +131,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     parts = mine + config.stash.get(ROWS_KEY, [])
     config.stash[ROWS_KEY] = parts
     if parts:
-        from pytest_sae_acceptance.session import (
-            write_outputs,  # torch already loaded by a worker or item
-        )
-
-        write_outputs(config, parts, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+        sae_session(config).write_outputs(parts, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -156,9 +144,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     parts = config.stash.get(ROWS_KEY, [])
     if not parts:
         return
-    from pytest_sae_acceptance.session import summary_text
-
-    text = summary_text(parts)
+    text = sae_session(config).summary(parts)
     if text:
         terminalreporter.section("SAE acceptance")
         terminalreporter.write_line(text)

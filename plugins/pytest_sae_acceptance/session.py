@@ -43,6 +43,8 @@ from sae_acceptance.report import (
 )
 from sae_acceptance.results import EvalReport, SAEResult
 from sae_acceptance.sources.model import ModelCache
+from sae_acceptance.train.analysis import write_analysis
+from sae_acceptance.train.sweep import default_cache, load_profile, run_sweep
 
 
 class SAESession:
@@ -140,23 +142,40 @@ class SAESession:
                 part["baselines"].setdefault(target, {}).update(baseline_entries(report))
         return part
 
+    def write_outputs(self, parts: list[dict[str, Any]], interrupted: bool) -> None:
+        """The controller's (or a plain run's) writes: the JSON report, then the baseline; a baseline
+        only when the run was not interrupted."""
+        json_path = self.config.getoption("--sae-json")
+        if json_path:
+            merged = merge_reports(report for part in parts for report in part["reports"])
+            if merged is not None:
+                write_json(Path(json_path).expanduser(), merged)
+        if interrupted:
+            return
+        targets: dict[str, dict[str, Any]] = {}
+        for part in parts:
+            for target, entries in part["baselines"].items():
+                targets.setdefault(target, {}).update(entries)
+        for target, entries in targets.items():
+            update_baseline(Path(target), entries)
 
-def write_outputs(config: pytest.Config, parts: list[dict[str, Any]], interrupted: bool) -> None:
-    """The controller's (or a plain run's) writes: the JSON report, then the baseline; a baseline
-    only when the run was not interrupted."""
-    json_path = config.getoption("--sae-json")
-    if json_path:
-        merged = merge_reports(report for part in parts for report in part["reports"])
-        if merged is not None:
-            write_json(Path(json_path).expanduser(), merged)
-    if interrupted:
-        return
-    targets: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        for target, entries in part["baselines"].items():
-            targets.setdefault(target, {}).update(entries)
-    for target, entries in targets.items():
-        update_baseline(Path(target), entries)
+    def sweep(self, out: Path) -> tuple[EvalReport, list[dict[str, Any]], Path]:
+        """The `sae_sweep` fixture's value: the `--sae-sweep` profile trained (or loaded), gated, tabulated."""
+        cache = Path(self.config.getoption("--sae-sweep-cache") or default_cache()).expanduser()
+        profile = load_profile(self.config.getoption("--sae-sweep") or "tiny")
+        report, points = run_sweep(profile, out, cache, "auto", not self.config.getoption("--sae-no-progress"))
+        write_analysis(points, out)
+        return report, points, out
+
+    @staticmethod
+    def summary(parts: list[dict[str, Any]]) -> str:
+        """The gate's table, then the regression table; each row once (workers may repeat one)."""
+        gate = _unique([row for part in parts for row in part["gate"]])
+        changes = _unique([row for part in parts for row in part["regression"]])
+        text = format_table(SUMMARY_HEADER, gate) if gate else ""
+        if changes:
+            text += "\n\n" + format_table(REGRESSION_HEADER, changes)
+        return text
 
 
 def worker_device(config: pytest.Config) -> str | None:
@@ -169,16 +188,6 @@ def worker_device(config: pytest.Config) -> str | None:
         return None
     index = int(config.workerinput["workerid"].removeprefix("gw"))
     return f"cuda:{index % torch.cuda.device_count()}"
-
-
-def summary_text(parts: list[dict[str, Any]]) -> str:
-    """The gate's table, then the regression table; each row once (workers may repeat one)."""
-    gate = _unique([row for part in parts for row in part["gate"]])
-    changes = _unique([row for part in parts for row in part["regression"]])
-    text = format_table(SUMMARY_HEADER, gate) if gate else ""
-    if changes:
-        text += "\n\n" + format_table(REGRESSION_HEADER, changes)
-    return text
 
 
 def _unique(rows: list[list[str]]) -> list[list[str]]:
