@@ -26,7 +26,7 @@ from pydantic import (
 
 from sae_acceptance.errors import ConfigError, SAEFormatError
 from sae_acceptance.metrics import METRICS, R2_REFUSAL
-from sae_acceptance.sources.hub import check_spec, default_name, is_remote
+from sae_acceptance.sources.spec import check_spec, default_name, is_remote
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,9 +17,10 @@ from conftest import random_topk_sae
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import SAEFormatError
 from sae_acceptance.evaluate import evaluate
-from sae_acceptance.sources.hub import is_remote, locate_sae
+from sae_acceptance.sources.hub import locate_sae
 from sae_acceptance.sources.model import ModelCache
 from sae_acceptance.sources.sae import load_sae, save_sae
+from sae_acceptance.sources.spec import is_remote
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SAELENS_REPO = "ctigges/pythia-70m-deduped__res-sm_processed"  # release pythia-70m-deduped-res-sm
@@ -77,10 +78,10 @@ def test_hub_errors_name_the_spec_and_what_is_missing(hub_cache):
 
 
 def test_revisions_with_a_slash_are_percent_encoded_and_names_come_from_the_spec():
-    from sae_acceptance.sources.hub import _parse_hf, default_name
+    from sae_acceptance.sources.spec import default_name, parse_hf
 
-    assert _parse_hf("hf://acme/saes@refs%2Fpr%2F3/layers.3") == ("acme/saes", "refs/pr/3", "layers.3")
-    assert _parse_hf("hf://acme/saes") == ("acme/saes", None, "")
+    assert parse_hf("hf://acme/saes@refs%2Fpr%2F3/layers.3") == ("acme/saes", "refs/pr/3", "layers.3")
+    assert parse_hf("hf://acme/saes") == ("acme/saes", None, "")
     assert default_name("hf://EleutherAI/sae-pythia-70m-32k@main/layers.3") == "sae-pythia-70m-32k-layers.3"
     assert default_name("sae-lens://gemma-scope-2b-pt-res/layer_3/width_16k/canonical") == (
         "gemma-scope-2b-pt-res-layer_3-width_16k-canonical"

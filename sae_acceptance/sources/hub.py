@@ -18,18 +18,16 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from sae_acceptance.errors import SAEFormatError
 from sae_acceptance.sources.formats.layouts import SAE_FILES, has_sae_files
-
-HF_PREFIX = "hf://"
-SAELENS_PREFIX = "sae-lens://"
-
-
-def is_remote(spec: str | Path) -> bool:
-    """Whether `spec` names an SAE on the Hugging Face Hub rather than a local directory."""
-    return str(spec).startswith((HF_PREFIX, SAELENS_PREFIX))
+from sae_acceptance.sources.spec import (  # noqa: F401  (is_remote re-exported)
+    HF_PREFIX,
+    SAELENS_PREFIX,
+    is_remote,
+    parse_hf,
+    parse_saelens,
+)
 
 
 def locate_sae(spec: str | Path) -> Path:
@@ -40,51 +38,8 @@ def locate_sae(spec: str | Path) -> Path:
     if text.startswith(SAELENS_PREFIX):
         raise SAEFormatError(f"{text}: a SAELens release id is loaded by its converter, not located as a folder")
     if text.startswith(HF_PREFIX):
-        return fetch_folder(text, *_parse_hf(text))
+        return fetch_folder(text, *parse_hf(text))
     return Path(text)
-
-
-def check_spec(spec: str) -> None:
-    """Raise SAEFormatError for a malformed hub name; no network (config files check early)."""
-    if spec.startswith(SAELENS_PREFIX):
-        _parse_saelens(spec)
-    elif spec.startswith(HF_PREFIX):
-        _parse_hf(spec)
-
-
-def default_name(spec: str) -> str:
-    """A name for a hub SAE without one: the repository (or release) and folder (or SAE id)."""
-    if spec.startswith(SAELENS_PREFIX):
-        release, sae_id = _parse_saelens(spec)
-        parts = [release, *sae_id.split("/")]
-    else:
-        repo_id, _, folder = _parse_hf(spec)
-        parts = [repo_id.split("/")[1], *folder.split("/")]
-    return "-".join(p for p in parts if p)
-
-
-def _parse_hf(spec: str) -> tuple[str, str | None, str]:
-    """``hf://owner/repo[@revision][/folder]`` -> (repo id, revision or None, folder).
-
-    A revision holding a slash is written percent-encoded (``refs%2Fpr%2F3``)."""
-    parts = spec[len(HF_PREFIX) :].strip("/").split("/")
-    expected = f"{spec}: expected hf://<owner>/<repo>[@<revision>][/<folder>]"
-    if len(parts) < 2 or not all(parts) or any(p in (".", "..") for p in parts):
-        raise SAEFormatError(expected)
-    if parts[0] in ("datasets", "spaces"):
-        raise SAEFormatError(f"{spec}: SAEs are read from model repositories, not {parts[0]}")
-    name, at, revision = parts[1].partition("@")
-    if not name or (at and not revision):
-        raise SAEFormatError(expected)
-    return f"{parts[0]}/{name}", unquote(revision) if revision else None, "/".join(parts[2:])
-
-
-def _parse_saelens(spec: str) -> tuple[str, str]:
-    """``sae-lens://release/sae_id`` -> (release, SAE id); the id may hold slashes."""
-    release, _, sae_id = spec[len(SAELENS_PREFIX) :].partition("/")
-    if not release or not sae_id:
-        raise SAEFormatError(f"{spec}: expected sae-lens://<release>/<sae_id>")
-    return release, sae_id
 
 
 def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
@@ -112,7 +67,7 @@ def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> 
 
 def saelens_entry(spec: str) -> tuple[Any, str, str]:
     """(SAELens's directory entry, release, SAE id) of a ``sae-lens://`` id."""
-    release, sae_id = _parse_saelens(spec)
+    release, sae_id = parse_saelens(spec)
     try:
         # lazy on purpose: sae-lens is optional, needed only for sae-lens:// ids
         with warnings.catch_warnings():

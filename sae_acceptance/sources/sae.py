@@ -19,7 +19,8 @@ from sae_acceptance.sources.autoencoder import ARCHITECTURES, SAE, SparseCode
 from sae_acceptance.sources.formats import saelens
 from sae_acceptance.sources.formats.converters import load_release
 from sae_acceptance.sources.formats.layouts import SAE_FILES, read_directory
-from sae_acceptance.sources.hub import SAELENS_PREFIX, is_remote, locate_sae
+from sae_acceptance.sources.hub import locate_sae
+from sae_acceptance.sources.spec import SAELENS_PREFIX, is_remote
 
 SAELENS_VERSION_WRITTEN = "6.54.12"
 
