@@ -1,4 +1,4 @@
-"""Models: a TransformerLens official name (hub) or a local Hugging Face checkpoint directory.
+"""Models: a hub name or a local Hugging Face checkpoint directory, behind a backend (`backends/`).
 
 Weights are not processed by default (no LayerNorm folding, no centring): an SAE
 must be evaluated on the activations it was trained on, and SAELens trains on
@@ -8,18 +8,20 @@ that default.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import json
 import warnings
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sae_acceptance.errors import SourceError
+from sae_acceptance.hooks import hook_layer  # noqa: F401  (callers import it from here)
+from sae_acceptance.sources.backends import Backend, as_backend
+from sae_acceptance.sources.backends.checkpoint import NotForTransformerLens
 
 NO_PROCESSING = {
     "fold_ln": False,
@@ -52,89 +54,127 @@ def processing_kwargs(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     return {**NO_PROCESSING, **(recorded or {})}
 
 
+BACKENDS = ("auto", "transformer_lens", "hf")
+Devices = int | Sequence[str | int] | None
+
+
 def load_model(
     name_or_path: str | Path,
     device: str = "auto",
     dtype: str | torch.dtype = "float32",
     from_pretrained_kwargs: dict[str, Any] | None = None,
+    devices: Devices = None,
 ):
-    """A HookedTransformer from a hub name or a local checkpoint directory, in eval mode."""
+    """The TransformerLens model, in eval mode: a `HookedTransformer` on TransformerLens 3,
+    a `TransformerBridge` on 4. `as_backend(model)` is its backend."""
+    return load_backend(name_or_path, device, dtype, from_pretrained_kwargs, "transformer_lens", devices).model
 
+
+def load_backend(
+    name_or_path: str | Path,
+    device: str = "auto",
+    dtype: str | torch.dtype = "float32",
+    from_pretrained_kwargs: dict[str, Any] | None = None,
+    backend: str = "auto",
+    devices: Devices = None,
+) -> Backend:
+    """A model behind the engine's interface, from a hub name or a local checkpoint directory.
+
+    `backend`: `transformer_lens` (3.x `HookedTransformer`, or 4.x `TransformerBridge`
+    where that is installed), `hf` (`AutoModelForCausalLM`, hooks by module path) or
+    `auto` (TransformerLens where it can load the model, else Hugging Face).
+    `devices` (a count, or a list of CUDA devices) places the model across GPUs.
+    """
+    if backend not in BACKENDS:
+        raise SourceError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     kwargs = processing_kwargs(from_pretrained_kwargs)
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    path = Path(name_or_path)
+    placement = _device_list(devices, torch_device)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if path.exists():
+            raise SourceError(f"model {name!r}: a file, expected a checkpoint directory")
+        if _looks_like_path(name):
+            raise SourceError(f"model {name!r}: no such directory")
+    elif not (path / "config.json").exists():
+        raise SourceError(f"model {name!r}: not a Hugging Face checkpoint directory (no config.json)")
+    source = path if path.is_dir() else name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        if path.is_dir():
-            model = _load_local(path, torch_dtype, kwargs)
-        elif path.exists():
-            raise SourceError(f"model {name_or_path!r}: a file, expected a checkpoint directory")
-        else:
-            model = _load_hub(str(name_or_path), torch_device, torch_dtype, kwargs)
-    model.eval()
-    return model.to(torch_device, print_details=False)
+        if backend == "hf":
+            return load_hf(source, torch_device, torch_dtype, kwargs, placement)
+        try:
+            return load_transformer_lens(source, torch_device, torch_dtype, kwargs, placement)
+        except NotForTransformerLens as err:
+            if backend == "transformer_lens":
+                raise
+            try:
+                return load_hf(source, torch_device, torch_dtype, kwargs, placement)
+            except SourceError as hf_err:
+                raise SourceError(f"{err}; Hugging Face: {_after_name(hf_err)}") from None
 
 
-def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any]):
-    from transformer_lens import HookedTransformer
+def load_transformer_lens(
+    source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
+) -> Backend:
+    """TransformerLens 3 or 4, whichever is installed."""
+    if transformer_lens_major() < 4:
+        from sae_acceptance.sources.backends.transformer_lens import load
 
-    try:
-        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, **kwargs)
-    except ValueError as err:  # TransformerLens: not an official model name
+        return load(source, device, dtype, kwargs, devices)
+    from sae_acceptance.sources.backends.bridge import load
+
+    return load(source, device, dtype, kwargs, devices)
+
+
+def transformer_lens_major() -> int:
+    """The installed TransformerLens' major version (3: `HookedTransformer`, 4: `TransformerBridge`)."""
+    from importlib.metadata import version
+
+    return int(version("transformer-lens").split(".")[0])
+
+
+def load_hf(
+    source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
+) -> Backend:
+    from sae_acceptance.sources.backends.hf import load
+
+    if kwargs != NO_PROCESSING:
+        changed = ", ".join(f"{k}={v}" for k, v in kwargs.items() if NO_PROCESSING.get(k) != v)
         raise SourceError(
-            f"model {name!r}: not a local checkpoint directory and not a TransformerLens model name ({err})"
-        ) from None
-    except OSError as err:  # hub unreachable, or the repository is missing
-        raise SourceError(f"model {name!r}: cannot download it from the hub ({err})") from None
+            f"model {str(source)!r}: the SAE was trained on a TransformerLens-processed model ({changed}); "
+            "the hf backend runs raw weights: use backend transformer_lens"
+        )
+    return load(source, device, dtype, devices)
 
 
-def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any]):
-    """Offline: a `save_pretrained` directory, loaded through TransformerLens' own converters."""
-    from transformer_lens import HookedTransformer, loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (path / "config.json").exists():
-        raise SourceError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
-    try:
-        with _quiet_transformers():
-            hf_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
-        cfg = loading.get_pretrained_model_config(str(path), dtype=dtype, **_cfg_kwargs(kwargs))
-    except (OSError, ValueError, KeyError, NotImplementedError) as err:
-        raise SourceError(f"{path}: cannot load as a local checkpoint ({err})") from None
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = loading.get_pretrained_state_dict(str(path), cfg, hf_model)
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=kwargs["fold_ln"],
-        center_writing_weights=kwargs["center_writing_weights"],
-        center_unembed=kwargs["center_unembed"],
-        fold_value_biases=kwargs["fold_value_biases"],
-    )
-    return model.to(dtype, print_details=False)
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a path (a hub id is `owner/name` or a bare name)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
 
 
-@contextmanager
-def _quiet_transformers():
-    """No "Loading weights" bar for a local checkpoint: it takes seconds, and logs read better without."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+def _after_name(err: SourceError) -> str:
+    """An error's text without its leading `model '…': `."""
+    text = str(err)
+    return text.split(": ", 1)[1] if text.startswith("model ") and ": " in text else text
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
-def _cfg_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The config-level part of the processing kwargs (fold_ln changes the LN type)."""
-    return {"fold_ln": kwargs["fold_ln"]}
+def _device_list(devices: Devices, device: torch.device) -> list[torch.device]:
+    """`devices` as CUDA devices ([] for one device: `device`)."""
+    if devices is None or devices == 1:
+        return []
+    if isinstance(devices, int):
+        listed = [torch.device("cuda", i) for i in range(devices)]
+    else:
+        listed = [torch.device(f"cuda:{d}" if isinstance(d, int) else d) for d in devices]
+    if device.type != "cuda" or any(d.type != "cuda" for d in listed):
+        raise SourceError(f"devices = {devices!r}: placing a model across devices needs CUDA devices")
+    available = torch.cuda.device_count()
+    missing = [str(d) for d in listed if (d.index or 0) >= available]
+    if missing:
+        raise SourceError(f"devices = {devices!r}: {', '.join(missing)} not present ({available} CUDA devices here)")
+    return listed
 
 
 def model_identity(name_or_path: str | Path | None) -> str | None:
@@ -162,44 +202,29 @@ def _content_hash(stamps: tuple[tuple[str, int, int], ...]) -> str:
 
 
 def hook_width(model, hook_name: str) -> int:
-    """Width of the activation at `hook_name`, or a clear error listing the closest valid names."""
-    if hook_name not in model.hook_dict:
-        close = difflib.get_close_matches(hook_name, list(model.hook_dict), n=5, cutoff=0.5)
-        hint = f"; closest valid hooks: {', '.join(close)}" if close else ""
-        raise SourceError(f"hook {hook_name!r} does not exist in the model{hint}")
-    layer = hook_layer(hook_name)
-    with torch.inference_mode():
-        probe = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
-        stop = layer + 1 if layer is not None else None
-        _, cache = model.run_with_cache(probe, names_filter=hook_name, stop_at_layer=stop)
-    return int(cache[hook_name][0, 0].numel())
-
-
-def hook_layer(hook_name: str) -> int | None:
-    """Block index of `blocks.{L}.…` hooks; None for hooks outside the blocks."""
-    parts = hook_name.split(".")
-    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1])
-    return None
+    """Width of the (flat) activation at `hook_name`, or a clear error naming the closest valid hooks."""
+    return as_backend(model).hook_width(hook_name)
 
 
 def special_token_ids(model) -> list[int]:
-    """The tokenizer's BOS/EOS/PAD ids (none without a tokenizer)."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return []
-    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-    return sorted(i for i in ids if i is not None)
+    """The tokenizer's BOS/EOS/PAD ids; without a tokenizer, the checkpoint config's."""
+    return as_backend(model).special_token_ids()
 
 
 class ModelCache:
-    """Models loaded once per process, keyed by name, processing, device and dtype."""
+    """Models loaded once per process, keyed by name, processing, device, dtype, backend and placement."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple, Any] = {}
+        self._backends: dict[tuple, Backend] = {}
+
+    def backend(
+        self, name: str, kwargs: dict[str, Any], device: str, dtype: str, backend: str = "auto", devices: Devices = None
+    ) -> Backend:
+        key = (name, json.dumps(kwargs, sort_keys=True), device, dtype, backend, json.dumps(devices))
+        if key not in self._backends:
+            self._backends[key] = load_backend(name, device, dtype, kwargs, backend, devices)
+        return self._backends[key]
 
     def get(self, name: str, kwargs: dict[str, Any], device: str, dtype: str):
-        key = (name, json.dumps(kwargs, sort_keys=True), device, dtype)
-        if key not in self._models:
-            self._models[key] = load_model(name, device=device, dtype=dtype, from_pretrained_kwargs=kwargs)
-        return self._models[key]
+        """The TransformerLens model itself (training and the PR profiler run it directly)."""
+        return self.backend(name, kwargs, device, dtype, "transformer_lens").model

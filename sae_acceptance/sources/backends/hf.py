@@ -12,6 +12,7 @@ variant is a full forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,13 @@ import torch
 from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
+from sae_acceptance.sources.backends.checkpoint import (
+    checkpoint_special_ids,
+    dtype_kwarg,
+    first_line,
+    has_tokenizer,
+    quiet_transformers,
+)
 from sae_acceptance.sources.backends.families import Family, family_of
 
 _SUFFIXES = (".input", ".output")
@@ -51,7 +59,7 @@ class HFBackend(Backend):
             n_layers=int(config.num_hidden_layers),
             tokenizer=tokenizer,
             device=next(model.parameters()).device,
-            config_special_ids=_config_ids(config),
+            config_special_ids=checkpoint_special_ids(config),
             family=family,
             layers_path=family.layers if family else _find_layers(model, config.num_hidden_layers),
             full_passes=full_passes,
@@ -230,14 +238,6 @@ def _record(layer_args: dict, entries: dict, index: int):
     return pre
 
 
-def _config_ids(config) -> list[int]:
-    ids: set[int] = set()
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(config, name, None)
-        ids.update(value if isinstance(value, list | tuple) else [] if value is None else [value])
-    return sorted(ids)
-
-
 def _placement(model) -> dict[str, str]:
     """Which device holds which modules: accelerate's `hf_device_map` where it placed them."""
     device_map = getattr(model, "hf_device_map", None)
@@ -247,3 +247,32 @@ def _placement(model) -> dict[str, str]:
             groups.setdefault(str(device), []).append(module or "<model>")
         return {device: ", ".join(mods) for device, mods in groups.items()}
     return {str(next(model.parameters()).device): "<model>"}
+
+
+def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: list[torch.device]) -> HFBackend:
+    """`AutoModelForCausalLM` from a local directory or a hub name; across `devices` with accelerate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shown = repr(str(source))
+    kwargs: dict[str, Any] = dtype_kwarg(dtype)
+    if devices:
+        memory = {d.index or 0: torch.cuda.get_device_properties(d).total_memory for d in devices}
+        kwargs.update(device_map="auto", max_memory=memory)
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        where = "cannot load as a Hugging Face causal LM" if isinstance(source, Path) else "not loadable from the Hugging Face hub"
+        raise SourceError(f"model {shown}: {where} ({first_line(err)})") from None
+    tokenizer = None
+    if isinstance(source, Path):
+        tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer(source) else None
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            tokenizer = None
+    model.eval()
+    if not devices:
+        model.to(device)
+    return HFBackend.wrap(model, tokenizer)

@@ -8,7 +8,10 @@ family the table knows is accepted and translated to the TransformerLens name.
 from __future__ import annotations
 
 import difflib
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +19,15 @@ import torch
 from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
+from sae_acceptance.sources.backends.checkpoint import (
+    NotForTransformerLens,
+    checkpoint_special_ids,
+    closest_names,
+    dtype_kwarg,
+    first_line,
+    has_tokenizer,
+    quiet_transformers,
+)
 from sae_acceptance.sources.backends.families import family_of
 
 
@@ -118,3 +130,84 @@ def _placement(model) -> dict[str, str]:
     for layer in range(cfg.n_layers):
         groups.setdefault(str(get_device_for_block_index(layer, cfg)), []).append(layer)
     return {device: f"blocks {layers[0]}-{layers[-1]}" for device, layers in groups.items()}
+
+
+def load(
+    source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
+) -> TransformerLensBackend:
+    """A HookedTransformer from a hub name or a local checkpoint directory, wrapped."""
+    n_devices = len(devices) or 1
+    if devices and [d.index or 0 for d in devices] != list(range(n_devices)):
+        raise SourceError(
+            f"devices = {[str(d) for d in devices]}: TransformerLens places a model on cuda:0..{n_devices - 1} "
+            "only; set CUDA_VISIBLE_DEVICES, or use backend hf"
+        )
+    if isinstance(source, Path):
+        model, ids = _load_local(source, dtype, kwargs, n_devices)
+    else:
+        model, ids = _load_hub(source, device, dtype, kwargs, n_devices), []
+    model.eval()
+    if n_devices == 1:
+        model = model.to(device, print_details=False)
+    else:
+        model.move_model_modules_to_device()
+    backend = TransformerLensBackend.wrap(model, ids)
+    model._sae_acceptance_backend = backend
+    return backend
+
+
+def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int):
+    from transformer_lens import HookedTransformer, loading
+
+    if name.lower() not in loading.make_model_alias_map():
+        raise NotForTransformerLens(
+            f"model {name!r}: no such local directory, and not a model name TransformerLens knows"
+            + closest_names(name, loading.OFFICIAL_MODEL_NAMES)
+        )
+    try:
+        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, n_devices=n_devices, **kwargs)
+    except OSError as err:  # hub unreachable, or the repository is missing
+        raise SourceError(f"model {name!r}: cannot download it from the hub ({first_line(err)})") from None
+
+
+def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int):
+    """Offline: a `save_pretrained` directory through TransformerLens' own converters; its config's
+    special-token ids beside it (the special tokens where it ships no tokenizer)."""
+    from transformer_lens import HookedTransformer, loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32))
+    except (OSError, ValueError, KeyError) as err:
+        raise SourceError(f"model {str(path)!r}: cannot load as a local checkpoint ({first_line(err)})") from None
+    with _neutral_name(path) as neutral:
+        try:
+            cfg = loading.get_pretrained_model_config(neutral, dtype=dtype, fold_ln=kwargs["fold_ln"], n_devices=n_devices)
+        except (OSError, ValueError, KeyError, NotImplementedError, AttributeError, TypeError) as err:
+            raise NotForTransformerLens(
+                f"model {str(path)!r}: TransformerLens cannot convert a {type(hf_model).__name__} ({first_line(err)})"
+            ) from None
+        state = loading.get_pretrained_state_dict(neutral, cfg, hf_model)
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+    if tokenizer is None:
+        cfg.tokenizer_name = None  # else HookedTransformer asks AutoTokenizer for the directory's files
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=kwargs["fold_ln"],
+        center_writing_weights=kwargs["center_writing_weights"],
+        center_unembed=kwargs["center_unembed"],
+        fold_value_biases=kwargs["fold_value_biases"],
+    )
+    return model.to(dtype, print_details=False), checkpoint_special_ids(hf_model.config)
+
+
+@contextmanager
+def _neutral_name(path: Path):
+    """The directory under a name with no model family in it: TransformerLens 3 reads a local
+    path containing `llama` or `gemma` as a hub name and guesses the configuration from it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / "checkpoint"
+        link.symlink_to(path.resolve(), target_is_directory=True)
+        yield str(link)

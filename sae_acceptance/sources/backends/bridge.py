@@ -1,0 +1,111 @@
+"""TransformerLens 4 `TransformerBridge`: TransformerLens hook names over the Hugging Face model.
+
+The bridge's compatibility mode gives the 3.x hook names (`blocks.L.hook_resid_post`,
+`blocks.L.attn.hook_z`, ...); it is switched on without weight processing unless the
+SAE recorded processing. Its `start_at_layer` still runs the earlier blocks, so every
+patched variant here is a full forward (the report says so); the `hf` backend has
+tails on the same checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_acceptance.errors import SourceError
+from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site
+from sae_acceptance.sources.backends.checkpoint import (
+    NotForTransformerLens,
+    checkpoint_special_ids,
+    first_line,
+    has_tokenizer,
+    quiet_transformers,
+)
+from sae_acceptance.sources.backends.transformer_lens import _replace, _store, tl_site
+
+
+@dataclass
+class BridgeBackend(Backend):
+    kind = "transformer_lens_4"
+
+    @property
+    def tail_only(self) -> bool:
+        return False
+
+    @classmethod
+    def wrap(cls, bridge: Any, tokenizer: Any = "bridge") -> BridgeBackend:
+        """`tokenizer="bridge"` keeps the bridge's own; None where the checkpoint has none."""
+        cfg = bridge.cfg
+        hf_config = bridge.original_model.config
+        backend = cls(
+            model=bridge,
+            n_ctx=cfg.n_ctx,
+            d_vocab=cfg.d_vocab,
+            n_layers=cfg.n_layers,
+            tokenizer=bridge.tokenizer if tokenizer == "bridge" else tokenizer,
+            device=next(bridge.original_model.parameters()).device,
+            config_special_ids=checkpoint_special_ids(hf_config),
+        )
+        backend.placement = {str(d): "<model>" for d in {p.device for p in bridge.original_model.parameters()}}
+        return backend
+
+    def _resolve(self, hook: str) -> Site:
+        architectures = getattr(self.model.original_model.config, "architectures", None) or [None]
+        return tl_site(hook, self.model.hook_dict, self.n_layers, architectures[0])
+
+    def hook_device(self, hook: str) -> torch.device:
+        param = next(self.model.blocks[self.site(hook).layer].parameters(), None)
+        return param.device if param is not None else self.device
+
+    def _run(self, tokens, sites, entries):
+        acts: dict[str, torch.Tensor] = {}
+        with self.model.hooks(fwd_hooks=[(s.name, _store(acts, hook)) for hook, s in sites.items()]):
+            logits = self.model(tokens)
+        return logits, acts, {}, None
+
+    def _tail(self, start: int, x: torch.Tensor, hooked: list[tuple[Site, Patch]], original: Pass) -> torch.Tensor:
+        raise NotImplementedError("the bridge runs full passes")
+
+    def _full(self, tokens: torch.Tensor, hooked: list[tuple[Site, Patch]]) -> torch.Tensor:
+        with self.model.hooks(fwd_hooks=[(s.name, _replace(patch)) for s, patch in hooked]):
+            return self.model(tokens)
+
+
+def load(
+    source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
+) -> BridgeBackend:
+    """`TransformerBridge.boot_transformers`, then compatibility mode with the SAE's processing."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    placement: dict[str, Any] = {"n_devices": len(devices)} if devices else {"device": device}
+    without_tokenizer = isinstance(source, Path) and not has_tokenizer(source)
+    if without_tokenizer:  # else the bridge asks AutoTokenizer for files the directory does not have
+        placement["tokenizer"] = _stand_in_tokenizer()
+    try:
+        with quiet_transformers():
+            bridge = TransformerBridge.boot_transformers(str(source), dtype=dtype, **placement)
+    except (OSError, ValueError, KeyError, NotImplementedError, AttributeError) as err:
+        where = "TransformerLens 4 cannot load it" if isinstance(source, Path) else "not a model TransformerLens 4 can boot"
+        raise NotForTransformerLens(f"model {str(source)!r}: {where} ({first_line(err)})") from None
+    processing = {k: v for k, v in kwargs.items() if k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
+    try:
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not any(processing.values()), **processing)
+    except (ValueError, NotImplementedError) as err:
+        raise SourceError(f"model {str(source)!r}: TransformerLens 4 compatibility mode failed ({first_line(err)})") from None
+    bridge.eval()
+    backend = BridgeBackend.wrap(bridge, tokenizer=None if without_tokenizer else "bridge")
+    bridge._sae_acceptance_backend = backend
+    return backend
+
+
+def _stand_in_tokenizer():
+    """A one-word tokenizer for booting a checkpoint that ships none; the backend reports None."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>")
