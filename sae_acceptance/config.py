@@ -130,7 +130,10 @@ class SAEEntry(StrictModel):
     )
     name: str | None = None
     model: str | None = None
-    hook: str | None = None
+    hook: str | None = Field(None, description="hookpoint the SAE reads (default: its cfg.json's)")
+    hook_out: str | None = Field(
+        None, description="a transcoder's output hook, where its output replaces the activation (default: its cfg.json's)"
+    )
     gate: Gate
     expect_fail: list[str] = Field(
         default_factory=list,

@@ -122,6 +122,8 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
     model = entry.model or loaded.config.eval.model or sae.model_name
     result.model = None if model is None else loaded.resolve_model(model)
     result.hook = entry.hook or sae.hook_name
+    if entry.hook_out is not None:
+        sae.hook_name_out = entry.hook_out
     result.layer = hook_layer(result.hook) if result.hook else None
     result.architecture, result.d_in, result.d_sae, result.k = sae.architecture, sae.d_in, sae.d_sae, sae.k
     problems = []
