@@ -17,24 +17,30 @@ from typing import Any
 
 import torch
 
-from sae_acceptance.config import LoadedThresholds, SAEEntry
-from sae_acceptance.engine import HookRun, check_finite, run_hook
+from sae_acceptance.config import LoadedThresholds, SAEEntry, SpliceEntry, same_hook
+from sae_acceptance.engine import SPLICE_SUMS, HookRun, check_finite, run_model
 from sae_acceptance.errors import SAEAcceptanceError, SourceError
 from sae_acceptance.geometry import CanyonRule, LayerGeometry
 from sae_acceptance.hooks import hook_layer
-from sae_acceptance.metrics import METRICS, alive_fraction, rate_bits
-from sae_acceptance.results import EvalReport, SAEResult
+from sae_acceptance.metrics import (
+    METRICS,
+    SPLICE_METRICS,
+    alive_fraction,
+    dead_fraction,
+    dense_fraction,
+    rate_bits,
+)
+from sae_acceptance.results import EvalReport, SAEResult, SpliceResult
+from sae_acceptance.sources.backends import Backend
 from sae_acceptance.sources.model import (
     ModelCache,
-    hook_width,
     processing_kwargs,
     resolve_device,
     resolve_dtype,
-    special_token_ids,
 )
 from sae_acceptance.sources.sae import SAE, load_sae
 from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
-from sae_acceptance.stats import BootstrapSettings, bootstrap_intervals
+from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
 from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_context
 
 
@@ -51,8 +57,11 @@ def evaluate(
     progress: bool = True,
     models: ModelCache | None = None,
     device: str | None = None,
+    splices: list[str] | None = None,
 ) -> EvalReport:
-    """Evaluate the named SAEs of a thresholds file (all when `names` is None).
+    """Evaluate the named SAEs and splices of a thresholds file (all when `names` is None;
+    `splices` None: those whose members are all named). A splice's members are evaluated
+    with it, named or not.
 
     `device` overrides `[eval] device` (the pytest plugin gives each xdist worker its GPU).
     """
@@ -61,7 +70,16 @@ def evaluate(
     models = models or ModelCache()
     device = str(resolve_device(device or settings.device))
     bootstrap = BootstrapSettings(settings.bootstrap_resamples, settings.confidence, settings.seed)
-    requests = [_prepare(loaded, entry) for entry in config.sae if names is None or entry.display_name in names]
+    wanted = None if names is None else set(names)
+    splice_entries = [
+        s for s in config.splice
+        if (s.name in splices if splices is not None else wanted is None or set(s.saes) <= wanted)
+    ]
+    if wanted is not None:
+        wanted |= {member for s in splice_entries for member in s.saes}
+    requests = [_prepare(loaded, entry) for entry in config.sae if wanted is None or entry.display_name in wanted]
+    by_name = {req.result.name: req for req in requests}
+    joint = {s.name: SpliceResult(s.name, list(s.saes), expect_fail=list(s.expect_fail)) for s in splice_entries}
 
     groups: dict[tuple, list[_Request]] = defaultdict(list)
     for req in requests:
@@ -74,8 +92,10 @@ def evaluate(
     start = time.perf_counter()
     for (model_name, kwargs_json), group in groups.items():
         try:
-            model = models.get(model_name, json.loads(kwargs_json), device, settings.dtype)
-            tokens, counted, excluded = _eval_tokens(loaded, model)
+            backend = models.backend(
+                model_name, json.loads(kwargs_json), device, settings.dtype, settings.backend, settings.devices
+            )
+            tokens, counted, excluded = _eval_tokens(loaded, backend)
         except SAEAcceptanceError as err:
             for req in group:
                 req.result.error = str(err)
@@ -83,18 +103,42 @@ def evaluate(
         eval_info.setdefault("tokens", _token_info(tokens, counted, excluded, settings.exclude_special_tokens))
         by_hook: dict[str, list[_Request]] = defaultdict(list)
         for req in group:
-            if _check_fits(model, req):
+            if _check_fits(backend, req):
                 by_hook[req.result.hook].append(req)
+        if not by_hook:
+            continue
+        sae_dtype = None if settings.sae_dtype is None else resolve_dtype(settings.sae_dtype)
+        saes = {
+            hook: {req.result.name: req.sae.to(device=backend.hook_device(hook), dtype=sae_dtype) for req in reqs}
+            for hook, reqs in by_hook.items()
+        }
+        spliced = _splices_of(loaded, splice_entries, joint, by_name, group, saes)
+        model_run = run_model(backend, saes, tokens, counted, settings.batch_size, progress, splices=spliced)
+        timing["eval_s"] += model_run.eval_s
+        timing["n_tokens"] += model_run.n_tokens
+        eval_info.setdefault("models", {})[model_name] = {
+            "backend": model_run.backend,
+            "patched_passes": "tail from the hook" if model_run.tail_only else "full forward",
+            "placement": backend.placement,
+        }
         for hook, hook_requests in by_hook.items():
-            dtype = resolve_dtype(settings.dtype)
-            saes = {req.result.name: req.sae.to(device=device, dtype=dtype) for req in hook_requests}
-            run = run_hook(model, hook, saes, tokens, counted, settings.batch_size, progress)
-            timing["eval_s"] += run.eval_s
-            timing["n_tokens"] += run.n_tokens
-            geometry = _geometry(run, hook, config.canyon)
+            run = model_run.hooks[hook]
+            geometry = _geometry(run, hook, backend.hook_layer(hook), config.canyon)
             for req in hook_requests:
+                req.result.layer = backend.hook_layer(hook)
                 req.result.excluded_ids = excluded
                 _measure(req, loaded, run, geometry, bootstrap, fingerprint(tokens))
+        for name, sums in model_run.splices.items():
+            entry = next(s for s in splice_entries if s.name == name)
+            joint[name].excluded_ids = excluded
+            _measure_splice(joint[name], entry, loaded, sums, bootstrap, fingerprint(tokens))
+    for splice in joint.values():
+        if splice.error is None and not splice.metrics:
+            failed = [n for n in splice.saes if by_name[n].result.error is not None]
+            splice.error = f"splice {splice.name}: " + (
+                f"member {failed[0]} could not be evaluated: {by_name[failed[0]].result.error}" if failed
+                else "its members were not evaluated in one model run"
+            )
     timing["wall_s"] = time.perf_counter() - start
     timing["tokens_per_s"] = timing["n_tokens"] / timing["eval_s"] if timing["eval_s"] else None
     return EvalReport(
@@ -107,7 +151,35 @@ def evaluate(
         },
         timing=timing,
         saes={req.result.name: req.result for req in requests},
+        splices=joint,
     )
+
+
+def _splices_of(
+    loaded: LoadedThresholds,
+    entries: list[SpliceEntry],
+    joint: dict[str, SpliceResult],
+    by_name: dict[str, _Request],
+    group: list[_Request],
+    saes: dict[str, dict[str, SAE]],
+) -> dict[str, dict[str, SAE]]:
+    """The splices this model run can patch ({name: {hook: SAE}}): every member measured here,
+    one per hook. A member at a hook already taken (read from its cfg.json) is a config error."""
+    here = {req.result.name for req in group}
+    runnable = {}
+    for i, entry in enumerate(loaded.config.splice):
+        if entry not in entries or not set(entry.saes) <= here:
+            continue
+        members = [by_name[n].result for n in entry.saes]
+        result = joint[entry.name]
+        result.model, result.hooks = members[0].model, [m.hook for m in members]
+        clash = same_hook([(m.name, m.hook) for m in members])
+        if clash:
+            where = f"{loaded.path}:{loaded.line_of('splice', i, 'saes')}" if loaded.text else str(loaded.path)
+            result.error = f"{where}: splice.{i}.saes: {clash}"
+        elif all(m.error is None for m in members):
+            runnable[entry.name] = {m.hook: saes[m.hook][m.name] for m in members}
+    return runnable
 
 
 def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
@@ -139,29 +211,29 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
     return _Request(entry, result, sae)
 
 
-def _eval_tokens(loaded: LoadedThresholds, model) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _eval_tokens(loaded: LoadedThresholds, model: Backend) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     settings = loaded.config.eval
-    if settings.context_size > model.cfg.n_ctx:
+    if settings.context_size > model.n_ctx:
         raise SourceError(
             f"{loaded.path}:{loaded.line_of('eval', 'context_size')}: eval.context_size = "
-            f"{settings.context_size} is beyond the model's n_ctx = {model.cfg.n_ctx}"
+            f"{settings.context_size} is beyond the model's n_ctx = {model.n_ctx}"
         )
     tokens = load_tokens(
         loaded.resolve(settings.data),
         settings.n_sequences,
         settings.context_size,
         settings.skip,
-        tokenizer=getattr(model, "tokenizer", None),
+        tokenizer=model.tokenizer,
         column=settings.column,
         split=settings.split,
     )
-    if int(tokens.max()) >= model.cfg.d_vocab or int(tokens.min()) < 0:
+    if int(tokens.max()) >= model.d_vocab or int(tokens.min()) < 0:
         raise SourceError(
             f"eval.data {settings.data!r}: token ids span [{int(tokens.min())}, {int(tokens.max())}], "
-            f"outside the model's vocabulary of {model.cfg.d_vocab}"
+            f"outside the model's vocabulary of {model.d_vocab}"
         )
     rule = settings.exclude_special_tokens
-    excluded = special_token_ids(model) if rule is True else list(rule) if rule else []
+    excluded = model.special_token_ids() if rule is True else list(rule) if rule else []
     counted = counted_mask(tokens, excluded)
     if not bool(counted.any()):
         raise SourceError(
@@ -181,29 +253,33 @@ def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int]
     }
 
 
-def _check_fits(model, req: _Request) -> bool:
-    if hook_layer(req.result.hook) is None:
-        req.result.error = (
-            f"{req.result.path}: hook {req.result.hook!r} is outside the blocks; only hooks inside them "
-            "(blocks.L.…) can be patched"
-        )
-        return False
+def _check_fits(model: Backend, req: _Request) -> bool:
+    """The SAE's hooks exist on the model, inside its blocks, with the widths the SAE reads and writes."""
+    sae, hook = req.sae, req.result.hook
+    hook_out = getattr(sae, "hook_name_out", None)
+    head = getattr(sae, "hook_head_index", None)
     try:
-        width = hook_width(model, req.result.hook)
+        width = model.hook_width(hook)
+        out_width = model.hook_width(hook_out) if hook_out else None
     except SourceError as err:
         req.result.error = f"{req.result.path}: {err}"
         return False
-    if width != req.sae.d_in:
-        req.result.error = (
-            f"{req.result.path}: SAE d_in = {req.sae.d_in} but hook {req.result.hook} has width {width}"
-        )
+    problem = None
+    if head is not None and (head + 1) * sae.d_in > width:
+        problem = f"head {head} of width {sae.d_in} does not fit hook {hook} of width {width}"
+    elif head is None and width != sae.d_in:
+        problem = f"SAE d_in = {sae.d_in} but hook {hook} has width {width}"
+    elif out_width is not None and out_width != sae.W_dec.shape[-1]:
+        problem = f"SAE output width {sae.W_dec.shape[-1]} but hook_out {hook_out} has width {out_width}"
+    if problem:
+        req.result.error = f"{req.result.path}: {problem}"
         return False
     return True
 
 
-def _geometry(run: HookRun, hook: str, canyon) -> LayerGeometry:
+def _geometry(run: HookRun, hook: str, layer: int | None, canyon) -> LayerGeometry:
     rule = CanyonRule(canyon.threshold, canyon.use)
-    return LayerGeometry.measure(hook, hook_layer(hook), run.covariance.covariance(), rule)
+    return LayerGeometry.measure(hook, layer, run.covariance.covariance(), rule)
 
 
 def _measure(
@@ -226,6 +302,8 @@ def _measure(
     n_counted = float(sums.scalars["n_tokens"].sum())
     result.metrics["alive_frac"] = MetricValue(alive_fraction(sums.fired))
     result.metrics["rate_bits"] = MetricValue(rate_bits(sums.fired, n_counted))
+    result.metrics["dead_frac"] = MetricValue(dead_fraction(sums.fired))
+    result.metrics["dense_frac"] = MetricValue(dense_fraction(sums.fired, n_counted, loaded.config.eval.dense_threshold))
     result.metrics = {name: result.metrics[name] for name in METRICS if name in result.metrics}
     context = loss_context(result.metrics)
     result.verdicts = {
@@ -239,3 +317,26 @@ def _measure(
         )
     if not math.isfinite(result.metrics["r2"].value) and result.error is None:
         result.error = f"{result.path}: r2 is not finite (the eval set has no variance?)"
+
+
+def _measure_splice(
+    result: SpliceResult,
+    entry: SpliceEntry,
+    loaded: LoadedThresholds,
+    sums: SequenceSums,
+    bootstrap: BootstrapSettings,
+    tokens_fingerprint: str,
+) -> None:
+    """The joint loss of a splice: the same sums, metrics, intervals and verdicts as an SAE's."""
+    sums = SequenceSums(scalars={k: sums.scalars[k] for k in SPLICE_SUMS}, fired=sums.fired, d_in=1)
+    result.sums, result.tokens_fingerprint = sums, tokens_fingerprint
+    bad = check_finite(sums)
+    if bad:
+        result.error = f"splice {result.name}: the eval produced NaN or infinity in {', '.join(bad)}"
+    points = sums.metrics()
+    intervals = bootstrap_intervals(sums, bootstrap)
+    result.metrics = {name: MetricValue(float(points[name]), intervals[name]) for name in SPLICE_METRICS}
+    context = loss_context(result.metrics)
+    result.verdicts = {
+        name: judge(name, result.metrics[name], bound, context) for name, bound in loaded.config.gate_for(entry).items()
+    }

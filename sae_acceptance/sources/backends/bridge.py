@@ -24,7 +24,13 @@ from sae_acceptance.sources.backends.checkpoint import (
     has_tokenizer,
     quiet_transformers,
 )
-from sae_acceptance.sources.backends.transformer_lens import _replace, _store, tl_site
+from sae_acceptance.sources.backends.transformer_lens import (
+    _replace,
+    _store,
+    is_known_name,
+    tl_site,
+    unknown_name,
+)
 
 
 @dataclass
@@ -88,7 +94,9 @@ def load(
         with quiet_transformers():
             bridge = TransformerBridge.boot_transformers(str(source), dtype=dtype, **placement)
     except (OSError, ValueError, KeyError, NotImplementedError, AttributeError) as err:
-        where = "TransformerLens 4 cannot load it" if isinstance(source, Path) else "not a model TransformerLens 4 can boot"
+        if not isinstance(source, Path) and not is_known_name(source):
+            raise NotForTransformerLens(unknown_name(source)) from None
+        where = "TransformerLens 4 cannot load it" if isinstance(source, Path) else "TransformerLens 4 cannot boot it"
         raise NotForTransformerLens(f"model {str(source)!r}: {where} ({first_line(err)})") from None
     processing = {k: v for k, v in kwargs.items() if k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
     try:

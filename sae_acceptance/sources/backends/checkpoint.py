@@ -43,9 +43,9 @@ def quiet_transformers():
 
 
 def closest_names(name: str, names: Sequence[str]) -> str:
-    """`; closest: a, b, c` (at most three), or nothing."""
-    close = difflib.get_close_matches(name.lower(), [n.lower() for n in names], n=3, cutoff=0.6)
+    """` (closest: a, b, c)`, at most three, or nothing."""
     lookup = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lookup), n=3, cutoff=0.6)
     return f" (closest: {', '.join(lookup[c] for c in close)})" if close else ""
 
 

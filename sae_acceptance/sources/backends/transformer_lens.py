@@ -156,14 +156,29 @@ def load(
     return backend
 
 
-def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int):
-    from transformer_lens import HookedTransformer, loading
+def _names() -> list[str]:
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
 
-    if name.lower() not in loading.make_model_alias_map():
-        raise NotForTransformerLens(
-            f"model {name!r}: no such local directory, and not a model name TransformerLens knows"
-            + closest_names(name, loading.OFFICIAL_MODEL_NAMES)
-        )
+    return [*OFFICIAL_MODEL_NAMES, *(alias for aliases in MODEL_ALIASES.values() for alias in aliases)]
+
+
+def is_known_name(name: str) -> bool:
+    """Whether TransformerLens lists `name` (an official name or an alias, any case)."""
+    return name.lower() in {n.lower() for n in _names()}
+
+
+def unknown_name(name: str) -> str:
+    """The one line for a name that is neither a directory nor a model TransformerLens lists."""
+    return f"model {name!r}: no such local directory, and not a model name TransformerLens knows" + closest_names(
+        name, _names()
+    )
+
+
+def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int):
+    from transformer_lens import HookedTransformer
+
+    if not is_known_name(name):
+        raise NotForTransformerLens(unknown_name(name))
     try:
         return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, n_devices=n_devices, **kwargs)
     except OSError as err:  # hub unreachable, or the repository is missing
