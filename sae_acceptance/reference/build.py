@@ -36,7 +36,7 @@ SAE_GRID = {0: (4, 32), 2: (4, 32)}  # k values by block: resid_post before and 
 SAE_SETTINGS_PROFILE = "tiny"  # the SAEs train as the tiny sweep does: its [train] table
 
 
-def sae_name(layer: int, k: int) -> str:
+def reference_sae_name(layer: int, k: int) -> str:
     return f"L{layer}-k{k}"
 
 
@@ -68,7 +68,7 @@ def build_reference(
     for layer, ks in SAE_GRID.items():
         cfg = settings.model_copy(update={"k": max(ks), "seed": spec.seed})
         train_at_hook(model, "reference/model", train_tokens, HookPoint.at(layer).name, list(ks), cfg,
-                      out={k: out / "saes" / sae_name(layer, k) for k in ks}, buffer_tokens=65_536,
+                      out={k: out / "saes" / reference_sae_name(layer, k) for k in ks}, buffer_tokens=65_536,
                       metadata={"context_size": spec.context_size, "prepend_bos": False,
                                 "dataset_path": "sae_acceptance.reference.language.TopicLanguage"},
                       progress=progress)
@@ -78,7 +78,7 @@ def build_reference(
         "canyon_max_logit_change": drift,
         "eval_sequences": EVAL_SEQUENCES,
         "sae_train_tokens": int(counted_mask(train_tokens, special_token_ids(model)).sum()),
-        "saes": [sae_name(layer, k) for layer, ks in SAE_GRID.items() for k in ks],
+        "saes": [reference_sae_name(layer, k) for layer, ks in SAE_GRID.items() for k in ks],
     }
     write_json(manifest_path, manifest)
     return out

@@ -17,8 +17,9 @@ from typing import Any
 from sae_acceptance.config import thresholds_from_mapping
 from sae_acceptance.evaluate import EvalReport, evaluate
 from sae_acceptance.hooks import HookPoint
-from sae_acceptance.io import locked, write_atomic, write_json
-from sae_acceptance.report import format_report
+from sae_acceptance.io import OutputError, locked, write_json
+from sae_acceptance.report import format_report, shard_record
+from sae_acceptance.shard import Shard, group_cost, partition
 from sae_acceptance.sources.model import ModelCache, model_identity
 from sae_acceptance.sources.tokens import fingerprint as tokens_fingerprint
 from sae_acceptance.sources.tokens import load_tokens
@@ -36,7 +37,7 @@ POINT_METRICS = ("r2", "ce_rec", "cosine", "rel_error", "mse_mean", "alive_frac"
 TRAINING_LOCK_TIMEOUT_S = math.inf
 
 
-def sae_name(model: str, depth: str, k: int) -> str:
+def sweep_sae_name(model: str, depth: str, k: int) -> str:
     return f"{model}-{depth}-k{k}"
 
 
@@ -59,15 +60,23 @@ def cache_key(model: str, hook: str, profile: Profile, tokens_hash: str) -> str:
 
 
 def train_or_load_grid(
-    model, model_name: str, hook: str, profile: Profile, cache: Path, progress: bool = True
-) -> dict[int, Path]:
-    """The k grid at `hook`, trained once and cached; returns the SAE directories by k."""
+    model, model_name: str, hook: str, profile: Profile, cache: Path, progress: bool = True, wait: bool = True
+) -> dict[int, Path] | None:
+    """The k grid at `hook`, trained once and cached; returns the SAE directories by k.
+
+    With `wait=False`, None when another process holds the grid's lock (it is training it)."""
     data = profile.data
     n_train = data.train_tokens // data.context_size + 1
     tokens = load_tokens(data.dataset, n_train, data.context_size, 0, model.tokenizer, data.column)
     key = cache_key(model_name, hook, profile, tokens_fingerprint(tokens))
     folder = cache / key
     paths = {k: folder / f"k{k}" for k in profile.ks}
+    if not wait and not all((p / "cfg.json").exists() for p in paths.values()):
+        try:
+            with locked(folder, 0):
+                pass
+        except OutputError:
+            return None
     with locked(folder, TRAINING_LOCK_TIMEOUT_S):
         if all((p / "cfg.json").exists() for p in paths.values()):
             return paths
@@ -77,25 +86,62 @@ def train_or_load_grid(
         return paths
 
 
+def grids(profile: Profile) -> list[tuple[Any, str, int]]:
+    """The profile's (model spec, depth, layer) grids, in profile order."""
+    return [(spec, depth, layer) for spec in profile.model for depth, layer in spec.layers.items()]
+
+
+def grid_shares(profile: Profile, count: int) -> list[list[int]]:
+    """The profile's grids cut into `count` contiguous shares balanced by cost (`shard.partition`)."""
+    all_grids = grids(profile)
+    return partition([group_cost(len(profile.ks))] * len(all_grids), [{spec.name} for spec, _, _ in all_grids], count)
+
+
 def run_sweep(
-    profile: Profile, out: Path, cache: Path, device: str = "auto", progress: bool = True
+    profile: Profile, out: Path, cache: Path, device: str = "auto", progress: bool = True,
+    shard: Shard | None = None, spread: tuple[int, int] | None = None,
 ) -> tuple[EvalReport, list[dict[str, Any]]]:
-    """Train (or load) every SAE of the profile, gate them; writes report.json and points.json."""
+    """Train (or load) every SAE of the profile, gate them; writes report.json and points.json.
+
+    `shard`: only that share of the grids (the report records it, for `merge`). `spread`
+    (worker i of n): start with share i of n and pass over grids another process is
+    training, coming back to them at the end, so workers train different grids at once.
+    """
     models = ModelCache()
+    all_grids = grids(profile)
+    chosen = list(range(len(all_grids)))
+    if shard is not None:
+        chosen = grid_shares(profile, shard.count)[shard.index - 1]
+    order = chosen
+    if spread is not None:
+        first = next(iter(grid_shares(profile, spread[1])[spread[0]]), 0)
+        order = [i for i in chosen if i >= first] + [i for i in chosen if i < first]
+    trained: dict[int, dict[int, Path]] = {}
+    for wait in (spread is None, True):
+        for i in order:
+            if i not in trained:
+                spec, _, layer = all_grids[i]
+                model = models.get(spec.name, {}, device, "float32")
+                hook = HookPoint.at(layer).name
+                found = train_or_load_grid(model, spec.name, hook, profile, cache, progress, wait=wait)
+                if found is not None:
+                    trained[i] = found
     entries, where = [], {}
-    for spec in profile.model:
-        model = models.get(spec.name, {}, device, "float32")
-        for depth, layer in spec.layers.items():
-            hook = HookPoint.at(layer).name
-            for k, path in train_or_load_grid(model, spec.name, hook, profile, cache, progress).items():
-                name = sae_name(spec.shown, depth, k)
-                entries.append({"name": name, "path": str(path), "model": spec.name, "hook": hook})
-                where[name] = {"model": spec.shown, "d_model": model.cfg.d_model, "layer": layer,
-                               "depth": depth, "k": k, "train_tokens": profile.data.train_tokens}
+    for i in chosen:
+        spec, depth, layer = all_grids[i]
+        d_model = models.get(spec.name, {}, device, "float32").cfg.d_model
+        for k, path in trained[i].items():
+            name = sweep_sae_name(spec.shown, depth, k)
+            entries.append({"name": name, "path": str(path), "model": spec.name, "hook": HookPoint.at(layer).name})
+            where[name] = {"model": spec.shown, "d_model": d_model, "layer": layer,
+                           "depth": depth, "k": k, "train_tokens": profile.data.train_tokens}
     report = evaluate(thresholds_from_mapping(_thresholds(profile, entries, device), f"profile {profile.name}"),
                       progress=progress, models=models)
     points = [where[name] | _scores(result.metrics) for name, result in report.saes.items()]
-    write_atomic(out / "report.json", report.to_json())
+    payload = report.to_dict()
+    if shard is not None:
+        payload["shard"] = shard_record(shard.index, shard.count, list(where))
+    write_json(out / "report.json", payload)
     write_json(out / "points.json", points)
     return report, points
 
@@ -126,13 +172,20 @@ def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
     return scores
 
 
-def sweep(profile: str, out: Path, cache: Path | None = None, device: str = "auto", progress: bool = True) -> int:
+def sweep(
+    profile: str, out: Path, cache: Path | None = None, device: str = "auto", progress: bool = True,
+    shard: Shard | None = None,
+) -> int:
     """The `sweep` command: train, gate and tabulate a profile (a built-in name or a file).
 
-    Prints the gate's report; returns the exit status (0 passed, 1 failed).
+    Prints the gate's report; returns the exit status (0 passed, 1 failed). A shard writes its
+    report and points only: `sae-acceptance merge` writes the tables from every shard's.
     """
-    report, points = run_sweep(load_profile(profile), out, cache or default_cache(), device, progress)
+    report, points = run_sweep(load_profile(profile), out, cache or default_cache(), device, progress, shard)
     print(format_report(report))
-    write_analysis(points, out)
-    print(f"tables and plots written to {out}")
+    if shard is None:
+        write_analysis(points, out)
+        print(f"tables and plots written to {out}")
+    else:
+        print(f"shard {shard} written to {out}; merge the shards with `sae-acceptance merge --sweep-out DIR`")
     return 0 if report.passed else 1
