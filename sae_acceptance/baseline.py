@@ -1,16 +1,22 @@
 """Regression baselines: what was measured, fingerprinted, and a paired test against it.
 
-A baseline (JSON, meant to be committed beside thresholds.toml) keeps, per SAE,
-every metric's value and interval and the per-sequence sums that a paired
-bootstrap needs. A retrained SAE is compared on the same sequences: resample
-the sequence indices once, apply them to both runs' sums. Two unpaired 95%
-intervals overlap almost always at 200 sequences; the paired interval of the
-change does not, when the change is real.
+A baseline is two files meant to be committed beside thresholds.toml: a small,
+pretty-printed JSON (`thresholds.baseline.json`) with each SAE's fingerprint and
+headline metric values, one block per SAE so a diff shows which SAE moved, and a
+binary sidecar next to it (`thresholds.baseline.npz`) with the per-sequence sums
+and per-latent counts that a paired bootstrap needs. A retrained SAE is compared
+on the same sequences: resample the sequence indices once, apply them to both
+runs' sums. Two unpaired 95% intervals overlap almost always at 200 sequences;
+the paired interval of the change does not, when the change is real.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +25,20 @@ import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.errors import BaselineError
-from sae_acceptance.io import OutputError, locked, read_json, remove_lock, write_json
+from sae_acceptance.io import OutputError, locked, read_json, remove_lock, write_atomic
 from sae_acceptance.metrics import METRICS
 from sae_acceptance.results import EvalReport, SAEResult
 from sae_acceptance.sources.model import model_identity
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
 
 FORMAT = "sae-acceptance-baseline"
-FORMAT_VERSION = 2  # 2: sums carry d_in (mse_mean of a baseline was off by d_in in 1)
+# 3: sums in a binary sidecar; 2: sums inline in the JSON (read, and written as 3 on the next update).
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
+# A refreshed SAE whose fingerprint is the same and whose every metric value and interval end
+# moved by at most this (relative) keeps its stored entry as it was, byte for byte.
+UNCHANGED_RTOL = 1e-6
+SEP = "::"  # sidecar member names are "<sae>::<sum>" ("::" cannot occur in an SAE's name)
 DEFAULT_TOLERANCES = {
     "ce_rec": 0.01,
     "ce_loss_score": 0.01,
@@ -40,6 +52,7 @@ DEFAULT_TOLERANCES = {
 }
 # What must match for a comparison to mean anything; the rest is recorded for the reader.
 MUST_MATCH = ("tokens", "model", "hook", "dtype", "excluded_ids", "n_sequences")
+REFRESH = "refresh with --sae-update-baseline"
 
 
 def run_identity(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +71,7 @@ def run_identity(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
+    """One SAE's baseline entry as plain data (lists, so xdist workers can send it)."""
     sums = result.sums
     return {
         "fingerprint": run_identity(result, settings),
@@ -71,30 +85,35 @@ def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def sums_from_entry(entry: dict[str, Any], where: str) -> SequenceSums:
+    """The entry's per-sequence sums (inline lists or arrays from the sidecar)."""
     try:
         stored = entry["sums"]
         scalars = {name: np.asarray(values, dtype=np.float64) for name, values in stored["scalars"].items()}
         fired = np.asarray(stored["fired"], dtype=np.int64)
         d_in = int(stored["d_in"])
     except (KeyError, TypeError, ValueError) as err:
-        raise BaselineError(
-            f"{where}: malformed per-sequence sums (missing or bad {err}); refresh with --sae-update-baseline"
-        ) from None
+        raise BaselineError(f"{where}: malformed per-sequence sums (missing or bad {err}); {REFRESH}") from None
     # The activation vector sums are not stored ([n_seq, d_in] each): r2 is never gated,
     # so never regressed on, and comes back NaN from a baseline.
     return SequenceSums(scalars=scalars, fired=fired, d_in=d_in)
 
 
+def sidecar_path(path: Path) -> Path:
+    """The binary sidecar of the baseline JSON at `path`: same folder and stem, `.npz`."""
+    return path.with_suffix(".npz")
+
+
 @dataclass(frozen=True)
 class Baseline:
-    """A read baseline file: where it is (for messages) and its per-SAE entries."""
+    """A read baseline: where it is (for messages) and its per-SAE entries, sums inline."""
 
     path: Path
     saes: dict[str, Any]
 
 
 def load_baseline(path: Path) -> Baseline:
-    """Read and check a baseline file; a corrupt or foreign file is one clear error."""
+    """Read and check a baseline (format 2 or 3); a corrupt or foreign file is one clear error."""
+    path = Path(path)
     if not path.exists():
         raise BaselineError(f"{path}: no such baseline (write one with --sae-update-baseline)")
     try:
@@ -103,11 +122,18 @@ def load_baseline(path: Path) -> Baseline:
         raise BaselineError(str(err)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BaselineError(f"{path}: not a sae-acceptance baseline (no \"format\": \"{FORMAT}\")")
-    if payload.get("version") != FORMAT_VERSION:
-        raise BaselineError(f"{path}: baseline format version {payload.get('version')}, expected {FORMAT_VERSION}")
-    if not isinstance(payload.get("saes"), dict):
+    version = payload.get("version")
+    if version not in READ_VERSIONS:
+        raise BaselineError(
+            f"{path}: baseline format version {version}, this version reads "
+            f"{' and '.join(map(str, READ_VERSIONS))}; {REFRESH}=force"
+        )
+    saes = payload.get("saes")
+    if not isinstance(saes, dict) or not all(isinstance(e, dict) for e in saes.values()):
         raise BaselineError(f"{path}: no \"saes\" table")
-    return Baseline(path, payload["saes"])
+    if version == 3:
+        saes = _with_sidecar_sums(path, saes)
+    return Baseline(path, saes)
 
 
 def baseline_entries(report: EvalReport) -> dict[str, Any]:
@@ -119,20 +145,165 @@ def baseline_entries(report: EvalReport) -> dict[str, Any]:
     }
 
 
-def update_baseline(path: Path, entries: dict[str, Any]) -> Path:
-    """Merge `entries` into the baseline at `path` and write it atomically (under a lock)."""
+def update_baseline(path: Path, entries: dict[str, Any], force: bool = False) -> Path:
+    """Fold `entries` into the baseline at `path` and write it (format 3) atomically, under a lock.
+
+    Other SAEs' entries are kept; an SAE whose numbers did not move (`UNCHANGED_RTOL`)
+    keeps its stored entry byte for byte. An existing file that cannot be read (corrupt,
+    foreign, an unknown version, a sidecar that does not match) is an error unless `force`,
+    which replaces it.
+    """
+    path = Path(path)
     with locked(path):
         saes: dict[str, Any] = {}
         if path.exists():
             try:
                 saes = load_baseline(path).saes
-            except BaselineError:
-                saes = {}  # refreshing replaces a corrupt file
-        saes.update(entries)
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, "saes": dict(sorted(saes.items()))}
-        written = write_json(path, payload, indent=None)
+            except BaselineError as err:
+                if not force:
+                    raise BaselineError(f"{err} (not overwritten: --sae-update-baseline=force replaces it)") from None
+        for name, entry in entries.items():
+            if name not in saes or _moved(saes[name], entry):
+                saes[name] = entry
+        written = write_baseline(path, saes)
     remove_lock(path)
     return written
+
+
+def write_baseline(path: Path, entries: dict[str, Any]) -> Path:
+    """Write exactly `entries` as a format-3 baseline: the sidecar first, then the JSON that
+    names it (each atomic; the JSON holds each SAE's digest, so a torn pair is detected)."""
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    blocks, arrays = {}, {}
+    for name in sorted(entries):
+        entry = entries[name]
+        sums = sums_from_entry(entry, f"{path}: {name}")
+        own = _arrays(sums)
+        arrays.update(_members(name, own))
+        meta = {"d_in": sums.d_in, "n_sequences": sums.n_sequences, "d_sae": int(sums.fired.size),
+                "sha256": _digest(own)}
+        blocks[name] = {"fingerprint": entry.get("fingerprint", {}), "metrics": entry.get("metrics", {}), "sums": meta}
+    write_atomic(sidecar, _npz_bytes(arrays))
+    return write_atomic(path, _render({"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}, blocks))
+
+
+def _arrays(sums: SequenceSums) -> dict[str, np.ndarray]:
+    """An SAE's stored arrays in their canonical dtypes (float64 sums, int64 counts)."""
+    own = {f"scalars.{name}": np.ascontiguousarray(values, dtype=np.float64) for name, values in sums.scalars.items()}
+    own["fired"] = np.ascontiguousarray(sums.fired, dtype=np.int64)
+    return own
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(f"{key}:{arrays[key].dtype.str}:{arrays[key].shape}".encode())
+        h.update(arrays[key].tobytes())
+    return h.hexdigest()[:16]
+
+
+def _planes(values: np.ndarray) -> np.ndarray:
+    """Byte planes ([itemsize, n] uint8) of a little-endian array: each plane (the exponents,
+    the high bytes of small counts) is nearly constant and compresses, as in HDF5's shuffle."""
+    return np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(-1, values.itemsize).T)
+
+
+def _unplanes(planes: np.ndarray, kind: str) -> np.ndarray:
+    return np.ascontiguousarray(planes.T).view(np.dtype(f"<{kind}{planes.shape[0]}")).ravel()
+
+
+def _members(name: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An SAE's sidecar members: its sum names, its sums ([n_sums, n_seq] float64) and its
+    per-latent counts (the smallest unsigned type that holds them), both as byte planes."""
+    names = sorted(k.removeprefix("scalars.") for k in arrays if k.startswith("scalars."))
+    fired = arrays["fired"]
+    counts = fired.astype(np.min_scalar_type(int(fired.max()) if fired.size else 0))
+    return {
+        f"{name}{SEP}names": np.array(names, dtype=str),
+        f"{name}{SEP}sums": _planes(np.stack([arrays[f"scalars.{n}"] for n in names]).ravel()),
+        f"{name}{SEP}fired": _planes(counts),
+    }
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A compressed .npz that depends only on the arrays (fixed member dates, sorted names),
+    so an unchanged refresh rewrites the same bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            member = io.BytesIO()
+            np.lib.format.write_array(member, arrays[key], allow_pickle=False)
+            archive.writestr(info, member.getvalue(), compresslevel=9)
+    return buffer.getvalue()
+
+
+def _with_sidecar_sums(path: Path, saes: dict[str, Any]) -> dict[str, Any]:
+    """Format 3's entries with their sums read back from the sidecar (and checked against the JSON)."""
+    sidecar = sidecar_path(path)
+    try:
+        with np.load(sidecar, allow_pickle=False) as archive:
+            stored = {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise BaselineError(f"{sidecar}: missing (the sums of {path}); {REFRESH}=force") from None
+    except Exception as err:  # zipfile, numpy and OS errors alike: the file is not a readable .npz
+        raise BaselineError(f"{sidecar}: corrupt baseline sidecar ({type(err).__name__}: {err}); {REFRESH}=force") from None
+    out = {}
+    for name, entry in saes.items():
+        meta = entry.get("sums")
+        try:
+            names = [str(n) for n in stored[f"{name}{SEP}names"]]
+            table = _unplanes(stored[f"{name}{SEP}sums"], "f").reshape(len(names), -1)
+            arrays = {f"scalars.{n}": row for n, row in zip(names, table, strict=True)}
+            arrays["fired"] = _unplanes(stored[f"{name}{SEP}fired"], "u").astype(np.int64)
+        except (KeyError, ValueError, TypeError) as err:
+            raise BaselineError(f"{sidecar}: no readable sums for {name} ({err}); {REFRESH}=force") from None
+        if not isinstance(meta, dict) or _digest(arrays) != meta.get("sha256"):
+            raise BaselineError(
+                f"{sidecar}: the sums of {name} do not match {path.name} (the two files come from different writes); "
+                f"{REFRESH}=force"
+            )
+        scalars = {n: arrays[f"scalars.{n}"] for n in names}
+        out[name] = {**entry, "sums": {"d_in": meta.get("d_in"), "scalars": scalars, "fired": arrays["fired"]}}
+    return out
+
+
+def _moved(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a refresh changes an SAE: another fingerprint (the project's version aside),
+    or a metric value or interval end beyond `UNCHANGED_RTOL`."""
+    def identity(entry):
+        return {k: v for k, v in entry.get("fingerprint", {}).items() if k != "project_version"}
+
+    if identity(old) != identity(new) or set(old.get("metrics", {})) != set(new.get("metrics", {})):
+        return True
+    for name, metric in new["metrics"].items():
+        before = old["metrics"][name]
+        pairs = [(before.get("value"), metric.get("value"))]
+        pairs += list(zip(before.get("ci") or [], metric.get("ci") or [], strict=False))
+        if (before.get("ci") is None) != (metric.get("ci") is None):
+            return True
+        for a, b in pairs:
+            if (a is None) != (b is None) or (a is not None and not math.isclose(a, b, rel_tol=UNCHANGED_RTOL)):
+                return True
+    return False
+
+
+def _render(head: dict[str, Any], blocks: dict[str, Any]) -> str:
+    """Pretty JSON a diff reads SAE by SAE: one block per SAE, its fingerprint on one line,
+    one line per metric."""
+    def line(value: Any) -> str:
+        return json.dumps(value, allow_nan=False)
+
+    out = ["{"] + [f"  {line(k)}: {line(v)}," for k, v in head.items()] + ['  "saes": {']
+    for i, (name, entry) in enumerate(blocks.items()):
+        metrics = list(entry["metrics"].items())
+        out += [f"    {line(name)}: {{", f'      "fingerprint": {line(entry["fingerprint"])},', '      "metrics": {']
+        out += [f"        {line(m)}: {line(v)}{',' if j < len(metrics) - 1 else ''}" for j, (m, v) in enumerate(metrics)]
+        out += ["      },", f'      "sums": {line(entry["sums"])}', "    }" + ("," if i < len(blocks) - 1 else "")]
+    return "\n".join([*out, "  }", "}"]) + "\n"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""sae-acceptance eval | pr-profile | train | sweep | schema | build-reference.
+"""sae-acceptance eval | merge | pr-profile | train | sweep | schema | build-reference.
 
 The same loaders and engine as the pytest plugin. Exit status: 0 all as
 expected, 1 a gate failed, 2 bad input (one line on stderr).
@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from sae_acceptance.baseline import baseline_entries, load_baseline, update_baseline, write_baseline
 from sae_acceptance.config import (
     CanyonSettings,
     EvalSettings,
@@ -24,9 +25,10 @@ from sae_acceptance.config import (
     write_json_schema,
 )
 from sae_acceptance.errors import ConfigError, SAEAcceptanceError
-from sae_acceptance.evaluate import evaluate
+from sae_acceptance.gate import compared_baseline, run_gate
+from sae_acceptance.gate import exit_status as gate_exit_status
 from sae_acceptance.geometry import CanyonRule
-from sae_acceptance.io import write_atomic, write_json
+from sae_acceptance.io import read_json, write_json
 from sae_acceptance.pr_profile import (
     format_profile_table,
     plot_pr_profile,
@@ -34,10 +36,19 @@ from sae_acceptance.pr_profile import (
     profile_to_json,
 )
 from sae_acceptance.reference.build import build_reference
-from sae_acceptance.report import format_report
+from sae_acceptance.report import (
+    format_regressions,
+    format_report,
+    merge_shards,
+    report_from_json,
+    shard_record,
+)
+from sae_acceptance.results import EvalReport
+from sae_acceptance.shard import Shard, share
 from sae_acceptance.sources.model import load_model, special_token_ids
 from sae_acceptance.sources.tokens import counted_mask, load_tokens
 from sae_acceptance.train import builtin_profiles
+from sae_acceptance.train.analysis import write_analysis
 from sae_acceptance.train.hookpoint import train_at_hook
 from sae_acceptance.train.settings import TrainSettings
 from sae_acceptance.train.sweep import sweep
@@ -78,7 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)")
     add_fields(ev, EvalSettings, EVAL_SET + EVAL_RUN, defaults=False)  # thresholds.toml's defaults apply
     ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
+    ev.add_argument("--baseline", type=Path, metavar="PATH",
+                    help="compare against this regression baseline (default: the thresholds file's `baseline =`)")
+    ev.add_argument("--update-baseline", nargs="?", const="refresh", choices=("refresh", "force"),
+                    help="write (or refresh) the baseline instead of comparing; =force replaces one that cannot be read")
+    ev.add_argument("--baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
+    ev.add_argument("--shard", metavar="I/N", help="evaluate share I of N of the SAEs (groups kept whole); see `merge`")
+    ev.add_argument("--baseline-part", type=Path, metavar="OUT.json",
+                    help="write this run's baseline entries here (a baseline of its own; `merge --update-baseline` folds parts in)")
     ev.add_argument("--no-progress", action="store_true")
+
+    mg = sub.add_parser("merge", help="combine shards' JSON reports (and baseline parts) into one run's")
+    mg.add_argument("shards", nargs="+", metavar="SHARD", help="a shard's JSON report, or a `sweep --shard` output folder")
+    mg.add_argument("--json", type=Path, metavar="OUT", help="write the merged JSON report here")
+    mg.add_argument("--baseline-part", type=Path, nargs="+", default=[], metavar="PART.json",
+                    help="the shards' `eval --baseline-part` files")
+    mg.add_argument("--update-baseline", type=Path, metavar="BASELINE.json", help="fold the parts into this baseline")
+    mg.add_argument("--force", action="store_true", help="replace a baseline that cannot be read")
+    mg.add_argument("--sweep-out", type=Path, metavar="DIR",
+                    help="sweep shards: write report.json, points.json and the analysis tables here")
 
     pr = sub.add_parser("pr-profile", help="participation ratio per layer, and the canyon rule")
     pr.add_argument("--model", required=True)
@@ -94,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=Path, required=True)
     sw.add_argument("--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache/sae-acceptance/sweeps)")
     sw.add_argument("--device", default="auto")
+    sw.add_argument("--shard", metavar="I/N", help="train and gate share I of N of the profile's (model, hook) grids")
     sw.add_argument("--no-progress", action="store_true")
 
     tr = sub.add_parser("train", help="train TopK SAEs (a k grid from one data pass) at one hookpoint")
@@ -148,14 +178,66 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             },
             source="command line",
         )
-    report = evaluate(loaded, progress=not args.no_progress)
+    shard = None if args.shard is None else Shard.parse(args.shard)
+    names = None if shard is None else share(loaded, shard)
+    baseline = None if args.update_baseline else compared_baseline(loaded, args.baseline)
+    run = run_gate(loaded, baseline, args.baseline_strict, names=names, progress=not args.no_progress)
+    report = run.report
+    print(format_report(report))
+    if baseline is not None:
+        print(format_regressions(run.regression_rows(), run.regression_errors()))
+    if args.json is not None:
+        payload = report.to_dict()
+        if shard is not None:
+            payload["shard"] = shard_record(shard.index, shard.count, names)
+        write_json(args.json, payload)
+        print(f"report written to {args.json}")
+    if args.baseline_part is not None:
+        write_baseline(args.baseline_part, baseline_entries(report))
+        print(f"baseline entries written to {args.baseline_part}")
+    if args.update_baseline:
+        target = loaded.baseline_file(args.baseline)
+        update_baseline(target, baseline_entries(report), force=args.update_baseline == "force")
+        print(f"baseline written to {target}")
+    return run.exit_status
+
+
+def exit_status(report: EvalReport) -> int:
+    """0 all as expected, 1 a gate failed, 2 an SAE could not be evaluated."""
+    return gate_exit_status(report)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    shards, points = [], []
+    for given in args.shards:
+        path = Path(given) / "report.json" if Path(given).is_dir() else Path(given)
+        shards.append((str(path), read_json(path, "a shard's JSON report")))
+        if args.sweep_out is not None:
+            points += read_json(path.parent / "points.json", "a sweep shard's points")
+    merged = merge_shards(shards)
+    report = report_from_json(merged)
     print(format_report(report))
     if args.json is not None:
-        write_atomic(args.json, report.to_json())
+        write_json(args.json, merged)
         print(f"report written to {args.json}")
-    if any(r.error for r in report.saes.values()):
-        return 2
-    return 0 if report.passed else 1
+    if args.sweep_out is not None:
+        write_json(args.sweep_out / "report.json", merged)
+        write_json(args.sweep_out / "points.json", points)
+        write_analysis(points, args.sweep_out)
+        print(f"report, points, tables and plots written to {args.sweep_out}")
+    if args.update_baseline is not None:
+        entries = {}
+        for part in args.baseline_part:
+            entries.update(load_baseline(part).saes)
+        measured = [name for name, r in report.saes.items() if r.error is None]
+        missing = [name for name in measured if name not in entries]
+        if missing:
+            raise SAEAcceptanceError(f"--baseline-part: no entry for {', '.join(missing)} (a shard's part not given?)")
+        update_baseline(args.update_baseline, entries, force=args.force)
+        print(f"baseline {args.update_baseline} updated with {len(entries)} SAE(s)")
+    elif args.baseline_part:
+        raise SAEAcceptanceError("merge --baseline-part needs --update-baseline BASELINE.json")
+    return exit_status(report)
 
 
 def _cmd_pr_profile(args: argparse.Namespace) -> int:
@@ -184,7 +266,8 @@ def _cmd_pr_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    return sweep(args.profile, args.out, args.cache, args.device, not args.no_progress)
+    shard = None if args.shard is None else Shard.parse(args.shard)
+    return sweep(args.profile, args.out, args.cache, args.device, not args.no_progress, shard)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -218,6 +301,7 @@ def _cmd_build_reference(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "eval": _cmd_eval,
+    "merge": _cmd_merge,
     "pr-profile": _cmd_pr_profile,
     "sweep": _cmd_sweep,
     "train": _cmd_train,

@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 
 from pytest_sae_acceptance.items import ThresholdsFile, _SAEItem, sae_session
-from pytest_sae_acceptance.selection import SELECTED_KEY, SESSION_KEY, is_xdist_worker
+from pytest_sae_acceptance.selection import SELECTED_KEY, SESSION_KEY, group_key, is_xdist_worker
 from sae_acceptance.config import load_thresholds
+from sae_acceptance.errors import SAEAcceptanceError
+from sae_acceptance.shard import Shard, group_cost, groups, share
 from sae_acceptance.train import builtin_profiles
 
 ROWS_KEY = pytest.StashKey[list[dict]]()
-ACTIVATING_OPTIONS = ("--sae-json", "--sae-baseline", "--sae-update-baseline", "--sae-thresholds", "--sae-sweep")
+OUTPUT_ERROR_KEY = pytest.StashKey[str]()
+ACTIVATING_OPTIONS = ("--sae-json", "--sae-baseline", "--sae-update-baseline", "--sae-thresholds", "--sae-sweep", "--sae-shard")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,7 +32,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sae-json", metavar="PATH", help="write the full JSON report here")
     group.addoption("--sae-baseline", metavar="PATH", help="compare against this regression baseline")
     group.addoption(
-        "--sae-update-baseline", action="store_true", help="write (or refresh) the regression baseline"
+        "--sae-update-baseline", nargs="?", const="refresh", default=None, choices=("refresh", "force"),
+        help="write (or refresh) the regression baseline; =force replaces one that cannot be read",
     )
     group.addoption(
         "--sae-baseline-strict", action="store_true", help="fail SAEs that have no baseline entry"
@@ -39,6 +43,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml; default tiny)")
     group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance/sweeps)")
     group.addoption("--sae-no-progress", action="store_true", help="hide progress bars")
+    group.addoption("--sae-shard", metavar="I/N",
+                    help="run share I of N of the SAEs (groups kept whole); the rest are deselected")
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
     parser.addini(
         "sae_thresholds_pattern", "file names collected as thresholds files", default="thresholds*.toml"
@@ -63,6 +69,11 @@ def asked_for(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sae: an SAE acceptance check from a thresholds file")
     config.addinivalue_line("markers", "xdist_group(name): pytest-xdist keeps a group on one worker")
+    if isinstance(config.option.sae_shard, str):
+        try:
+            config.option.sae_shard = Shard.parse(config.option.sae_shard)
+        except SAEAcceptanceError as err:
+            raise pytest.UsageError(f"--sae-shard: {err}") from None
     if is_xdist_worker(config):
         if config.workerinput.get("sae_loadgroup"):
             config.option.loadgroup = True  # mirror the controller: tag items with their group
@@ -109,6 +120,39 @@ def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return sae_session(request.config).sweep(out)
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--sae-shard I/N`: deselect the SAEs outside this share. Under loadgroup, SAE groups
+    come first, costliest first (xdist hands groups out in collection order, and by default
+    re-sorts them by item count, stably)."""
+    shard = config.getoption("--sae-shard")
+    if shard is not None:
+        shares = {}
+        keep, dropped = [], []
+        for item in items:
+            if isinstance(item, _SAEItem):
+                loaded = item.sae.loaded
+                if loaded.path not in shares:
+                    shares[loaded.path] = set(share(loaded, shard))
+                (keep if item.sae.entry.display_name in shares[loaded.path] else dropped).append(item)
+            else:
+                keep.append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
+    if getattr(config.option, "dist", "no") == "loadgroup" or getattr(config.option, "loadgroup", False):
+        costs = {}
+
+        def cost(item: pytest.Item) -> int:
+            if not isinstance(item, _SAEItem):
+                return 0
+            loaded = item.sae.loaded
+            if loaded.path not in costs:
+                costs[loaded.path] = {key: group_cost(len(names)) for key, names in groups(loaded).items()}
+            return -costs[loaded.path][group_key(loaded, item.sae.entry)]
+
+        items.sort(key=cost)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     selected: dict[Path, list[str]] = {}
     for item in session.items:
@@ -131,7 +175,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     parts = mine + config.stash.get(ROWS_KEY, [])
     config.stash[ROWS_KEY] = parts
     if parts:
-        sae_session(config).write_outputs(parts, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+        try:
+            sae_session(config).write_outputs(parts, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+        except SAEAcceptanceError as err:  # a baseline that may not be replaced, an unwritable path
+            config.stash[OUTPUT_ERROR_KEY] = str(err)
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -142,6 +190,8 @@ def pytest_testnodedown(node, error) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     parts = config.stash.get(ROWS_KEY, [])
+    if OUTPUT_ERROR_KEY in config.stash:
+        terminalreporter.write_line(f"ERROR sae-acceptance: {config.stash[OUTPUT_ERROR_KEY]}", red=True)
     if not parts:
         return
     text = sae_session(config).summary(parts)

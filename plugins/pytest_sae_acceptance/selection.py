@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from sae_acceptance.config import LoadedThresholds, SAEEntry
+from sae_acceptance.config import LoadedThresholds
+from sae_acceptance.shard import group_key
+
+__all__ = [
+    "baseline_path", "baseline_target", "group_key", "is_xdist_worker", "selected_names", "selected_splices",
+    "splice_node",
+]
 
 SESSION_KEY = pytest.StashKey["SAESession"]()
 SELECTED_KEY = pytest.StashKey[dict[Path, list[str]]]()
+SPLICES_KEY = pytest.StashKey[dict[Path, list[str]]]()
 
 
 def selected_names(config: pytest.Config) -> dict[Path, list[str]]:
@@ -21,18 +28,19 @@ def selected_names(config: pytest.Config) -> dict[Path, list[str]]:
     return config.stash.get(SELECTED_KEY, {})
 
 
-def group_key(loaded: LoadedThresholds, entry: SAEEntry) -> str:
-    """SAEs evaluated together on one xdist worker: those of one file, model and hook."""
-    model = Path(entry.model or loaded.config.eval.model or "").name
-    return f"{loaded.path.stem}:{model}:{entry.hook or entry.display_name}"
+def selected_splices(config: pytest.Config) -> dict[Path, list[str]]:
+    """`[[splice]]` names with at least one selected item, per thresholds file."""
+    return config.stash.get(SPLICES_KEY, {})
+
+
+def splice_node(name: str) -> str:
+    """A splice's node name and baseline key, `splice:<name>`: apart from the SAEs' names."""
+    return f"splice:{name}"
 
 
 def baseline_target(config: pytest.Config, loaded: LoadedThresholds) -> Path:
     """Where --sae-update-baseline writes: the option, the file's `baseline`, or a default."""
-    option = config.getoption("--sae-baseline")
-    if option:
-        return Path(option).expanduser().resolve()
-    return loaded.path.parent / (loaded.config.baseline or f"{loaded.path.stem}.baseline.json")
+    return loaded.baseline_file(config.getoption("--sae-baseline"))
 
 
 def baseline_path(config: pytest.Config, loaded: LoadedThresholds) -> Path | None:

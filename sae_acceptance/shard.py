@@ -1,0 +1,147 @@
+"""Deterministic shares of a thresholds file's SAEs: groups for xdist workers, shards for machines.
+
+SAEs of one model and hook share the model's passes (one original pass per batch,
+then a tail per SAE), so they form a group that is never split; SAEs a
+`[[splice]]` patches in together join their groups into one unit. A shard is a
+contiguous run of units in file order (so a model's hooks stay together as far
+as the balance allows), cut where it minimises the largest shard's cost. Known
+without loading anything: an SAE's hook comes from its entry or, read lightly,
+its directory's `cfg.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_acceptance.config import LoadedThresholds, SAEEntry
+from sae_acceptance.errors import ConfigError
+from sae_acceptance.sources.spec import is_remote
+
+# Cost in tail passes: one for the group's zero-ablation, one per SAE; and one original
+# pass per model a shard evaluates.
+ABLATION_TAILS = 1
+ORIGINAL_PASS = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Share `index` (1-based) of `count`."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`"I/N"` with 1 <= I <= N; anything else is one line naming what was expected."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            index = count = 0
+        if not 1 <= index <= count:
+            raise ConfigError(f"shard {text!r}: expected I/N with 1 <= I <= N (e.g. 2/3)")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:
+    """The model and hook an SAE's local `cfg.json` records (SAELens `metadata.*`, flat
+    `hook_name`/`model_name`, older `hook_point`); empty for hub SAEs and other layouts."""
+    if is_remote(entry.path):
+        return {}
+    try:
+        cfg = json.loads((Path(loaded.resolve(entry.path)) / "cfg.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    found = {}
+    for key, names in (("hook", ("hook_name", "hook_point")), ("model", ("model_name",))):
+        value = next((v for name in names for v in (meta.get(name), cfg.get(name)) if isinstance(v, str) and v), None)
+        if value:
+            found[key] = value
+    return found
+
+
+def group_key(loaded: LoadedThresholds, entry: SAEEntry) -> str:
+    """SAEs evaluated together: those of one file, model and hook (the entry's, else the
+    SAE's recorded ones; an SAE whose hook is unknown until it loads is a group of its own)."""
+    seen = recorded(loaded, entry) if entry.hook is None or not (entry.model or loaded.config.eval.model) else {}
+    model = Path(entry.model or loaded.config.eval.model or seen.get("model") or "").name
+    hook = entry.hook or seen.get("hook") or entry.display_name
+    return f"{loaded.path.stem}:{model}:{hook}"
+
+
+def groups(loaded: LoadedThresholds) -> dict[str, list[str]]:
+    """SAE names by group key, in file order."""
+    out: dict[str, list[str]] = {}
+    for entry in loaded.config.sae:
+        out.setdefault(group_key(loaded, entry), []).append(entry.display_name)
+    return out
+
+
+def group_cost(n_saes: int) -> int:
+    """A group's tail passes per batch: the zero-ablation and one per SAE."""
+    return ABLATION_TAILS + n_saes
+
+
+def units(loaded: LoadedThresholds) -> list[list[str]]:
+    """Groups joined by the splices that span them: what one machine or worker must evaluate
+    together. In file order; each a list of group keys."""
+    keys = list(groups(loaded))
+    of_name = {name: key for key, names in groups(loaded).items() for name in names}
+    parent = {key: key for key in keys}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    for splice in getattr(loaded.config, "splice", []):
+        members = [of_name[name] for name in splice.saes if name in of_name]
+        for other in members[1:]:
+            parent[root(other)] = root(members[0])
+    joined: dict[str, list[str]] = {}
+    for key in keys:
+        joined.setdefault(root(key), []).append(key)
+    return list(joined.values())
+
+
+def share(loaded: LoadedThresholds, shard: Shard) -> list[str]:
+    """The SAE names of `shard`, in file order: the same answer on every machine."""
+    by_group = groups(loaded)
+    joined = units(loaded)
+    costs = [sum(group_cost(len(by_group[key])) for key in unit) for unit in joined]
+    models = [{key.split(":")[1] for key in unit} for unit in joined]
+    mine = {key for i in partition(costs, models, shard.count)[shard.index - 1] for key in joined[i]}
+    return [name for key, names in by_group.items() if key in mine for name in names]
+
+
+def partition(costs: list[int], models: list[set[str]], count: int) -> list[list[int]]:
+    """Cut units (their tail `costs` and the `models` each runs) into `count` contiguous runs
+    of indices, minimising the costliest run; a run also pays one original pass per model in it.
+    Exact, by dynamic programming; of equal cuts, the latest (empty runs come last)."""
+    def cost(k: int, i: int) -> int:
+        return sum(costs[k:i]) + ORIGINAL_PASS * len(set().union(*models[k:i]))
+
+    n, inf = len(costs), float("inf")
+    # best[j][i]: the least largest cost of cutting the first i units into j runs; cut[j][i]: where.
+    best = [[inf] * (n + 1) for _ in range(count + 1)]
+    cut = [[0] * (n + 1) for _ in range(count + 1)]
+    best[0][0] = 0
+    for j in range(1, count + 1):
+        for i in range(n + 1):
+            for k in range(i + 1):
+                if best[j - 1][k] < inf:
+                    value = max(best[j - 1][k], cost(k, i))
+                    if value <= best[j][i]:
+                        best[j][i], cut[j][i] = value, k
+    runs, i = [], n
+    for j in range(count, 0, -1):
+        runs.append(list(range(cut[j][i], i)))
+        i = cut[j][i]
+    return runs[::-1]

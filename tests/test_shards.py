@@ -1,0 +1,158 @@
+"""Shards across machines: deterministic shares (groups whole), `eval --shard` in separate
+processes merged into the single run's report, and `merge` refusing a missing or cut-short shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_topk_sae
+
+from sae_acceptance.baseline import load_baseline
+from sae_acceptance.cli import main
+from sae_acceptance.config import load_thresholds
+from sae_acceptance.errors import ConfigError
+from sae_acceptance.shard import Shard, group_key, groups, partition, share
+from sae_acceptance.sources.sae import save_sae
+
+HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+
+
+def write_grid(folder: Path, model: Path, tokens: Path, per_hook: int = 3, fail: str | None = "h1-k1") -> Path:
+    """`per_hook` TopK SAEs at each of two hooks; the hook is recorded in each cfg.json only."""
+    entries = []
+    for h, hook in enumerate(HOOKS):
+        for i in range(per_hook):
+            name = f"h{h}-k{i}"
+            save_sae(random_topk_sae(k=4 + 4 * i, seed=10 * h + i, hook=hook), folder / "saes" / name)
+            strict = "gate = { ce_rec = { min = 0.999 } }\n" if name == fail else ""  # fails
+            entries.append(f'[[sae]]\nname = "{name}"\npath = "saes/{name}"\n{strict}')
+    text = (
+        f'[eval]\nmodel = "{model}"\ndata = "{tokens}"\nn_sequences = 16\ncontext_size = 16\nbatch_size = 8\n'
+        "bootstrap_resamples = 200\n\n[gate]\nrel_error = { max = 100.0 }\n\n" + "\n".join(entries)
+    )
+    (folder / "thresholds.toml").write_text(text)
+    return folder / "thresholds.toml"
+
+
+@pytest.fixture
+def grid(tmp_path, tiny_checkpoint, tiny_tokens_file) -> Path:
+    return write_grid(tmp_path, tiny_checkpoint, tiny_tokens_file)
+
+
+def test_groups_follow_the_recorded_hook_and_shares_keep_them_whole(grid, tmp_path):
+    loaded = load_thresholds(grid)
+    found = groups(loaded)
+    assert [sorted(names) for names in found.values()] == [["h0-k0", "h0-k1", "h0-k2"], ["h1-k0", "h1-k1", "h1-k2"]]
+    assert [key.rsplit(":", 1)[1] for key in found] == list(HOOKS)  # from cfg.json, not the names
+    for count in (1, 2, 3, 5):
+        shares = [share(loaded, Shard(i, count)) for i in range(1, count + 1)]
+        assert sorted(n for s in shares for n in s) == sorted(n for names in found.values() for n in names)
+        for names in found.values():  # a group lies in exactly one share
+            assert sum(set(names) <= set(s) for s in shares) == 1
+        assert shares == [share(load_thresholds(grid), Shard(i, count)) for i in range(1, count + 1)]
+    # A layout whose cfg.json names no hook (sparsify's) is its own group, under its name.
+    (tmp_path / "saes" / "h0-k0" / "cfg.json").write_text(json.dumps({"k": 4}))
+    entry = next(e for e in load_thresholds(grid).config.sae if e.name == "h0-k0")
+    assert group_key(load_thresholds(grid), entry).endswith(":h0-k0")
+
+
+def test_partition_is_exact_on_small_cases():
+    """Brute force over every contiguous cut: the least largest run cost."""
+    import itertools
+
+    costs, models = [4, 2, 7, 1, 3, 5], [{"a"}, {"a"}, {"a"}, {"b"}, {"b"}, {"c"}]
+
+    def run_cost(run):
+        return sum(costs[i] for i in run) + len(set().union(*(models[i] for i in run))) if run else 0
+
+    for count in (1, 2, 3, 4):
+        best = min(
+            max(run_cost(range(a, b)) for a, b in zip((0, *cuts), (*cuts, len(costs)), strict=True))
+            for cuts in itertools.combinations_with_replacement(range(len(costs) + 1), count - 1)
+        )
+        runs = partition(costs, models, count)
+        assert [i for run in runs for i in run] == list(range(len(costs)))
+        assert max(run_cost(run) for run in runs) == best
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "x", "1/0", "2"])
+def test_a_bad_shard_is_one_line(text):
+    with pytest.raises(ConfigError, match="expected I/N with 1 <= I <= N"):
+        Shard.parse(text)
+
+
+def _eval(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "sae_acceptance.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_three_shards_merged_are_the_single_run_bit_for_bit(grid, tmp_path, capsys):
+    shards = [
+        _eval(["eval", "--config", str(grid), "--shard", f"{i}/3", "--json", f"s{i}.json",
+               "--baseline-part", f"part{i}.json", "--no-progress"], tmp_path)
+        for i in (1, 2, 3)
+    ]
+    single = main(["eval", "--config", str(grid), "--json", str(tmp_path / "single.json"),
+                   "--baseline-part", str(tmp_path / "single.baseline.json"), "--no-progress"])
+    codes = [p.wait(timeout=600) for p in shards]
+    assert single == 1 and codes == [1 if any("h1-k1" in s for s in share_names(grid, i)) else 0 for i in (1, 2, 3)], [
+        p.stderr.read() for p in shards
+    ]
+    merged_code = main(["merge", *(str(tmp_path / f"s{i}.json") for i in (1, 2, 3)), "--json", str(tmp_path / "m.json"),
+                        "--baseline-part", *(str(tmp_path / f"part{i}.json") for i in (1, 2, 3)),
+                        "--update-baseline", str(tmp_path / "merged.baseline.json")])
+    assert merged_code == single == 1
+    assert "FAIL  h1-k1: ce_rec" in capsys.readouterr().out
+    one, merged = (json.loads((tmp_path / f).read_text()) for f in ("single.json", "m.json"))
+    assert list(merged["saes"]) == list(one["saes"])  # file order
+    for name, sae in one["saes"].items():
+        assert merged["saes"][name] == sae, name  # metrics, intervals, verdicts, geometry: bit for bit
+    assert merged["eval"]["tokens"] == one["eval"]["tokens"] and "shard" not in merged
+    assert {json.loads((tmp_path / f"s{i}.json").read_text())["shard"]["count"] for i in (1, 2, 3)} == {3}
+    # the folded baseline parts hold the single run's sums
+    a = load_baseline(tmp_path / "single.baseline.json").saes
+    b = load_baseline(tmp_path / "merged.baseline.json").saes
+    assert set(a) == set(b) == set(one["saes"])
+    for name in a:
+        assert np.array_equal(a[name]["sums"]["fired"], b[name]["sums"]["fired"])
+        assert all(np.array_equal(v, b[name]["sums"]["scalars"][k]) for k, v in a[name]["sums"]["scalars"].items())
+
+    # a missing shard, and one that was cut short: one line naming it, exit 2
+    assert main(["merge", str(tmp_path / "s1.json"), str(tmp_path / "s3.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard 2/3 missing" in err[0], err
+    cut = json.loads((tmp_path / "s2.json").read_text())
+    dropped = cut["shard"]["saes"][0]
+    del cut["saes"][dropped]
+    (tmp_path / "s2.json").write_text(json.dumps(cut))
+    assert main(["merge", *(str(tmp_path / f"s{i}.json") for i in (1, 2, 3))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s2.json: shard 2/3 failed or was cut short: no result for " + dropped in err[0], err
+    assert main(["merge", str(tmp_path / "s1.json"), str(tmp_path / "absent.json")]) == 2
+    assert "absent.json: cannot read a shard's JSON report" in capsys.readouterr().err
+
+
+def share_names(grid: Path, index: int) -> list[str]:
+    return share(load_thresholds(grid), Shard(index, 3))
+
+
+def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_file):
+    grid = write_grid(pytester.path, tiny_checkpoint, tiny_tokens_file)
+    mine = share_names(grid, 1)
+    result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
+                                "--sae-shard", "1/3", "--sae-json", "s1.json", "-v")
+    outcomes = result.parseoutcomes()
+    others = [n for n in groups(load_thresholds(grid)) for n in groups(load_thresholds(grid))[n] if n not in mine]
+    assert outcomes["deselected"] == 2 * len(others) + ("h1-k1" in others)  # rel_error and r2 (and one ce_rec)
+    report = json.loads((pytester.path / "s1.json").read_text())
+    assert list(report["saes"]) == mine and report["shard"] == {"index": 1, "count": 3, "saes": mine}
+    bad = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-shard", "4/3")
+    assert bad.ret == 4
+    bad.stderr.fnmatch_lines(["*--sae-shard: shard '4/3': expected I/N with 1 <= I <= N*"])
