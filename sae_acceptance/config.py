@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from sae_acceptance.errors import ConfigError, SAEFormatError
-from sae_acceptance.metrics import METRICS, R2_REFUSAL
+from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS
 from sae_acceptance.sources.spec import check_spec, default_name, is_remote
 
 if sys.version_info >= (3, 11):
@@ -113,6 +113,9 @@ class EvalSettings(StrictModel):
     exclude_special_tokens: bool | list[int] = Field(
         True, description="true: the tokenizer's BOS/EOS/PAD; false: none; a list: these ids"
     )
+    dense_threshold: float = Field(
+        0.1, gt=0, lt=1, description="dense_frac counts latents firing on more than this share of counted tokens"
+    )
 
 
 class CanyonSettings(StrictModel):
@@ -153,15 +156,41 @@ class SAEEntry(StrictModel):
     @field_validator("name")
     @classmethod
     def _node_safe(cls, name: str | None) -> str | None:
-        if name is not None and (not name or "::" in name or "/" in name):
-            raise ValueError(f"name {name!r} must be non-empty and contain no '::' or '/'")
-        return name
+        return None if name is None else node_safe(name)
 
     @property
     def display_name(self) -> str:
         if self.name:
             return self.name
         return default_name(self.path) if is_remote(self.path) else Path(self.path).name
+
+
+def node_safe(name: str) -> str:
+    """A name that can be a pytest node (`thresholds.toml::<name>::<metric>`) and a file name."""
+    if not name or "::" in name or "/" in name:
+        raise ValueError(f"name {name!r} must be non-empty and contain no '::' or '/'")
+    return name
+
+
+def _check_splice_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
+    for name in gate:
+        if name in METRICS and name not in SPLICE_METRICS:
+            raise ValueError(f"{name}: a splice gates its joint loss only ({', '.join(SPLICE_METRICS)})")
+    return gate
+
+
+class SpliceEntry(StrictModel):
+    """`[[splice]]`: SAEs of one model at different hooks, patched in together in one forward."""
+
+    name: str = Field(description="the group's name: items are thresholds.toml::splice:<name>::<metric>")
+    saes: list[str] = Field(min_length=1, description="names of [[sae]] entries of this file, one per hook")
+    gate: Annotated[Gate, AfterValidator(_check_splice_gate)]
+    expect_fail: list[str] = Field(default_factory=list, description="negative control: these gated metrics must fail")
+
+    @field_validator("name")
+    @classmethod
+    def _node_safe(cls, name: str) -> str:
+        return node_safe(name)
 
 
 class Thresholds(StrictModel):
@@ -171,6 +200,7 @@ class Thresholds(StrictModel):
     regression: dict[str, Tolerance] = Field(default_factory=dict)
     baseline: str | None = Field(None, description="regression baseline JSON, relative to this file")
     sae: list[SAEEntry] = Field(min_length=1)
+    splice: list[SpliceEntry] = Field(default_factory=list)
 
     @field_validator("regression")
     @classmethod
@@ -197,15 +227,26 @@ class Thresholds(StrictModel):
                 raise ValueError(f"sae.{i}.expect_fail names metrics without a bound: {', '.join(missing)}")
         return self
 
-    def gate_for(self, entry: SAEEntry) -> dict[str, Bound]:
-        """The default [gate] bounds, overridden metric by metric by the entry's own."""
+    def gate_for(self, entry: SAEEntry | SpliceEntry) -> dict[str, Bound]:
+        """The default [gate] bounds, overridden metric by metric by the entry's own; a splice
+        has its own bounds only."""
+        if isinstance(entry, SpliceEntry):
+            return dict(entry.gate)
         return {**self.gate, **entry.gate}
 
-    def regressed_for(self, entry: SAEEntry) -> list[str]:
+    def regressed_for(self, entry: SAEEntry | SpliceEntry) -> list[str]:
         """Metrics compared against a baseline: the gated ones that have a better direction
-        (`l0` or `ce_orig` have none), and every metric given a `[regression]` tolerance."""
+        (`l0` or `ce_orig` have none), and every metric given a `[regression]` tolerance
+        (for a splice, those it measures)."""
         gated = [m for m in self.gate_for(entry) if METRICS[m].higher_is_better is not None]
-        return gated + [m for m in self.regression if m not in gated]
+        extra = [m for m in self.regression if m not in gated]
+        if isinstance(entry, SpliceEntry):
+            extra = [m for m in extra if m in SPLICE_METRICS]
+        return gated + extra
+
+    def splice_members(self, splice: SpliceEntry) -> list[SAEEntry]:
+        entries = {entry.display_name: entry for entry in self.sae}
+        return [entries[name] for name in splice.saes]
 
 
 def gateable_metrics() -> list[str]:
@@ -222,14 +263,21 @@ class LoadedThresholds(BaseModel):
     text: str
 
     def resolve(self, value: str) -> str:
-        """A path relative to the file's directory; other strings (hub names) as given."""
-        candidate = self.path.parent / value
+        """A path relative to the file's directory (`~` expanded); other strings (hub names) as given."""
+        candidate = self.path.parent / Path(value).expanduser()
         return str(candidate) if candidate.exists() or _looks_local(value) else value
 
     def resolve_model(self, name: str) -> str:
-        """A model directory relative to the file's directory; a hub name as given."""
-        candidate = self.path.parent / name
-        return str(candidate) if not Path(name).is_absolute() and candidate.is_dir() else name
+        """A model directory relative to the file's directory (`~` expanded); a hub name as given."""
+        candidate = self.path.parent / Path(name).expanduser()
+        return str(candidate) if candidate.is_dir() else name
+
+    def baseline_file(self, override: str | Path | None = None) -> Path:
+        """The regression baseline: `override` (a command-line path), else `baseline =`
+        (relative to this file), else `<stem>.baseline.json` beside it (where an update writes)."""
+        if override:
+            return Path(override).expanduser().resolve()
+        return self.path.parent / Path(self.config.baseline or f"{self.path.stem}.baseline.json").expanduser()
 
     def line_of(self, *loc: str | int) -> int:
         return locate(self.text, loc)
@@ -270,6 +318,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
         raise ConfigError(describe(err, text, where)) from None
     loaded = LoadedThresholds(config=config, path=path, text=text)
     _check_paths(loaded, where)
+    _check_splices(loaded, where)
     return loaded
 
 
@@ -299,6 +348,48 @@ def _check_paths(loaded: LoadedThresholds, where: str) -> None:
     data = loaded.config.eval.data
     if _looks_local(data) and not Path(loaded.resolve(data)).exists():
         raise ConfigError(f"{at('eval', 'data')}: eval.data: no such file or directory {data!r}")
+
+
+def _check_splices(loaded: LoadedThresholds, where: str) -> None:
+    """Members are SAEs of this file, of one model, at different hooks (as far as the file says;
+    hooks and models read from an SAE's cfg.json are checked again when it loads)."""
+    config = loaded.config
+    names = [entry.display_name for entry in config.sae]
+
+    def fail(i: int, key: str, message: str) -> None:
+        line = f":{loaded.line_of('splice', i, key)}" if loaded.text else ""
+        raise ConfigError(f"{where}{line}: splice.{i}.{key}: {message}")
+
+    seen: set[str] = set()
+    for i, splice in enumerate(config.splice):
+        if splice.name in seen:
+            fail(i, "name", f"two [[splice]] entries are named {splice.name!r}")
+        seen.add(splice.name)
+        unknown = [n for n in splice.saes if n not in names]
+        if unknown:
+            fail(i, "saes", f"no [[sae]] named {', '.join(map(repr, unknown))} (there are: {', '.join(names)})")
+        if len(set(splice.saes)) != len(splice.saes):
+            fail(i, "saes", "an SAE is named twice")
+        missing = [m for m in splice.expect_fail if m not in splice.gate]
+        if missing:
+            fail(i, "expect_fail", f"names metrics without a bound: {', '.join(missing)}")
+        members = config.splice_members(splice)
+        models = {loaded.resolve_model(m) for e in members if (m := e.model or config.eval.model)}
+        if len(models) > 1:
+            fail(i, "saes", f"members of one splice must share a model, got {', '.join(sorted(models))}")
+        problem = same_hook([(e.display_name, e.hook) for e in members if e.hook])
+        if problem:
+            fail(i, "saes", problem)
+
+
+def same_hook(members: list[tuple[str, str]]) -> str | None:
+    """The complaint when two members of a splice sit at one hook (None when none do)."""
+    at: dict[str, str] = {}
+    for name, hook in members:
+        if hook in at:
+            return f"{at[hook]} and {name} are both at {hook}: a splice patches each hook once"
+        at[hook] = name
+    return None
 
 
 def locate(text: str, loc: tuple[str | int, ...]) -> int:

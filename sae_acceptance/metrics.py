@@ -66,9 +66,14 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("l2_ratio", 0, INF, None, description="mean token ‖â‖/‖a‖"),
         MetricSpec("l0", 0, INF, None, description="mean nonzero latents per token"),
         MetricSpec("alive_frac", 0, 1, True, has_ci=False, description="latents firing on ≥ 1 counted token"),
+        MetricSpec("dead_frac", 0, 1, False, has_ci=False, description="latents firing on no counted token"),
+        MetricSpec("dense_frac", 0, 1, False, has_ci=False,
+                   description="latents firing on more than dense_threshold of the counted tokens"),
         MetricSpec("rate_bits", 0, INF, None, has_ci=False, description="bits/token coding proxy"),
     )
 }
+# What a splice measures: the joint patched loss (no reconstruction is compared to one activation).
+SPLICE_METRICS = ("ce_rec", "ce_loss_score", "delta_ce", "ce_orig", "ce_recon", "ce_ablate", "kl_div", "kl_div_score")
 R2_REFUSAL = (
     "r2 is never an acceptance test: it is variance-normalised and inflated where the PR "
     "canyon flags the layer; gate on ce_rec, cosine or rel_error instead"
@@ -87,6 +92,7 @@ def pooled_metrics(totals: dict[str, np.ndarray], shift_sum_sq: np.ndarray, d_in
     `shift_sum_sq` is ‖Σ(a − c)‖², so SST = Σ‖a − c‖² − ‖Σ(a − c)‖²/N: mean-centred
     over the whole (resampled) set, and stable because c is near the mean.
     """
+    totals = {name: np.nan for name in SUM_NAMES} | totals  # a splice keeps only its loss sums
     n, n_loss = totals["n_tokens"], totals["n_loss"]
     ce_orig = _ratio(totals["ce_orig"], n_loss)
     ce_recon = _ratio(totals["ce_recon"], n_loss)
@@ -118,6 +124,23 @@ def pooled_metrics(totals: dict[str, np.ndarray], shift_sum_sq: np.ndarray, d_in
 def alive_fraction(fired: np.ndarray) -> float:
     """Share of latents that fired on at least one counted token."""
     return float((fired > 0).mean()) if fired.size else math.nan
+
+
+def latent_densities(fired: np.ndarray, n_tokens: float) -> np.ndarray:
+    """Each latent's firing rate: the share of counted tokens it is nonzero on."""
+    return fired.astype(np.float64) / n_tokens if n_tokens > 0 else np.full(fired.shape, np.nan)
+
+
+def dead_fraction(fired: np.ndarray) -> float:
+    """Share of latents that fired on no counted token (1 − alive_frac)."""
+    return float((fired == 0).mean()) if fired.size else math.nan
+
+
+def dense_fraction(fired: np.ndarray, n_tokens: float, threshold: float) -> float:
+    """Share of latents firing on more than `threshold` of the counted tokens."""
+    if not fired.size or n_tokens <= 0:
+        return math.nan
+    return float((latent_densities(fired, n_tokens) > threshold).mean())
 
 
 def rate_bits(fired: np.ndarray, n_tokens: float, value_bits: float = 8.0) -> float:

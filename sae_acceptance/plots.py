@@ -1,4 +1,4 @@
-"""Plots, the one helper: panels of series (lines, points, interval bands) and histograms, as PNG.
+"""Plots, the one helper: panels of series (lines, points, interval bands, error bars) and histograms, as PNG.
 
 Figures are drawn by matplotlib's Agg canvas (no pyplot, no window, no global
 backend switch) and written atomically. matplotlib is imported inside the
@@ -36,6 +36,17 @@ class Series:
     marker_size: float | None = None
     line_width: float | None = None
     alpha: float = 1.0
+    yerr: tuple[Sequence[float], Sequence[float]] | None = None  # interval (low, high) as error bars
+
+
+@dataclass(frozen=True)
+class Bars:
+    """A histogram of `values` in a panel (`bins`: a count or the edges)."""
+
+    values: Sequence[float]
+    bins: int | Sequence[float] = 40
+    name: str = ""
+    colour: Any = "tab:blue"
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,7 @@ class Panel:
     `guides`: dotted grey horizontal lines. `right_axis`: (name, factor) for a second y scale,
     the first times `factor`."""
 
-    series: Sequence[Series]
+    series: Sequence[Series | Bars]
     title: str = ""
     xlabel: str = ""
     ylabel: str = ""
@@ -58,6 +69,9 @@ class Panel:
     right_axis: tuple[str, float] | None = None
     legend: str | None = "best"
     grid_alpha: float = 0.3
+    marks: Sequence[tuple[float, str]] = ()  # labelled vertical lines (x, name)
+    xlim: tuple[float, float] | None = None
+    xticklabels: Sequence[str] | None = None  # names for `xticks`
 
 
 @dataclass(frozen=True)
@@ -78,11 +92,16 @@ def colours(names: Sequence[str]) -> dict[str, Any]:
 
 def plot(figure: Figure, path: str | Path) -> Path:
     """Draw `figure`'s panels side by side and write the PNG to `path`."""
+    return write_atomic(path, png(figure))
+
+
+def png(figure: Figure) -> bytes:
+    """`figure`'s panels side by side, as PNG bytes (for a report that embeds its images)."""
     fig = _canvas(figure.width, figure.height)
     axes = fig.subplots(1, len(figure.panels), sharey=figure.share_y, squeeze=False)[0]
     for ax, panel in zip(axes, figure.panels, strict=True):
         _draw(ax, panel, figure.legend_size)
-    return _save(fig, path)
+    return _png_bytes(fig)
 
 
 def histogram(
@@ -110,9 +129,13 @@ def _canvas(width: float, height: float):
 
 
 def _save(fig, path: str | Path) -> Path:
+    return write_atomic(path, _png_bytes(fig))
+
+
+def _png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    return write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _draw(ax, panel: Panel, legend_size: str) -> None:
@@ -122,23 +145,30 @@ def _draw(ax, panel: Panel, legend_size: str) -> None:
         ax.axhline(high, color="tab:red", lw=0.8, ls=":")
     for y in panel.guides:
         ax.axhline(y, color="grey", linestyle=":", linewidth=1)
+    for x, name in panel.marks:
+        ax.axvline(x, color="black", linestyle="--", linewidth=1, label=name or None)
     for s in panel.series:
-        _draw_series(ax, s)
+        if isinstance(s, Bars):
+            ax.hist(list(s.values), bins=s.bins, color=s.colour, alpha=0.8, label=s.name or None)
+        else:
+            _draw_series(ax, s)
     if panel.log_x is not None:
         ax.set_xscale("log", base=panel.log_x)
     if panel.log_y is not None:
         ax.set_yscale("log", base=panel.log_y)
     if panel.xticks is not None:
-        ax.set_xticks(list(panel.xticks), [f"{t:g}" for t in panel.xticks])
+        ax.set_xticks(list(panel.xticks), list(panel.xticklabels or [f"{t:g}" for t in panel.xticks]))
         ax.minorticks_off()
     if panel.ylim is not None:
         ax.set_ylim(*panel.ylim)
+    if panel.xlim is not None:
+        ax.set_xlim(*panel.xlim)
     if panel.right_axis is not None:
         name, factor = panel.right_axis
         ax.secondary_yaxis("right", functions=(lambda y: y * factor, lambda r: r / factor)).set_ylabel(name)
     ax.grid(True, alpha=panel.grid_alpha)
     ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
-    if panel.legend is not None and any(s.name for s in panel.series):
+    if panel.legend is not None and (any(s.name for s in panel.series) or any(name for _, name in panel.marks)):
         ax.legend(loc=panel.legend, fontsize=legend_size)
 
 
@@ -153,6 +183,12 @@ def _draw_series(ax, s: Series) -> None:
     (line,) = ax.plot(list(s.x), list(s.y), s.style, **kwargs)
     if s.hollow:
         line.set_zorder(3)
+    if s.yerr is not None:
+        low, high = s.yerr
+        below = [y - lo for y, lo in zip(s.y, low, strict=True)]
+        above = [hi - y for y, hi in zip(s.y, high, strict=True)]
+        ax.errorbar(list(s.x), list(s.y), yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3,
+                    alpha=s.alpha)
     if s.band is not None:
         low, high = s.band
         ax.fill_between(list(s.x), list(low), list(high), color=line.get_color(), alpha=0.15, linewidth=0)

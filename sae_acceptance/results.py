@@ -82,20 +82,64 @@ class SAEResult:
 
 
 @dataclass
+class SpliceResult:
+    """A `[[splice]]` group: its SAEs patched in together, the joint loss measured and gated.
+
+    `hook` joins the members' hooks (what a baseline entry records as the place measured).
+    """
+
+    name: str
+    saes: list[str]
+    hooks: list[str] = field(default_factory=list)
+    model: str | None = None
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    error: str | None = None
+    tokens_fingerprint: str | None = None
+    excluded_ids: list[int] | None = None
+    expect_fail: list[str] = field(default_factory=list)
+    sums: SequenceSums | None = None
+
+    outcome = SAEResult.outcome
+    as_expected = SAEResult.as_expected
+    passed = SAEResult.passed
+    verdict_word = SAEResult.verdict_word
+
+    @property
+    def hook(self) -> str:
+        return " + ".join(self.hooks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "saes": self.saes,
+            "hooks": self.hooks,
+            "model": self.model,
+            "tokens_fingerprint": self.tokens_fingerprint,
+            "excluded_ids": self.excluded_ids,
+            "error": self.error,
+            "expect_fail": self.expect_fail,
+            "metrics": {name: m.to_dict() for name, m in self.metrics.items()},
+            "verdicts": {name: v.to_dict() for name, v in self.verdicts.items()},
+        }
+
+
+@dataclass
 class EvalReport:
     settings: dict[str, Any]
     timing: dict[str, Any]
     saes: dict[str, SAEResult]
+    splices: dict[str, SpliceResult] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.saes.values())
+        return all(r.passed for r in [*self.saes.values(), *self.splices.values()])
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "eval": self.settings,
             "timing": self.timing,
             "saes": {name: r.to_dict() for name, r in self.saes.items()},
+            "splices": {name: r.to_dict() for name, r in self.splices.items()},
         }
 
     def to_json(self) -> str:

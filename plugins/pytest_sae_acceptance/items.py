@@ -2,7 +2,8 @@
 
 `thresholds.toml::<sae>::<metric>` is one gated metric, `::r2` the reported R²
 (a warning where the PR canyon flags the layer), `::regression_<metric>` a
-paired comparison against the baseline. Items read their outcome from the
+paired comparison against the baseline; `thresholds.toml::splice:<name>::<metric>`
+the same for a `[[splice]]` group. Items read their outcome from the
 library (`SAEResult.outcome`, `compare_sae`); nothing is decided here.
 """
 
@@ -12,8 +13,8 @@ import warnings
 
 import pytest
 
-from pytest_sae_acceptance.selection import SESSION_KEY, baseline_path, group_key
-from sae_acceptance.config import LoadedThresholds, SAEEntry, load_thresholds
+from pytest_sae_acceptance.selection import SESSION_KEY, baseline_path, group_key, splice_node
+from sae_acceptance.config import LoadedThresholds, load_thresholds
 from sae_acceptance.errors import ConfigError, R2ProxyWarning, SAEAcceptanceError
 from sae_acceptance.verdict import Status
 
@@ -43,47 +44,87 @@ class ThresholdsFile(pytest.File):
             yield SAECollector.from_parent(
                 self, name=entry.display_name, loaded=loaded, entry=entry, line=loaded.line_of("sae", i)
             )
+        for i, splice in enumerate(loaded.config.splice):
+            yield SpliceCollector.from_parent(
+                self, name=splice_node(splice.name), loaded=loaded, entry=splice, line=loaded.line_of("splice", i)
+            )
 
 
-class SAECollector(pytest.Collector):
-    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry, line: int, **kwargs):
+class _Collector(pytest.Collector):
+    """One `[[sae]]` or `[[splice]]` entry: its metric items, then its regression items."""
+
+    metric_item: type[pytest.Item]
+    regression_item: type[pytest.Item]
+    reported = ()  # ungated metrics that still get an item (an SAE's r2)
+
+    def __init__(self, *, loaded: LoadedThresholds, entry, line: int, **kwargs):
         super().__init__(**kwargs)
         self.loaded, self.entry, self.line = loaded, entry, line
         self.add_marker("sae")
-        self.add_marker(pytest.mark.xdist_group(group_key(loaded, entry)))
 
     def collect(self):
-        for metric in [*self.loaded.config.gate_for(self.entry), "r2"]:
-            yield MetricItem.from_parent(self, name=metric, metric=metric)
+        for metric in [*self.loaded.config.gate_for(self.entry), *self.reported]:
+            yield self.metric_item.from_parent(self, name=metric, metric=metric)
         if baseline_path(self.config, self.loaded) is not None:
             for metric in self.loaded.config.regressed_for(self.entry):
-                yield RegressionItem.from_parent(self, name=f"regression_{metric}", metric=metric)
+                yield self.regression_item.from_parent(self, name=f"regression_{metric}", metric=metric)
 
     def reportinfo(self):
         return self.path, self.line - 1, self.name
+
+    def fetch(self):
+        """The entry's result (`SAEResult` or `SpliceResult`), evaluated once per run."""
+        raise NotImplementedError
+
+
+class SAECollector(_Collector):
+    reported = ("r2",)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_marker(pytest.mark.xdist_group(group_key(self.loaded, self.entry)))
+
+    def fetch(self):
+        return sae_session(self.config).result(self.loaded, self.entry.display_name)
+
+
+class SpliceCollector(_Collector):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_marker(pytest.mark.xdist_group(f"{self.loaded.path.stem}:{self.name}"))
+
+    def fetch(self):
+        return sae_session(self.config).splice(self.loaded, self.entry.name)
+
+
+INPUT_ERROR_PROPERTY = "sae_error"
 
 
 class SAECheckFailed(Exception):
     """A failed acceptance check: its message is the whole report."""
 
 
-class _SAEItem(pytest.Item):
+class _CheckItem(pytest.Item):
+    """One check of an entry; the entry is the parent collector."""
+
     def __init__(self, *, metric: str, **kwargs):
         super().__init__(**kwargs)
         self.metric = metric
 
-    @property
-    def sae(self) -> SAECollector:
-        return self.parent
-
     def result(self):
         try:
-            result = sae_session(self.config).result(self.sae.loaded, self.sae.entry.display_name)
+            result = self.parent.fetch()
         except SAEAcceptanceError as err:
-            raise SAECheckFailed(str(err)) from None
+            raise self.input_error(str(err)) from None
         if result.error is not None:
-            raise SAECheckFailed(result.error)
+            raise self.input_error(result.error)
         return result
+
+    def input_error(self, message: str) -> SAECheckFailed:
+        """A check that could not run (bad input, not a failed gate): recorded as the item's
+        `sae_error` property, which makes the run's exit status 2 (`plugin.ExitStatus`)."""
+        self.user_properties.append((INPUT_ERROR_PROPERTY, message))
+        return SAECheckFailed(message)
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, SAECheckFailed | SAEAcceptanceError | R2ProxyWarning):
@@ -91,11 +132,11 @@ class _SAEItem(pytest.Item):
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
-        return self.path, self.sae.line - 1, f"{self.sae.name}::{self.name}"
+        return self.path, self.parent.line - 1, f"{self.parent.name}::{self.name}"
 
 
-class MetricItem(_SAEItem):
-    """One gated metric of one SAE (or `r2`: reported, and a warning in the canyon)."""
+class _MetricCheck(_CheckItem):
+    """One gated metric (or an SAE's `r2`: reported, and a warning in the canyon)."""
 
     def runtest(self) -> None:
         result = self.result()
@@ -117,12 +158,16 @@ class MetricItem(_SAEItem):
             raise SAECheckFailed(decided.message)
 
 
-class RegressionItem(_SAEItem):
+class _RegressionCheck(_CheckItem):
     """A metric against the committed baseline, by a paired bootstrap on the same sequences."""
 
     def runtest(self) -> None:
         result = self.result()
-        check = sae_session(self.config).regression(self.sae.loaded, self.sae.entry, result, self.metric)
+        owner = self.parent
+        try:
+            check = sae_session(self.config).regression(owner.loaded, owner.entry, result, self.metric, key=owner.name)
+        except SAEAcceptanceError as err:  # a baseline that cannot be read or was measured on something else
+            raise self.input_error(str(err)) from None
         self.user_properties += [(f"{self.metric}_change", check.change)]
         if check.ci is not None:
             self.user_properties += [(f"{self.metric}_change_ci_low", check.ci[0]), (f"{self.metric}_change_ci_high", check.ci[1])]
@@ -130,3 +175,39 @@ class RegressionItem(_SAEItem):
             pytest.skip(check.message)
         if not check.passed:
             raise SAECheckFailed(check.message)
+
+
+class _SAEItem(_CheckItem):
+    """An item of one `[[sae]]` (what selection, sharding and xdist groups count)."""
+
+    @property
+    def sae(self) -> SAECollector:
+        return self.parent
+
+
+class MetricItem(_SAEItem, _MetricCheck):
+    pass
+
+
+class RegressionItem(_SAEItem, _RegressionCheck):
+    pass
+
+
+class _SpliceItem(_CheckItem):
+    """An item of one `[[splice]]`: `thresholds.toml::splice:<name>::<metric>`."""
+
+    @property
+    def splice(self) -> SpliceCollector:
+        return self.parent
+
+
+class SpliceMetricItem(_SpliceItem, _MetricCheck):
+    pass
+
+
+class SpliceRegressionItem(_SpliceItem, _RegressionCheck):
+    pass
+
+
+SAECollector.metric_item, SAECollector.regression_item = MetricItem, RegressionItem
+SpliceCollector.metric_item, SpliceCollector.regression_item = SpliceMetricItem, SpliceRegressionItem

@@ -3,7 +3,9 @@
 `pytest thresholds.toml` collects one collector per `[[sae]]` and one item per
 gated metric (`thresholds.toml::<sae>::<metric>`), plus an `r2` item that warns
 where the PR canyon flags the layer and `regression_<metric>` items when a
-baseline is given. The plugin is inert until a thresholds file is collected or
+baseline is given; a `[[splice]]` group's items are `thresholds.toml::splice:<name>::<metric>`.
+Under GitHub Actions the gate's summary goes to `$GITHUB_STEP_SUMMARY` and each
+failed item becomes an `::error` annotation at its entry's line. The plugin is inert until a thresholds file is collected or
 a `--sae-*` option is given: installed beside an unrelated suite, it loads no
 model, imports no torch and changes no environment variable.
 """
@@ -15,16 +17,32 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sae_acceptance.items import ThresholdsFile, _SAEItem, sae_session
-from pytest_sae_acceptance.selection import SELECTED_KEY, SESSION_KEY, group_key, is_xdist_worker
+from pytest_sae_acceptance.items import (
+    INPUT_ERROR_PROPERTY,
+    ThresholdsFile,
+    _SAEItem,
+    _SpliceItem,
+    sae_session,
+)
+from pytest_sae_acceptance.selection import (
+    SELECTED_KEY,
+    SESSION_KEY,
+    SPLICES_KEY,
+    group_key,
+    is_xdist_worker,
+)
 from sae_acceptance.config import load_thresholds
-from sae_acceptance.errors import SAEAcceptanceError
+from sae_acceptance.errors import EXIT_ERROR, SAEAcceptanceError
 from sae_acceptance.shard import Shard, group_cost, groups, share
 from sae_acceptance.train import builtin_profiles
 
 ROWS_KEY = pytest.StashKey[list[dict]]()
 OUTPUT_ERROR_KEY = pytest.StashKey[str]()
-ACTIVATING_OPTIONS = ("--sae-json", "--sae-baseline", "--sae-update-baseline", "--sae-thresholds", "--sae-sweep", "--sae-shard")
+FAILED_KEY = pytest.StashKey["FailedChecks"]()
+ACTIVATING_OPTIONS = (
+    "--sae-json", "--sae-baseline", "--sae-update-baseline", "--sae-thresholds", "--sae-sweep", "--sae-shard",
+    "--sae-html",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,7 +60,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sae-sweep", metavar="PROFILE", default=None,
                     help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml; default tiny)")
     group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance/sweeps)")
-    group.addoption("--sae-no-progress", action="store_true", help="hide progress bars")
+    group.addoption("--sae-no-progress", action="store_true", help="hide the evaluations' progress")
+    group.addoption("--sae-html", metavar="PATH", help="write the self-contained HTML report here")
     group.addoption("--sae-shard", metavar="I/N",
                     help="run share I of N of the SAEs (groups kept whole); the rest are deselected")
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
@@ -54,7 +73,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def asked_for(config: pytest.Config) -> bool:
     """Whether this run is the plugin's: a `--sae-*` option, or a thresholds file among the
     paths to collect (given, or directly inside a directory given)."""
-    if any(config.getoption(option) for option in ACTIVATING_OPTIONS):
+    if any(config.getoption(option) for option in ACTIVATING_OPTIONS) or named_toml(config):
         return True
     pattern = config.getini("sae_thresholds_pattern")
     for arg in config.args:
@@ -69,6 +88,9 @@ def asked_for(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sae: an SAE acceptance check from a thresholds file")
     config.addinivalue_line("markers", "xdist_group(name): pytest-xdist keeps a group on one worker")
+    if not is_xdist_worker(config):
+        config.stash[FAILED_KEY] = FailedChecks(config)
+        config.pluginmanager.register(config.stash[FAILED_KEY], "sae-acceptance-failed-checks")
     if isinstance(config.option.sae_shard, str):
         try:
             config.option.sae_shard = Shard.parse(config.option.sae_shard)
@@ -89,8 +111,18 @@ def pytest_configure_node(node) -> None:
     node.workerinput["sae_loadgroup"] = node.config.getoption("dist") == "loadgroup"
 
 
+def named_toml(config: pytest.Config) -> set[Path]:
+    """`.toml` files named on the command line: collected as thresholds files whatever
+    `sae_thresholds_pattern` says (`pytest gate.toml`)."""
+    given = (Path(config.invocation_params.dir, arg.split("::", 1)[0]) for arg in config.args)
+    return {path.resolve() for path in given if path.suffix == ".toml" and path.is_file()}
+
+
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
-    if fnmatch.fnmatch(file_path.name, parent.config.getini("sae_thresholds_pattern")):
+    pattern = parent.config.getini("sae_thresholds_pattern")
+    if fnmatch.fnmatch(file_path.name, pattern) or (
+        file_path.suffix == ".toml" and file_path.resolve() in named_toml(parent.config)
+    ):
         return ThresholdsFile.from_parent(parent, path=file_path)
     return None
 
@@ -161,6 +193,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             if item.sae.entry.display_name not in names:
                 names.append(item.sae.entry.display_name)
     session.config.stash[SELECTED_KEY] = selected
+    splices: dict[Path, list[str]] = {}
+    for item in session.items:
+        if isinstance(item, _SpliceItem):
+            names = splices.setdefault(item.splice.loaded.path, [])
+            if item.splice.entry.name not in names:
+                names.append(item.splice.entry.name)
+    session.config.stash[SPLICES_KEY] = splices
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -179,7 +218,33 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             sae_session(config).write_outputs(parts, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
         except SAEAcceptanceError as err:  # a baseline that may not be replaced, an unwritable path
             config.stash[OUTPUT_ERROR_KEY] = str(err)
-            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        except OSError as err:  # the system refused a write midway (a full disk)
+            config.stash[OUTPUT_ERROR_KEY] = f"{err.filename or 'output'}: cannot write ({err.strerror or err})"
+    # The exit status follows the gate's rule (sae_acceptance.gate): 2 for bad input or an
+    # output that could not be written, whatever pytest counted as failed.
+    failed = config.stash.get(FAILED_KEY, None)
+    if OUTPUT_ERROR_KEY in config.stash or (failed is not None and failed.input_errors):
+        session.exitstatus = EXIT_ERROR
+
+
+class FailedChecks:
+    """The failed items of thresholds files, as the controller hears of them (from xdist workers
+    too), for the CI annotations: (file, the entry's line, node id, message)."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.failed: list[tuple[str, int, str, str]] = []
+        self.input_errors = 0  # items that failed on bad input rather than a gate
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed and any(name == INPUT_ERROR_PROPERTY for name, _ in report.user_properties):
+            self.input_errors += 1
+        if not report.failed or report.when == "teardown" or "::" not in report.nodeid:
+            return
+        path = Path(report.nodeid.split("::", 1)[0])
+        if fnmatch.fnmatch(path.name, self.config.getini("sae_thresholds_pattern")) and report.location[1] is not None:
+            file = str(self.config.rootpath / report.location[0])
+            self.failed.append((file, report.location[1] + 1, report.nodeid, report.longreprtext))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -198,3 +263,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if text:
         terminalreporter.section("SAE acceptance")
         terminalreporter.write_line(text)
+    for line in sae_session(config).publish_ci(parts, config.stash[FAILED_KEY].failed if FAILED_KEY in config.stash else []):
+        terminalreporter.write_line(line)

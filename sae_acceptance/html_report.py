@@ -1,0 +1,395 @@
+"""The HTML report: one self-contained file a person reads without the terminal.
+
+No network, no JavaScript: CSS inline, figures drawn by `plots` and embedded as
+base64 PNGs. It reads an `EvalReport` (in memory, or `report.report_from_json`
+of a merged JSON report), the SAEs' latent firing counts and the regression
+checks, and shows each verdict as `verdict.outcome` decided it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sae_acceptance.baseline import RegressionCheck
+from sae_acceptance.hooks import HookPoint
+from sae_acceptance.io import write_atomic
+from sae_acceptance.metrics import latent_densities
+from sae_acceptance.plots import Bars, Figure, Panel, Series, colours, png
+from sae_acceptance.results import EvalReport, SAEResult, SpliceResult
+from sae_acceptance.verdict import MetricValue, Status, loss_context
+
+STATUS_WORDS = {
+    Status.PASSED: "passed",
+    Status.FAILED: "FAILED",
+    Status.CAUGHT: "caught (control)",
+    Status.MISSED: "MISSED (control passed)",
+    Status.BROKEN: "BROKEN (not finite)",
+}
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #1b1f24; padding: 0 1em; line-height: 1.4; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #d0d7de; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; } td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.passed { background: #dafbe1; } .caught { background: #fff3c4; } .failed, .missed, .broken, .error { background: #ffd7d5; }
+.badge { display: inline-block; padding: 0.1em 0.6em; border-radius: 1em; font-weight: 600; font-size: 0.85em; }
+.meta { color: #57606a; font-size: 0.9em; } .warn { background: #fff8c5; padding: 0.4em 0.8em; border-left: 4px solid #d4a72c; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; } .figures img { max-width: 520px; }
+.figures.small { gap: 0.4em; } .figures.small img { max-width: 200px; }
+code { background: #f6f8fa; padding: 0 0.3em; }
+"""
+
+
+def write_html(
+    path: str | Path,
+    report: EvalReport,
+    latents: dict[str, dict[str, Any]] | None = None,
+    checks: Iterable[tuple[str, RegressionCheck]] = (),
+) -> Path:
+    """Write the report to `path` (atomically); see `render_html`."""
+    return write_atomic(path, render_html(report, latents, checks))
+
+
+def render_html(
+    report: EvalReport,
+    latents: dict[str, dict[str, Any]] | None = None,
+    checks: Iterable[tuple[str, RegressionCheck]] = (),
+) -> str:
+    """The whole page. `latents`: per SAE, `fired` counts and `n_tokens` (`report.latents_of`);
+    `checks`: (entry name, regression check) pairs, splices named `splice:<name>`."""
+    latents = latents or {}
+    by_entry: dict[str, list[RegressionCheck]] = {}
+    for name, check in checks:
+        by_entry.setdefault(name, []).append(check)
+    regressed = any(not c.passed for cs in by_entry.values() for c in cs)
+    passed = report.passed and not regressed
+    settings = report.settings
+    title = "SAE acceptance report"
+    body = [
+        f"<h1>{title}</h1>",
+        f'<p><span class="badge {"passed" if passed else "failed"}">{"PASSED" if passed else "FAILED"}</span> '
+        f"{_e(_summary_line(report, by_entry))}</p>",
+        f'<p class="meta">{_e(_eval_line(settings))}</p>',
+        "<h2>Summary</h2>",
+        _summary_table(report),
+    ]
+    overview = _overview_figure(report)
+    if overview:
+        body += ["<h3>Loss recovered against L0</h3>", _img(overview, "loss recovered against L0, every SAE")]
+    for result in report.saes.values():
+        body.append(_sae_section(result, report, latents.get(result.name), by_entry.get(result.name, [])))
+    for splice in report.splices.values():
+        body.append(_splice_section(splice, by_entry.get(f"splice:{splice.name}", [])))
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _status_class(status: Status) -> str:
+    return {Status.PASSED: "passed", Status.CAUGHT: "caught", Status.MISSED: "missed"}.get(status, "failed")
+
+
+def _word_class(word: str) -> str:
+    return {"PASS": "passed", "CAUGHT (control)": "caught", "no bounds": ""}.get(word, "failed")
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "not finite"
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
+def _interval(metric: MetricValue) -> str:
+    return "-" if metric.ci is None else f"[{_fmt(metric.ci[0])}, {_fmt(metric.ci[1])}]"
+
+
+def _bound_text(bound: dict) -> str:
+    parts = []
+    if bound.get("min") is not None:
+        parts.append(f"≥ {bound['min']:g}")
+    if bound.get("max") is not None:
+        parts.append(f"≤ {bound['max']:g}")
+    return f"{' and '.join(parts)} on {bound.get('on', 'point')}"
+
+
+def _summary_line(report: EvalReport, checks: dict[str, list[RegressionCheck]]) -> str:
+    entries = [*report.saes.values(), *report.splices.values()]
+    items = [(r, m) for r in entries if r.error is None for m in r.verdicts]
+    counts: dict[str, int] = {}
+    for r, m in items:
+        word = STATUS_WORDS[r.outcome(m).status]
+        counts[word] = counts.get(word, 0) + 1
+    errors = sum(r.error is not None for r in entries)
+    parts = [f"{n} {word}" for word, n in counts.items()]
+    if errors:
+        parts.append(f"{errors} not evaluated (error)")
+    regressions = [c for cs in checks.values() for c in cs if not c.skipped]
+    if regressions:
+        parts.append(f"{sum(not c.passed for c in regressions)} of {len(regressions)} regression checks regressed")
+    return f"{len(report.saes)} SAEs, {len(report.splices)} splices; checks: " + ", ".join(parts or ["none"])
+
+
+def _eval_line(settings: dict[str, Any]) -> str:
+    tokens = settings.get("tokens", {})
+    boot = settings.get("bootstrap", {})
+    parts = [f"data {settings.get('data')}", f"{settings.get('n_sequences')} × {settings.get('context_size')} tokens"]
+    if tokens:
+        parts.append(f"{tokens.get('n_counted')} counted (excluded: {tokens.get('rule')})")
+    if boot:
+        parts.append(f"{boot.get('confidence', 0) * 100:g}% intervals from {boot.get('resamples')} sequence-bootstrap resamples")
+    parts.append(f"device {settings.get('device')}, {settings.get('dtype')}")
+    return "; ".join(parts)
+
+
+def _summary_table(report: EvalReport) -> str:
+    """Every entry and every verdict, as `verdict.outcome` decided it."""
+    rows = ["<table><tr><th>entry</th><th>hook</th><th>verdict</th><th>checks</th></tr>"]
+    for result in [*report.saes.values(), *report.splices.values()]:
+        is_sae = isinstance(result, SAEResult)
+        name = result.name if is_sae else f"splice {result.name}"
+        anchor = _anchor(result)
+        if result.error is not None:
+            cells = f'<td class="error">{_e(result.error)}</td>'
+        else:
+            checks = []
+            for metric in result.verdicts:
+                decided = result.outcome(metric)
+                value = result.metrics[metric]
+                checks.append(
+                    f'<span class="badge {_status_class(decided.status)}">{_e(metric)} {_e(_fmt(value.value))}: '
+                    f"{_e(STATUS_WORDS[decided.status])}</span>"
+                )
+            cells = f"<td>{' '.join(checks) or 'no bounds'}</td>"
+        word = result.verdict_word
+        rows.append(
+            f'<tr><td><a href="#{anchor}">{_e(name)}</a></td><td>{_e(result.hook or "-")}</td>'
+            f'<td class="{_word_class(word)}">{_e(word)}</td>{cells}</tr>'
+        )
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def _anchor(result: SAEResult | SpliceResult) -> str:
+    prefix = "sae" if isinstance(result, SAEResult) else "splice"
+    return f"{prefix}-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in result.name)
+
+
+def _overview_figure(report: EvalReport) -> bytes | None:
+    """ce_rec and ce_loss_score against L0 over every SAE, with intervals and their bounds."""
+    measured = [r for r in report.saes.values() if r.error is None and "l0" in r.metrics]
+    if not measured:
+        return None
+    hooks = sorted({r.hook for r in measured})
+    colour = colours(hooks)
+    panels = []
+    for metric in ("ce_rec", "ce_loss_score"):
+        series = []
+        for hook in hooks:
+            at = [r for r in measured if r.hook == hook and metric in r.metrics]
+            if not at:
+                continue
+            values = [r.metrics[metric] for r in at]
+            ci = [v.ci or (v.value, v.value) for v in values]
+            series.append(Series(
+                [r.metrics["l0"].value for r in at], [v.value for v in values], hook, colour[hook], "o",
+                labels=[r.name for r in at], yerr=([c[0] for c in ci], [c[1] for c in ci]),
+            ))
+        bounds = sorted({b for r in measured if metric in r.verdicts for b in _limits(r.verdicts[metric].bound)})
+        panels.append(Panel(series, title=f"{metric} (bounds dotted)", xlabel="L0 (latents per token)",
+                            ylabel=metric, log_x=2, guides=bounds))
+    return png(Figure(panels, width=11, height=4.2))
+
+
+def _limits(bound: dict) -> list[float]:
+    return [bound[side] for side in ("min", "max") if bound.get(side) is not None]
+
+
+def _sae_section(
+    result: SAEResult, report: EvalReport, latents: dict[str, Any] | None, checks: Sequence[RegressionCheck]
+) -> str:
+    parts = [f'<h2 id="{_anchor(result)}">{_e(result.name)} '
+             f'<span class="badge {_word_class(result.verdict_word)}">{_e(result.verdict_word)}</span></h2>']
+    meta = [f"model {result.model}", f"hook {result.hook}", f"layer {result.layer}", f"{result.architecture}",
+            f"d_in {result.d_in}", f"d_sae {result.d_sae}"]
+    if result.k:
+        meta.append(f"k {result.k}")
+    if result.expect_fail:
+        meta.append(f"negative control on {', '.join(result.expect_fail)}")
+    parts.append(f'<p class="meta">{_e(" · ".join(meta))}<br>{_e(result.path)}</p>')
+    if result.error is not None:
+        parts.append(f'<p class="error">{_e(result.error)}</p>')
+        return "\n".join(parts)
+    parts.append(_loss_paragraph(result.metrics))
+    parts.append(_verdict_table(result))
+    if result.r2_warning:
+        parts.append(f'<p class="warn">R² warning: {_e(result.r2_warning)}</p>')
+    parts.append(_latent_paragraph(result, report))
+    parts.append(_gated_figures(result))
+    figures = []
+    if latents is not None:
+        figures.append(_img(_density_figure(result.name, latents, _dense_threshold(report)),
+                            f"{result.name}: feature density histogram"))
+    profile = _profile_figure(result, report)
+    if profile:
+        figures.append(_img(profile, f"{result.name}: PR profile"))
+    parts.append(f'<div class="figures">{"".join(figures)}</div>')
+    parts.append(_regression_table(checks))
+    return "\n".join(parts)
+
+
+def _splice_section(splice: SpliceResult, checks: Sequence[RegressionCheck]) -> str:
+    parts = [f'<h2 id="{_anchor(splice)}">splice {_e(splice.name)} '
+             f'<span class="badge {_word_class(splice.verdict_word)}">{_e(splice.verdict_word)}</span></h2>',
+             f'<p class="meta">{_e(" + ".join(splice.saes))} patched in together at {_e(splice.hook or "-")}'
+             f"{_e('; negative control on ' + ', '.join(splice.expect_fail)) if splice.expect_fail else ''}</p>"]
+    if splice.error is not None:
+        parts.append(f'<p class="error">{_e(splice.error)}</p>')
+        return "\n".join(parts)
+    parts.append(_loss_paragraph(splice.metrics, "all members patched in: "))
+    parts.append(_verdict_table(splice))
+    rows = "".join(
+        f'<tr><td>{_e(m)}</td><td class="num">{_e(_fmt(v.value))}</td><td class="num">{_e(_interval(v))}</td></tr>'
+        for m, v in splice.metrics.items()
+    )
+    parts.append(f"<table><tr><th>joint metric</th><th>value</th><th>interval</th></tr>{rows}</table>")
+    parts.append(_gated_figures(splice))
+    parts.append(_regression_table(checks))
+    return "\n".join(parts)
+
+
+def _loss_paragraph(metrics: dict[str, MetricValue], prefix: str = "") -> str:
+    context = loss_context(metrics)
+    ablate = metrics.get("ce_ablate")
+    extra = f"; zero-ablated {ablate.value:.2f} nats" if ablate is not None and math.isfinite(ablate.value) else ""
+    kl = metrics.get("kl_div")
+    extra += f"; KL to the original {kl.value:.3f} nats/token" if kl is not None and math.isfinite(kl.value) else ""
+    return f"<p><b>Loss</b>: {_e(prefix + context + extra)}</p>" if context else ""
+
+
+def _verdict_table(result: SAEResult | SpliceResult) -> str:
+    if not result.verdicts:
+        return "<p>No bounds: measured only.</p>"
+    rows = ["<table><tr><th>metric</th><th>value</th><th>interval</th><th>bound</th><th>outcome</th><th>message</th></tr>"]
+    for metric, verdict in result.verdicts.items():
+        decided = result.outcome(metric)
+        value = result.metrics[metric]
+        rows.append(
+            f'<tr class="{_status_class(decided.status)}"><td>{_e(metric)}</td><td class="num">{_e(_fmt(value.value))}</td>'
+            f'<td class="num">{_e(_interval(value))}</td><td>{_e(_bound_text(verdict.bound))}</td>'
+            f"<td>{_e(STATUS_WORDS[decided.status])}</td><td>{_e(decided.message)}</td></tr>"
+        )
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def _gated_figures(result: SAEResult | SpliceResult) -> str:
+    """Each gated metric in its own small figure: the point, its interval, and its bound(s)."""
+    images = []
+    for metric, verdict in result.verdicts.items():
+        value = result.metrics[metric]
+        if not math.isfinite(value.value):
+            continue
+        low, high = value.ci if value.ci is not None and all(map(math.isfinite, value.ci)) else (value.value,) * 2
+        limits = _limits(verdict.bound)
+        span = [low, high, *limits]
+        pad = 0.15 * (max(span) - min(span) or abs(value.value) or 1.0)
+        colour = {"passed": "tab:green", "caught": "tab:orange"}.get(_status_class(result.outcome(metric).status), "tab:red")
+        panel = Panel(
+            [Series([0], [value.value], "", colour, "o", yerr=([low], [high]), marker_size=8)],
+            title=f"{metric}\n{_bound_text(verdict.bound)}", guides=limits, ylim=(min(span) - pad, max(span) + pad),
+            xticks=[0], xticklabels=[STATUS_WORDS[result.outcome(metric).status]], xlim=(-1, 1), legend=None,
+        )
+        images.append(_img(png(Figure([panel], width=2.3, height=2.6)), f"{result.name}: {metric} against its bound"))
+    return f'<div class="figures small">{"".join(images)}</div>'
+
+
+def _dense_threshold(report: EvalReport) -> float:
+    return float(report.settings.get("dense_threshold", 0.1))
+
+
+def _latent_paragraph(result: SAEResult, report: EvalReport) -> str:
+    m = result.metrics
+    parts = [f"{name} {_fmt(m[name].value)}" for name in ("l0", "alive_frac", "dead_frac", "dense_frac") if name in m]
+    return (f"<p><b>Latents</b>: {_e(', '.join(parts))} "
+            f"(dense: firing on more than {_dense_threshold(report):g} of counted tokens)</p>")
+
+
+def _density_figure(name: str, latents: dict[str, Any], threshold: float) -> bytes:
+    """Feature density histogram: log10 of each live latent's firing share; dead latents counted apart."""
+    fired = np.asarray(latents["fired"], dtype=np.int64)
+    density = latent_densities(fired, latents["n_tokens"])
+    live = np.log10(density[fired > 0])
+    dead = int((fired == 0).sum())
+    dense = int((density > threshold).sum())
+    low = min(float(live.min()) if live.size else -6.0, math.log10(threshold)) - 0.25
+    bins = np.linspace(low, 0.0, 41)
+    panel = Panel(
+        [Bars(live.tolist(), bins.tolist(), f"{live.size} live latents")],
+        title=f"feature density ({dead} dead, {dense} dense of {fired.size})",
+        xlabel="log10 density (share of counted tokens a latent fires on)", ylabel="latents",
+        marks=[(math.log10(threshold), f"dense threshold {threshold:g}")], legend="upper left",
+    )
+    return png(Figure([panel], width=5.2, height=3.6))
+
+
+def _profile_figure(result: SAEResult, report: EvalReport) -> bytes | None:
+    """PR / d_model over the layers this report measured on the SAE's model, its layer marked, the
+    canyon band shaded (no model is run: the report's own geometry)."""
+    if result.geometry is None:
+        return None
+    canyon = report.settings.get("canyon", {"threshold": 0.02, "use": "raw"})
+    deflated = canyon.get("use") == "deflated"
+    kind = HookPoint.parse(result.hook).kind
+    by_layer: dict[int, float] = {}
+    for other in report.saes.values():
+        geo = other.geometry
+        if other.model == result.model and geo is not None and geo.layer is not None and HookPoint.parse(geo.hook).kind == kind:
+            by_layer[geo.layer] = (geo.pr_deflated if deflated else geo.pr) / geo.d_model
+    if not by_layer:
+        return None
+    layers = sorted(by_layer)
+    values = [by_layer[layer] for layer in layers]
+    threshold = float(canyon["threshold"])
+    floor = min([*values, threshold]) / 3
+    which = "deflated PR" if deflated else "PR"
+    panel = Panel(
+        [Series(layers, values, f"{which} / d_model", "tab:blue", "o-")],
+        title=f"PR profile, {kind}", xlabel="layer", ylabel=f"{which} / d_model",
+        log_y=10, xticks=layers, ylim=(floor, max([*values, threshold]) * 3),
+        shade=(floor, threshold, f"canyon: < {threshold:g}"), marks=[(result.layer, f"{result.name}: layer {result.layer}")],
+        xlim=(min(layers) - 0.5, max(layers) + 0.5), legend="upper right",
+    )
+    return png(Figure([panel], width=5.2, height=3.6))
+
+
+def _regression_table(checks: Sequence[RegressionCheck]) -> str:
+    if not checks:
+        return ""
+    rows = ["<h3>Against the baseline</h3><table><tr><th>metric</th><th>change</th><th>paired interval</th>"
+            "<th>outcome</th><th>message</th></tr>"]
+    for check in checks:
+        word, css = ("new", "") if check.skipped else ("ok", "passed") if check.passed else ("REGRESSED", "failed")
+        interval = "-" if check.ci is None else f"[{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]"
+        change = f"{check.change:+.4f}" if math.isfinite(check.change) else "-"
+        rows.append(f'<tr class="{css}"><td>{_e(check.metric)}</td><td class="num">{_e(change)}</td>'
+                    f'<td class="num">{_e(interval)}</td><td>{_e(word)}</td><td>{_e(check.message)}</td></tr>')
+    rows.append("</table>")
+    return "\n".join(rows)
