@@ -10,12 +10,14 @@ import argparse
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from sae_acceptance.baseline import baseline_entries, load_baseline, update_baseline, write_baseline
+from sae_acceptance.ci_summary import failures_of, in_actions, publish, report_markdown
 from sae_acceptance.config import (
     CanyonSettings,
     EvalSettings,
@@ -28,6 +30,7 @@ from sae_acceptance.errors import ConfigError, SAEAcceptanceError
 from sae_acceptance.gate import compared_baseline, run_gate
 from sae_acceptance.gate import exit_status as gate_exit_status
 from sae_acceptance.geometry import CanyonRule
+from sae_acceptance.html_report import write_html
 from sae_acceptance.io import read_json, write_json
 from sae_acceptance.pr_profile import (
     format_profile_table,
@@ -39,13 +42,15 @@ from sae_acceptance.reference.build import build_reference
 from sae_acceptance.report import (
     format_regressions,
     format_report,
+    latents_of,
     merge_shards,
     report_from_json,
     shard_record,
+    write_densities,
 )
 from sae_acceptance.results import EvalReport
 from sae_acceptance.shard import Shard, share
-from sae_acceptance.sources.model import load_model, special_token_ids
+from sae_acceptance.sources.model import hook_width, load_model, special_token_ids
 from sae_acceptance.sources.tokens import counted_mask, load_tokens
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.analysis import write_analysis
@@ -77,8 +82,17 @@ def add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], names: t
         parser.add_argument(f"--{name.replace('_', '-')}", default=default, **options)
 
 
+class UsageError(ConfigError):
+    """A command line argparse refuses: one line, exit status 2, like every other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-acceptance", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sae-acceptance", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate SAEs (a thresholds file, or SAEs named here)")
@@ -89,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)")
     add_fields(ev, EvalSettings, EVAL_SET + EVAL_RUN, defaults=False)  # thresholds.toml's defaults apply
     ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
+    ev.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
     ev.add_argument("--baseline", type=Path, metavar="PATH",
                     help="compare against this regression baseline (default: the thresholds file's `baseline =`)")
     ev.add_argument("--update-baseline", nargs="?", const="refresh", choices=("refresh", "force"),
@@ -148,12 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every way it can end is an exit status (0 as expected, 1 a gate or
+    regression failed, 2 bad input or an error of the tool) and at most one line on stderr."""
     try:
-        return COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except SAEAcceptanceError as err:
-        print(f"sae-acceptance: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written after the interruption")
+    except MemoryError:
+        return _fail("out of memory (try a smaller --batch-size or n_sequences)")
+    except OSError as err:  # a file the tool was told to write or read, refused by the system
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(f"{where}{err.strerror or err}")
+
+
+def _fail(message: str) -> int:
+    print(f"sae-acceptance: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sae-acceptance: warning: {message}", file=sys.stderr)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -191,7 +225,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if shard is not None:
             payload["shard"] = shard_record(shard.index, shard.count, names)
         write_json(args.json, payload)
-        print(f"report written to {args.json}")
+        write_densities(args.json, latents_of(report), report.settings["dense_threshold"])
+        print(f"report written to {args.json} (per-latent densities beside it)")
+    if args.html is not None:
+        write_html(args.html, report, latents_of(report), run.regression_rows())
+        print(f"HTML report written to {args.html}")
+    if in_actions():
+        regressions = run.regression_rows()
+        failures = failures_of(report, loaded, regressions)
+        for line in publish(report_markdown(report, failures, regressions), failures):
+            print(line)
     if args.baseline_part is not None:
         write_baseline(args.baseline_part, baseline_entries(report))
         print(f"baseline entries written to {args.baseline_part}")
@@ -271,14 +314,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    model = load_model(args.model, device=args.device)
-    n_sequences = args.train_tokens // args.context_size + 1
-    tokens = load_tokens(args.data, n_sequences, args.context_size, tokenizer=model.tokenizer)
     settings = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
     try:
+        for k in args.k:
+            TrainSettings(k=k)
         cfg = TrainSettings(k=max(args.k), **settings)
     except ValidationError as err:
         raise ConfigError(describe(err, "", "train")) from None
+    if args.train_tokens <= 0:
+        raise ConfigError(f"train: --train-tokens must be above 0 (got {args.train_tokens})")
+    model = load_model(args.model, device=args.device)
+    width = hook_width(model, args.hook)  # an unknown hook: one line naming the closest ones
+    too_big = [k for k in args.k if k > cfg.latents(width)]
+    if too_big:
+        raise ConfigError(
+            f"train: --k {too_big[0]} is above d_sae = {cfg.latents(width)} latents at {args.hook} "
+            f"(width {width}); raise --expansion-factor or --d-sae, or lower k"
+        )
+    n_sequences = args.train_tokens // args.context_size + 1
+    tokens = load_tokens(args.data, n_sequences, args.context_size, tokenizer=model.tokenizer)
     paths = train_at_hook(model, str(args.model), tokens, args.hook, args.k, cfg,
                           out={k: args.out / f"k{k}" for k in args.k}, train_tokens=args.train_tokens,
                           metadata={"context_size": args.context_size, "dataset_path": args.data},

@@ -6,6 +6,10 @@ into test outcomes.
 
 from __future__ import annotations
 
+# One rule for every way the tool ends, CLI and pytest alike: all as expected, a gate or
+# regression check failed, bad input or an error of the tool itself.
+EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+
 
 class SAEAcceptanceError(Exception):
     """Base of every error this library raises on bad input."""
@@ -31,4 +35,12 @@ class R2ProxyWarning(UserWarning):
     """R² at a layer the PR canyon flags: variance-normalised, likely inflated.
 
     Escalate with `-W error::sae_acceptance.R2ProxyWarning` (pytest or python).
+    """
+
+
+class HookOverrideWarning(UserWarning):
+    """A `hook` in thresholds.toml (or `eval --hook`) that differs from the hook the SAE's
+    cfg.json records: an SAE is only meaningful on the activations it was trained on.
+
+    Escalate with `-W error::sae_acceptance.HookOverrideWarning`.
     """

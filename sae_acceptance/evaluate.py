@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 
 from sae_acceptance.config import LoadedThresholds, SAEEntry, SpliceEntry, same_hook
 from sae_acceptance.engine import SPLICE_SUMS, HookRun, check_finite, run_model
-from sae_acceptance.errors import SAEAcceptanceError, SourceError
+from sae_acceptance.errors import HookOverrideWarning, SAEAcceptanceError, SourceError
 from sae_acceptance.geometry import CanyonRule, LayerGeometry
 from sae_acceptance.hooks import hook_layer
 from sae_acceptance.metrics import (
@@ -194,6 +195,11 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
     model = entry.model or loaded.config.eval.model or sae.model_name
     result.model = None if model is None else loaded.resolve_model(model)
     result.hook = entry.hook or sae.hook_name
+    if entry.hook and sae.hook_name and entry.hook != sae.hook_name:
+        warnings.warn(HookOverrideWarning(
+            f"{result.name}: evaluated at {entry.hook}, but {path} was trained at {sae.hook_name} "
+            "(its cfg.json); drop `hook` to use the SAE's own"
+        ), stacklevel=2)
     if entry.hook_out is not None:
         sae.hook_name_out = entry.hook_out
     result.layer = hook_layer(result.hook) if result.hook else None

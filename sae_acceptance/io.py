@@ -88,6 +88,10 @@ def locked(path: str | Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{lock_path.parent}: cannot create the folder ({err.strerror})") from None
+    try:  # a path that cannot hold a lock file fails now, not after `timeout` of retries
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666))
+    except OSError as err:
+        raise OutputError(f"{lock_path}: cannot create a lock file there ({err.strerror})") from None
     lock = FileLock(str(lock_path), timeout=timeout)
     try:
         lock.acquire()

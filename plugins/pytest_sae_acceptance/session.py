@@ -8,6 +8,8 @@ model's first pass. The controller gathers the summary rows from the workers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +22,40 @@ from pytest_sae_acceptance.selection import (
     group_key,
     is_xdist_worker,
     selected_names,
+    selected_splices,
+    splice_node,
 )
 from sae_acceptance.baseline import (
     Baseline,
     RegressionCheck,
     baseline_entries,
-    compare_sae,
     load_baseline,
     update_baseline,
 )
-from sae_acceptance.config import LoadedThresholds, SAEEntry
+from sae_acceptance.ci_summary import Failure, in_actions, markdown, publish, workspace_path
+from sae_acceptance.config import EvalSettings, LoadedThresholds, SAEEntry, SpliceEntry
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.evaluate import evaluate
+from sae_acceptance.gate import regression_checks
+from sae_acceptance.html_report import write_html
 from sae_acceptance.io import write_json
 from sae_acceptance.render import format_table
 from sae_acceptance.report import (
     REGRESSION_HEADER,
+    SPLICE_HEADER,
     SUMMARY_HEADER,
+    check_from_record,
+    check_record,
+    latent_record,
     merge_reports,
     regression_rows,
+    report_from_json,
+    shard_record,
+    splice_rows,
     summary_rows,
+    write_densities,
 )
-from sae_acceptance.results import EvalReport, SAEResult
+from sae_acceptance.results import EvalReport, SAEResult, SpliceResult
 from sae_acceptance.sources.model import ModelCache
 from sae_acceptance.train.analysis import write_analysis
 from sae_acceptance.train.sweep import default_cache, load_profile, run_sweep
@@ -58,6 +72,7 @@ class SAESession:
         self.baselines: dict[Path, Baseline] = {}
         self.regressions: list[tuple[str, RegressionCheck]] = []
         self.regression_checks: dict[tuple[Path, str], dict[str, RegressionCheck] | SAEAcceptanceError] = {}
+        self.splices: dict[tuple[Path, str], SpliceResult] = {}
         self.progress = not config.getoption("--sae-no-progress") and not is_xdist_worker(config)
         self.device = worker_device(config)
 
@@ -84,39 +99,78 @@ class SAESession:
             raise self.failures[key]
         if key not in self.results:
             names = self._together(loaded, name)
-            try:
-                report = evaluate(loaded, names=names, progress=self.progress, models=self.models, device=self.device)
-            except SAEAcceptanceError as err:
-                self.failures.update({(loaded.path, n): err for n in names})
-                raise
-            self.loaded[loaded.path] = loaded
-            self._keep(loaded.path, report)
+            splices = [] if is_xdist_worker(self.config) else self._pending_splices(loaded)
+            self._evaluate(loaded, names, splices)
         return self.results[key]
+
+    def _pending_splices(self, loaded: LoadedThresholds) -> list[str]:
+        return [n for n in selected_splices(self.config).get(loaded.path, []) if (loaded.path, n) not in self.splices]
+
+    def splice(self, loaded: LoadedThresholds, name: str) -> SpliceResult:
+        """A `[[splice]]` group's result; its members are evaluated with it (again, on an xdist
+        worker that did not evaluate them)."""
+        key = (loaded.path, name)
+        if key in self.failures:
+            raise self.failures[key]
+        if key not in self.splices:
+            splices = [name] if is_xdist_worker(self.config) else self._pending_splices(loaded)
+            self._evaluate(loaded, [], splices if name in splices else [*splices, name])
+        return self.splices[key]
+
+    def _evaluate(self, loaded: LoadedThresholds, names: list[str], splices: list[str]) -> None:
+        """One evaluation; its progress shows in the terminal, past pytest's output capture."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter") if self.progress else None
+        capture = self.config.pluginmanager.get_plugin("capturemanager") if self.progress else None
+        what = f"{len(names)} SAE(s)" + (f" and {len(splices)} splice(s)" if splices else "")
+        if reporter is not None:
+            reporter.write_line(f"sae-acceptance: evaluating {what} of {loaded.path.name}")
+        try:
+            with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+                report = evaluate(
+                    loaded, names=names, progress=self.progress, models=self.models, device=self.device, splices=splices
+                )
+        except SAEAcceptanceError as err:
+            self.failures.update({(loaded.path, n): err for n in [*names, *splices]})
+            raise
+        if reporter is not None:
+            rate = report.timing.get("tokens_per_s")
+            reporter.write_line(
+                f"sae-acceptance: {what} evaluated in {report.timing['wall_s']:.1f} s"
+                + (f" ({rate:,.0f} tokens/s)" if rate else "")
+            )
+        self.loaded[loaded.path] = loaded
+        self._keep(loaded.path, report)
 
     def _keep(self, path: Path, report: EvalReport) -> None:
         previous = self.reports.get(path)
         if previous is not None:
             report.saes = {**previous.saes, **report.saes}
+            report.splices = {**previous.splices, **report.splices}
         self.reports[path] = report
         for name, result in report.saes.items():
             self.results[(path, name)] = result
+        for name, result in report.splices.items():
+            self.splices[(path, name)] = result
 
-    def regression(self, loaded: LoadedThresholds, entry: SAEEntry, result: SAEResult, metric: str) -> RegressionCheck:
+    def regression(
+        self, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry, result: SAEResult | SpliceResult, metric: str,
+        key: str | None = None,
+    ) -> RegressionCheck:
         """`metric`'s check against the baseline; every regressed metric of the SAE is
         compared at its first item, from one paired bootstrap. An error that covers the
-        whole SAE (another fingerprint, no metrics) is kept and raised by each item."""
+        whole SAE (another fingerprint, no metrics) is kept and raised by each item.
+        `key` names the baseline entry (a splice's `splice:<name>`; an SAE's own name)."""
+        if key is not None and key != result.name:
+            result = dataclasses.replace(result, name=key)
         key = (loaded.path, result.name)
         if key not in self.regression_checks:
             try:
                 path = baseline_path(self.config, loaded)
                 if path not in self.baselines:
                     self.baselines[path] = load_baseline(path)
-                regression = loaded.config.regression
-                tolerances = {
-                    m: regression[m].tolerance if m in regression else None for m in loaded.config.regressed_for(entry)
-                }
                 strict = self.config.getoption("--sae-baseline-strict")
-                checks = compare_sae(self.baselines[path], result, self.reports[loaded.path].settings, tolerances, strict)
+                settings = self.reports[loaded.path].settings
+                checks = regression_checks(loaded, entry, result, settings, self.baselines[path], strict)
             except SAEAcceptanceError as err:
                 checks = err
             self.regression_checks[key] = checks
@@ -130,16 +184,25 @@ class SAESession:
         """This process's part of the run, as plain data a worker can send to the controller:
         its reports, its baseline entries, and its summary rows."""
         results = [r for report in self.reports.values() for r in report.saes.values()]
+        splices = [r for report in self.reports.values() for r in report.splices.values()]
         part: dict[str, Any] = {
             "reports": [report.to_dict() for report in self.reports.values()],
             "gate": summary_rows(results),
+            "splices": splice_rows(splices),
             "regression": regression_rows(self.regressions),
+            "regression_checks": [check_record(name, check) for name, check in self.regressions],
+            "latents": {name: latent_record(r) for name, r in ((r.name, r) for r in results) if r.sums is not None},
             "baselines": {},
+            "selected": [n for names in selected_names(self.config).values() for n in names],  # a shard's record
         }
         if self.config.getoption("--sae-update-baseline"):
             for path, report in self.reports.items():
                 target = str(baseline_target(self.config, self.loaded[path]))
                 part["baselines"].setdefault(target, {}).update(baseline_entries(report))
+                joint = {
+                    splice_node(n): dataclasses.replace(r, name=splice_node(n)) for n, r in report.splices.items()
+                }
+                part["baselines"][target].update(baseline_entries(EvalReport(report.settings, report.timing, joint)))
         return part
 
     def write_outputs(self, parts: list[dict[str, Any]], interrupted: bool) -> None:
@@ -148,31 +211,74 @@ class SAESession:
         json_path = self.config.getoption("--sae-json")
         if json_path:
             merged = merge_reports(report for part in parts for report in part["reports"])
+            shard = self.config.getoption("--sae-shard")
+            if merged is not None and shard is not None:
+                names = list(dict.fromkeys(n for part in parts for n in part.get("selected", [])))
+                merged["shard"] = shard_record(shard.index, shard.count, names)
             if merged is not None:
                 write_json(Path(json_path).expanduser(), merged)
+        self._write_views(parts)
         if interrupted:
             return
         targets: dict[str, dict[str, Any]] = {}
         for part in parts:
             for target, entries in part["baselines"].items():
                 targets.setdefault(target, {}).update(entries)
+        force = self.config.getoption("--sae-update-baseline") == "force"
         for target, entries in targets.items():
-            update_baseline(Path(target), entries)
+            update_baseline(Path(target), entries, force=force)
+
+    def _write_views(self, parts: list[dict[str, Any]]) -> None:
+        """Beside the JSON report, each SAE's per-latent densities; and the HTML report."""
+        json_path, html_path = self.config.getoption("--sae-json"), self.config.getoption("--sae-html")
+        merged = merge_reports(report for part in parts for report in part["reports"])
+        if merged is None:
+            return
+        latents = {name: record for part in parts for name, record in part.get("latents", {}).items()}
+        threshold = merged["eval"].get("dense_threshold", EvalSettings.model_fields["dense_threshold"].default)
+        if json_path:
+            write_densities(Path(json_path).expanduser(), latents, threshold)
+        if html_path:
+            checks = dict.fromkeys(
+                check_from_record(record) for part in parts for record in part.get("regression_checks", [])
+            )
+            write_html(Path(html_path).expanduser(), report_from_json(merged), latents, list(checks))
 
     def sweep(self, out: Path) -> tuple[EvalReport, list[dict[str, Any]], Path]:
         """The `sae_sweep` fixture's value: the `--sae-sweep` profile trained (or loaded), gated, tabulated."""
         cache = Path(self.config.getoption("--sae-sweep-cache") or default_cache()).expanduser()
         profile = load_profile(self.config.getoption("--sae-sweep") or "tiny")
-        report, points = run_sweep(profile, out, cache, "auto", not self.config.getoption("--sae-no-progress"))
+        spread = None
+        if is_xdist_worker(self.config):  # worker i starts on its own share of the grids
+            worker = self.config.workerinput
+            spread = (int(worker["workerid"].removeprefix("gw")), int(worker["workercount"]))
+        progress = not self.config.getoption("--sae-no-progress")
+        report, points = run_sweep(profile, out, cache, self.device or "auto", progress, spread=spread)
         write_analysis(points, out)
         return report, points, out
 
     @staticmethod
-    def summary(parts: list[dict[str, Any]]) -> str:
-        """The gate's table, then the regression table; each row once (workers may repeat one)."""
+    def tables(parts: list[dict[str, Any]]) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
+        """The gate's, the splices' and the regression rows; each row once (workers may repeat one)."""
         gate = _unique([row for part in parts for row in part["gate"]])
+        splices = _unique([row for part in parts for row in part.get("splices", [])])
         changes = _unique([row for part in parts for row in part["regression"]])
+        return gate, splices, changes
+
+    def publish_ci(self, parts: list[dict[str, Any]], failed: list[tuple[str, int, str, str]]) -> list[str]:
+        """Under GitHub Actions: the step summary appended, and the annotation lines to print."""
+        if not in_actions():
+            return []
+        failures = [Failure(workspace_path(file), line, node, message) for file, line, node, message in failed]
+        return publish(markdown(*self.tables(parts), failures), failures)
+
+    @classmethod
+    def summary(cls, parts: list[dict[str, Any]]) -> str:
+        """The gate's table, the splices', then the regression table."""
+        gate, splices, changes = cls.tables(parts)
         text = format_table(SUMMARY_HEADER, gate) if gate else ""
+        if splices:
+            text += "\n\n" + format_table(SPLICE_HEADER, splices)
         if changes:
             text += "\n\n" + format_table(REGRESSION_HEADER, changes)
         return text

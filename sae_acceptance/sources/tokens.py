@@ -31,11 +31,13 @@ def load_tokens(
     split: str = "train",
 ) -> torch.Tensor:
     """[n_sequences, context_size] int64 tokens from `data`, or one clear error."""
-    path = Path(data)
+    path = Path(data).expanduser()
     if path.suffix == ".npy":
-        if not path.exists():
-            raise SourceError(f"{path}: no such token file")
+        if not path.is_file():
+            raise SourceError(f"{path}: {'is a directory' if path.is_dir() else 'no such token file'}, expected a .npy file")
         return _from_npy(path, n_sequences, context_size, skip)
+    if path.exists() and not path.is_dir():
+        raise SourceError(f"{path}: not a token file; expected a .npy array or a dataset directory")
     rows = _dataset_rows(str(data), split, column, tokenizer)
     return _take(_chunk(rows, context_size), n_sequences, skip, str(data), context_size)
 
@@ -43,10 +45,13 @@ def load_tokens(
 def _from_npy(path: Path, n_sequences: int, context_size: int, skip: int) -> torch.Tensor:
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
-    except ValueError as err:
-        raise SourceError(f"{path}: not a plain .npy array ({err})") from None
+    except (ValueError, EOFError, OSError) as err:
+        # numpy suggests allow_pickle=True for any file it cannot read: never the fix here
+        raise SourceError(f"{path}: {_npy_problem(path, err)}; expected a .npy array of token ids") from None
     if not np.issubdtype(array.dtype, np.integer):
         raise SourceError(f"{path}: token array has dtype {array.dtype}, expected integers")
+    if array.ndim == 0 or array.size == 0:
+        raise SourceError(f"{path}: token array has shape {array.shape}, expected [n_seq, ctx] or [n] with tokens")
     if array.ndim == 1:
         return _take(_chunk([array], context_size), n_sequences, skip, str(path), context_size)
     if array.ndim != 2:
@@ -62,6 +67,16 @@ def _from_npy(path: Path, n_sequences: int, context_size: int, skip: int) -> tor
         )
     rows = np.asarray(array[skip : skip + n_sequences, :context_size], dtype=np.int64)
     return torch.from_numpy(rows.copy())
+
+
+def _npy_problem(path: Path, err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"cannot read ({err.strerror})"
+    with path.open("rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":
+        return "not a .npy file (no NumPy header)"
+    return "holds Python objects (refused: never unpickled)" if "object" in str(err).lower() or "pickle" in str(err) else "a damaged .npy file"
 
 
 def _dataset_rows(name: str, split: str, column: str | None, tokenizer) -> Iterator[np.ndarray]:
@@ -80,7 +95,8 @@ def _dataset_rows(name: str, split: str, column: str | None, tokenizer) -> Itera
             dataset = datasets.load_dataset(name, split=split, streaming=True)
         first = next(iter(dataset), None)  # a streamed dataset opens its files only here
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-        raise SourceError(f"data {name!r}: cannot open as a dataset ({err})") from None
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SourceError(f"data {name!r}: cannot open as a dataset ({detail})") from None
     if first is None:
         raise SourceError(f"data {name!r}: the dataset is empty")
     column = column or next((c for c in (*TOKEN_COLUMNS, "text") if c in first), None)
