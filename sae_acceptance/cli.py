@@ -220,6 +220,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(report))
     if baseline is not None:
         print(format_regressions(run.regression_rows(), run.regression_errors()))
+    for message in run.errors():  # also on stderr, where a CI log shows a tool's errors
+        print(f"sae-acceptance: error: {message}", file=sys.stderr)
     if args.json is not None:
         payload = report.to_dict()
         if shard is not None:
@@ -286,6 +288,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_pr_profile(args: argparse.Namespace) -> int:
     if not args.data:
         raise SAEAcceptanceError("pr-profile needs --data")
+    try:
+        EvalSettings(**{name: getattr(args, name) for name in EVAL_SET})
+    except ValidationError as err:
+        raise ConfigError(describe(err, "", "pr-profile")) from None
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     tokens = load_tokens(args.data, args.n_sequences, args.context_size, args.skip, tokenizer=model.tokenizer)
     rule = CanyonRule(args.threshold, args.use)

@@ -7,6 +7,7 @@ Relative paths are relative to the file's own directory.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from sae_acceptance.errors import ConfigError, SAEFormatError
+from sae_acceptance.io import write_atomic
 from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS
 from sae_acceptance.sources.spec import check_spec, default_name, is_remote
 
@@ -69,7 +71,9 @@ def _check_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
             raise ValueError(f"r2: {R2_REFUSAL}")
         spec = METRICS.get(name)
         if spec is None:
-            raise ValueError(f"{name}: unknown metric (gateable: {', '.join(gateable_metrics())})")
+            close = difflib.get_close_matches(name, gateable_metrics(), n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "gateable metrics: docs/metrics.md"
+            raise ValueError(f"{name}: unknown metric ({hint})")
         if not spec.gateable:
             raise ValueError(f"{name}: cannot be gated")
         if bound.on != "point" and not spec.has_ci:
@@ -434,4 +438,4 @@ def json_schema() -> dict[str, Any]:
 
 
 def write_json_schema(path: str | Path) -> None:
-    Path(path).write_text(json.dumps(json_schema(), indent=2) + "\n")
+    write_atomic(path, json.dumps(json_schema(), indent=2) + "\n")

@@ -105,6 +105,7 @@ def evaluate(
         by_hook: dict[str, list[_Request]] = defaultdict(list)
         for req in group:
             if _check_fits(backend, req):
+                _warn_if_overridden(req)
                 by_hook[req.result.hook].append(req)
         if not by_hook:
             continue
@@ -195,11 +196,6 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
     model = entry.model or loaded.config.eval.model or sae.model_name
     result.model = None if model is None else loaded.resolve_model(model)
     result.hook = entry.hook or sae.hook_name
-    if entry.hook and sae.hook_name and entry.hook != sae.hook_name:
-        warnings.warn(HookOverrideWarning(
-            f"{result.name}: evaluated at {entry.hook}, but {path} was trained at {sae.hook_name} "
-            "(its cfg.json); drop `hook` to use the SAE's own"
-        ), stacklevel=2)
     if entry.hook_out is not None:
         sae.hook_name_out = entry.hook_out
     result.layer = hook_layer(result.hook) if result.hook else None
@@ -244,9 +240,15 @@ def _eval_tokens(loaded: LoadedThresholds, model: Backend) -> tuple[torch.Tensor
     if not bool(counted.any()):
         raise SourceError(
             f"{loaded.path}:{loaded.line_of('eval', 'exclude_special_tokens')}: eval.exclude_special_tokens "
-            f"excludes every token of the eval set (ids {excluded})"
+            f"excludes every token of the eval set ({_ids(excluded)})"
         )
     return tokens, counted, excluded
+
+
+def _ids(ids: list[int], shown: int = 8) -> str:
+    """Token ids for a one-line message: the first few and how many."""
+    head = ", ".join(map(str, ids[:shown]))
+    return f"ids {head}" if len(ids) <= shown else f"{len(ids)} ids: {head}, …"
 
 
 def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int], rule) -> dict[str, Any]:
@@ -257,6 +259,16 @@ def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int]
         "excluded_ids": excluded,
         "rule": "special tokens (BOS/EOS/PAD)" if rule is True else "listed ids" if rule else "none",
     }
+
+
+def _warn_if_overridden(req: _Request) -> None:
+    """A `hook` that differs from the one the SAE records: legal, and almost always a mistake."""
+    given, own = req.entry.hook, req.sae.hook_name
+    if given and own and given != own:
+        warnings.warn(HookOverrideWarning(
+            f"{req.result.name}: evaluated at {given}, but {req.result.path} was trained at {own} "
+            "(its cfg.json); drop `hook` to use the SAE's own"
+        ), stacklevel=3)
 
 
 def _check_fits(model: Backend, req: _Request) -> bool:

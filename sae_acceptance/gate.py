@@ -79,6 +79,11 @@ class GateRun:
     def regression_errors(self) -> list[tuple[str, str]]:
         return [(name, checks) for name, checks in self.regressions.items() if isinstance(checks, str)]
 
+    def errors(self) -> list[str]:
+        """Every entry that could not be evaluated or compared, one line each (all of its problems)."""
+        results = [*self.report.saes.values(), *getattr(self.report, "splices", {}).values()]
+        return [r.error for r in results if r.error] + [message for _, message in self.regression_errors()]
+
 
 def exit_status(report: EvalReport, regressions=()) -> int:
     """0 all as expected; 1 a gate or regression failed; 2 an entry could not be evaluated or compared."""

@@ -104,6 +104,7 @@ def from_config(
         normalize_activations=norm if isinstance(norm, str) else "none",
         transcoder=transcoder,
     )
+    _check_widths(cfg, sae, where)
     if name.endswith("skip_transcoder") and sae.W_skip is None:
         raise SAEFormatError(f"{weights}: {name} without a W_skip tensor")
     if isinstance(norm, float):
@@ -112,6 +113,15 @@ def from_config(
         sae = fold_decoder_norm_rescale(sae)
     dtype = getattr(torch, str(cfg.get("dtype") or "float32").removeprefix("torch."), None)
     return sae.to(dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def _check_widths(cfg: dict[str, Any], sae: SAE, where: Path | str) -> None:
+    """cfg.json's d_in / d_sae / d_out against the weights: an edited or mismatched config is
+    refused rather than evaluated as something it does not describe."""
+    for key, actual in (("d_in", sae.d_in), ("d_sae", sae.d_sae), ("d_out", getattr(sae, "d_out", None))):
+        stated = cfg.get(key)
+        if stated is not None and actual is not None and whole_number(stated, key, where) != actual:
+            raise SAEFormatError(f"{where}: {key} = {stated}, but the weights are {actual} wide")
 
 
 def _architecture(cfg: dict[str, Any], legacy: bool, where: Path | str) -> str:
