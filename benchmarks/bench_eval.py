@@ -77,12 +77,15 @@ def parse_args(argv=None):
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--d-sae", type=int, default=8192)
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--k-grid", type=int, nargs="+", help="SAE i gets k = K_GRID[i] (a k grid) instead of --k")
     p.add_argument("--n-saes", type=int, nargs="+", default=[1, 6])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--warmup", type=int, default=1, help="1: warm up on one batch first; 0: no warm-up"
     )
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    common.add_backend_arg(p)
+    common.add_inline_arg(p)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
         "--workdir", type=Path, help="keep the model/SAEs/tokens here (default: a temp dir)"
@@ -94,11 +97,17 @@ def parse_args(argv=None):
     size = common.model_size(args)
     if args.layer is None:
         args.layer = size.n_layers // 2
+    if args.backend != "transformer_lens" and "saelens" in args.contenders:
+        args.contenders.remove("saelens")  # SAELens runs TransformerLens models only
     return args
 
 
 def hook_name(args) -> str:
     return f"blocks.{args.layer}.hook_resid_post"
+
+
+def sae_k(args, i: int) -> int:
+    return args.k_grid[i % len(args.k_grid)] if args.k_grid else args.k
 
 
 # ----------------------------------------------------------------------------- setup (parent)
@@ -126,7 +135,7 @@ def prepare(args, workdir: Path) -> None:
 
     for i in range(max(args.n_saes)):
         sae = common.random_topk_sae(
-            size.d_model, args.d_sae, args.k, seed=100 + i, hook=hook_name(args), b_dec=mean
+            size.d_model, args.d_sae, sae_k(args, i), seed=100 + i, hook=hook_name(args), b_dec=mean
         )
         save_sae(sae, workdir / "saes" / f"sae{i}", metadata={"context_size": args.ctx})
 
@@ -134,9 +143,13 @@ def prepare(args, workdir: Path) -> None:
 # ----------------------------------------------------------------------------- workers (children)
 
 
-def _load(args, workdir: Path):
+def _load(args, workdir: Path, backend: bool = False):
+    """The model (TransformerLens, for SAELens) or the project's backend, tokens, SAE directories."""
     common.set_threads(args)
-    model = common.load_bench_model(workdir / "model", args.device, args.dtype)
+    if backend:
+        model = common.load_bench_backend(workdir / "model", args.device, args.dtype, args.backend)
+    else:
+        model = common.load_bench_model(workdir / "model", args.device, args.dtype)
     tokens = torch.load(workdir / "tokens.pt")
     sae_dirs = [workdir / "saes" / f"sae{i}" for i in range(args.worker_n_saes)]
     return model, tokens, sae_dirs
@@ -154,29 +167,22 @@ def _timed(args, fn, tokens):
 def worker_limit(args, workdir: Path) -> dict:
     from sae_acceptance.sources.sae import load_sae
 
-    model, tokens, sae_dirs = _load(args, workdir)
+    backend, tokens, sae_dirs = _load(args, workdir, backend=True)
     dtype = getattr(torch, args.dtype)
     saes = [load_sae(d, device=args.device, dtype=dtype) for d in sae_dirs]
     weights = [(s.W_enc, s.b_enc, s.W_dec, s.b_dec, s.k) for s in saes]
-    layer = args.layer
+    bare = common.BareTails(backend)
+    entry = args.layer + 1  # blocks.L.hook_resid_post is what block L + 1 receives
 
     def once(tokens):
         with torch.inference_mode():
             for begin in range(0, tokens.shape[0], args.batch_size):
                 tok = tokens[begin : begin + args.batch_size].to(args.device)
-                act = model(tok, stop_at_layer=layer + 1)
-                model(act, start_at_layer=layer + 1)
-                model(torch.zeros_like(act), start_at_layer=layer + 1)
+                act = bare.original(tok, {entry}, [])[1][entry]
+                bare.tail(torch.zeros_like(act), entry)
                 flat = act.reshape(-1, act.shape[-1])
-                for w_enc, b_enc, w_dec, b_dec, k in weights:
-                    values, indices = ((flat - b_dec) @ w_enc + b_enc).topk(k, dim=-1, sorted=False)
-                    recon = (
-                        torch.nn.functional.embedding_bag(
-                            indices, w_dec, per_sample_weights=values.relu(), mode="sum"
-                        )
-                        + b_dec
-                    )
-                    model(recon.reshape(act.shape), start_at_layer=layer + 1)
+                for w in weights:
+                    bare.tail(common.bare_topk(flat, *w).reshape(act.shape), entry)
         return None
 
     timing, memory, _ = _timed(args, once, tokens)
@@ -188,7 +194,7 @@ def worker_project(args, workdir: Path) -> dict:
     from sae_acceptance.metrics import alive_fraction
     from sae_acceptance.sources.sae import load_sae
 
-    model, tokens, sae_dirs = _load(args, workdir)
+    model, tokens, sae_dirs = _load(args, workdir, backend=True)
     dtype = getattr(torch, args.dtype)
     saes = {d.name: load_sae(d, device=args.device, dtype=dtype) for d in sae_dirs}
 
@@ -375,15 +381,20 @@ def print_report(args, summary: dict, checks: dict, results: dict) -> None:
         )
 
 
+def run_one(args) -> dict:
+    """One contender's run (in a worker process, or inline)."""
+    code = common.code_fingerprint()  # before the package is imported: the code this run uses
+    result = WORKERS[args.worker](args, args.workdir)
+    result["load"] = common.load_average()
+    result["code"] = code
+    return result
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     workdir_arg = args.workdir
     if args.worker:
-        code = common.code_fingerprint()  # before the package is imported: the code this run uses
-        result = WORKERS[args.worker](args, workdir_arg)
-        result["load"] = common.load_average()
-        result["code"] = code
-        common.emit(result)
+        common.emit(run_one(args))
         return
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
@@ -403,7 +414,8 @@ def main(argv=None) -> None:
                         *common.worker_flags(raw_argv),
                     ]
                     r = common.run_worker(
-                        SCRIPT, worker_argv, f"repeat {rep + 1}/{args.repeats}, {n} SAE(s)"
+                        SCRIPT, worker_argv, f"repeat {rep + 1}/{args.repeats}, {n} SAE(s)",
+                        inline=(lambda a: run_one(parse_args(a))) if args.inline else None,
                     )
                     print(
                         f"    {r['seconds']:.2f} s wall, {r['cpu_seconds']:.2f} s CPU", flush=True

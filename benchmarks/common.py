@@ -110,6 +110,107 @@ def load_bench_model(path: Path, device: str, dtype: str):
         return load_model(path, device=device, dtype=dtype)
 
 
+BACKENDS = ("transformer_lens", "hf", "hf-full")  # hf-full: the Hugging Face backend forced to full passes
+
+
+def add_backend_arg(parser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="transformer_lens",
+        help="how the project runs the model: TransformerLens (3 or 4, whichever is installed), "
+        "Hugging Face with tails (hf), or Hugging Face with full passes (hf-full)",
+    )
+
+
+def load_bench_backend(path: Path, device: str, dtype: str, backend: str):
+    """The project's backend for the benchmark checkpoint (hf-full: full passes forced)."""
+    from sae_acceptance.sources.backends.hf import HFBackend
+    from sae_acceptance.sources.model import load_backend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_backend(path, device=device, dtype=dtype, backend="hf" if backend.startswith("hf") else "transformer_lens")
+    return HFBackend.wrap(loaded.model, loaded.tokenizer, full_passes=True) if backend == "hf-full" else loaded
+
+
+def bare_topk(flat: torch.Tensor, w_enc, b_enc, w_dec, b_dec, k: int) -> torch.Tensor:
+    """A TopK encode/decode with nothing around it: the limit's SAE work."""
+    values, indices = ((flat - b_dec) @ w_enc + b_enc).topk(k, dim=-1, sorted=False)
+    return torch.nn.functional.embedding_bag(indices, w_dec, per_sample_weights=values.relu(), mode="sum") + b_dec
+
+
+class BareTails:
+    """The limit's forward work, bare: one original forward capturing the hooks' activations and the
+    residuals tails start from, then tails from a block on, a hook inside it replaced where asked
+    (TransformerLens `start_at_layer`; Hugging Face: the decoder layers from there with the
+    arguments the original forward gave them, the final norm, the head)."""
+
+    def __init__(self, backend) -> None:
+        self.model = backend.model
+        self.hf = backend.kind == "hf"
+        if self.hf:
+            from sae_acceptance.sources.backends.families import family_of
+
+            self.family = family_of(self.model.config.architectures[0])
+            self.layers = self.model.get_submodule(self.family.layers)
+            self.norm = self.model.get_submodule(self.family.final_norm)
+            self.head = self.model.get_output_embeddings()
+        self.n_layers = backend.n_layers
+
+    def _module(self, hook: str):
+        _, layer, kind = hook.split(".", 2)
+        return self.model.get_submodule(self.family.module_path(int(layer), kind))
+
+    def original(self, tokens: torch.Tensor, entries: set[int], hooks: list[str]):
+        """(logits, {L: residual entering block L}, {hook: activation}) of one full forward."""
+        at_entry: dict[int, torch.Tensor] = {}
+        acts: dict[str, torch.Tensor] = {}
+        if not self.hf:
+            def entry_name(e):
+                return f"blocks.{e}.hook_resid_pre" if e < self.n_layers else f"blocks.{e - 1}.hook_resid_post"
+
+            def store(into, key):
+                def fn(act, hook):
+                    into[key] = act
+                return fn
+
+            fwd = [(entry_name(e), store(at_entry, e)) for e in entries] + [(h, store(acts, h)) for h in hooks]
+            with self.model.hooks(fwd_hooks=fwd):
+                return self.model(tokens), at_entry, acts
+        self.calls: dict[int, tuple] = {}
+        handles = []
+        for i in range(min(entries), self.n_layers):
+            def pre(module, args, kwargs, i=i):
+                at_entry[i] = args[0]
+                self.calls[i] = (args[1:], kwargs)
+            handles.append(self.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+        for h in hooks:
+            def post(module, args, output, h=h):
+                acts[h] = output[0] if isinstance(output, tuple) else output
+            handles.append(self._module(h).register_forward_hook(post))
+        logits = self.model(input_ids=tokens, use_cache=False).logits
+        for handle in handles:
+            handle.remove()
+        return logits, at_entry, acts
+
+    def tail(self, x: torch.Tensor, layer: int, replace: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits from residual `x` entering block `layer`, hook `replace[0]` set to `replace[1]`."""
+        if not self.hf:
+            fwd = [] if replace is None else [(replace[0], lambda act, hook: replace[1].reshape(act.shape))]
+            with self.model.hooks(fwd_hooks=fwd):
+                return self.model(x, start_at_layer=layer)
+        handle = None if replace is None else self._module(replace[0]).register_forward_hook(lambda m, a, o: replace[1])
+        for i in range(layer, self.n_layers):
+            args, kwargs = self.calls[i]
+            x = self.layers[i](x, *args, **kwargs)
+            x = x[0] if isinstance(x, tuple) else x
+        logits = self.head(self.norm(x))
+        if handle is not None:
+            handle.remove()
+        return logits
+
+
 def random_topk_sae(d_in: int, d_sae: int, k: int, seed: int, hook: str, b_dec=None):
     """A TopK SAE with a unit-norm random decoder and the encoder as its transpose."""
     from sae_acceptance.sources.sae import SAE
@@ -242,8 +343,14 @@ def median(values: list[float]) -> float:
 # ----------------------------------------------------------------------------- subprocess workers
 
 
-def run_worker(script: Path, argv: list[str], label: str) -> dict:
-    """Run `script --worker ...` in a fresh interpreter; its last `RESULT {json}` line is the answer."""
+def run_worker(script: Path, argv: list[str], label: str, inline=None) -> dict:
+    """Run `script --worker ...` in a fresh interpreter; its last `RESULT {json}` line is the answer.
+
+    `inline(argv) -> dict` runs it in this process instead (`--inline`: a smoke test of the
+    commands, whose timings and peak memory mean nothing)."""
+    if inline is not None:
+        print(f"  [{label}] {' '.join(argv[:2])} (inline) ...", flush=True)
+        return json.loads(json.dumps(inline(argv)))
     cmd = [sys.executable, str(script), *argv]
     print(f"  [{label}] {' '.join(argv[:2])} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -252,6 +359,13 @@ def run_worker(script: Path, argv: list[str], label: str) -> dict:
             return json.loads(line[len("RESULT ") :])
     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
     raise RuntimeError(f"worker {label} failed (exit {proc.returncode})")
+
+
+def add_inline_arg(parser) -> None:
+    parser.add_argument(
+        "--inline", action="store_true",
+        help="run every contender in this process: a quick check that the commands work (timings meaningless)",
+    )
 
 
 def worker_flags(argv: list[str]) -> list[str]:
