@@ -35,8 +35,8 @@ FORMAT = "sae-acceptance-baseline"
 # 3: sums in a binary sidecar; 2: sums inline in the JSON (read, and written as 3 on the next update).
 FORMAT_VERSION = 3
 READ_VERSIONS = (2, 3)
-# A refreshed SAE whose fingerprint is the same and whose every metric value and interval end
-# moved by at most this (relative) keeps its stored entry as it was, byte for byte.
+# A refreshed SAE whose fingerprint is the same and whose every metric value moved by at most
+# this (relative) keeps its stored entry as it was, byte for byte.
 UNCHANGED_RTOL = 1e-6
 SEP = "::"  # sidecar member names are "<sae>::<sum>" ("::" cannot occur in an SAE's name)
 DEFAULT_TOLERANCES = {
@@ -71,11 +71,12 @@ def run_identity(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
-    """One SAE's baseline entry as plain data (lists, so xdist workers can send it)."""
+    """One SAE's baseline entry as plain data (lists, so xdist workers can send it). Metrics keep
+    their values only: a comparison's interval comes from the paired bootstrap over the sums."""
     sums = result.sums
     return {
         "fingerprint": run_identity(result, settings),
-        "metrics": {name: m.to_dict() for name, m in result.metrics.items()},
+        "metrics": {name: {"value": m.to_dict()["value"]} for name, m in result.metrics.items()},
         "sums": {
             "d_in": sums.d_in,
             "scalars": {name: values.tolist() for name, values in sums.scalars.items()},
@@ -273,21 +274,16 @@ def _with_sidecar_sums(path: Path, saes: dict[str, Any]) -> dict[str, Any]:
 
 def _moved(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether a refresh changes an SAE: another fingerprint (the project's version aside),
-    or a metric value or interval end beyond `UNCHANGED_RTOL`."""
+    or a metric value beyond `UNCHANGED_RTOL`."""
     def identity(entry):
         return {k: v for k, v in entry.get("fingerprint", {}).items() if k != "project_version"}
 
     if identity(old) != identity(new) or set(old.get("metrics", {})) != set(new.get("metrics", {})):
         return True
     for name, metric in new["metrics"].items():
-        before = old["metrics"][name]
-        pairs = [(before.get("value"), metric.get("value"))]
-        pairs += list(zip(before.get("ci") or [], metric.get("ci") or [], strict=False))
-        if (before.get("ci") is None) != (metric.get("ci") is None):
+        a, b = old["metrics"][name].get("value"), metric.get("value")
+        if (a is None) != (b is None) or (a is not None and not math.isclose(a, b, rel_tol=UNCHANGED_RTOL)):
             return True
-        for a, b in pairs:
-            if (a is None) != (b is None) or (a is not None and not math.isclose(a, b, rel_tol=UNCHANGED_RTOL)):
-                return True
     return False
 
 

@@ -189,3 +189,115 @@ def test_model_identity_sees_the_weights_not_only_their_shapes(tmp_path, tiny_ch
     assert before.startswith("local:") and model_identity(copy) != before
     assert cache_key(str(copy), "blocks.0.hook_resid_post", load_profile("tiny"), "t") != key
     assert model_identity("pythia-70m") == "pythia-70m"  # hub names as given
+
+
+def _entries(seed: int = 0, names=("a", "b"), n: int = 20, d_sae: int = 300) -> dict:
+    """Baseline entries of synthetic results, through the product's `baseline_entries`."""
+    from sae_acceptance.baseline import baseline_entries
+    from sae_acceptance.metrics import SUM_NAMES
+    from sae_acceptance.results import EvalReport, SAEResult
+    from sae_acceptance.stats import BootstrapSettings, bootstrap_intervals
+    from sae_acceptance.verdict import MetricValue
+
+    rng = np.random.default_rng(seed)
+    saes = {}
+    for name in names:
+        sums = SequenceSums({s: rng.uniform(1.0, 50.0, n) for s in SUM_NAMES}, rng.integers(0, 900, d_sae), 16)
+        cis = bootstrap_intervals(sums, BootstrapSettings(50, 0.95, 0))
+        metrics = {m: MetricValue(float(v), cis.get(m)) for m, v in sums.metrics().items()}
+        saes[name] = SAEResult(name=name, path=name, hook="blocks.0.hook_resid_post", tokens_fingerprint="t",
+                               excluded_ids=[0], metrics=metrics, sums=sums)
+    settings = {"dtype": "float32", "n_sequences": n, "bootstrap": {"resamples": 50}}
+    return baseline_entries(EvalReport(settings, {}, saes))
+
+
+def test_format_3_round_trips_and_reads_one_block_per_sae(tmp_path):
+    from sae_acceptance.baseline import load_baseline, sidecar_path, sums_from_entry, write_baseline
+
+    entries = _entries()
+    path = write_baseline(tmp_path / "b.baseline.json", entries)
+    assert sidecar_path(path) == tmp_path / "b.baseline.npz" and sidecar_path(path).exists()
+    text = path.read_text()
+    assert json.loads(text)["version"] == 3 and '"scalars"' not in text  # the sums live in the sidecar
+    assert text.count('"fingerprint"') == 2 and '        "ce_rec": {"value": ' in text  # a line per metric
+    back = load_baseline(path).saes
+    for name, entry in entries.items():
+        a, b = sums_from_entry(entry, "x"), sums_from_entry(back[name], "x")
+        assert a.d_in == b.d_in and np.array_equal(a.fired, b.fired) and b.fired.dtype == np.int64
+        assert set(a.scalars) == set(b.scalars)
+        assert all(np.array_equal(a.scalars[k], b.scalars[k]) for k in a.scalars)  # bit for bit
+        assert back[name]["metrics"] == json.loads(json.dumps(entry["metrics"]))
+    with np.load(sidecar_path(path), allow_pickle=False) as archive:  # a plain .npz, no pickles
+        assert sorted(archive.files) == sorted(f"{n}::{k}" for n in entries for k in ("names", "sums", "fired"))
+
+
+def test_a_format_2_baseline_is_read_and_converted_on_the_next_update(tmp_path):
+    from sae_acceptance.baseline import (
+        load_baseline,
+        sidecar_path,
+        sums_from_entry,
+        update_baseline,
+    )
+
+    entries = _entries()
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"format": "sae-acceptance-baseline", "version": 2, "saes": entries}))
+    old = load_baseline(path).saes
+    assert np.array_equal(sums_from_entry(old["a"], "x").fired, np.asarray(entries["a"]["sums"]["fired"]))
+    update_baseline(path, _entries(seed=1, names=("c",)))
+    assert json.loads(path.read_text())["version"] == 3 and sidecar_path(path).exists()
+    new = load_baseline(path).saes
+    assert sorted(new) == ["a", "b", "c"]
+    assert np.array_equal(sums_from_entry(new["b"], "x").scalars["ce_recon"], entries["b"]["sums"]["scalars"]["ce_recon"])
+
+
+def test_an_unchanged_refresh_is_byte_identical_and_a_moved_sae_changes_only_its_block(tmp_path):
+    from sae_acceptance.baseline import UNCHANGED_RTOL, sidecar_path, update_baseline
+
+    path = tmp_path / "b.json"
+    update_baseline(path, _entries())
+    before = path.read_bytes(), sidecar_path(path).read_bytes()
+    update_baseline(path, _entries())
+    assert (path.read_bytes(), sidecar_path(path).read_bytes()) == before
+    nudged = _entries()  # within the tolerance: the stored entry stays, sums and all
+    nudged["a"]["metrics"]["ce_rec"]["value"] *= 1 + UNCHANGED_RTOL / 10
+    nudged["a"]["sums"]["fired"][0] += 1
+    update_baseline(path, nudged)
+    assert (path.read_bytes(), sidecar_path(path).read_bytes()) == before
+    moved = _entries()
+    moved["b"]["metrics"]["cosine"]["value"] *= 1 + 100 * UNCHANGED_RTOL
+    update_baseline(path, moved)
+    old, new = before[0].decode().splitlines(), path.read_text().splitlines()
+    changed = [i for i, (x, y) in enumerate(zip(old, new, strict=True)) if x != y]
+    assert len(changed) == 1 and '"cosine"' in new[changed[0]]
+    assert new.index('    "b": {') < changed[0]  # inside b's block
+
+
+def test_a_corrupt_sidecar_is_one_line_and_a_corrupt_baseline_is_replaced_only_when_forced(tmp_path):
+    from sae_acceptance.baseline import load_baseline, sidecar_path, update_baseline
+    from sae_acceptance.errors import BaselineError
+
+    path = tmp_path / "b.json"
+    update_baseline(path, _entries())
+    sidecar = sidecar_path(path)
+    good = sidecar.read_bytes()
+    for damage in (b"not a zip at all", good[: len(good) // 2]):
+        sidecar.write_bytes(damage)
+        with pytest.raises(BaselineError) as err:
+            load_baseline(path)
+        assert str(sidecar) in str(err.value) and "\n" not in str(err.value)
+        assert "corrupt baseline sidecar" in str(err.value)
+    sidecar.write_bytes(good)
+    other = tmp_path / "other.json"
+    update_baseline(other, _entries(seed=5))
+    sidecar.write_bytes(sidecar_path(other).read_bytes())  # a sidecar of another write
+    with pytest.raises(BaselineError, match=r"b\.npz: the sums of a do not match b\.json"):
+        load_baseline(path)
+    sidecar.unlink()
+    with pytest.raises(BaselineError, match=r"b\.npz: missing"):
+        load_baseline(path)
+    path.write_text("{not json")
+    with pytest.raises(BaselineError, match=r"b\.json:1: not valid JSON.*not overwritten: --sae-update-baseline=force"):
+        update_baseline(path, _entries())
+    update_baseline(path, _entries(), force=True)
+    assert sorted(load_baseline(path).saes) == ["a", "b"]
