@@ -122,22 +122,22 @@ class SAESession:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter") if self.progress else None
         capture = self.config.pluginmanager.get_plugin("capturemanager") if self.progress else None
         what = f"{len(names)} SAE(s)" + (f" and {len(splices)} splice(s)" if splices else "")
-        if reporter is not None:
-            reporter.write_line(f"sae-acceptance: evaluating {what} of {loaded.path.name}")
-        try:
-            with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            if reporter is not None:  # inside: a line written while the item runs is captured otherwise
+                reporter.write_line(f"sae-acceptance: evaluating {what} of {loaded.path.name}")
+            try:
                 report = evaluate(
                     loaded, names=names, progress=self.progress, models=self.models, device=self.device, splices=splices
                 )
-        except SAEAcceptanceError as err:
-            self.failures.update({(loaded.path, n): err for n in [*names, *splices]})
-            raise
-        if reporter is not None:
-            rate = report.timing.get("tokens_per_s")
-            reporter.write_line(
-                f"sae-acceptance: {what} evaluated in {report.timing['wall_s']:.1f} s"
-                + (f" ({rate:,.0f} tokens/s)" if rate else "")
-            )
+            except SAEAcceptanceError as err:
+                self.failures.update({(loaded.path, n): err for n in [*names, *splices]})
+                raise
+            if reporter is not None:
+                rate = report.timing.get("tokens_per_s")
+                reporter.write_line(
+                    f"sae-acceptance: {what} evaluated in {report.timing['wall_s']:.1f} s"
+                    + (f" ({rate:,.0f} tokens/s)" if rate else "")
+                )
         self.loaded[loaded.path] = loaded
         self._keep(loaded.path, report)
 
