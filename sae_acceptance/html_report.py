@@ -144,7 +144,12 @@ def _summary_line(report: EvalReport, checks: dict[str, list[RegressionCheck]]) 
     regressions = [c for cs in checks.values() for c in cs if not c.skipped]
     if regressions:
         parts.append(f"{sum(not c.passed for c in regressions)} of {len(regressions)} regression checks regressed")
-    return f"{len(report.saes)} SAEs, {len(report.splices)} splices; checks: " + ", ".join(parts or ["none"])
+    counted = f"{_plural(len(report.saes), 'SAE')}, {_plural(len(report.splices), 'splice')}"
+    return f"{counted}; checks: " + ", ".join(parts or ["none"])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _eval_line(settings: dict[str, Any]) -> str:
