@@ -133,7 +133,7 @@ def load_baseline(path: Path) -> Baseline:
     if not isinstance(saes, dict) or not all(isinstance(e, dict) for e in saes.values()):
         raise BaselineError(f"{path}: no \"saes\" table")
     if version == 3:
-        saes = _with_sidecar_sums(path, saes)
+        saes = _with_matching_sidecar(path, saes)
     return Baseline(path, saes)
 
 
@@ -185,8 +185,36 @@ def write_baseline(path: Path, entries: dict[str, Any]) -> Path:
         meta = {"d_in": sums.d_in, "n_sequences": sums.n_sequences, "d_sae": int(sums.fired.size),
                 "sha256": _digest(own)}
         blocks[name] = {"fingerprint": entry.get("fingerprint", {}), "metrics": entry.get("metrics", {}), "sums": meta}
+    # The two files cannot be replaced in one step: the previous sidecar is kept until the JSON
+    # is, so a write cut between them leaves the old JSON with sums it can read.
+    previous = previous_sidecar(path)
+    if sidecar.exists():
+        write_atomic(previous, sidecar.read_bytes())
     write_atomic(sidecar, _npz_bytes(arrays))
-    return write_atomic(path, _render({"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}, blocks))
+    written = write_atomic(path, _render({"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}, blocks))
+    previous.unlink(missing_ok=True)
+    return written
+
+
+def previous_sidecar(path: Path) -> Path:
+    """The sidecar of the last complete write, while a new one is being written."""
+    return path.with_suffix(".prev.npz")
+
+
+def _with_matching_sidecar(path: Path, saes: dict[str, Any]) -> dict[str, Any]:
+    """The sums from the sidecar, or from the previous one where a write stopped between the
+    sidecar and the JSON (the JSON is then still the previous write's)."""
+    try:
+        return _with_sidecar_sums(path, saes)
+    except BaselineError as err:
+        first = err
+    previous = previous_sidecar(path)
+    if previous.exists():
+        try:
+            return _with_sidecar_sums(path, saes, previous)
+        except BaselineError:
+            pass
+    raise first
 
 
 def _arrays(sums: SequenceSums) -> dict[str, np.ndarray]:
@@ -242,9 +270,9 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _with_sidecar_sums(path: Path, saes: dict[str, Any]) -> dict[str, Any]:
+def _with_sidecar_sums(path: Path, saes: dict[str, Any], sidecar: Path | None = None) -> dict[str, Any]:
     """Format 3's entries with their sums read back from the sidecar (and checked against the JSON)."""
-    sidecar = sidecar_path(path)
+    sidecar = sidecar or sidecar_path(path)
     try:
         with np.load(sidecar, allow_pickle=False) as archive:
             stored = {key: archive[key] for key in archive.files}

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.io import write_atomic
 from sae_acceptance.sources.autoencoder import ARCHITECTURES, SAE, SparseCode
 from sae_acceptance.sources.formats import saelens
 from sae_acceptance.sources.formats.converters import load_release
@@ -78,8 +79,10 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None)
         cfg["k"] = sae.k
         cfg["rescale_acts_by_decoder_norm"] = False
     tensors = {name: t.detach().cpu().contiguous() for name, t in saelens.state_dict(sae).items()}
-    save_file(tensors, str(path / saelens.WEIGHTS))
-    (path / "cfg.json").write_text(json.dumps(cfg, indent=2, default=_json_default) + "\n")
+    # Each file atomic, cfg.json last: a directory with a cfg.json holds whole weights (the
+    # sweep cache reads a present cfg.json as a finished SAE).
+    write_atomic(path / saelens.WEIGHTS, save_safetensors(tensors))
+    write_atomic(path / "cfg.json", json.dumps(cfg, indent=2, default=_json_default) + "\n")
     return path
 
 
