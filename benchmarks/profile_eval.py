@@ -1,4 +1,4 @@
-"""Where `run_hook` spends its time beyond the bare limit: torch.profiler, by stage.
+"""Where `run_model` spends its time beyond the bare limit: torch.profiler, by stage.
 
 Runs the engine on a few batches of the bench_eval setup with `record_function`
 ranges around its stages (patched in from outside: nothing in the package is
@@ -26,6 +26,7 @@ def instrument() -> None:
     """Wrap the engine's building blocks in profiler ranges."""
     import sae_acceptance.engine as engine
     from sae_acceptance.geometry import CovarianceAccumulator
+    from sae_acceptance.sources.backends import Backend
     from sae_acceptance.sources.sae import SAE
 
     def wrap(owner, name: str, label: str) -> None:
@@ -37,19 +38,8 @@ def instrument() -> None:
 
         setattr(owner, name, wrapped)
 
-    original_first_pass = engine.first_pass
-
-    def first_pass(model, hook, tokens):
-        with record_function("stage: first pass (layers 0..L)"):
-            act, tail = original_first_pass(model, hook, tokens)
-
-        def timed_tail(x):
-            with record_function("stage: tail pass (layers L+1..)"):
-                return tail(x)
-
-        return act, timed_tail
-
-    engine.first_pass = first_pass
+    wrap(Backend, "forward", "stage: original forward (every layer, hooks captured)")
+    wrap(Backend, "patched", "stage: patched pass (tail from the hook, or full)")
     wrap(engine._LossTerms, "__call__", "stage: CE/KL terms from logits")
     wrap(SAE, "encode", "stage: SAE encode")
     wrap(SAE, "decode", "stage: SAE decode")
@@ -68,19 +58,20 @@ def main(argv=None) -> None:
     p.add_argument("--n-saes", type=int, default=6)
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--rows", type=int, default=25)
+    common.add_backend_arg(p)
     args = p.parse_args(argv)
     size = common.model_size(args)
     args.layer = size.n_layers // 2 if args.layer is None else args.layer
-    args.n_saes = [args.n_saes]
+    args.n_saes, args.k_grid = [args.n_saes], None
     common.set_threads(args)
 
-    from sae_acceptance.engine import run_hook
+    from sae_acceptance.engine import run_model
     from sae_acceptance.sources.sae import load_sae
 
     with tempfile.TemporaryDirectory(prefix="profile_eval_") as tmp:
         workdir = Path(tmp)
         bench_eval.prepare(args, workdir)
-        model = common.load_bench_model(workdir / "model", args.device, args.dtype)
+        model = common.load_bench_backend(workdir / "model", args.device, args.dtype, args.backend)
         tokens = torch.load(workdir / "tokens.pt")
         saes = {
             f"sae{i}": load_sae(
@@ -90,21 +81,13 @@ def main(argv=None) -> None:
         }
     counted = common.counted_mask(tokens)
     hook = bench_eval.hook_name(args)
-    run_hook(
-        model,
-        hook,
-        saes,
-        tokens[: args.batch_size],
-        counted[: args.batch_size],
-        args.batch_size,
-        False,
-    )
+    run_model(model, {hook: saes}, tokens[: args.batch_size], counted[: args.batch_size], args.batch_size, False)
     instrument()
     activities = [ProfilerActivity.CPU] + (
         [ProfilerActivity.CUDA] if args.device.startswith("cuda") else []
     )
     with profile(activities=activities) as prof:
-        run_hook(model, hook, saes, tokens, counted, args.batch_size, False)
+        run_model(model, {hook: saes}, tokens, counted, args.batch_size, False)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
