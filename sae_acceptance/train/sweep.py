@@ -16,6 +16,7 @@ from typing import Any
 
 from sae_acceptance.config import thresholds_from_mapping
 from sae_acceptance.evaluate import EvalReport, evaluate
+from sae_acceptance.gate import exit_status
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import OutputError, locked, write_json
 from sae_acceptance.report import format_report, shard_record
@@ -188,4 +189,4 @@ def sweep(
         print(f"tables and plots written to {out}")
     else:
         print(f"shard {shard} written to {out}; merge the shards with `sae-acceptance merge --sweep-out DIR`")
-    return 0 if report.passed else 1
+    return exit_status(report)  # 2 where an SAE could not be evaluated, as everywhere
