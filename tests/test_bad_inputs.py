@@ -346,8 +346,9 @@ def test_interrupted_run_writes_no_baseline(pytester, pristine):
     """Ctrl-C after the SAE items ran: pytest says interrupted, the baseline is not written."""
     shutil.copytree(pristine, pytester.path, dirs_exist_ok=True)
     pytester.makepyfile(test_zz_interrupt="def test_ctrl_c():\n    raise KeyboardInterrupt\n")
-    result = pytester.runpytest("thresholds.toml", "test_zz_interrupt.py", "-p", "no:cacheprovider",
-                                "--sae-update-baseline")
+    # in a subprocess: an in-process KeyboardInterrupt would also stop an xdist worker running this test
+    result = pytester.runpytest_subprocess("thresholds.toml", "test_zz_interrupt.py", "-p", "no:cacheprovider",
+                                           "--sae-update-baseline")
     assert result.ret == 2
     result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
     assert not (pytester.path / "thresholds.baseline.json").exists()
