@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
     ev.add_argument("--baseline", type=Path, metavar="PATH",
                     help="compare against this regression baseline (default: the thresholds file's `baseline =`)")
-    ev.add_argument("--update-baseline", nargs="?", const="refresh", choices=("refresh", "force"),
-                    help="write (or refresh) the baseline instead of comparing; =force replaces one that cannot be read")
+    ev.add_argument("--update-baseline", action="store_const", const="refresh", dest="update_baseline",
+                    help="write (or refresh) the baseline instead of comparing")
+    ev.add_argument("--update-baseline=force", action="store_const", const="force", dest="update_baseline",
+                    help="the same, replacing a baseline that cannot be read")
     ev.add_argument("--baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
     ev.add_argument("--shard", metavar="I/N", help="evaluate share I of N of the SAEs (groups kept whole); see `merge`")
     ev.add_argument("--baseline-part", type=Path, metavar="OUT.json",

@@ -22,7 +22,7 @@ RUN = ("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress")
 
 def test_same_saes_against_their_own_baseline_change_by_exactly_zero(pytester, gate):  # noqa: F811
     gate()
-    pytester.runpytest(*RUN, "--sae-update-baseline")
+    pytester.runpytest("--sae-update-baseline", *RUN)  # the flag takes no value: the path after it stays a path
     baseline = json.loads((pytester.path / "thresholds.baseline.json").read_text())
     assert set(baseline["saes"]) == {"good", "bad"} and baseline["format"] == "sae-acceptance-baseline"
     result = pytester.runpytest(*RUN, "--sae-baseline", "thresholds.baseline.json", "-v")

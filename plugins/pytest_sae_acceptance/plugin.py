@@ -49,10 +49,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sae-acceptance", "SAE acceptance gate")
     group.addoption("--sae-json", metavar="PATH", help="write the full JSON report here")
     group.addoption("--sae-baseline", metavar="PATH", help="compare against this regression baseline")
-    group.addoption(
-        "--sae-update-baseline", nargs="?", const="refresh", default=None, choices=("refresh", "force"),
-        help="write (or refresh) the regression baseline; =force replaces one that cannot be read",
-    )
+    # Two flags, not one with an optional value: an optional value would swallow the path after it.
+    group.addoption("--sae-update-baseline", action="store_const", const="refresh", dest="sae_update_baseline",
+                    default=None, help="write (or refresh) the regression baseline")
+    group.addoption("--sae-update-baseline=force", action="store_const", const="force", dest="sae_update_baseline",
+                    help="the same, replacing a baseline that cannot be read")
     group.addoption(
         "--sae-baseline-strict", action="store_true", help="fail SAEs that have no baseline entry"
     )
