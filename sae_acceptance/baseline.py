@@ -39,17 +39,6 @@ READ_VERSIONS = (2, 3)
 # this (relative) keeps its stored entry as it was, byte for byte.
 UNCHANGED_RTOL = 1e-6
 SEP = "::"  # sidecar member names are "<sae>::<sum>" ("::" cannot occur in an SAE's name)
-DEFAULT_TOLERANCES = {
-    "ce_rec": 0.01,
-    "ce_loss_score": 0.01,
-    "delta_ce": 0.01,
-    "ce_recon": 0.01,
-    "kl_div": 0.01,
-    "kl_div_score": 0.01,
-    "cosine": 0.005,
-    "rel_error": 0.005,
-    "alive_frac": 0.02,
-}
 # What must match for a comparison to mean anything; the rest is recorded for the reader.
 MUST_MATCH = ("tokens", "model", "hook", "dtype", "excluded_ids", "n_sequences")
 REFRESH = "refresh with --sae-update-baseline"
@@ -377,7 +366,7 @@ def compare_sae(
             continue
         checks[metric] = _check(metric, before, result.metrics[metric].value, paired.get(metric),
                                 bootstrap.confidence,
-                                DEFAULT_TOLERANCES.get(metric, 0.0) if tolerance is None else tolerance)
+                                METRICS[metric].tolerance if tolerance is None else tolerance)
     return checks
 
 

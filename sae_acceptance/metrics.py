@@ -41,35 +41,34 @@ class MetricSpec:
     higher_is_better: bool | None  # None: no direction (reported, never regressed on)
     has_ci: bool = True
     gateable: bool = True
-    description: str = ""
+    tolerance: float = 0.0  # default allowed worsening against a baseline, in the metric's units
 
 
 INF = math.inf
 METRICS: dict[str, MetricSpec] = {
     s.name: s
     for s in (
-        MetricSpec("ce_rec", -INF, INF, True, description="2 − ce_recon/ce_orig"),
-        MetricSpec("ce_loss_score", -INF, INF, True, description="(ce_ablate − ce_recon)/(ce_ablate − ce_orig)"),
-        MetricSpec("delta_ce", -INF, INF, False, description="ce_recon − ce_orig (nats)"),
-        MetricSpec("ce_orig", 0, INF, None, description="unpatched CE (nats)"),
-        MetricSpec("ce_recon", 0, INF, False, description="CE with the reconstruction (nats)"),
-        MetricSpec("ce_ablate", 0, INF, None, description="CE with the hook zero-ablated (nats)"),
-        MetricSpec("kl_div", 0, INF, False, description="mean KL(p_orig || p_recon) (nats)"),
-        MetricSpec("kl_div_score", -INF, INF, True, description="(kl_ablate − kl_div)/kl_ablate"),
-        MetricSpec("cosine", -1, 1, True, description="mean token cosine(a, â)"),
-        MetricSpec("rel_error", 0, INF, False, description="mean token ‖a − â‖/‖a‖"),
-        MetricSpec("mse_mean", 0, INF, False, description="mean over tokens and dims of (a − â)²"),
-        MetricSpec("mse_sum", 0, INF, False, description="mean over tokens of ‖a − â‖²"),
-        MetricSpec("r2", -INF, 1, None, gateable=False, description="1 − SSE/SST, mean-centred, pooled"),
-        MetricSpec("sse_per_token", 0, INF, None, description="SSE / n_tokens"),
-        MetricSpec("sst_per_token", 0, INF, None, description="SST / n_tokens"),
-        MetricSpec("l2_ratio", 0, INF, None, description="mean token ‖â‖/‖a‖"),
-        MetricSpec("l0", 0, INF, None, description="mean nonzero latents per token"),
-        MetricSpec("alive_frac", 0, 1, True, has_ci=False, description="latents firing on ≥ 1 counted token"),
-        MetricSpec("dead_frac", 0, 1, False, has_ci=False, description="latents firing on no counted token"),
-        MetricSpec("dense_frac", 0, 1, False, has_ci=False,
-                   description="latents firing on more than dense_threshold of the counted tokens"),
-        MetricSpec("rate_bits", 0, INF, None, has_ci=False, description="bits/token coding proxy"),
+        MetricSpec("ce_rec", -INF, INF, True, tolerance=0.01),
+        MetricSpec("ce_loss_score", -INF, INF, True, tolerance=0.01),
+        MetricSpec("delta_ce", -INF, INF, False, tolerance=0.01),
+        MetricSpec("ce_orig", 0, INF, None),
+        MetricSpec("ce_recon", 0, INF, False, tolerance=0.01),
+        MetricSpec("ce_ablate", 0, INF, None),
+        MetricSpec("kl_div", 0, INF, False, tolerance=0.01),
+        MetricSpec("kl_div_score", -INF, INF, True, tolerance=0.01),
+        MetricSpec("cosine", -1, 1, True, tolerance=0.005),
+        MetricSpec("rel_error", 0, INF, False, tolerance=0.005),
+        MetricSpec("mse_mean", 0, INF, False),
+        MetricSpec("mse_sum", 0, INF, False),
+        MetricSpec("r2", -INF, 1, None, gateable=False),
+        MetricSpec("sse_per_token", 0, INF, None),
+        MetricSpec("sst_per_token", 0, INF, None),
+        MetricSpec("l2_ratio", 0, INF, None),
+        MetricSpec("l0", 0, INF, None),
+        MetricSpec("alive_frac", 0, 1, True, has_ci=False, tolerance=0.02),
+        MetricSpec("dead_frac", 0, 1, False, has_ci=False, tolerance=0.02),
+        MetricSpec("dense_frac", 0, 1, False, has_ci=False, tolerance=0.01),
+        MetricSpec("rate_bits", 0, INF, None, has_ci=False),
     )
 }
 # What a splice measures: the joint patched loss (no reconstruction is compared to one activation).

@@ -135,11 +135,11 @@ def test_update_under_xdist_leaves_one_valid_file(pytester, gate):  # noqa: F811
     check.assert_outcomes(passed=6, deselected=8)
 
 
-@pytest.mark.parametrize("metric", ["ce_rec", "cosine"])
-def test_default_tolerances_are_non_negative(metric):
-    from sae_acceptance.baseline import DEFAULT_TOLERANCES
+def test_every_metric_with_a_direction_has_a_non_negative_default_tolerance():
+    from sae_acceptance.metrics import METRICS
 
-    assert DEFAULT_TOLERANCES[metric] >= 0
+    assert all(spec.tolerance >= 0 for spec in METRICS.values())
+    assert METRICS["ce_rec"].tolerance == 0.01 and METRICS["dense_frac"].tolerance == 0.01
 
 
 def test_a_baseline_entry_gives_back_every_regressable_metric():
