@@ -187,20 +187,19 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    items = session.items
+    saes = [(i.sae.loaded.path, i.sae.entry.display_name) for i in items if isinstance(i, _SAEItem)]
+    splices = [(i.splice.loaded.path, i.splice.entry.name) for i in items if isinstance(i, _SpliceItem)]
+    session.config.stash[SELECTED_KEY] = _by_file(saes)
+    session.config.stash[SPLICES_KEY] = _by_file(splices)
+
+
+def _by_file(entries: list[tuple[Path, str]]) -> dict[Path, list[str]]:
+    """Entry names with at least one selected item, per thresholds file, in order and once each."""
     selected: dict[Path, list[str]] = {}
-    for item in session.items:
-        if isinstance(item, _SAEItem):
-            names = selected.setdefault(item.sae.loaded.path, [])
-            if item.sae.entry.display_name not in names:
-                names.append(item.sae.entry.display_name)
-    session.config.stash[SELECTED_KEY] = selected
-    splices: dict[Path, list[str]] = {}
-    for item in session.items:
-        if isinstance(item, _SpliceItem):
-            names = splices.setdefault(item.splice.loaded.path, [])
-            if item.splice.entry.name not in names:
-                names.append(item.splice.entry.name)
-    session.config.stash[SPLICES_KEY] = splices
+    for path, name in dict.fromkeys(entries):
+        selected.setdefault(path, []).append(name)
+    return selected
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -43,8 +43,6 @@ REFUSED_ARCHITECTURES = {
 
 def read_directory(path: Path) -> SAE:
     cfg_file = path / "cfg.json"
-    if not cfg_file.exists():
-        raise SAEFormatError(f"{path}: no cfg.json in the SAE directory")
     cfg = read_json_object(cfg_file)
     file = path / WEIGHTS
     return from_config(cfg, read_safetensors(file), where=cfg_file, weights=file, path=path)

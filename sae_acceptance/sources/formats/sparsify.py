@@ -25,8 +25,6 @@ ACTIVATIONS = ("topk", "groupmax")
 
 def read_directory(path: Path) -> SAE:
     cfg_file = path / "cfg.json"
-    if not cfg_file.exists():
-        raise SAEFormatError(f"{path}: no cfg.json in the SAE directory")
     cfg = read_json_object(cfg_file)
     file = path / WEIGHTS
     tensors = read_safetensors(file)

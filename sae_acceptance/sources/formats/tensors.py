@@ -64,6 +64,9 @@ def require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], file: Path
 
 
 def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`, or one SAEFormatError naming the file (and line)."""
+    if not file.exists():
+        raise SAEFormatError(f"{file.parent}: no {file.name} in the SAE directory")
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
