@@ -34,16 +34,15 @@ K_GRID = (8, 16, 24, 32, 48, 64)
 
 
 def default_hooks(n_layers: int) -> list[str]:
-    """Residual-stream outputs of the first blocks and two MLP outputs: six hooks of two kinds."""
-    resid = [f"blocks.{layer}.hook_resid_post" for layer in range(0, n_layers - 1, max(1, (n_layers - 1) // 4))][:4]
-    mlp = [f"blocks.{layer}.hook_mlp_out" for layer in (1, n_layers - 2)]
-    return list(dict.fromkeys(resid + mlp))
+    """A release's usual shape: the residual stream after each block (six blocks, evenly spread)."""
+    layers = sorted({round(i * (n_layers - 1) / 5) for i in range(6)}) if n_layers > 6 else range(n_layers)
+    return [f"blocks.{layer}.hook_resid_post" for layer in layers]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_model_args(p)
-    p.add_argument("--hooks", nargs="+", help="default: 4 resid_post and 2 mlp_out hooks")
+    p.add_argument("--hooks", nargs="+", help="default: blocks.L.hook_resid_post of six blocks, evenly spread")
     p.add_argument("--k-grid", type=int, nargs="+", default=list(K_GRID))
     p.add_argument("--n-batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
