@@ -14,6 +14,7 @@ PACKAGES = {"sae_acceptance": REPO / "sae_acceptance", "pytest_sae_acceptance": 
 # Function-level imports of project modules that are lazy on purpose; each says why at the import.
 LAZY_ON_PURPOSE = {
     ("pytest_sae_acceptance.items", "pytest_sae_acceptance.session"),  # torch only once an SAE item runs
+    ("pytest_sae_acceptance.plugin", "pytest_sae_acceptance.scheduling"),  # pytest-xdist is optional
 }
 
 

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from pytest_sae_acceptance.selection import SESSION_KEY, baseline_path, group_key, splice_node
+from pytest_sae_acceptance.selection import SESSION_KEY, baseline_path, splice_node
 from sae_acceptance.config import LoadedThresholds, load_thresholds
 from sae_acceptance.errors import ConfigError, R2ProxyWarning, SAEAcceptanceError
 from sae_acceptance.verdict import Status
@@ -82,7 +82,6 @@ class SAECollector(_Collector):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_marker(pytest.mark.xdist_group(group_key(self.loaded, self.entry)))
 
     def fetch(self):
         return sae_session(self.config).result(self.loaded, self.entry.display_name)
@@ -91,7 +90,6 @@ class SAECollector(_Collector):
 class SpliceCollector(_Collector):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_marker(pytest.mark.xdist_group(f"{self.loaded.path.stem}:{self.name}"))
 
     def fetch(self):
         return sae_session(self.config).splice(self.loaded, self.entry.name)

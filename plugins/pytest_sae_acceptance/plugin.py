@@ -88,7 +88,6 @@ def asked_for(config: pytest.Config) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sae: an SAE acceptance check from a thresholds file")
-    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist keeps a group on one worker")
     if not is_xdist_worker(config):
         config.stash[FAILED_KEY] = FailedChecks(config)
         config.pluginmanager.register(config.stash[FAILED_KEY], "sae-acceptance-failed-checks")
@@ -97,19 +96,19 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.sae_shard = Shard.parse(config.option.sae_shard)
         except SAEAcceptanceError as err:
             raise pytest.UsageError(f"--sae-shard: {err}") from None
-    if is_xdist_worker(config):
-        if config.workerinput.get("sae_loadgroup"):
-            config.option.loadgroup = True  # mirror the controller: tag items with their group
-    elif getattr(config.option, "dist", "no") == "load" and asked_for(config):
-        # SAEs of one hookpoint share passes, so they go to one worker together; other
-        # tests are spread one by one, as under `load`.
-        config.option.dist = "loadgroup"
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:
-    """xdist controller: tell each worker whether SAE groups are scheduled as units."""
-    node.workerinput["sae_loadgroup"] = node.config.getoption("dist") == "loadgroup"
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under the default `--dist load`, a run that collects thresholds files keeps each SAE
+    group (one model and hook) on one worker; every other test is spread one by one."""
+    if config.getoption("dist") != "load" or not asked_for(config):
+        return None
+    from pytest_sae_acceptance.scheduling import (
+        SAEGroupScheduling,  # xdist is optional: only when it runs
+    )
+
+    return SAEGroupScheduling(config, log)
 
 
 def named_toml(config: pytest.Config) -> set[Path]:
@@ -154,8 +153,8 @@ def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`--sae-shard I/N`: deselect the SAEs outside this share. Under loadgroup, SAE groups
-    come first, costliest first (xdist hands groups out in collection order, and by default
+    """`--sae-shard I/N`: deselect the SAEs outside this share. Under xdist, SAE groups come
+    first, costliest first (xdist hands groups out in collection order, and by default
     re-sorts them by item count, stably)."""
     shard = config.getoption("--sae-shard")
     if shard is not None:
@@ -172,7 +171,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = keep
-    if getattr(config.option, "dist", "no") == "loadgroup" or getattr(config.option, "loadgroup", False):
+    if getattr(config.option, "dist", "no") != "no" or is_xdist_worker(config):
         costs = {}
 
         def cost(item: pytest.Item) -> int:
