@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import random_topk_sae
 
 from sae_acceptance.baseline import load_baseline, update_baseline
@@ -75,6 +76,7 @@ WRITERS: dict[str, tuple[Callable[[Path, int], None], Callable[[Path], None], Ca
 
 def _run_writer(write: Callable[[Path, int], None], target: Path, ready: Path) -> None:
     """The forked child: write once, say so, then rewrite until killed."""
+    torch.set_num_threads(1)  # the parent's intra-op thread pool did not survive the fork: using it hangs
     signal.signal(signal.SIGINT, signal.default_int_handler)
     status = 0
     try:
