@@ -28,6 +28,7 @@ _PUBLIC = {
     "SAEResult": "sae_acceptance.results",
     "evaluate": "sae_acceptance.evaluate",
     "run_gate": "sae_acceptance.gate",
+    "load_backend": "sae_acceptance.sources.model",
     "load_model": "sae_acceptance.sources.model",
     "SAE": "sae_acceptance.sources.sae",
     "load_sae": "sae_acceptance.sources.sae",

@@ -118,7 +118,11 @@ def load_backend(
 def load_transformer_lens(
     source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
 ) -> Backend:
-    """TransformerLens 3 or 4, whichever is installed."""
+    """TransformerLens 3 or 4, whichever is installed.
+
+    Each backend module imports its library's classes at the top, and TransformerLens 3's
+    `HookedTransformer` does not exist in 4 (nor the bridge in 3): only the installed one is imported.
+    """
     if transformer_lens_major() < 4:
         from sae_acceptance.sources.backends.transformer_lens import load
 
@@ -138,7 +142,7 @@ def transformer_lens_major() -> int:
 def load_hf(
     source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
 ) -> Backend:
-    from sae_acceptance.sources.backends.hf import load
+    from sae_acceptance.sources.backends.hf import load  # transformers' model classes: only when used
 
     if kwargs != NO_PROCESSING:
         changed = ", ".join(f"{k}={v}" for k, v in kwargs.items() if NO_PROCESSING.get(k) != v)

@@ -29,6 +29,8 @@ def as_backend(model: Any) -> Backend:
 
 
 def _wrap(model: Any) -> Backend:
+    """The backend for a loaded model; its module is imported here because TransformerLens 3
+    and 4 cannot both be installed (each module imports its own version's classes)."""
     kind = type(model).__name__
     if kind == "TransformerBridge":
         from sae_acceptance.sources.backends.bridge import BridgeBackend
