@@ -142,7 +142,8 @@ def transformer_lens_major() -> int:
 def load_hf(
     source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
 ) -> Backend:
-    from sae_acceptance.sources.backends.hf import load  # transformers' model classes: only when used
+    # transformers' model classes, imported only when a model runs on this backend
+    from sae_acceptance.sources.backends.hf import load
 
     if kwargs != NO_PROCESSING:
         changed = ", ".join(f"{k}={v}" for k, v in kwargs.items() if NO_PROCESSING.get(k) != v)
