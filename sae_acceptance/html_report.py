@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sae_acceptance.baseline import RegressionCheck
+from sae_acceptance.config import CanyonSettings
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import write_atomic
 from sae_acceptance.metrics import latent_densities
@@ -360,7 +361,7 @@ def _profile_figure(result: SAEResult, report: EvalReport) -> bytes | None:
     canyon band shaded (no model is run: the report's own geometry)."""
     if result.geometry is None:
         return None
-    canyon = report.settings.get("canyon", {"threshold": 0.02, "use": "raw"})
+    canyon = report.settings.get("canyon") or CanyonSettings().model_dump()
     deflated = canyon.get("use") == "deflated"
     kind = HookPoint.parse(result.hook).kind
     by_layer: dict[int, float] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field, PositiveInt, ValidationError, field_validator
 
-from sae_acceptance.config import Bound, StrictModel, describe, read_toml
+from sae_acceptance.config import Bound, EvalSettings, StrictModel, describe, read_toml
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.settings import TrainSettings
@@ -26,10 +26,12 @@ class DataSpec(StrictModel):
 
 
 class EvalSpec(StrictModel):
+    """A profile's eval set; unset fields take thresholds.toml's defaults (`EvalSettings`)."""
+
     dataset: str | None = Field(None, description="default: the training stream, skipped ahead")
-    n_sequences: int = Field(200, gt=0)
-    skip: int = Field(0, ge=0)
-    batch_size: int = Field(8, gt=0)
+    n_sequences: int = Field(EvalSettings.model_fields["n_sequences"].default, gt=0)
+    skip: int = Field(EvalSettings.model_fields["skip"].default, ge=0)
+    batch_size: int = Field(EvalSettings.model_fields["batch_size"].default, gt=0)
 
 
 class ModelSpec(StrictModel):
