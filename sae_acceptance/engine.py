@@ -34,13 +34,7 @@ class HookRun:
 
     sums: dict[str, SequenceSums]
     covariance: CovarianceAccumulator
-    n_tokens: int
-    n_counted: int
     eval_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.n_tokens / self.eval_s if self.eval_s > 0 else float("nan")
 
 
 @dataclass
@@ -51,7 +45,7 @@ class ModelRun:
     hooks: dict[str, HookRun]
     splices: dict[str, SequenceSums]
     eval_s: float
-    n_tokens: int
+    n_positions: int  # every token position of the eval set (counted or not)
     backend: str = ""
     tail_only: bool = True
 
@@ -291,7 +285,7 @@ class _Evaluation:
             }
         )
 
-    def results(self, n_seq: int, ctx: int, n_counted: int, eval_s: float, shared_s: float) -> ModelRun:
+    def results(self, n_seq: int, ctx: int, eval_s: float, shared_s: float) -> ModelRun:
         per_hook_shared = shared_s / max(len(self.by_hook), 1)
         hooks = {}
         for hook, saes in self.by_hook.items():
@@ -308,8 +302,6 @@ class _Evaluation:
             hooks[hook] = HookRun(
                 sums=sums,
                 covariance=self.covariance[hook],
-                n_tokens=n_seq * ctx,
-                n_counted=n_counted,
                 eval_s=self.hook_s[hook] + per_hook_shared,
             )
         splices = {}
@@ -382,7 +374,7 @@ def run_model(
             mask = counted[begin : begin + batch_size].to(backend.device)
             state.batch(tok, mask)
     eval_s = time.perf_counter() - start
-    return state.results(n_seq, ctx, int(counted.sum()), eval_s, eval_s - sum(state.hook_s.values()))
+    return state.results(n_seq, ctx, eval_s, eval_s - sum(state.hook_s.values()))
 
 
 def run_hook(

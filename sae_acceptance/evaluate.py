@@ -117,7 +117,7 @@ def evaluate(
         spliced = _splices_of(loaded, splice_entries, joint, by_name, group, saes)
         model_run = run_model(backend, saes, tokens, counted, settings.batch_size, progress, splices=spliced)
         timing["eval_s"] += model_run.eval_s
-        timing["n_tokens"] += model_run.n_tokens
+        timing["n_tokens"] += model_run.n_positions
         eval_info.setdefault("models", {})[model_name] = {
             "backend": model_run.backend,
             "patched_passes": "tail from the hook" if model_run.tail_only else "full forward",

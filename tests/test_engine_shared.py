@@ -35,7 +35,7 @@ def _assert_same(a, b):
 def test_shared_pass_equals_per_hook_runs_exactly(tiny_model, tiny_tokens, counted):
     by_hook = {hook: _saes(seed) for seed, hook in enumerate(HOOKS)}
     shared = run_model(tiny_model, by_hook, tiny_tokens, counted, batch_size=5, progress=False)
-    assert set(shared.hooks) == set(HOOKS) and shared.n_tokens == tiny_tokens.numel()
+    assert set(shared.hooks) == set(HOOKS) and shared.n_positions == tiny_tokens.numel()
     for hook, saes in by_hook.items():
         alone = run_hook(tiny_model, hook, saes, tiny_tokens, counted, batch_size=5, progress=False)
         for name in saes:
