@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae_acceptance.baseline import RegressionCheck
-from sae_acceptance.config import LoadedThresholds
+from sae_acceptance.config import LoadedThresholds, splice_key
 from sae_acceptance.render import format_table
 from sae_acceptance.report import (
     REGRESSION_HEADER,
@@ -57,10 +57,10 @@ def failures_of(
     at its entry's line (what pytest reports as failed items)."""
     file = workspace_path(loaded.path)
     lines = {entry.display_name: loaded.line_of("sae", i) for i, entry in enumerate(loaded.config.sae)}
-    lines.update({f"splice:{s.name}": loaded.line_of("splice", i) for i, s in enumerate(loaded.config.splice)})
+    lines.update({s.key: loaded.line_of("splice", i) for i, s in enumerate(loaded.config.splice)})
     failures = []
-    for result in [*report.saes.values(), *report.splices.values()]:
-        node = result.name if isinstance(result, SAEResult) else f"splice:{result.name}"
+    for result in report.entries:
+        node = result.name if isinstance(result, SAEResult) else splice_key(result.name)
         line = lines.get(node, 1)
         if result.error is not None:
             failures.append(Failure(file, line, f"{loaded.path.name}::{node}", result.error))

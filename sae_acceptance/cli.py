@@ -27,8 +27,8 @@ from sae_acceptance.config import (
     write_json_schema,
 )
 from sae_acceptance.errors import ConfigError, SAEAcceptanceError
-from sae_acceptance.gate import compared_baseline, run_gate
 from sae_acceptance.gate import exit_status as gate_exit_status
+from sae_acceptance.gate import run_gate
 from sae_acceptance.geometry import CanyonRule
 from sae_acceptance.html_report import write_html
 from sae_acceptance.io import read_json, write_json
@@ -216,7 +216,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     shard = None if args.shard is None else Shard.parse(args.shard)
     names = None if shard is None else share(loaded, shard)
-    baseline = None if args.update_baseline else compared_baseline(loaded, args.baseline)
+    baseline = None if args.update_baseline else loaded.compared_baseline(args.baseline)
     run = run_gate(loaded, baseline, args.baseline_strict, names=names, progress=not args.no_progress)
     report = run.report
     print(format_report(report))

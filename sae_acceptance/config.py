@@ -183,6 +183,11 @@ def _check_splice_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
     return gate
 
 
+def splice_key(name: str) -> str:
+    """`splice:<name>`: a splice's node name and baseline entry, apart from the SAEs' names."""
+    return f"splice:{name}"
+
+
 class SpliceEntry(StrictModel):
     """`[[splice]]`: SAEs of one model at different hooks, patched in together in one forward."""
 
@@ -195,6 +200,10 @@ class SpliceEntry(StrictModel):
     @classmethod
     def _node_safe(cls, name: str) -> str:
         return node_safe(name)
+
+    @property
+    def key(self) -> str:
+        return splice_key(self.name)
 
 
 class Thresholds(StrictModel):
@@ -282,6 +291,10 @@ class LoadedThresholds(BaseModel):
         if override:
             return Path(override).expanduser().resolve()
         return self.path.parent / Path(self.config.baseline or f"{self.path.stem}.baseline.json").expanduser()
+
+    def compared_baseline(self, override: str | Path | None = None) -> Path | None:
+        """The baseline a run compares against: `override` or `baseline =`; none otherwise."""
+        return self.baseline_file(override) if override or self.config.baseline else None
 
     def line_of(self, *loc: str | int) -> int:
         return locate(self.text, loc)

@@ -29,13 +29,6 @@ if TYPE_CHECKING:
     from sae_acceptance.config import SpliceEntry
     from sae_acceptance.results import SpliceResult
 
-SPLICE_PREFIX = "splice:"  # a splice's baseline key and node name: apart from the SAEs' names
-
-
-def splice_key(name: str) -> str:
-    return f"{SPLICE_PREFIX}{name}"
-
-
 def tolerances_for(loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry) -> dict[str, float | None]:
     """The metrics compared against the baseline and their tolerance (None: the metric's default)."""
     regression = loaded.config.regression
@@ -81,25 +74,16 @@ class GateRun:
 
     def errors(self) -> list[str]:
         """Every entry that could not be evaluated or compared, one line each (all of its problems)."""
-        results = [*self.report.saes.values(), *getattr(self.report, "splices", {}).values()]
-        return [r.error for r in results if r.error] + [message for _, message in self.regression_errors()]
+        return [r.error for r in self.report.entries if r.error] + [message for _, message in self.regression_errors()]
 
 
 def exit_status(report: EvalReport, regressions=()) -> int:
     """0 all as expected; 1 a gate or regression failed; 2 an entry could not be evaluated or compared."""
-    results = [*report.saes.values(), *getattr(report, "splices", {}).values()]
     regressions = list(regressions)
-    if any(r.error for r in results) or any(isinstance(c, str) for c in regressions):
+    if any(r.error for r in report.entries) or any(isinstance(c, str) for c in regressions):
         return EXIT_ERROR
     regressed = any(not c.passed for checks in regressions for c in checks.values())
     return EXIT_OK if report.passed and not regressed else EXIT_FAILED
-
-
-def compared_baseline(loaded: LoadedThresholds, override: str | Path | None = None) -> Path | None:
-    """The baseline a run compares against: `override` or the file's `baseline =`; none otherwise."""
-    if override or loaded.config.baseline:
-        return loaded.baseline_file(override)
-    return None
 
 
 def run_gate(
@@ -121,10 +105,9 @@ def run_gate(
     except SAEAcceptanceError as err:
         stored = str(err)
     entries = {e.display_name: e for e in loaded.config.sae}
-    splices = {e.name: e for e in getattr(loaded.config, "splice", [])}
+    splices = {e.name: e for e in loaded.config.splice}
     compared = [(name, entries[name], r, name) for name, r in report.saes.items()]
-    compared += [(splice_key(name), splices[name], r, splice_key(name))
-                 for name, r in getattr(report, "splices", {}).items()]
+    compared += [(splices[name].key, splices[name], r, splices[name].key) for name, r in report.splices.items()]
     for shown, entry, result, key in compared:
         if result.error is not None:
             continue  # already an error of its own

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sae_acceptance.baseline import RegressionCheck
-from sae_acceptance.config import CanyonSettings
+from sae_acceptance.config import CanyonSettings, splice_key
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import write_atomic
 from sae_acceptance.metrics import latent_densities
@@ -89,7 +89,7 @@ def render_html(
     for result in report.saes.values():
         body.append(_sae_section(result, report, latents.get(result.name), by_entry.get(result.name, [])))
     for splice in report.splices.values():
-        body.append(_splice_section(splice, by_entry.get(f"splice:{splice.name}", [])))
+        body.append(_splice_section(splice, by_entry.get(splice_key(splice.name), [])))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
@@ -132,7 +132,7 @@ def _bound_text(bound: dict) -> str:
 
 
 def _summary_line(report: EvalReport, checks: dict[str, list[RegressionCheck]]) -> str:
-    entries = [*report.saes.values(), *report.splices.values()]
+    entries = report.entries
     items = [(r, m) for r in entries if r.error is None for m in r.verdicts]
     counts: dict[str, int] = {}
     for r, m in items:
@@ -168,7 +168,7 @@ def _eval_line(settings: dict[str, Any]) -> str:
 def _summary_table(report: EvalReport) -> str:
     """Every entry and every verdict, as `verdict.outcome` decided it."""
     rows = ["<table><tr><th>entry</th><th>hook</th><th>verdict</th><th>checks</th></tr>"]
-    for result in [*report.saes.values(), *report.splices.values()]:
+    for result in report.entries:
         is_sae = isinstance(result, SAEResult)
         name = result.name if is_sae else f"splice {result.name}"
         anchor = _anchor(result)

@@ -173,7 +173,7 @@ def format_report(report: EvalReport) -> str:
     lines = [format_table(SUMMARY_HEADER, summary_rows(report.saes.values()))]
     if report.splices:
         lines.append(format_table(SPLICE_HEADER, splice_rows(report.splices.values())))
-    for r in [*report.saes.values(), *report.splices.values()]:
+    for r in report.entries:
         label = r.name if isinstance(r, SAEResult) else f"splice {r.name}"
         if r.error:
             lines.append(f"ERROR {label}: {r.error}")

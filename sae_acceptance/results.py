@@ -131,8 +131,13 @@ class EvalReport:
     splices: dict[str, SpliceResult] = field(default_factory=dict)
 
     @property
+    def entries(self) -> list[SAEResult | SpliceResult]:
+        """Every SAE's result, then every splice's."""
+        return [*self.saes.values(), *self.splices.values()]
+
+    @property
     def passed(self) -> bool:
-        return all(r.passed for r in [*self.saes.values(), *self.splices.values()])
+        return all(r.passed for r in self.entries)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -101,7 +101,7 @@ def units(loaded: LoadedThresholds) -> list[list[str]]:
             key = parent[key]
         return key
 
-    for splice in getattr(loaded.config, "splice", []):
+    for splice in loaded.config.splice:
         members = [of_name[name] for name in splice.saes if name in of_name]
         for other in members[1:]:
             parent[root(other)] = root(members[0])

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from pytest_sae_acceptance.selection import SESSION_KEY, baseline_path, splice_node
+from pytest_sae_acceptance.selection import SESSION_KEY, baseline_path
 from sae_acceptance.config import LoadedThresholds, load_thresholds
 from sae_acceptance.errors import ConfigError, R2ProxyWarning, SAEAcceptanceError
 from sae_acceptance.verdict import Status
@@ -46,7 +46,7 @@ class ThresholdsFile(pytest.File):
             )
         for i, splice in enumerate(loaded.config.splice):
             yield SpliceCollector.from_parent(
-                self, name=splice_node(splice.name), loaded=loaded, entry=splice, line=loaded.line_of("splice", i)
+                self, name=splice.key, loaded=loaded, entry=splice, line=loaded.line_of("splice", i)
             )
 
 

@@ -15,7 +15,6 @@ from sae_acceptance.shard import group_key
 
 __all__ = [
     "baseline_path", "baseline_target", "group_key", "is_xdist_worker", "selected_names", "selected_splices",
-    "splice_node",
 ]
 
 SESSION_KEY = pytest.StashKey["SAESession"]()
@@ -33,11 +32,6 @@ def selected_splices(config: pytest.Config) -> dict[Path, list[str]]:
     return config.stash.get(SPLICES_KEY, {})
 
 
-def splice_node(name: str) -> str:
-    """A splice's node name and baseline key, `splice:<name>`: apart from the SAEs' names."""
-    return f"splice:{name}"
-
-
 def baseline_target(config: pytest.Config, loaded: LoadedThresholds) -> Path:
     """Where --sae-update-baseline writes: the option, the file's `baseline`, or a default."""
     return loaded.baseline_file(config.getoption("--sae-baseline"))
@@ -47,9 +41,7 @@ def baseline_path(config: pytest.Config, loaded: LoadedThresholds) -> Path | Non
     """The baseline to compare against (none while it is being written)."""
     if config.getoption("--sae-update-baseline"):
         return None
-    if config.getoption("--sae-baseline") or loaded.config.baseline:
-        return baseline_target(config, loaded)
-    return None
+    return loaded.compared_baseline(config.getoption("--sae-baseline"))
 
 
 def is_xdist_worker(config: pytest.Config) -> bool:
