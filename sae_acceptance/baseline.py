@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
+from sae_acceptance.config import splice_key
 from sae_acceptance.errors import BaselineError
 from sae_acceptance.io import OutputError, locked, read_json, remove_lock, write_atomic
 from sae_acceptance.metrics import METRICS
@@ -127,10 +128,12 @@ def load_baseline(path: Path) -> Baseline:
 
 
 def baseline_entries(report: EvalReport) -> dict[str, Any]:
-    """The baseline entries of a report's SAEs that were measured (an SAE with an error has none)."""
+    """The baseline entries of a report's measured SAEs (under their names) and splices (under
+    `splice:<name>`); an entry with an error has none."""
+    measured = [*report.saes.items(), *((splice_key(name), r) for name, r in report.splices.items())]
     return {
-        name: entry_for(result, report.settings)
-        for name, result in report.saes.items()
+        key: entry_for(result, report.settings)
+        for key, result in measured
         if result.error is None and result.sums is not None
     }
 

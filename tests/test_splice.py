@@ -123,3 +123,16 @@ saes = ["a", "b"]
     path.write_text(text.replace('saes = ["a", "b"]', 'saes = ["a"]\ngate = { cosine = { min = 0.5 } }'))
     with pytest.raises(ConfigError, match=r"thresholds.toml:18: splice.0.gate.cosine: a splice gates its joint loss only"):
         load_thresholds(path)
+
+
+def test_baseline_entries_hold_every_splice_under_its_key(spliced):
+    """The CLI and the plugin both write `baseline_entries(report)`: splices are in it, so
+    `eval --config --update-baseline` gives splice regression items something to compare with."""
+    from sae_acceptance.baseline import baseline_entries
+
+    report, _ = spliced
+    entries = baseline_entries(report)
+    assert set(entries) == {"s0", "s1", "splice:both", "splice:alone"}
+    joint = entries["splice:both"]
+    assert joint["fingerprint"]["hook"] == " + ".join(HOOKS)
+    assert joint["metrics"]["ce_rec"]["value"] == report.splices["both"].metrics["ce_rec"].value

@@ -32,7 +32,7 @@ from sae_acceptance.baseline import (
     update_baseline,
 )
 from sae_acceptance.ci_summary import Failure, in_actions, markdown, publish, workspace_path
-from sae_acceptance.config import EvalSettings, LoadedThresholds, SAEEntry, SpliceEntry, splice_key
+from sae_acceptance.config import EvalSettings, LoadedThresholds, SAEEntry, SpliceEntry
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.gate import regression_checks
@@ -198,10 +198,6 @@ class SAESession:
             for path, report in self.reports.items():
                 target = str(baseline_target(self.config, self.loaded[path]))
                 part["baselines"].setdefault(target, {}).update(baseline_entries(report))
-                joint = {
-                    splice_key(n): dataclasses.replace(r, name=splice_key(n)) for n, r in report.splices.items()
-                }
-                part["baselines"][target].update(baseline_entries(EvalReport(report.settings, report.timing, joint)))
         return part
 
     def write_outputs(self, parts: list[dict[str, Any]], interrupted: bool) -> None:
