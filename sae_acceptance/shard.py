@@ -92,9 +92,9 @@ def group_cost(n_saes: int) -> int:
 def units(loaded: LoadedThresholds) -> list[list[str]]:
     """Groups joined by the splices that span them: what one machine or worker must evaluate
     together. In file order; each a list of group keys."""
-    keys = list(groups(loaded))
-    of_name = {name: key for key, names in groups(loaded).items() for name in names}
-    parent = {key: key for key in keys}
+    by_group = groups(loaded)
+    of_name = {name: key for key, names in by_group.items() for name in names}
+    parent = {key: key for key in by_group}
 
     def root(key: str) -> str:
         while parent[key] != key:
@@ -106,16 +106,32 @@ def units(loaded: LoadedThresholds) -> list[list[str]]:
         for other in members[1:]:
             parent[root(other)] = root(members[0])
     joined: dict[str, list[str]] = {}
-    for key in keys:
+    for key in by_group:
         joined.setdefault(root(key), []).append(key)
     return list(joined.values())
+
+
+def unit_of(loaded: LoadedThresholds) -> dict[str, str]:
+    """Every SAE name and splice key (`splice:<name>`) -> its unit (named by the unit's first
+    group): the xdist scope, and what a worker evaluates in one model run."""
+    by_group = groups(loaded)
+    out = {name: unit[0] for unit in units(loaded) for key in unit for name in by_group[key]}
+    out.update({splice.key: out[splice.saes[0]] for splice in loaded.config.splice})
+    return out
+
+
+def unit_costs(loaded: LoadedThresholds) -> dict[str, int]:
+    """Each unit's tail passes per batch, by the unit's name (as in `unit_of`)."""
+    by_group = groups(loaded)
+    return {unit[0]: sum(group_cost(len(by_group[key])) for key in unit) for unit in units(loaded)}
 
 
 def share(loaded: LoadedThresholds, shard: Shard) -> list[str]:
     """The SAE names of `shard`, in file order: the same answer on every machine."""
     by_group = groups(loaded)
     joined = units(loaded)
-    costs = [sum(group_cost(len(by_group[key])) for key in unit) for unit in joined]
+    cost_of = unit_costs(loaded)
+    costs = [cost_of[unit[0]] for unit in joined]
     models = [{key.split(":")[1] for key in unit} for unit in joined]
     mine = {key for i in partition(costs, models, shard.count)[shard.index - 1] for key in joined[i]}
     return [name for key, names in by_group.items() if key in mine for name in names]

@@ -156,3 +156,40 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
     bad = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-shard", "4/3")
     assert bad.ret == 4
     bad.stderr.fnmatch_lines(["*--sae-shard: shard '4/3': expected I/N with 1 <= I <= N*"])
+
+
+def write_spliced_grid(folder: Path, model: Path, tokens: Path) -> Path:
+    """The grid plus a group at a third hook, and a splice joining the first two hooks' groups:
+    two units, {h0, h1, splice:pair} and {h2}."""
+    path = write_grid(folder, model, tokens, fail=None)
+    extra = []
+    for i in range(2):
+        save_sae(random_topk_sae(k=4, seed=90 + i, hook="blocks.2.hook_resid_post"), folder / "saes" / f"h2-k{i}")
+        extra.append(f'[[sae]]\nname = "h2-k{i}"\npath = "saes/h2-k{i}"\n')
+    splice = '[[splice]]\nname = "pair"\nsaes = ["h0-k0", "h1-k0"]\ngate = { kl_div = { max = 100.0 } }\n'
+    path.write_text(path.read_text() + "\n" + "\n".join(extra) + "\n" + splice)
+    return path
+
+
+def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_checkpoint, tiny_tokens_file):
+    from test_xdist_groups import COUNTING, model_runs
+
+    grid = write_spliced_grid(pytester.path, tiny_checkpoint, tiny_tokens_file)
+    pytester.makeconftest(COUNTING)
+    loaded = load_thresholds(grid)
+    shares = [share(loaded, Shard(i, 2)) for i in (1, 2)]
+    assert sorted(map(sorted, shares)) == [["h0-k0", "h0-k1", "h0-k2", "h1-k0", "h1-k1", "h1-k2"], ["h2-k0", "h2-k1"]]
+    runs, splices = [], []
+    for i in (1, 2):
+        result = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
+                                               "--sae-shard", f"{i}/2", "--sae-json", f"s{i}.json", "-v")
+        assert result.ret == 0, result.stdout.str()[-3000:]
+        ran = [line for line in result.stdout.lines if "thresholds.toml::splice:pair::" in line]
+        splices.append(len(ran))
+        runs += model_runs(pytester)
+        report = json.loads((pytester.path / f"s{i}.json").read_text())
+        assert sorted(report["splices"]) == (["pair"] if "h0-k0" in shares[i - 1] else [])
+    assert sorted(splices) == [0, 1]  # the splice's one item (kl_div), in the shard of its members
+    # every hook evaluated once over both shards, the splice in its members' run
+    assert sorted(sorted(run) for run in runs) == [["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+                                                   ["blocks.2.hook_resid_post"]]

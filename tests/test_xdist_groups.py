@@ -29,7 +29,8 @@ evaluate.run_model = _counting
 """
 
 
-def _runs(pytester) -> list[dict[str, list[str]]]:
+def model_runs(pytester) -> list[dict[str, list[str]]]:
+    """The model runs since the last call: {hook: SAE names} each."""
     log = pytester.path / "runs.log"
     runs = [json.loads(line) for line in log.read_text().splitlines()]
     log.unlink()
@@ -42,7 +43,7 @@ def test_each_group_once_on_one_worker_and_the_same_report(pytester, tiny_checkp
     pytester.makeconftest(COUNTING)
     args = ("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress", "-v")
     parallel = pytester.runpytest(*args, "-n", "2", "--sae-json", "n2.json")
-    runs = _runs(pytester)
+    runs = model_runs(pytester)
     by_hook = {hook: saes for run in runs for hook, saes in run.items()}
     assert sorted(hook for run in runs for hook in run) == sorted(HOOKS)  # each hook in one model run
     assert by_hook == {hook: [f"h{h}-k{i}" for i in range(3)] for h, hook in enumerate(HOOKS)}
@@ -54,8 +55,35 @@ def test_each_group_once_on_one_worker_and_the_same_report(pytester, tiny_checkp
     assert all(len(on) == 1 for on in workers.values()), workers
 
     serial = pytester.runpytest(*args, "-n", "0", "--sae-json", "n0.json")
-    assert [sorted(run) for run in _runs(pytester)] == [sorted(HOOKS)]  # one pass for both hooks
+    assert [sorted(run) for run in model_runs(pytester)] == [sorted(HOOKS)]  # one pass for both hooks
     assert parallel.ret == serial.ret == 1
     assert parallel.parseoutcomes() == serial.parseoutcomes()
     n2, n0 = (json.loads((pytester.path / f).read_text()) for f in ("n2.json", "n0.json"))
     assert n2["saes"] == n0["saes"]
+
+
+def test_a_splice_and_its_members_run_once_on_one_worker(pytester, tiny_checkpoint, tiny_tokens_file, monkeypatch):
+    from test_shards import write_spliced_grid
+
+    monkeypatch.setattr(evaluate, "run_model", evaluate.run_model)
+    write_spliced_grid(pytester.path, tiny_checkpoint, tiny_tokens_file)
+    pytester.makeconftest(COUNTING)
+    args = ("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress", "-v")
+    parallel = pytester.runpytest(*args, "-n", "2", "--sae-json", "n2.json")
+    runs = model_runs(pytester)
+    # two units, one model run each: the splice's members' hooks together, and the third hook
+    assert sorted(sorted(run) for run in runs) == [[*HOOKS], ["blocks.2.hook_resid_post"]]
+    workers: dict[str, set[str]] = {}
+    for line in parallel.stdout.lines:
+        if line.startswith("[gw") and "thresholds.toml::" in line:
+            entry = line.split("thresholds.toml::")[1].split("::")[0]
+            unit = "h2" if entry.startswith("h2") else "pair"  # h0, h1 and splice:pair are one unit
+            workers.setdefault(unit, set()).add(line.split("]")[0])
+    assert set(workers) == {"pair", "h2"} and all(len(on) == 1 for on in workers.values()), workers
+
+    serial = pytester.runpytest(*args, "-n", "0", "--sae-json", "n0.json")
+    assert len(model_runs(pytester)) == 1
+    assert parallel.ret == serial.ret == 0
+    assert parallel.parseoutcomes() == serial.parseoutcomes()
+    n2, n0 = (json.loads((pytester.path / f).read_text()) for f in ("n2.json", "n0.json"))
+    assert n2["saes"] == n0["saes"] and n2["splices"] == n0["splices"] and list(n0["splices"]) == ["pair"]

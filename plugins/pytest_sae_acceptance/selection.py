@@ -1,4 +1,4 @@
-"""What this run selects, known without loading anything: SAE groups, baselines, workers.
+"""What this run selects, known without loading anything: SAE units, baselines, workers.
 
 Light on purpose: the collection tree and the plugin's hooks import it in every
 pytest run where the package is installed.
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from sae_acceptance.config import LoadedThresholds
-from sae_acceptance.shard import group_key
+from sae_acceptance.shard import unit_of
 
 __all__ = [
-    "baseline_path", "baseline_target", "group_key", "is_xdist_worker", "selected_names", "selected_splices",
+    "baseline_path", "baseline_target", "is_xdist_worker", "selected_names", "selected_splices", "unit_of",
 ]
 
 SESSION_KEY = pytest.StashKey["SAESession"]()

@@ -19,10 +19,10 @@ import torch
 from pytest_sae_acceptance.selection import (
     baseline_path,
     baseline_target,
-    group_key,
     is_xdist_worker,
     selected_names,
     selected_splices,
+    unit_of,
 )
 from sae_acceptance.baseline import (
     Baseline,
@@ -32,7 +32,7 @@ from sae_acceptance.baseline import (
     update_baseline,
 )
 from sae_acceptance.ci_summary import Failure, in_actions, markdown, publish, workspace_path
-from sae_acceptance.config import EvalSettings, LoadedThresholds, SAEEntry, SpliceEntry
+from sae_acceptance.config import EvalSettings, LoadedThresholds, SAEEntry, SpliceEntry, splice_key
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.gate import regression_checks
@@ -75,17 +75,19 @@ class SAESession:
         self.progress = not config.getoption("--sae-no-progress") and not is_xdist_worker(config)
         self.device = worker_device(config)
 
-    def _together(self, loaded: LoadedThresholds, name: str) -> list[str]:
-        """The selected SAEs to evaluate with `name`: the file's, or on a worker its group's."""
-        entries = {entry.display_name: entry for entry in loaded.config.sae}
-        selected = [n for n in selected_names(self.config).get(loaded.path, []) if (loaded.path, n) not in self.results]
+    def _pending(self, loaded: LoadedThresholds, key: str) -> tuple[list[str], list[str]]:
+        """The selected SAEs and splices not yet evaluated that go with `key` (an SAE name or
+        splice key) in one evaluation: the file's, or on an xdist worker its unit's."""
+        saes = [n for n in selected_names(self.config).get(loaded.path, []) if (loaded.path, n) not in self.results]
+        splices = [n for n in selected_splices(self.config).get(loaded.path, []) if (loaded.path, n) not in self.splices]
         if is_xdist_worker(self.config):
-            group = group_key(loaded, entries[name])
-            selected = [n for n in selected if group_key(loaded, entries[n]) == group]
-        return selected if name in selected else [*selected, name]
+            unit = unit_of(loaded)
+            saes = [n for n in saes if unit[n] == unit[key]]
+            splices = [n for n in splices if unit[splice_key(n)] == unit[key]]
+        return saes, splices
 
     def result(self, loaded: LoadedThresholds, name: str) -> SAEResult:
-        """The SAE's result, evaluating it (with the SAEs it shares passes with) once.
+        """The SAE's result, evaluating it (with the SAEs and splices it shares passes with) once.
 
         An evaluation that fails as a whole (the model or tokens cannot load) fails every
         item of its SAEs with the same error, without being run again for each.
@@ -97,23 +99,18 @@ class SAESession:
         if key in self.failures:
             raise self.failures[key]
         if key not in self.results:
-            names = self._together(loaded, name)
-            splices = [] if is_xdist_worker(self.config) else self._pending_splices(loaded)
-            self._evaluate(loaded, names, splices)
+            names, splices = self._pending(loaded, name)
+            self._evaluate(loaded, names if name in names else [*names, name], splices)
         return self.results[key]
 
-    def _pending_splices(self, loaded: LoadedThresholds) -> list[str]:
-        return [n for n in selected_splices(self.config).get(loaded.path, []) if (loaded.path, n) not in self.splices]
-
     def splice(self, loaded: LoadedThresholds, name: str) -> SpliceResult:
-        """A `[[splice]]` group's result; its members are evaluated with it (again, on an xdist
-        worker that did not evaluate them)."""
+        """A `[[splice]]` group's result, evaluated with its members (and what goes with them) once."""
         key = (loaded.path, name)
         if key in self.failures:
             raise self.failures[key]
         if key not in self.splices:
-            splices = [name] if is_xdist_worker(self.config) else self._pending_splices(loaded)
-            self._evaluate(loaded, [], splices if name in splices else [*splices, name])
+            names, splices = self._pending(loaded, splice_key(name))
+            self._evaluate(loaded, names, splices if name in splices else [*splices, name])
         return self.splices[key]
 
     def _evaluate(self, loaded: LoadedThresholds, names: list[str], splices: list[str]) -> None:
