@@ -342,6 +342,29 @@ def test_escalated_r2_warning_is_a_short_failure(pytester, pristine):
     assert "_hooks.py" not in out and "Traceback" not in out and len(result.stdout.lines) < 60, out
 
 
+def test_escalated_hook_override_is_a_short_failure_of_each_item_evaluated_once(pytester, pristine):
+    shutil.copytree(pristine, pytester.path, dirs_exist_ok=True)
+    save_sae(identity_sae(hook="blocks.0.hook_resid_post"), pytester.path / "good")
+    toml = pytester.path / "thresholds.toml"
+    toml.write_text(toml.read_text().replace('path = "good"', f'path = "good"\nhook = "{HOOK}"'))
+    pytester.makeconftest(
+        "import sae_acceptance.evaluate as evaluate\n"
+        "_real = evaluate.evaluate\n"
+        "def _counting(*args, **kwargs):\n"
+        "    print('EVALUATING')\n"
+        "    return _real(*args, **kwargs)\n"
+        "evaluate.evaluate = _counting\n"
+    )
+    result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "-s",
+                                "-W", "error::sae_acceptance.HookOverrideWarning")
+    assert result.ret == 1
+    out = result.stdout.str()
+    assert out.count("EVALUATING") == 1, out
+    result.stdout.fnmatch_lines([f"good: evaluated at {HOOK}, but *good was trained at blocks.0.hook_resid_post*",
+                                 "*FAILED thresholds.toml::good::ce_rec*"])
+    assert "Traceback" not in out and "evaluate.py" not in out and len(result.stdout.lines) < 60, out
+
+
 def test_interrupted_run_writes_no_baseline(pytester, pristine):
     """Ctrl-C after the SAE items ran: pytest says interrupted, the baseline is not written."""
     shutil.copytree(pristine, pytester.path, dirs_exist_ok=True)

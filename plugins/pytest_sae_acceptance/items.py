@@ -114,6 +114,8 @@ class _CheckItem(pytest.Item):
             result = self.parent.fetch()
         except SAEAcceptanceError as err:
             raise self.input_error(str(err)) from None
+        except Warning as err:  # escalated by -W error: a failed check, in its own words
+            raise SAECheckFailed(str(err)) from None
         if result.error is not None:
             raise self.input_error(result.error)
         return result

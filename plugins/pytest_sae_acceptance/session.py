@@ -67,7 +67,7 @@ class SAESession:
         self.reports: dict[Path, EvalReport] = {}
         self.loaded: dict[Path, LoadedThresholds] = {}
         self.results: dict[tuple[Path, str], SAEResult] = {}
-        self.failures: dict[tuple[Path, str], SAEAcceptanceError] = {}
+        self.failures: dict[tuple[Path, str], SAEAcceptanceError | Warning] = {}
         self.baselines: dict[Path, Baseline] = {}
         self.regressions: list[tuple[str, RegressionCheck]] = []
         self.regression_checks: dict[tuple[Path, str], dict[str, RegressionCheck] | SAEAcceptanceError] = {}
@@ -125,7 +125,7 @@ class SAESession:
                 report = evaluate(
                     loaded, names=names, progress=self.progress, models=self.models, device=self.device, splices=splices
                 )
-            except SAEAcceptanceError as err:
+            except (SAEAcceptanceError, Warning) as err:  # a warning when -W error escalates it
                 self.failures.update({(loaded.path, n): err for n in [*names, *splices]})
                 raise
             if reporter is not None:
