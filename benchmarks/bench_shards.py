@@ -3,16 +3,21 @@
 Three measurements on random-weight GPT-NeoX checkpoints (`common.build_checkpoint`) and
 random TopK SAEs saved in SAELens format, through the product's own entry points:
 
-1. `pytest thresholds.toml -n 2` against `-n 0` on 2 hooks x 3 SAEs: how many model runs
-   evaluate each hook (must be one), and the summed CPU seconds inside `run_model` of
-   every process (a conftest wraps it), target <= 1.1x.
+1. `pytest thresholds.toml -n 2` against `-n 0` on 2 hooks x `--xdist-per-hook` SAEs (default
+   3): how many model runs evaluate each hook (must be one), and the summed CPU seconds inside
+   `run_model` of every process (a conftest wraps it), target <= 1.1x.
 2. `sae-acceptance eval --shard I/N` for N = 2 and 3, each shard its own process, on
-   2 models x 3 hooks x 3 SAEs, against the single run: the sum of the shards' CPU
-   seconds in `run_model`, target <= 1.05x; and `merge` giving the single run's metrics.
+   2 models x `--layers` hooks x `--per-hook` SAEs (default 3 x 3), against the single
+   run: the sum of the shards' CPU seconds in `run_model`, target <= 1.05x (medians of
+   `--repeats` round-robin runs); and `merge` giving the single run's metrics.
 3. A baseline of SAEs with 16,384 latents measured on 200 sequences: bytes per SAE
    (JSON block + sidecar), target <= 30 KB.
 
     python benchmarks/bench_shards.py --json benchmarks/results/cpu2-shards.json
+    python benchmarks/bench_shards.py --skip shards baseline --xdist-per-hook 12 \
+        --json benchmarks/results/cpu2-shards-xdist-wide.json
+    python benchmarks/bench_shards.py --skip xdist baseline --layers 0 1 2 3 4 5 --per-hook 6 \
+        --d-sae 8192 --n-seq 32 --batch 8 --json benchmarks/results/cpu2-shards-release.json
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import build_checkpoint, environment, model_size, random_tokens, random_topk_sae
+from common import build_checkpoint, environment, median, model_size, random_tokens, random_topk_sae
 
 HERE = Path(__file__).resolve()
 COUNTING = """
@@ -114,43 +119,61 @@ def worker_eval(argv: list[str]) -> None:
     sys.exit(code)
 
 
-def xdist_part(folder: Path, config: Path) -> dict:
+def xdist_part(folder: Path, config: Path, repeats: int) -> dict:
+    """`-n 0` and `-n 2` round-robin, `repeats` times each; the ratio is of the medians."""
     (folder / "conftest.py").write_text(COUNTING)
-    out = {}
-    for n in ("0", "2"):
-        start = time.perf_counter()
-        call([sys.executable, "-m", "pytest", config.name, "-p", "no:cacheprovider", "--sae-no-progress", "-q",
-              "-n", n, "--sae-json", f"xdist-n{n}.json"], folder)
-        wall = time.perf_counter() - start
-        measured = runs(folder)
-        hooks = [h for r in measured for h in r["hooks"]]
-        out[f"n{n}"] = {"model_runs": measured, "cpu_s": sum(r["cpu_s"] for r in measured), "wall_s": wall,
-                        "each_hook_once": sorted(hooks) == sorted(set(hooks))}
+    out: dict = {"n0": {"repeats": []}, "n2": {"repeats": []}}
+    same = []
+    for _ in range(repeats):
+        for n in ("0", "2"):
+            start = time.perf_counter()
+            call([sys.executable, "-m", "pytest", config.name, "-p", "no:cacheprovider", "--sae-no-progress", "-q",
+                  "-n", n, "--sae-json", f"xdist-n{n}.json"], folder)
+            wall = time.perf_counter() - start
+            measured = runs(folder)
+            hooks = [h for r in measured for h in r["hooks"]]
+            out[f"n{n}"]["repeats"].append({"model_runs": measured, "cpu_s": sum(r["cpu_s"] for r in measured),
+                                            "wall_s": wall, "each_hook_once": sorted(hooks) == sorted(set(hooks))})
+        a, b = (json.loads((folder / f"xdist-n{n}.json").read_text())["saes"] for n in ("0", "2"))
+        same.append(a == b)
     (folder / "conftest.py").unlink()
-    a, b = (json.loads((folder / f"xdist-n{n}.json").read_text())["saes"] for n in ("0", "2"))
+    for n in ("n0", "n2"):
+        out[n]["cpu_s"] = median([r["cpu_s"] for r in out[n]["repeats"]])
+        out[n]["each_hook_once"] = all(r["each_hook_once"] for r in out[n]["repeats"])
     out["ratio_cpu"] = out["n2"]["cpu_s"] / out["n0"]["cpu_s"]
-    out["same_report"] = a == b
+    out["ratio_cpu_each"] = [b["cpu_s"] / a["cpu_s"] for a, b in zip(out["n0"]["repeats"], out["n2"]["repeats"], strict=True)]
+    out["same_report"] = all(same)
     return out
 
 
-def shard_part(folder: Path, config: Path, counts: list[int]) -> dict:
-    call(eval_cmd(config, "--json", "single.json"), folder)
-    single = runs(folder)
-    out = {"single": {"cpu_s": sum(r["cpu_s"] for r in single), "model_runs": single}}
-    one = json.loads((folder / "single.json").read_text())["saes"]
+def shard_part(folder: Path, config: Path, counts: list[int], repeats: int) -> dict:
+    """Round-robin repeats (single, 2 shards, 3 shards, single, ...): a change of load on a shared
+    machine hits every contender alike; the ratio is of the medians."""
+    out: dict = {"single": {"repeats": []}, **{f"shards{count}": {"repeats": []} for count in counts}}
+    for _ in range(repeats):
+        call(eval_cmd(config, "--json", "single.json"), folder)
+        single = runs(folder)
+        out["single"]["repeats"].append({"cpu_s": sum(r["cpu_s"] for r in single), "model_runs": single})
+        one = json.loads((folder / "single.json").read_text())["saes"]
+        for count in counts:
+            shards = []
+            for i in range(1, count + 1):
+                call(eval_cmd(config, "--shard", f"{i}/{count}", "--json", f"shard{i}of{count}.json"), folder)
+                shards.append({"cpu_s": sum(r["cpu_s"] for r in runs(folder)),
+                               "saes": json.loads((folder / f"shard{i}of{count}.json").read_text())["shard"]["saes"]})
+            call([sys.executable, "-m", "sae_acceptance.cli", "merge",
+                  *(f"shard{i}of{count}.json" for i in range(1, count + 1)), "--json", f"merged{count}.json"], folder)
+            merged = json.loads((folder / f"merged{count}.json").read_text())["saes"]
+            out[f"shards{count}"]["repeats"].append({"shards": shards, "cpu_s": sum(s["cpu_s"] for s in shards),
+                                                     "merged_equals_single": merged == one})
+    out["single"]["cpu_s"] = median([r["cpu_s"] for r in out["single"]["repeats"]])
     for count in counts:
-        shards = []
-        for i in range(1, count + 1):
-            call(eval_cmd(config, "--shard", f"{i}/{count}", "--json", f"shard{i}of{count}.json"), folder)
-            shards.append({"cpu_s": sum(r["cpu_s"] for r in runs(folder)),
-                           "saes": json.loads((folder / f"shard{i}of{count}.json").read_text())["shard"]["saes"]})
-        call([sys.executable, "-m", "sae_acceptance.cli", "merge", *(f"shard{i}of{count}.json" for i in range(1, count + 1)),
-              "--json", f"merged{count}.json"], folder)
-        merged = json.loads((folder / f"merged{count}.json").read_text())["saes"]
-        total = sum(s["cpu_s"] for s in shards)
-        out[f"shards{count}"] = {"shards": shards, "cpu_s": total, "ratio_cpu": total / out["single"]["cpu_s"],
-                                 "max_shard_over_single": max(s["cpu_s"] for s in shards) / out["single"]["cpu_s"],
-                                 "merged_equals_single": merged == one}
+        part = out[f"shards{count}"]
+        part["cpu_s"] = median([r["cpu_s"] for r in part["repeats"]])
+        part["ratio_cpu"] = part["cpu_s"] / out["single"]["cpu_s"]
+        part["ratio_cpu_each"] = [r["cpu_s"] / s["cpu_s"] for r, s in zip(part["repeats"], out["single"]["repeats"], strict=True)]
+        part["max_shard_over_single"] = median([max(s["cpu_s"] for s in r["shards"]) for r in part["repeats"]]) / out["single"]["cpu_s"]
+        part["merged_equals_single"] = all(r["merged_equals_single"] for r in part["repeats"])
     return out
 
 
@@ -194,6 +217,11 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 3, 5],
+                        help="the shard run's hooks: blocks.L.hook_resid_post of each model")
+    parser.add_argument("--per-hook", type=int, default=3, help="the shard run's SAEs per hook")
+    parser.add_argument("--xdist-per-hook", type=int, default=3, help="the xdist run's SAEs at each of its 2 hooks")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats of the xdist and shard runs (medians)")
     parser.add_argument("--baseline-saes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["xdist", "shards", "baseline"])
@@ -208,13 +236,13 @@ def main() -> None:
         tokens = folder / "tokens.npy"
         np.save(tokens, random_tokens(args.n_seq, args.ctx, size.vocab, args.seed).numpy())
         if "xdist" not in args.skip:
-            config = write_config(folder, "thresholds-xdist.toml", models[:1], [1, 3], 3, tokens, args)
-            result["xdist"] = xdist_part(folder, config)
+            config = write_config(folder, "thresholds-xdist.toml", models[:1], [1, 3], args.xdist_per_hook, tokens, args)
+            result["xdist"] = xdist_part(folder, config, args.repeats)
             print("xdist", json.dumps({k: v for k, v in result["xdist"].items() if not k.startswith("n")}), flush=True)
             save(args, result)
         if "shards" not in args.skip:
-            config = write_config(folder, "thresholds-shards.toml", models, [1, 3, 5], 3, tokens, args)
-            result["shards"] = shard_part(folder, config, args.shards)
+            config = write_config(folder, "thresholds-shards.toml", models, args.layers, args.per_hook, tokens, args)
+            result["shards"] = shard_part(folder, config, args.shards, args.repeats)
             print("shards", json.dumps({k: v.get("ratio_cpu") for k, v in result["shards"].items()}), flush=True)
             save(args, result)
         if "baseline" not in args.skip:

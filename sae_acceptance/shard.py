@@ -1,12 +1,15 @@
-"""Deterministic shares of a thresholds file's SAEs: groups for xdist workers, shards for machines.
+"""Deterministic shares of a thresholds file's SAEs: runs for xdist workers, shards for machines.
 
 SAEs of one model and hook share the model's passes (one original pass per batch,
 then a tail per SAE), so they form a group that is never split; SAEs a
 `[[splice]]` patches in together join their groups into one unit. A shard is a
 contiguous run of units in file order (so a model's hooks stay together as far
-as the balance allows), cut where it minimises the largest shard's cost. Known
-without loading anything: an SAE's hook comes from its entry or, read lightly,
-its directory's `cfg.json`.
+as the balance allows), cut where it minimises the largest shard's cost. Every
+run that holds part of a model repeats that model's original pass, so xdist,
+where the split is ours to choose, uses fewer runs than workers when more would
+repeat too much of it (`XDIST_SPLIT_BUDGET`); shards take the count they are
+given. Known without loading anything: an SAE's hook comes from its entry or,
+read lightly, its directory's `cfg.json`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.sources.spec import is_remote
 
-# Cost in tail passes: one for the group's zero-ablation, one per SAE; and one original
-# pass per model a shard evaluates.
+# Cost in tail passes: one for the group's zero-ablation, one per SAE; and per model a run
+# evaluates, its original pass (a full forward: 1.5 to 2.4 tails with their SAEs, as
+# measured in benchmarks/README.md).
 ABLATION_TAILS = 1
-ORIGINAL_PASS = 1
+ORIGINAL_PASS = 2
+# xdist spreads a file over fewer runs than workers rather than let the original passes the
+# spread repeats add more than this share to the file's work.
+XDIST_SPLIT_BUDGET = 0.10
 
 
 @dataclass(frozen=True)
@@ -128,19 +135,35 @@ def unit_costs(loaded: LoadedThresholds) -> dict[str, int]:
 
 def share(loaded: LoadedThresholds, shard: Shard) -> list[str]:
     """The SAE names of `shard`, in file order: the same answer on every machine."""
-    by_group = groups(loaded)
+    joined, runs = _cut(loaded, shard.count, budget=None)
+    mine = {key for i in runs[shard.index - 1] for key in joined[i]}
+    return [name for key, names in groups(loaded).items() if key in mine for name in names]
+
+
+def xdist_runs(loaded: LoadedThresholds, workers: int) -> dict[str, int]:
+    """Every SAE name and splice key -> the run (of at most `workers`) that evaluates it: the
+    xdist scope, whose SAEs and splices a worker evaluates together, one pass per model."""
+    joined, runs = _cut(loaded, workers, budget=XDIST_SPLIT_BUDGET)
+    run_of_unit = {joined[i][0]: r for r, run in enumerate(runs) for i in run}
+    return {name: run_of_unit[unit] for name, unit in unit_of(loaded).items()}
+
+
+def _cut(loaded: LoadedThresholds, count: int, budget: float | None) -> tuple[list[list[str]], list[list[int]]]:
+    """The file's units, and their cut into `count` runs (indices into the units)."""
     joined = units(loaded)
     cost_of = unit_costs(loaded)
-    costs = [cost_of[unit[0]] for unit in joined]
     models = [{key.split(":")[1] for key in unit} for unit in joined]
-    mine = {key for i in partition(costs, models, shard.count)[shard.index - 1] for key in joined[i]}
-    return [name for key, names in by_group.items() if key in mine for name in names]
+    return joined, partition([cost_of[unit[0]] for unit in joined], models, count, budget)
 
 
-def partition(costs: list[int], models: list[set[str]], count: int) -> list[list[int]]:
+def partition(costs: list[int], models: list[set[str]], count: int, budget: float | None = None) -> list[list[int]]:
     """Cut units (their tail `costs` and the `models` each runs) into `count` contiguous runs
     of indices, minimising the costliest run; a run also pays one original pass per model in it.
-    Exact, by dynamic programming; of equal cuts, the latest (empty runs come last)."""
+    Exact, by dynamic programming; of equal cuts, the latest (empty runs come last).
+
+    With a `budget`, the most non-empty runs whose best cut costs at most `1 + budget` times
+    the work of one run, the rest empty: repeated original passes are work no exact eval needs.
+    """
     def cost(k: int, i: int) -> int:
         return sum(costs[k:i]) + ORIGINAL_PASS * len(set().union(*models[k:i]))
 
@@ -156,8 +179,17 @@ def partition(costs: list[int], models: list[set[str]], count: int) -> list[list
                     value = max(best[j - 1][k], cost(k, i))
                     if value <= best[j][i]:
                         best[j][i], cut[j][i] = value, k
-    runs, i = [], n
-    for j in range(count, 0, -1):
-        runs.append(list(range(cut[j][i], i)))
-        i = cut[j][i]
-    return runs[::-1]
+
+    def runs_of(used: int) -> list[list[int]]:
+        runs, i = [], n
+        for j in range(used, 0, -1):
+            runs.append(list(range(cut[j][i], i)))
+            i = cut[j][i]
+        return runs[::-1] + [[] for _ in range(count - used)]
+
+    whole = cost(0, n)
+    for used in range(count, 1, -1):
+        runs = runs_of(used)
+        if budget is None or sum(cost(r[0], r[-1] + 1) for r in runs if r) <= (1 + budget) * whole:
+            return runs
+    return runs_of(1)

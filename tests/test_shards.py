@@ -17,7 +17,15 @@ from sae_acceptance.baseline import load_baseline
 from sae_acceptance.cli import main
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import ConfigError
-from sae_acceptance.shard import Shard, group_key, groups, partition, share
+from sae_acceptance.shard import (
+    ORIGINAL_PASS,
+    Shard,
+    group_key,
+    groups,
+    partition,
+    share,
+    xdist_runs,
+)
 from sae_acceptance.sources.sae import save_sae
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
@@ -56,6 +64,9 @@ def test_groups_follow_the_recorded_hook_and_shares_keep_them_whole(grid, tmp_pa
         for names in found.values():  # a group lies in exactly one share
             assert sum(set(names) <= set(s) for s in shares) == 1
         assert shares == [share(load_thresholds(grid), Shard(i, count)) for i in range(1, count + 1)]
+        assert sum(bool(s) for s in shares) == min(count, 2)  # shards take the count given
+    # xdist keeps one model's two thin groups together: a second original pass would add 20%
+    assert set(xdist_runs(loaded, 2).values()) == {0}
     # A layout whose cfg.json names no hook (sparsify's) is its own group, under its name.
     (tmp_path / "saes" / "h0-k0" / "cfg.json").write_text(json.dumps({"k": 4}))
     entry = next(e for e in load_thresholds(grid).config.sae if e.name == "h0-k0")
@@ -69,7 +80,7 @@ def test_partition_is_exact_on_small_cases():
     costs, models = [4, 2, 7, 1, 3, 5], [{"a"}, {"a"}, {"a"}, {"b"}, {"b"}, {"c"}]
 
     def run_cost(run):
-        return sum(costs[i] for i in run) + len(set().union(*(models[i] for i in run))) if run else 0
+        return sum(costs[i] for i in run) + ORIGINAL_PASS * len(set().union(*(models[i] for i in run))) if run else 0
 
     for count in (1, 2, 3, 4):
         best = min(
@@ -79,6 +90,16 @@ def test_partition_is_exact_on_small_cases():
         runs = partition(costs, models, count)
         assert [i for run in runs for i in run] == list(range(len(costs)))
         assert max(run_cost(run) for run in runs) == best
+
+
+def test_a_budget_spreads_only_where_the_repeated_original_passes_cost_little():
+    thin, wide = [4, 4], [60, 60]
+    assert partition(thin, [{"a"}, {"a"}], 2) == [[0], [1]]  # no budget: the count given
+    assert partition(thin, [{"a"}, {"a"}], 2, budget=0.1) == [[0, 1], []]  # +2 on 10: 20%
+    assert partition(wide, [{"a"}, {"a"}], 2, budget=0.1) == [[0], [1]]  # +2 on 122: 1.6%
+    assert partition(thin, [{"a"}, {"b"}], 2, budget=0.0) == [[0], [1]]  # two models: nothing repeated
+    # three workers over one model of six groups: two runs fit the budget, three do not
+    assert partition([5] * 6, [{"a"}] * 6, 3, budget=0.1) == [[0, 1, 2], [3, 4, 5], []]
 
 
 @pytest.mark.parametrize("text", ["0/3", "4/3", "x", "1/0", "2"])
@@ -158,14 +179,14 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
     bad.stderr.fnmatch_lines(["*--sae-shard: shard '4/3': expected I/N with 1 <= I <= N*"])
 
 
-def write_spliced_grid(folder: Path, model: Path, tokens: Path) -> Path:
-    """The grid plus a group at a third hook, and a splice joining the first two hooks' groups:
-    two units, {h0, h1, splice:pair} and {h2}."""
+def write_spliced_grid(folder: Path, model: Path, tokens: Path, h2_model: Path | None = None) -> Path:
+    """The grid plus a group at a third hook (of `h2_model` where given), and a splice joining
+    the first two hooks' groups: two units, {h0, h1, splice:pair} and {h2}."""
     path = write_grid(folder, model, tokens, fail=None)
     extra = []
     for i in range(2):
         save_sae(random_topk_sae(k=4, seed=90 + i, hook="blocks.2.hook_resid_post"), folder / "saes" / f"h2-k{i}")
-        extra.append(f'[[sae]]\nname = "h2-k{i}"\npath = "saes/h2-k{i}"\n')
+        extra.append(f'[[sae]]\nname = "h2-k{i}"\npath = "saes/h2-k{i}"\n' + (f'model = "{h2_model}"\n' if h2_model else ""))
     splice = '[[splice]]\nname = "pair"\nsaes = ["h0-k0", "h1-k0"]\ngate = { kl_div = { max = 100.0 } }\n'
     path.write_text(path.read_text() + "\n" + "\n".join(extra) + "\n" + splice)
     return path
@@ -180,9 +201,10 @@ def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_ch
     shares = [share(loaded, Shard(i, 2)) for i in (1, 2)]
     assert sorted(map(sorted, shares)) == [["h0-k0", "h0-k1", "h0-k2", "h1-k0", "h1-k1", "h1-k2"], ["h2-k0", "h2-k1"]]
     runs, splices = [], []
-    for i in (1, 2):
+    for i in (1, 2):  # each shard writes its own files: its report and its baseline part
         result = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
-                                               "--sae-shard", f"{i}/2", "--sae-json", f"s{i}.json", "-v")
+                                               "--sae-shard", f"{i}/2", "--sae-json", f"s{i}.json", "-v",
+                                               "--sae-update-baseline", "--sae-baseline", f"part{i}.json")
         assert result.ret == 0, result.stdout.str()[-3000:]
         ran = [line for line in result.stdout.lines if "thresholds.toml::splice:pair::" in line]
         splices.append(len(ran))
@@ -193,3 +215,18 @@ def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_ch
     # every hook evaluated once over both shards, the splice in its members' run
     assert sorted(sorted(run) for run in runs) == [["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
                                                    ["blocks.2.hook_resid_post"]]
+
+    # merged, the reports and the baseline parts are the single run's, the splice's entry included
+    single = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
+                                           "--sae-json", "single.json", "--sae-update-baseline", "--sae-baseline",
+                                           "single.baseline.json")
+    assert single.ret == 0 and len(model_runs(pytester)) == 1
+    assert main(["merge", str(pytester.path / "s1.json"), str(pytester.path / "s2.json"), "--json",
+                 str(pytester.path / "merged.json"), "--baseline-part", str(pytester.path / "part1.json"),
+                 str(pytester.path / "part2.json"), "--update-baseline", str(pytester.path / "merged.baseline.json")]) == 0
+    one, merged = (json.loads((pytester.path / f).read_text()) for f in ("single.json", "merged.json"))
+    assert merged["saes"] == one["saes"] and merged["splices"] == one["splices"]
+    a, b = (load_baseline(pytester.path / f).saes for f in ("single.baseline.json", "merged.baseline.json"))
+    assert sorted(a) == sorted(b) and "splice:pair" in a
+    for name in a:
+        assert all(np.array_equal(v, b[name]["sums"]["scalars"][k]) for k, v in a[name]["sums"]["scalars"].items())

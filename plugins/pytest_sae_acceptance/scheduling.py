@@ -1,10 +1,10 @@
-"""pytest-xdist: the items of SAEs that share a model and hook, and of their splices, go to one worker.
+"""pytest-xdist: a thresholds file's SAEs go to the workers in runs, each evaluated on one worker.
 
-Scheduled like `--dist load`, except that a thresholds file's SAE unit is one
-unit of work: the SAEs of one model and hook share the model's passes, so
-splitting them over workers would evaluate the model once per worker, and a
-`[[splice]]` joins its members' groups (and its own items) into one unit, so
-that its members are evaluated once, with it. xdist's own `loadgroup` cannot carry
+Scheduled like `--dist load`, except that a run of a thresholds file's SAEs is
+one unit of work (`shard.xdist_runs`): the SAEs of one model and hook share the
+model's passes, so they are never split; a `[[splice]]` stays with its members;
+and a model is spread over several workers only where the original passes each
+worker then repeats cost little beside the work it spreads. xdist's own `loadgroup` cannot carry
 this on pytest 9.2 and later (it tags items by rewriting their node ids on the
 workers, which pytest no longer allows), so the controller reads each item's
 unit off its node id and the thresholds file, which loads without torch.
@@ -21,30 +21,31 @@ from xdist.scheduler import LoadScopeScheduling
 
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import SAEAcceptanceError
-from sae_acceptance.shard import unit_of
+from sae_acceptance.shard import xdist_runs
 
 
 class SAEGroupScheduling(LoadScopeScheduling):
     def __init__(self, config: pytest.Config, log=None):
         super().__init__(config, log)
-        self._units: dict[str, dict[str, str] | None] = {}
+        self._runs: dict[str, dict[str, str] | None] = {}
 
     def _split_scope(self, nodeid: str) -> str:
         file, _, rest = nodeid.partition("::")
-        units = self._file_units(file)
-        if units is None:
+        runs = self._file_runs(file)
+        if runs is None:
             return nodeid  # not a thresholds file: each test a unit of its own, as under `load`
-        return units.get(rest.split("::", 1)[0], nodeid)
+        return runs.get(rest.split("::", 1)[0], nodeid)
 
-    def _file_units(self, file: str) -> dict[str, str] | None:
-        """SAE name or splice key -> its unit's scope, for a thresholds file (None for any other file)."""
-        if file not in self._units:
-            self._units[file] = None
+    def _file_runs(self, file: str) -> dict[str, str] | None:
+        """SAE name or splice key -> its run's scope, for a thresholds file (None for any other file)."""
+        if file not in self._runs:
+            self._runs[file] = None
             path = Path(self.config.rootpath, file)
             if path.suffix == ".toml" and path.is_file():
                 try:
                     loaded = load_thresholds(path)
                 except SAEAcceptanceError:
                     return None  # its collection error is reported by the workers
-                self._units[file] = {name: f"{file}::{unit}" for name, unit in unit_of(loaded).items()}
-        return self._units[file]
+                runs = xdist_runs(loaded, self.numnodes)
+                self._runs[file] = {name: f"{file}::run{run}" for name, run in runs.items()}
+        return self._runs[file]

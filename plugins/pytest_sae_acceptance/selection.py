@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from sae_acceptance.config import LoadedThresholds
-from sae_acceptance.shard import unit_of
+from sae_acceptance.shard import xdist_runs
 
 __all__ = [
-    "baseline_path", "baseline_target", "is_xdist_worker", "selected_names", "selected_splices", "unit_of",
+    "baseline_path", "baseline_target", "is_xdist_worker", "selected_names", "selected_splices", "xdist_runs",
 ]
 
 SESSION_KEY = pytest.StashKey["SAESession"]()

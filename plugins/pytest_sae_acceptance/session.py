@@ -22,7 +22,7 @@ from pytest_sae_acceptance.selection import (
     is_xdist_worker,
     selected_names,
     selected_splices,
-    unit_of,
+    xdist_runs,
 )
 from sae_acceptance.baseline import (
     Baseline,
@@ -77,13 +77,13 @@ class SAESession:
 
     def _pending(self, loaded: LoadedThresholds, key: str) -> tuple[list[str], list[str]]:
         """The selected SAEs and splices not yet evaluated that go with `key` (an SAE name or
-        splice key) in one evaluation: the file's, or on an xdist worker its unit's."""
+        splice key) in one evaluation: the file's, or on an xdist worker its run's."""
         saes = [n for n in selected_names(self.config).get(loaded.path, []) if (loaded.path, n) not in self.results]
         splices = [n for n in selected_splices(self.config).get(loaded.path, []) if (loaded.path, n) not in self.splices]
         if is_xdist_worker(self.config):
-            unit = unit_of(loaded)
-            saes = [n for n in saes if unit[n] == unit[key]]
-            splices = [n for n in splices if unit[splice_key(n)] == unit[key]]
+            run = xdist_runs(loaded, int(self.config.workerinput["workercount"]))
+            saes = [n for n in saes if run[n] == run[key]]
+            splices = [n for n in splices if run[splice_key(n)] == run[key]]
         return saes, splices
 
     def result(self, loaded: LoadedThresholds, name: str) -> SAEResult:
