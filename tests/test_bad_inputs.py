@@ -355,8 +355,8 @@ def test_escalated_hook_override_is_a_short_failure_of_each_item_evaluated_once(
         "    return _real(*args, **kwargs)\n"
         "evaluate.evaluate = _counting\n"
     )
-    result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "-s",
-                                "-W", "error::sae_acceptance.HookOverrideWarning")
+    result = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "-s",  # a fresh import
+                                           "-W", "error::sae_acceptance.HookOverrideWarning")
     assert result.ret == 1
     out = result.stdout.str()
     assert out.count("EVALUATING") == 1, out
