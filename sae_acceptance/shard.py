@@ -119,8 +119,8 @@ def units(loaded: LoadedThresholds) -> list[list[str]]:
 
 
 def unit_of(loaded: LoadedThresholds) -> dict[str, str]:
-    """Every SAE name and splice key (`splice:<name>`) -> its unit (named by the unit's first
-    group): the xdist scope, and what a worker evaluates in one model run."""
+    """Every SAE name and splice key (`splice:<name>`) -> its unit, named by the unit's first
+    group."""
     by_group = groups(loaded)
     out = {name: unit[0] for unit in units(loaded) for key in unit for name in by_group[key]}
     out.update({splice.key: out[splice.saes[0]] for splice in loaded.config.splice})

@@ -32,7 +32,7 @@ from pytest_sae_acceptance.selection import (
 )
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import EXIT_ERROR, SAEAcceptanceError
-from sae_acceptance.shard import Shard, share, unit_costs, unit_of
+from sae_acceptance.shard import Shard, share
 from sae_acceptance.train import builtin_profiles
 
 ROWS_KEY = pytest.StashKey[list[dict]]()
@@ -152,48 +152,24 @@ def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`--sae-shard I/N`: deselect the SAEs outside this share, and the splices whose members
-    are. Under xdist, units (SAE groups joined by their splices) come first, costliest first
-    (xdist hands units out in collection order, and by default re-sorts them by item count,
-    stably)."""
+    """`--sae-shard I/N`: deselect the SAEs outside this share, and the splices whose members are."""
     shard = config.getoption("--sae-shard")
-    if shard is not None:
-        shares = {}
-        keep, dropped = [], []
-        for item in items:
-            if isinstance(item, (_SAEItem, _SpliceItem)):
-                loaded = _loaded_of(item)
-                if loaded.path not in shares:
-                    shares[loaded.path] = set(share(loaded, shard))
-                members = [item.sae.entry.display_name] if isinstance(item, _SAEItem) else item.splice.entry.saes
-                (keep if set(members) <= shares[loaded.path] else dropped).append(item)
-            else:
-                keep.append(item)
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = keep
-    if getattr(config.option, "dist", "no") != "no" or is_xdist_worker(config):
-        costs = {}
-
-        def cost(item: pytest.Item) -> int:
-            if not isinstance(item, (_SAEItem, _SpliceItem)):
-                return 0
-            loaded = _loaded_of(item)
-            if loaded.path not in costs:
-                costs[loaded.path] = (unit_of(loaded), unit_costs(loaded))
-            unit, unit_cost = costs[loaded.path]
-            return -unit_cost[unit[_entry_key(item)]]
-
-        items.sort(key=cost)
-
-
-def _loaded_of(item: _SAEItem | _SpliceItem):
-    return item.sae.loaded if isinstance(item, _SAEItem) else item.splice.loaded
-
-
-def _entry_key(item: _SAEItem | _SpliceItem) -> str:
-    """The item's SAE name or splice key, as `shard.unit_of` knows them."""
-    return item.sae.entry.display_name if isinstance(item, _SAEItem) else item.splice.entry.key
+    if shard is None:
+        return
+    shares = {}
+    keep, dropped = [], []
+    for item in items:
+        if isinstance(item, (_SAEItem, _SpliceItem)):
+            loaded = item.sae.loaded if isinstance(item, _SAEItem) else item.splice.loaded
+            if loaded.path not in shares:
+                shares[loaded.path] = set(share(loaded, shard))
+            members = [item.sae.entry.display_name] if isinstance(item, _SAEItem) else item.splice.entry.saes
+            (keep if set(members) <= shares[loaded.path] else dropped).append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -1,15 +1,16 @@
-"""pytest-xdist: a thresholds file's SAEs go to the workers in runs, each evaluated on one worker.
+"""pytest-xdist: a thresholds file's SAEs go to the workers in runs, each run to one worker.
 
-Scheduled like `--dist load`, except that a run of a thresholds file's SAEs is
-one unit of work (`shard.xdist_runs`): the SAEs of one model and hook share the
-model's passes, so they are never split; a `[[splice]]` stays with its members;
-and a model is spread over several workers only where the original passes each
-worker then repeats cost little beside the work it spreads. xdist's own `loadgroup` cannot carry
-this on pytest 9.2 and later (it tags items by rewriting their node ids on the
-workers, which pytest no longer allows), so the controller reads each item's
-unit off its node id and the thresholds file, which loads without torch.
-`_split_scope` is the scope hook of xdist's `LoadScopeScheduling`, the class
-its own `loadgroup` and `loadfile` modes are built on.
+Scheduled like `--dist load`, except that a run of a thresholds file's SAEs
+(`shard.xdist_runs`) is one unit of work: the SAEs of one model and hook share
+the model's passes, so they are never split; a `[[splice]]` stays with its
+members; and a model is spread over several workers only where the original
+passes each worker then repeats cost little beside the work spread. xdist's
+own `loadgroup` cannot carry this on pytest 9.2 and later (it tags items by
+rewriting their node ids on the workers, which pytest no longer allows), so the
+controller reads each item's run off its node id and the thresholds file, which
+loads without torch. `_split_scope` is the scope hook of xdist's
+`LoadScopeScheduling`, the class its own `loadgroup` and `loadfile` modes are
+built on; it hands the largest runs out first.
 """
 
 from __future__ import annotations
