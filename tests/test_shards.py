@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import random_topk_sae
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sae_acceptance.baseline import load_baseline
 from sae_acceptance.cli import main
@@ -100,6 +102,29 @@ def test_a_budget_spreads_only_where_the_repeated_original_passes_cost_little():
     assert partition(thin, [{"a"}, {"b"}], 2, budget=0.0) == [[0], [1]]  # two models: nothing repeated
     # three workers over one model of six groups: two runs fit the budget, three do not
     assert partition([5] * 6, [{"a"}] * 6, 3, budget=0.1) == [[0, 1, 2], [3, 4, 5], []]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 40), st.sampled_from("abc")), min_size=1, max_size=9),
+    st.integers(1, 5),
+    st.sampled_from([0.0, 0.05, 0.1, 0.5]),
+)
+def test_a_budgeted_cut_covers_every_unit_once_within_its_budget(units, count, budget):
+    costs, models = [c for c, _ in units], [{m} for _, m in units]
+
+    def total(runs):
+        return sum(sum(costs[i] for i in r) + ORIGINAL_PASS * len({m for i in r for m in models[i]}) for r in runs if r)
+
+    runs = partition(costs, models, count, budget=budget)
+    assert len(runs) == count and [i for run in runs for i in run] == list(range(len(costs)))
+    assert total(runs) <= (1 + budget) * total([range(len(costs))])
+    used = sum(bool(r) for r in runs)
+    assert all(runs[:used]) and not any(runs[used:])  # empty runs last
+    for more in range(used + 1, count + 1):  # no best cut into more runs that spreads wider fits the budget
+        wider = partition(costs, models, more)
+        if sum(bool(r) for r in wider) > used:
+            assert total(wider) > (1 + budget) * total([range(len(costs))])
 
 
 @pytest.mark.parametrize("text", ["0/3", "4/3", "x", "1/0", "2"])
