@@ -96,10 +96,9 @@ def group_cost(n_saes: int) -> int:
     return ABLATION_TAILS + n_saes
 
 
-def units(loaded: LoadedThresholds) -> list[list[str]]:
-    """Groups joined by the splices that span them: what one machine or worker must evaluate
-    together. In file order; each a list of group keys."""
-    by_group = groups(loaded)
+def units(loaded: LoadedThresholds, by_group: dict[str, list[str]]) -> list[list[str]]:
+    """Groups (`by_group`, from `groups`) joined by the splices that span them: what one machine
+    or worker must evaluate together. In file order; each a list of group keys."""
     of_name = {name: key for key, names in by_group.items() for name in names}
     parent = {key: key for key in by_group}
 
@@ -118,42 +117,32 @@ def units(loaded: LoadedThresholds) -> list[list[str]]:
     return list(joined.values())
 
 
-def unit_of(loaded: LoadedThresholds) -> dict[str, str]:
-    """Every SAE name and splice key (`splice:<name>`) -> its unit, named by the unit's first
-    group."""
-    by_group = groups(loaded)
-    out = {name: unit[0] for unit in units(loaded) for key in unit for name in by_group[key]}
-    out.update({splice.key: out[splice.saes[0]] for splice in loaded.config.splice})
-    return out
-
-
-def unit_costs(loaded: LoadedThresholds) -> dict[str, int]:
-    """Each unit's tail passes per batch, by the unit's name (as in `unit_of`)."""
-    by_group = groups(loaded)
-    return {unit[0]: sum(group_cost(len(by_group[key])) for key in unit) for unit in units(loaded)}
-
-
 def share(loaded: LoadedThresholds, shard: Shard) -> list[str]:
     """The SAE names of `shard`, in file order: the same answer on every machine."""
-    joined, runs = _cut(loaded, shard.count, budget=None)
+    by_group, joined, runs = _cut(loaded, shard.count, budget=None)
     mine = {key for i in runs[shard.index - 1] for key in joined[i]}
-    return [name for key, names in groups(loaded).items() if key in mine for name in names]
+    return [name for key, names in by_group.items() if key in mine for name in names]
 
 
 def xdist_runs(loaded: LoadedThresholds, workers: int) -> dict[str, int]:
-    """Every SAE name and splice key -> the run (of at most `workers`) that evaluates it: the
-    xdist scope, whose SAEs and splices a worker evaluates together, one pass per model."""
-    joined, runs = _cut(loaded, workers, budget=XDIST_SPLIT_BUDGET)
-    run_of_unit = {joined[i][0]: r for r, run in enumerate(runs) for i in run}
-    return {name: run_of_unit[unit] for name, unit in unit_of(loaded).items()}
+    """Every SAE name and splice key (`splice:<name>`) -> the run (of at most `workers`) that
+    evaluates it: the xdist scope, whose SAEs and splices a worker evaluates together, one
+    pass per model."""
+    by_group, joined, runs = _cut(loaded, workers, budget=XDIST_SPLIT_BUDGET)
+    run_of = {name: r for r, run in enumerate(runs) for i in run for key in joined[i] for name in by_group[key]}
+    run_of.update({splice.key: run_of[splice.saes[0]] for splice in loaded.config.splice})
+    return run_of
 
 
-def _cut(loaded: LoadedThresholds, count: int, budget: float | None) -> tuple[list[list[str]], list[list[int]]]:
-    """The file's units, and their cut into `count` runs (indices into the units)."""
-    joined = units(loaded)
-    cost_of = unit_costs(loaded)
+def _cut(
+    loaded: LoadedThresholds, count: int, budget: float | None
+) -> tuple[dict[str, list[str]], list[list[str]], list[list[int]]]:
+    """The file's groups, its units, and their cut into `count` runs (indices into the units)."""
+    by_group = groups(loaded)
+    joined = units(loaded, by_group)
+    costs = [sum(group_cost(len(by_group[key])) for key in unit) for unit in joined]
     models = [{key.split(":")[1] for key in unit} for unit in joined]
-    return joined, partition([cost_of[unit[0]] for unit in joined], models, count, budget)
+    return by_group, joined, partition(costs, models, count, budget)
 
 
 def partition(costs: list[int], models: list[set[str]], count: int, budget: float | None = None) -> list[list[int]]:
