@@ -14,9 +14,12 @@ import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from filelock import FileLock, Timeout
@@ -30,11 +33,36 @@ class OutputError(SAEAcceptanceError):
     """A report, baseline or cache file cannot be written where asked."""
 
 
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends: an interrupt between creating a temporary file and
+    naming it for cleanup would leave it behind. Only the main thread can do this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    frames: list[FrameType | None] = []
+    previous = signal.signal(signal.SIGINT, lambda _signum, frame: frames.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if frames:
+            if callable(previous):
+                previous(signal.SIGINT, frames[0])
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Replace `path` with `data` in one step (text or bytes)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise OutputError(f"{path}: is a directory, expected a file path")
+    with _interrupt_deferred():
+        return _write_replacing(path, data)
+
+
+def _write_replacing(path: Path, data: str | bytes) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -139,3 +139,23 @@ def test_a_baseline_interrupted_between_its_two_files_stays_readable(tmp_path, m
         update_baseline(path, {"sae": _entry(1)})
     monkeypatch.undo()
     _check_baseline(path)
+
+
+def test_ctrl_c_just_after_the_temporary_file_is_made_waits_for_the_write(tmp_path, monkeypatch):
+    """The window the forked test hits only by chance: SIGINT lands between mkstemp and the cleanup."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_interrupt(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, before the caller can name the file for cleanup
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_interrupt)
+    target = tmp_path / "report.json"
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, "whole")
+    assert target.read_text() == "whole"
+    assert not list(tmp_path.glob("*.tmp"))
