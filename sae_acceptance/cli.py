@@ -216,6 +216,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     shard = None if args.shard is None else Shard.parse(args.shard)
     names = None if shard is None else share(loaded, shard)
+    if names == []:
+        print(shard.empty_note())
     baseline = None if args.update_baseline else loaded.compared_baseline(args.baseline)
     run = run_gate(loaded, baseline, args.baseline_strict, names=names, progress=not args.no_progress)
     report = run.report

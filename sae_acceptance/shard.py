@@ -4,11 +4,12 @@ SAEs of one model and hook share the model's passes (one original pass per batch
 then a tail per SAE), so they form a group that is never split; SAEs a
 `[[splice]]` patches in together join their groups into one unit. A shard is a
 contiguous run of units in file order (so a model's hooks stay together as far
-as the balance allows), cut where it minimises the largest shard's cost. Every
-run that holds part of a model repeats that model's original pass, so xdist,
-where the split is ours to choose, uses fewer runs than workers when more would
-repeat too much of it (`XDIST_SPLIT_BUDGET`); shards take the count they are
-given. Known without loading anything: an SAE's hook comes from its entry or,
+as the balance allows), cut where it minimises the largest shard's cost and,
+of such cuts, the total work. Every run that holds part of a model repeats that
+model's original pass, so a spread uses fewer runs than it is given when more
+would repeat too much of it (`XDIST_SPLIT_BUDGET` for xdist workers,
+`SHARD_SPLIT_BUDGET` for shards): the rest are empty, and an empty shard passes
+with nothing to do. Known without loading anything: an SAE's hook comes from its entry or,
 read lightly, its directory's `cfg.json`.
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.errors import ConfigError
@@ -27,9 +30,11 @@ from sae_acceptance.sources.spec import is_remote
 # measured in benchmarks/README.md).
 ABLATION_TAILS = 1
 ORIGINAL_PASS = 2
-# xdist spreads a file over fewer runs than workers rather than let the original passes the
-# spread repeats add more than this share to the file's work.
+# A spread uses fewer runs than it may rather than let the original passes it repeats add
+# more than this share to the file's work. Shards are held tighter than xdist workers: each
+# shard is a machine that also pays its own start-up (install, model load) for the split.
 XDIST_SPLIT_BUDGET = 0.10
+SHARD_SPLIT_BUDGET = 0.05
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+    def empty_note(self) -> str:
+        """What a shard whose share is empty says: it passes, having nothing to do."""
+        return (f"shard {self}: no SAEs, the cut leaves this share empty "
+                "(splitting further would repeat more of the models' passes than it saves)")
 
 
 def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:
@@ -119,7 +129,7 @@ def units(loaded: LoadedThresholds, by_group: dict[str, list[str]]) -> list[list
 
 def share(loaded: LoadedThresholds, shard: Shard) -> list[str]:
     """The SAE names of `shard`, in file order: the same answer on every machine."""
-    by_group, joined, runs = _cut(loaded, shard.count, budget=None)
+    by_group, joined, runs = _cut(loaded, shard.count, budget=SHARD_SPLIT_BUDGET)
     mine = {key for i in runs[shard.index - 1] for key in joined[i]}
     return [name for key, names in by_group.items() if key in mine for name in names]
 
@@ -148,37 +158,48 @@ def _cut(
 def partition(costs: list[int], models: list[set[str]], count: int, budget: float | None = None) -> list[list[int]]:
     """Cut units (their tail `costs` and the `models` each runs) into `count` contiguous runs
     of indices, minimising the costliest run; a run also pays one original pass per model in it.
-    Exact, by dynamic programming; of equal cuts, the latest (empty runs come last).
+    Of the cuts that reach that least largest cost, the one with the least work (no model split
+    further than the balance needs; runs left empty where more would not help), the latest on
+    ties so that empty runs come last. Exact, by dynamic programming.
 
-    With a `budget`, the most non-empty runs whose best cut costs at most `1 + budget` times
-    the work of one run, the rest empty: repeated original passes are work no exact eval needs.
+    With a `budget`, the most non-empty runs whose cut costs at most `1 + budget` times the
+    work of one run, the rest empty: repeated original passes are work no exact eval needs.
     """
-    def cost(k: int, i: int) -> int:
-        return sum(costs[k:i]) + ORIGINAL_PASS * len(set().union(*models[k:i]))
-
-    n, inf = len(costs), float("inf")
-    # best[j][i]: the least largest cost of cutting the first i units into j runs; cut[j][i]: where.
-    best = [[inf] * (n + 1) for _ in range(count + 1)]
-    cut = [[0] * (n + 1) for _ in range(count + 1)]
-    best[0][0] = 0
-    for j in range(1, count + 1):
-        for i in range(n + 1):
-            for k in range(i + 1):
-                if best[j - 1][k] < inf:
-                    value = max(best[j - 1][k], cost(k, i))
-                    if value <= best[j][i]:
-                        best[j][i], cut[j][i] = value, k
+    n = len(costs)
+    cost = np.zeros((n + 1, n + 1))  # [k, i]: units k..i-1 as one run; 0 when empty
+    for k in range(n):
+        tails, seen = 0, set()
+        for i in range(k + 1, n + 1):
+            tails, seen = tails + costs[i - 1], seen | models[i - 1]
+            cost[k, i] = tails + ORIGINAL_PASS * len(seen)
 
     def runs_of(used: int) -> list[list[int]]:
-        runs, i = [], n
-        for j in range(used, 0, -1):
-            runs.append(list(range(cut[j][i], i)))
-            i = cut[j][i]
-        return runs[::-1] + [[] for _ in range(count - used)]
+        largest, _ = _best_cut(cost, used, np.maximum, np.inf)
+        _, runs = _best_cut(cost, used, np.add, largest)
+        return runs + [[] for _ in range(count - used)]
 
-    whole = cost(0, n)
     for used in range(count, 1, -1):
         runs = runs_of(used)
-        if budget is None or sum(cost(r[0], r[-1] + 1) for r in runs if r) <= (1 + budget) * whole:
+        if budget is None or sum(cost[r[0], r[-1] + 1] for r in runs if r) <= (1 + budget) * cost[0, n]:
             return runs
     return runs_of(1)
+
+
+def _best_cut(cost: np.ndarray, runs: int, combine: np.ufunc, limit: float) -> tuple[float, list[list[int]]]:
+    """The cut into `runs` contiguous runs, none costing more than `limit`, whose run costs
+    `combine` (maximum: the largest run; add: the work) to the least; the latest of equals."""
+    n = cost.shape[0] - 1
+    allowed = np.triu(cost <= limit)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    cuts = []
+    for _ in range(runs):
+        scores = np.where(allowed, combine(best[:, None], cost), np.inf)
+        start = n - np.argmin(scores[::-1], axis=0)  # the latest k of the least score
+        best = scores[start, np.arange(n + 1)]
+        cuts.append(start)
+    out, end = [], n
+    for start in reversed(cuts):
+        out.append(list(range(int(start[end]), end)))
+        end = int(start[end])
+    return float(best[n]), out[::-1]

@@ -21,6 +21,7 @@ from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.shard import (
     ORIGINAL_PASS,
+    SHARD_SPLIT_BUDGET,
     Shard,
     group_key,
     groups,
@@ -33,15 +34,18 @@ from sae_acceptance.sources.sae import save_sae
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 
 
-def write_grid(folder: Path, model: Path, tokens: Path, per_hook: int = 3, fail: str | None = "h1-k1") -> Path:
-    """`per_hook` TopK SAEs at each of two hooks; the hook is recorded in each cfg.json only."""
+def write_grid(folder: Path, model: Path, tokens: Path, per_hook: int = 3, fail: str | None = "h1-k1",
+               h1_model: Path | None = None) -> Path:
+    """`per_hook` TopK SAEs at each of two hooks (the second of `h1_model` where given); the
+    hook is recorded in each cfg.json only."""
     entries = []
     for h, hook in enumerate(HOOKS):
         for i in range(per_hook):
             name = f"h{h}-k{i}"
             save_sae(random_topk_sae(k=4 + 4 * i, seed=10 * h + i, hook=hook), folder / "saes" / name)
             strict = "gate = { ce_rec = { min = 0.999 } }\n" if name == fail else ""  # fails
-            entries.append(f'[[sae]]\nname = "{name}"\npath = "saes/{name}"\n{strict}')
+            other = f'model = "{h1_model}"\n' if h and h1_model else ""
+            entries.append(f'[[sae]]\nname = "{name}"\npath = "saes/{name}"\n{other}{strict}')
     text = (
         f'[eval]\nmodel = "{model}"\ndata = "{tokens}"\nn_sequences = 16\ncontext_size = 16\nbatch_size = 8\n'
         "bootstrap_resamples = 200\n\n[gate]\nrel_error = { max = 100.0 }\n\n" + "\n".join(entries)
@@ -55,6 +59,18 @@ def grid(tmp_path, tiny_checkpoint, tiny_tokens_file) -> Path:
     return write_grid(tmp_path, tiny_checkpoint, tiny_tokens_file)
 
 
+def second_model(folder: Path, checkpoint: Path) -> Path:
+    """Another model (the same weights, another name): its groups share no pass with the first's."""
+    other = folder / "model-b"
+    other.symlink_to(checkpoint, target_is_directory=True)
+    return other
+
+
+@pytest.fixture
+def two_model_grid(tmp_path, tiny_checkpoint, tiny_tokens_file) -> Path:
+    return write_grid(tmp_path, tiny_checkpoint, tiny_tokens_file, h1_model=second_model(tmp_path, tiny_checkpoint))
+
+
 def test_groups_follow_the_recorded_hook_and_shares_keep_them_whole(grid, tmp_path):
     loaded = load_thresholds(grid)
     found = groups(loaded)
@@ -66,7 +82,8 @@ def test_groups_follow_the_recorded_hook_and_shares_keep_them_whole(grid, tmp_pa
         for names in found.values():  # a group lies in exactly one share
             assert sum(set(names) <= set(s) for s in shares) == 1
         assert shares == [share(load_thresholds(grid), Shard(i, count)) for i in range(1, count + 1)]
-        assert sum(bool(s) for s in shares) == min(count, 2)  # shards take the count given
+        # one model's two thin groups stay on one shard: a second would repeat its original pass (+20%)
+        assert [bool(s) for s in shares] == [True] + [False] * (count - 1)
     # xdist keeps one model's two thin groups together: a second original pass would add 20%
     assert set(xdist_runs(loaded, 2).values()) == {0}
     # A layout whose cfg.json names no hook (sparsify's) is its own group, under its name.
@@ -75,23 +92,39 @@ def test_groups_follow_the_recorded_hook_and_shares_keep_them_whole(grid, tmp_pa
     assert group_key(load_thresholds(grid), entry).endswith(":h0-k0")
 
 
-def test_partition_is_exact_on_small_cases():
-    """Brute force over every contiguous cut: the least largest run cost."""
+def test_shards_split_a_model_only_where_the_repeated_pass_is_cheap(two_model_grid):
+    loaded = load_thresholds(two_model_grid)
+    for count in (2, 3, 5):  # two models: a shard each, nothing repeated; the rest empty
+        shares = [share(loaded, Shard(i, count)) for i in range(1, count + 1)]
+        assert shares[:2] == [[f"h{h}-k{i}" for i in range(3)] for h in (0, 1)] and not any(shares[2:])
+    thin, release = [4] * 6, [7] * 12  # thin: 3 SAEs a hook; release: 6 (one model per half)
+    assert partition(thin, [{"a"}] * 3 + [{"b"}] * 3, 3, budget=SHARD_SPLIT_BUDGET) == [[0, 1, 2], [3, 4, 5], []]
+    assert all(partition(release, [{"a"}] * 6 + [{"b"}] * 6, 3, budget=SHARD_SPLIT_BUDGET))  # +2 on 88
+
+
+@pytest.mark.parametrize(
+    ("costs", "models"),
+    [([4, 2, 7, 1, 3, 5], "aaabbc"), ([4, 4, 4, 4, 4, 4], "aaabbb"), ([3, 9, 3, 3, 1, 8, 2], "abababa")],
+)
+def test_partition_is_exact_on_small_cases(costs, models):
+    """Brute force over every contiguous cut: the least largest run cost and, of those, the least work."""
     import itertools
 
-    costs, models = [4, 2, 7, 1, 3, 5], [{"a"}, {"a"}, {"a"}, {"b"}, {"b"}, {"c"}]
+    models = [{m} for m in models]
 
     def run_cost(run):
         return sum(costs[i] for i in run) + ORIGINAL_PASS * len(set().union(*(models[i] for i in run))) if run else 0
 
     for count in (1, 2, 3, 4):
-        best = min(
-            max(run_cost(range(a, b)) for a, b in zip((0, *cuts), (*cuts, len(costs)), strict=True))
-            for cuts in itertools.combinations_with_replacement(range(len(costs) + 1), count - 1)
-        )
+        cuts = [
+            [range(a, b) for a, b in zip((0, *points), (*points, len(costs)), strict=True)]
+            for points in itertools.combinations_with_replacement(range(len(costs) + 1), count - 1)
+        ]
+        largest = min(max(map(run_cost, cut)) for cut in cuts)
+        work = min(sum(map(run_cost, cut)) for cut in cuts if max(map(run_cost, cut)) == largest)
         runs = partition(costs, models, count)
         assert [i for run in runs for i in run] == list(range(len(costs)))
-        assert max(run_cost(run) for run in runs) == best
+        assert max(map(run_cost, runs)) == largest and sum(map(run_cost, runs)) == work
 
 
 def test_a_budget_spreads_only_where_the_repeated_original_passes_cost_little():
@@ -139,7 +172,8 @@ def _eval(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_three_shards_merged_are_the_single_run_bit_for_bit(grid, tmp_path, capsys):
+def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_path, capsys):
+    grid = two_model_grid  # two models: shards 1 and 2 take one each, shard 3 is empty
     shards = [
         _eval(["eval", "--config", str(grid), "--shard", f"{i}/3", "--json", f"s{i}.json",
                "--baseline-part", f"part{i}.json", "--no-progress"], tmp_path)
@@ -162,6 +196,10 @@ def test_three_shards_merged_are_the_single_run_bit_for_bit(grid, tmp_path, caps
         assert merged["saes"][name] == sae, name  # metrics, intervals, verdicts, geometry: bit for bit
     assert merged["eval"]["tokens"] == one["eval"]["tokens"] and "shard" not in merged
     assert {json.loads((tmp_path / f"s{i}.json").read_text())["shard"]["count"] for i in (1, 2, 3)} == {3}
+    empty = json.loads((tmp_path / "s3.json").read_text())
+    assert empty["saes"] == {} and empty["shard"] == {"index": 3, "count": 3, "saes": []}
+    assert load_baseline(tmp_path / "part3.json").saes == {}
+    assert "shard 3/3: no SAEs, the cut leaves this share empty" in shards[2].stdout.read()
     # the folded baseline parts hold the single run's sums
     a = load_baseline(tmp_path / "single.baseline.json").saes
     b = load_baseline(tmp_path / "merged.baseline.json").saes
@@ -190,15 +228,28 @@ def share_names(grid: Path, index: int) -> list[str]:
 
 
 def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_file):
-    grid = write_grid(pytester.path, tiny_checkpoint, tiny_tokens_file)
+    grid = write_grid(pytester.path, tiny_checkpoint, tiny_tokens_file,
+                      h1_model=second_model(pytester.path, tiny_checkpoint))
     mine = share_names(grid, 1)
     result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
                                 "--sae-shard", "1/3", "--sae-json", "s1.json", "-v")
     outcomes = result.parseoutcomes()
     others = [n for n in groups(load_thresholds(grid)) for n in groups(load_thresholds(grid))[n] if n not in mine]
+    assert mine and others
     assert outcomes["deselected"] == 2 * len(others) + ("h1-k1" in others)  # rel_error and r2 (and one ce_rec)
     report = json.loads((pytester.path / "s1.json").read_text())
     assert list(report["saes"]) == mine and report["shard"] == {"index": 1, "count": 3, "saes": mine}
+    # the empty third share passes and still writes its report and baseline part, under xdist too
+    assert share_names(grid, 3) == []
+    for workers in ("0", "2"):
+        empty = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
+                                              "-n", workers, "--sae-shard", "3/3", "--sae-json", f"s3-{workers}.json",
+                                              "--sae-update-baseline", "--sae-baseline", f"part3-{workers}.json")
+        assert empty.ret == 0, empty.stdout.str()[-2000:]
+        empty.stdout.fnmatch_lines(["*sae-acceptance: shard 3/3: no SAEs, the cut leaves this share empty*"])
+        report = json.loads((pytester.path / f"s3-{workers}.json").read_text())
+        assert report == {"saes": {}, "splices": {}, "shard": {"index": 3, "count": 3, "saes": []}}
+        assert load_baseline(pytester.path / f"part3-{workers}.json").saes == {}
     bad = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-shard", "4/3")
     assert bad.ret == 4
     bad.stderr.fnmatch_lines(["*--sae-shard: shard '4/3': expected I/N with 1 <= I <= N*"])
@@ -220,7 +271,8 @@ def write_spliced_grid(folder: Path, model: Path, tokens: Path, h2_model: Path |
 def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_checkpoint, tiny_tokens_file):
     from test_xdist_groups import COUNTING, model_runs
 
-    grid = write_spliced_grid(pytester.path, tiny_checkpoint, tiny_tokens_file)
+    grid = write_spliced_grid(pytester.path, tiny_checkpoint, tiny_tokens_file,
+                              h2_model=second_model(pytester.path, tiny_checkpoint))
     pytester.makeconftest(COUNTING)
     loaded = load_thresholds(grid)
     shares = [share(loaded, Shard(i, 2)) for i in (1, 2)]
@@ -245,7 +297,7 @@ def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_ch
     single = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
                                            "--sae-json", "single.json", "--sae-update-baseline", "--sae-baseline",
                                            "single.baseline.json")
-    assert single.ret == 0 and len(model_runs(pytester)) == 1
+    assert single.ret == 0 and len(model_runs(pytester)) == 2  # one per model
     assert main(["merge", str(pytester.path / "s1.json"), str(pytester.path / "s2.json"), "--json",
                  str(pytester.path / "merged.json"), "--baseline-part", str(pytester.path / "part1.json"),
                  str(pytester.path / "part2.json"), "--update-baseline", str(pytester.path / "merged.baseline.json")]) == 0

@@ -27,7 +27,9 @@ from pytest_sae_acceptance.items import (
 from pytest_sae_acceptance.selection import (
     SELECTED_KEY,
     SESSION_KEY,
+    SHARDED_KEY,
     SPLICES_KEY,
+    empty_part,
     is_xdist_worker,
 )
 from sae_acceptance.config import load_thresholds
@@ -156,13 +158,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     shard = config.getoption("--sae-shard")
     if shard is None:
         return
-    shares = {}
+    shares, sharded = {}, config.stash.setdefault(SHARDED_KEY, {})
     keep, dropped = [], []
     for item in items:
         if isinstance(item, (_SAEItem, _SpliceItem)):
             loaded = item.sae.loaded if isinstance(item, _SAEItem) else item.splice.loaded
             if loaded.path not in shares:
-                shares[loaded.path] = set(share(loaded, shard))
+                names = share(loaded, shard)
+                shares[loaded.path], sharded[loaded.path] = set(names), (loaded, names)
             members = [item.sae.entry.display_name] if isinstance(item, _SAEItem) else item.splice.entry.saes
             (keep if set(members) <= shares[loaded.path] else dropped).append(item)
         else:
@@ -193,7 +196,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     the JSON report and the baseline, each once, atomically."""
     config = session.config
     state = config.stash.get(SESSION_KEY, None)
-    mine = [] if state is None else [state.finish()]
+    mine = [state.finish()] if state is not None else [empty_part(config)] if SHARDED_KEY in config.stash else []
     if is_xdist_worker(config):
         config.workeroutput["sae_parts"] = mine
         return
@@ -211,6 +214,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     failed = config.stash.get(FAILED_KEY, None)
     if OUTPUT_ERROR_KEY in config.stash or (failed is not None and failed.input_errors):
         session.exitstatus = EXIT_ERROR
+    elif exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and parts and _is_empty_shard(parts):
+        session.exitstatus = pytest.ExitCode.OK  # nothing to evaluate is this shard's whole, correct share
+
+
+def _is_empty_shard(parts: list[dict]) -> bool:
+    """No process ran an SAE item because the shard's share of every file is empty."""
+    return any(part.get("empty_share") for part in parts) and not any(part["selected"] for part in parts)
 
 
 class FailedChecks:
@@ -244,6 +254,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if OUTPUT_ERROR_KEY in config.stash:
         terminalreporter.write_line(f"ERROR sae-acceptance: {config.stash[OUTPUT_ERROR_KEY]}", red=True)
     if not parts:
+        return
+    if config.getoption("--sae-shard") is not None and _is_empty_shard(parts):
+        terminalreporter.write_line(f"sae-acceptance: {config.getoption('--sae-shard').empty_note()}")
         return
     text = sae_session(config).summary(parts)
     if text:

@@ -7,6 +7,7 @@ pytest run where the package is installed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,12 +15,15 @@ from sae_acceptance.config import LoadedThresholds
 from sae_acceptance.shard import xdist_runs
 
 __all__ = [
-    "baseline_path", "baseline_target", "is_xdist_worker", "selected_names", "selected_splices", "xdist_runs",
+    "baseline_path", "baseline_target", "empty_part", "is_xdist_worker", "selected_names", "selected_splices",
+    "xdist_runs",
 ]
 
 SESSION_KEY = pytest.StashKey["SAESession"]()
 SELECTED_KEY = pytest.StashKey[dict[Path, list[str]]]()
 SPLICES_KEY = pytest.StashKey[dict[Path, list[str]]]()
+# The files `--sae-shard` cut, each with this shard's share of its SAEs.
+SHARDED_KEY = pytest.StashKey[dict[Path, tuple[LoadedThresholds, list[str]]]]()
 
 
 def selected_names(config: pytest.Config) -> dict[Path, list[str]]:
@@ -46,3 +50,14 @@ def baseline_path(config: pytest.Config, loaded: LoadedThresholds) -> Path | Non
 
 def is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
+
+
+def empty_part(config: pytest.Config) -> dict[str, Any]:
+    """A process's part of the run when no SAE item ran (a shard whose share is empty): no
+    results, but the shard's files still get written, its baseline part with no entries, so
+    `merge` sees every shard."""
+    sharded = config.stash.get(SHARDED_KEY, {}).values()
+    targets = {str(baseline_target(config, loaded)) for loaded, _ in sharded}
+    return {"reports": [], "gate": [], "splices": [], "regression": [], "regression_checks": [], "latents": {},
+            "baselines": {t: {} for t in targets} if config.getoption("--sae-update-baseline") else {},
+            "selected": [], "empty_share": not any(names for _, names in sharded)}
