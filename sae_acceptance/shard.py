@@ -9,8 +9,8 @@ of such cuts, the total work. Every run that holds part of a model repeats that
 model's original pass, so a spread uses fewer runs than it is given when more
 would repeat too much of it (`XDIST_SPLIT_BUDGET` for xdist workers,
 `SHARD_SPLIT_BUDGET` for shards): the rest are empty, and an empty shard passes
-with nothing to do. Known without loading anything: an SAE's hook comes from its entry or,
-read lightly, its directory's `cfg.json`.
+with nothing to do. Known without loading anything: an SAE's hook comes from its
+entry or, read lightly, its directory's `cfg.json`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class Shard:
 
     def empty_note(self) -> str:
         """What a shard whose share is empty says: it passes, having nothing to do."""
-        return (f"shard {self}: no SAEs, the cut leaves this share empty "
-                "(splitting further would repeat more of the models' passes than it saves)")
+        return (f"shard {self}: no SAEs in this share (fewer groups than shards, or splitting a model "
+                f"further would repeat its passes beyond the {SHARD_SPLIT_BUDGET:.0%} budget); nothing to do")
 
 
 def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:

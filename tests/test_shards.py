@@ -199,7 +199,7 @@ def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_
     empty = json.loads((tmp_path / "s3.json").read_text())
     assert empty["saes"] == {} and empty["shard"] == {"index": 3, "count": 3, "saes": []}
     assert load_baseline(tmp_path / "part3.json").saes == {}
-    assert "shard 3/3: no SAEs, the cut leaves this share empty" in shards[2].stdout.read()
+    assert "shard 3/3: no SAEs in this share" in shards[2].stdout.read()
     # the folded baseline parts hold the single run's sums
     a = load_baseline(tmp_path / "single.baseline.json").saes
     b = load_baseline(tmp_path / "merged.baseline.json").saes
@@ -246,7 +246,7 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
                                               "-n", workers, "--sae-shard", "3/3", "--sae-json", f"s3-{workers}.json",
                                               "--sae-update-baseline", "--sae-baseline", f"part3-{workers}.json")
         assert empty.ret == 0, empty.stdout.str()[-2000:]
-        empty.stdout.fnmatch_lines(["*sae-acceptance: shard 3/3: no SAEs, the cut leaves this share empty*"])
+        empty.stdout.fnmatch_lines(["*sae-acceptance: shard 3/3: no SAEs in this share*beyond the 5% budget); nothing to do*"])
         report = json.loads((pytester.path / f"s3-{workers}.json").read_text())
         assert report == {"saes": {}, "splices": {}, "shard": {"index": 3, "count": 3, "saes": []}}
         assert load_baseline(pytester.path / f"part3-{workers}.json").saes == {}

@@ -88,6 +88,51 @@ def test_tiny_sweep_end_to_end(pytester, monkeypatch, tmp_path):
     json.dumps(stamps)
 
 
+def test_sweep_shards_merged_are_the_single_run(monkeypatch, tmp_path, capsys):
+    """Under xdist, worker i of n starts training on its own share of the grids; `sweep --shard
+    I/N` gates a share; `merge --sweep-out` writes the single run's report and tables from the
+    shards; a share with no grid passes and says so."""
+    from conftest import REPO
+
+    import sae_acceptance.train.sweep as sweeps
+    from sae_acceptance.cli import main
+
+    monkeypatch.chdir(REPO)
+    profile = load_profile("tiny")
+    trained, real = [], sweeps.train_at_hook
+
+    def counting(model, name, tokens, hook, *args, **kwargs):
+        trained.append(hook)
+        return real(model, name, tokens, hook, *args, **kwargs)
+
+    monkeypatch.setattr(sweeps, "train_at_hook", counting)
+    sweeps.run_sweep(profile, tmp_path / "worker1", tmp_path / "cache", "cpu", False, spread=(1, 2))
+    hooks = [f"blocks.{layer}.hook_resid_post" for _, _, layer in sweeps.grids(profile)]
+    first = sweeps.grid_shares(profile, 2)[1][0]
+    assert trained == hooks[first:] + hooks[:first]  # its own share first, then the others', each once
+
+    def sweep(out: str, *extra: str) -> int:
+        return main(["sweep", "--profile", "tiny", "--cache", str(tmp_path / "cache"), "--no-progress",
+                     "--out", str(tmp_path / out), *extra])
+
+    codes = [sweep(f"s{i}", "--shard", f"{i}/2") for i in (1, 2)]  # from the cache, as the single run
+    assert len(trained) == len(hooks)
+    shares = [list(json.loads((tmp_path / f"s{i}" / "report.json").read_text())["shard"]["saes"]) for i in (1, 2)]
+    assert all(shares) and not set(shares[0]) & set(shares[1])
+    assert sweep("empty", "--shard", "4/4") == 0  # three grids, four shards
+    assert "shard 4/4: no SAEs in this share" in capsys.readouterr().out
+    empty = json.loads((tmp_path / "empty" / "report.json").read_text())
+    assert empty["saes"] == {} and empty["shard"] == {"index": 4, "count": 4, "saes": []}
+    single = sweep("single")
+    merged = main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--sweep-out", str(tmp_path / "merged")])
+    assert merged == single == max(codes)
+    one, both = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("single", "merged"))
+    assert list(both["saes"]) == list(one["saes"]) == shares[0] + shares[1]
+    assert both["saes"] == one["saes"]
+    for name in ("analysis.md", "points.json"):
+        assert (tmp_path / "merged" / name).read_text() == (tmp_path / "single" / name).read_text(), name
+
+
 def test_train_table_is_the_trainer_settings(tmp_path):
     """A profile's [train] table is `TrainSettings`: its fields, checks and descriptions."""
     from sae_acceptance.train.settings import TrainSettings

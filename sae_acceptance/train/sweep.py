@@ -113,6 +113,8 @@ def run_sweep(
     chosen = list(range(len(all_grids)))
     if shard is not None:
         chosen = grid_shares(profile, shard.count)[shard.index - 1]
+        if not chosen:
+            print(shard.empty_note())
     order = chosen
     if spread is not None:
         first = next(iter(grid_shares(profile, spread[1])[spread[0]]), 0)
@@ -136,8 +138,8 @@ def run_sweep(
             entries.append({"name": name, "path": str(path), "model": spec.name, "hook": HookPoint.at(layer).name})
             where[name] = {"model": spec.shown, "d_model": d_model, "layer": layer,
                            "depth": depth, "k": k, "train_tokens": profile.data.train_tokens}
-    report = evaluate(thresholds_from_mapping(_thresholds(profile, entries, device), f"profile {profile.name}"),
-                      progress=progress, models=models)
+    report = (evaluate(thresholds_from_mapping(_thresholds(profile, entries, device), f"profile {profile.name}"),
+                       progress=progress, models=models) if entries else EvalReport(settings={}, timing={}, saes={}))
     points = [where[name] | _scores(result.metrics) for name, result in report.saes.items()]
     payload = report.to_dict()
     if shard is not None:
