@@ -173,16 +173,17 @@ def partition(costs: list[int], models: list[set[str]], count: int, budget: floa
             tails, seen = tails + costs[i - 1], seen | models[i - 1]
             cost[k, i] = tails + ORIGINAL_PASS * len(seen)
 
-    def runs_of(used: int) -> list[list[int]]:
+    def cut_into(used: int) -> tuple[float, list[list[int]]]:
+        """The work and the runs of the best cut into `used` runs, padded to `count`."""
         largest, _ = _best_cut(cost, used, np.maximum, np.inf)
-        _, runs = _best_cut(cost, used, np.add, largest)
-        return runs + [[] for _ in range(count - used)]
+        work, runs = _best_cut(cost, used, np.add, largest)
+        return work, runs + [[] for _ in range(count - used)]
 
     for used in range(count, 1, -1):
-        runs = runs_of(used)
-        if budget is None or sum(cost[r[0], r[-1] + 1] for r in runs if r) <= (1 + budget) * cost[0, n]:
+        work, runs = cut_into(used)
+        if budget is None or work <= (1 + budget) * cost[0, n]:
             return runs
-    return runs_of(1)
+    return cut_into(1)[1]
 
 
 def _best_cut(cost: np.ndarray, runs: int, combine: np.ufunc, limit: float) -> tuple[float, list[list[int]]]:

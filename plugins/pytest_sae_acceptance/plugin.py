@@ -196,7 +196,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     the JSON report and the baseline, each once, atomically."""
     config = session.config
     state = config.stash.get(SESSION_KEY, None)
-    mine = [state.finish()] if state is not None else [empty_part(config)] if SHARDED_KEY in config.stash else []
+    mine = []
+    if state is not None:
+        mine = [state.finish()]
+    elif SHARDED_KEY in config.stash:  # a shard that ran no SAE item still writes its files
+        mine = [empty_part(config)]
     if is_xdist_worker(config):
         config.workeroutput["sae_parts"] = mine
         return
