@@ -130,6 +130,11 @@ class EvalReport:
     saes: dict[str, SAEResult]
     splices: dict[str, SpliceResult] = field(default_factory=dict)
 
+    @classmethod
+    def empty(cls) -> EvalReport:
+        """The report of a share with nothing to evaluate (an empty shard)."""
+        return cls(settings={}, timing={}, saes={})
+
     @property
     def entries(self) -> list[SAEResult | SpliceResult]:
         """Every SAE's result, then every splice's."""

@@ -248,7 +248,8 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
         assert empty.ret == 0, empty.stdout.str()[-2000:]
         empty.stdout.fnmatch_lines(["*sae-acceptance: shard 3/3: no SAEs in this share*beyond the 5% budget); nothing to do*"])
         report = json.loads((pytester.path / f"s3-{workers}.json").read_text())
-        assert report == {"saes": {}, "splices": {}, "shard": {"index": 3, "count": 3, "saes": []}}
+        assert report == {"eval": {}, "timing": {}, "saes": {}, "splices": {},
+                          "shard": {"index": 3, "count": 3, "saes": []}}
         assert load_baseline(pytester.path / f"part3-{workers}.json").saes == {}
     bad = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-shard", "4/3")
     assert bad.ret == 4

@@ -205,7 +205,7 @@ class SAESession:
             merged = merge_reports(report for part in parts for report in part["reports"])
             shard = self.config.getoption("--sae-shard")
             if shard is not None:  # an empty share still writes its report, for `merge`
-                merged = merged or {"saes": {}, "splices": {}}
+                merged = merged or EvalReport.empty().to_dict()
                 names = list(dict.fromkeys(n for part in parts for n in part.get("selected", [])))
                 merged["shard"] = shard_record(shard.index, shard.count, names)
             if merged is not None:

@@ -139,7 +139,7 @@ def run_sweep(
             where[name] = {"model": spec.shown, "d_model": d_model, "layer": layer,
                            "depth": depth, "k": k, "train_tokens": profile.data.train_tokens}
     report = (evaluate(thresholds_from_mapping(_thresholds(profile, entries, device), f"profile {profile.name}"),
-                       progress=progress, models=models) if entries else EvalReport(settings={}, timing={}, saes={}))
+                       progress=progress, models=models) if entries else EvalReport.empty())
     points = [where[name] | _scores(result.metrics) for name, result in report.saes.items()]
     payload = report.to_dict()
     if shard is not None:
