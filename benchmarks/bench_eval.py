@@ -80,16 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--k-grid", type=int, nargs="+", help="SAE i gets k = K_GRID[i] (a k grid) instead of --k")
     p.add_argument("--n-saes", type=int, nargs="+", default=[1, 6])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--warmup", type=int, default=1, help="1: warm up on one batch first; 0: no warm-up"
-    )
+    p.add_argument("--warmup", type=int, default=1, help="1: warm up on one batch first; 0: no warm-up")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     common.add_backend_arg(p)
     common.add_inline_arg(p)
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument(
-        "--workdir", type=Path, help="keep the model/SAEs/tokens here (default: a temp dir)"
-    )
+    p.add_argument("--workdir", type=Path, help="keep the model/SAEs/tokens here (default: a temp dir)")
     # internal: one contender in a fresh process
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--worker-n-saes", type=int, help=argparse.SUPPRESS)
@@ -121,9 +117,7 @@ def prepare(args, workdir: Path) -> None:
         flush=True,
     )
     common.build_checkpoint(workdir / "model", size, args.ctx, args.seed)
-    tokens = common.random_tokens(
-        args.n_batches * args.batch_size, args.ctx, size.vocab, args.seed + 1
-    )
+    tokens = common.random_tokens(args.n_batches * args.batch_size, args.ctx, size.vocab, args.seed + 1)
     torch.save(tokens, workdir / "tokens.pt")
     # b_dec at the mean activation of one batch: the random SAEs then reconstruct around the data
     model = common.load_bench_model(workdir / "model", "cpu", "float32")
@@ -131,7 +125,7 @@ def prepare(args, workdir: Path) -> None:
         act = model(tokens[: args.batch_size], stop_at_layer=args.layer + 1)
     mean = act[common.counted_mask(tokens[: args.batch_size])].mean(0)
     del model, act
-    from sae_acceptance.sources.sae import save_sae
+    from sae_acceptance.sources.sae_io import save_sae
 
     for i in range(max(args.n_saes)):
         sae = common.random_topk_sae(
@@ -165,7 +159,7 @@ def _timed(args, fn, tokens):
 
 
 def worker_limit(args, workdir: Path) -> dict:
-    from sae_acceptance.sources.sae import load_sae
+    from sae_acceptance.sources.sae_io import load_sae
 
     backend, tokens, sae_dirs = _load(args, workdir, backend=True)
     dtype = getattr(torch, args.dtype)
@@ -192,7 +186,7 @@ def worker_limit(args, workdir: Path) -> dict:
 def worker_project(args, workdir: Path) -> dict:
     from sae_acceptance.engine import run_hook
     from sae_acceptance.metrics import alive_fraction
-    from sae_acceptance.sources.sae import load_sae
+    from sae_acceptance.sources.sae_io import load_sae
 
     model, tokens, sae_dirs = _load(args, workdir, backend=True)
     dtype = getattr(torch, args.dtype)
@@ -229,9 +223,7 @@ def worker_saelens(args, workdir: Path) -> dict:
     from sae_lens.training.activations_store import ActivationsStore
 
     model, tokens, sae_dirs = _load(args, workdir)
-    saes = {
-        d.name: LensSAE.load_from_disk(d, device=args.device, dtype=args.dtype) for d in sae_dirs
-    }
+    saes = {d.name: LensSAE.load_from_disk(d, device=args.device, dtype=args.dtype) for d in sae_dirs}
     base_cfg = EvalConfig(  # built once: its defaults shell out to git
         batch_size_prompts=args.batch_size,
         compute_kl=True,
@@ -269,15 +261,8 @@ def worker_saelens(args, workdir: Path) -> dict:
                 cfg,
                 exclude_special_tokens=list(common.SPECIAL_IDS),
             )
-            flat = {
-                k: v
-                for group in metrics.values()
-                for k, v in group.items()
-                if isinstance(v, (int, float))
-            }
-            flat["alive_frac"] = float(
-                (torch.tensor(features["feature_density"]) > 0).float().mean()
-            )
+            flat = {k: v for group in metrics.values() for k, v in group.items() if isinstance(v, (int, float))}
+            flat["alive_frac"] = float((torch.tensor(features["feature_density"]) > 0).float().mean())
             out[name] = flat
         return out
 
@@ -358,12 +343,8 @@ def print_report(args, summary: dict, checks: dict, results: dict) -> None:
             )
         for key in ("project_over_limit", "saelens_over_project"):
             if key in s["ratios"]:
-                print(
-                    f"{'':>4}  {key} = {s['ratios'][key]:.2f} wall, {s['ratios'][key + '_cpu']:.2f} CPU"
-                )
-    print(
-        "peak MB: the timed run's peak RSS (CUDA: max allocated); +MB: its rise over the run's start"
-    )
+                print(f"{'':>4}  {key} = {s['ratios'][key]:.2f} wall, {s['ratios'][key + '_cpu']:.2f} CPU")
+    print("peak MB: the timed run's peak RSS (CUDA: max allocated); +MB: its rise over the run's start")
     if checks:
         print("\ncross-check (first SAE; max |diff| over all SAEs):")
         for k, v in checks.items():
@@ -371,9 +352,7 @@ def print_report(args, summary: dict, checks: dict, results: dict) -> None:
                 f"  {k:<10} project={v['project']:.6g}  saelens={v['saelens']:.6g}  max|diff|={v['max_abs_diff']:.2e}"
             )
         print(f"  ({ABLATION_NOTE})")
-    loads = [
-        x for per in results.values() for r in per.values() for x in r["load"] if x is not None
-    ]
+    loads = [x for per in results.values() for r in per.values() for x in r["load"] if x is not None]
     if loads:
         print(
             f"\n1-min load average at the end of each run: {min(loads):.1f} .. {max(loads):.1f} "
@@ -414,27 +393,20 @@ def main(argv=None) -> None:
                         *common.worker_flags(raw_argv),
                     ]
                     r = common.run_worker(
-                        SCRIPT, worker_argv, f"repeat {rep + 1}/{args.repeats}, {n} SAE(s)",
+                        SCRIPT,
+                        worker_argv,
+                        f"repeat {rep + 1}/{args.repeats}, {n} SAE(s)",
                         inline=(lambda a: run_one(parse_args(a))) if args.inline else None,
                     )
-                    print(
-                        f"    {r['seconds']:.2f} s wall, {r['cpu_seconds']:.2f} s CPU", flush=True
-                    )
-                    agg = results[n].setdefault(
-                        contender, {"seconds": [], "cpu_seconds": [], "memory": [], "load": []}
-                    )
+                    print(f"    {r['seconds']:.2f} s wall, {r['cpu_seconds']:.2f} s CPU", flush=True)
+                    agg = results[n].setdefault(contender, {"seconds": [], "cpu_seconds": [], "memory": [], "load": []})
                     agg["seconds"].append(r["seconds"])
                     agg["cpu_seconds"].append(r["cpu_seconds"])
                     agg["memory"].append(r["memory"])
                     agg["load"].append(r["load"])
                     agg.setdefault("metrics", r.get("metrics"))
                     agg.setdefault("code", []).append(r["code"])
-    codes = {
-        json.dumps(c, sort_keys=True)
-        for per in results.values()
-        for r in per.values()
-        for c in r["code"]
-    }
+    codes = {json.dumps(c, sort_keys=True) for per in results.values() for r in per.values() for c in r["code"]}
     if len(codes) > 1:
         print("WARNING: the package changed during the benchmark; the runs measured different code")
     summary = summarise(args, results)
@@ -444,9 +416,7 @@ def main(argv=None) -> None:
         payload = {
             "environment": common.environment(args.device),
             "config": {
-                k: (str(v) if isinstance(v, Path) else v)
-                for k, v in vars(args).items()
-                if not k.startswith("worker")
+                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("worker")
             },
             "model": common.as_jsonable(common.model_size(args)),
             "summary": summary,

@@ -68,7 +68,7 @@ def sae_dir(workdir: Path, hook: str, k: int) -> Path:
 
 
 def prepare(args, workdir: Path) -> None:
-    from sae_acceptance.sources.sae import save_sae
+    from sae_acceptance.sources.sae_io import save_sae
 
     common.set_threads(args)
     size = common.model_size(args)
@@ -88,11 +88,13 @@ def prepare(args, workdir: Path) -> None:
 
 
 def _saes(args, workdir: Path):
-    from sae_acceptance.sources.sae import load_sae
+    from sae_acceptance.sources.sae_io import load_sae
 
     dtype = getattr(torch, args.dtype)
-    return {hook: {f"k{k}": load_sae(sae_dir(workdir, hook, k), device=args.device, dtype=dtype) for k in args.k_grid}
-            for hook in args.hooks}
+    return {
+        hook: {f"k{k}": load_sae(sae_dir(workdir, hook, k), device=args.device, dtype=dtype) for k in args.k_grid}
+        for hook in args.hooks
+    }
 
 
 def worker_limit(args, workdir: Path) -> dict:
@@ -141,7 +143,10 @@ def worker_project(args, workdir: Path) -> dict:
     def once(tokens):
         run = run_model(backend, saes, tokens, common.counted_mask(tokens), args.batch_size, progress=False)
         return {
-            f"{hook}/{name}": {**{k: float(v) for k, v in sums.metrics().items()}, "alive_frac": alive_fraction(sums.fired)}
+            f"{hook}/{name}": {
+                **{k: float(v) for k, v in sums.metrics().items()},
+                "alive_frac": alive_fraction(sums.fired),
+            }
             for hook, hook_run in run.hooks.items()
             for name, sums in hook_run.sums.items()
         }
@@ -155,8 +160,9 @@ def worker_saelens(args, workdir: Path) -> dict:
     out_metrics, seconds, cpu, memories = {}, 0.0, 0.0, []
     for hook in args.hooks:
         for k in args.k_grid:
-            sub = argparse.Namespace(**{**vars(args), "layer": None, "worker_n_saes": 1, "repeats": 1,
-                                        "n_saes": [1], "k": k, "k_grid": None})
+            sub = argparse.Namespace(
+                **{**vars(args), "layer": None, "worker_n_saes": 1, "repeats": 1, "n_saes": [1], "k": k, "k_grid": None}
+            )
             sub.workdir = workdir
             r = _saelens_one(sub, sae_dir(workdir, hook, k))
             seconds += r["seconds"]
@@ -205,8 +211,12 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             for contender in args.contenders:
                 worker_argv = ["--worker", contender, "--workdir", str(workdir), *common.worker_flags(raw_argv)]
-                r = common.run_worker(SCRIPT, worker_argv, f"repeat {rep + 1}/{args.repeats}",
-                                      inline=(lambda a: run_one(parse_args(a))) if args.inline else None)
+                r = common.run_worker(
+                    SCRIPT,
+                    worker_argv,
+                    f"repeat {rep + 1}/{args.repeats}",
+                    inline=(lambda a: run_one(parse_args(a))) if args.inline else None,
+                )
                 print(f"    {contender}: {r['seconds']:.2f} s wall, {r['cpu_seconds']:.2f} s CPU", flush=True)
                 agg = results.setdefault(contender, {"seconds": [], "cpu_seconds": [], "memory": [], "load": []})
                 for key in ("seconds", "cpu_seconds", "memory", "load"):
@@ -214,8 +224,12 @@ def main(argv=None) -> None:
                 agg.setdefault("metrics", r.get("metrics"))
     n_tokens = args.n_batches * args.batch_size * args.ctx
     summary = {
-        name: {"median_s": common.median(r["seconds"]), "tokens_per_s": n_tokens / common.median(r["seconds"]),
-               "peak_mb": max(common.peak_mb(m) for m in r["memory"]), "all_s": r["seconds"]}
+        name: {
+            "median_s": common.median(r["seconds"]),
+            "tokens_per_s": n_tokens / common.median(r["seconds"]),
+            "peak_mb": max(common.peak_mb(m) for m in r["memory"]),
+            "all_s": r["seconds"],
+        }
         for name, r in results.items()
     }
     ratios = {}
@@ -224,9 +238,11 @@ def main(argv=None) -> None:
     if "saelens" in summary and "project" in summary:
         ratios["saelens_over_project"] = summary["saelens"]["median_s"] / summary["project"]["median_s"]
     size = common.model_size(args)
-    print(f"\nrelease: {len(args.hooks)} hooks x {len(args.k_grid)} SAEs (k {args.k_grid}, d_sae {args.d_sae}) on "
-          f"d_model={size.d_model} layers={size.n_layers} vocab={size.vocab}, {n_tokens} tokens, {args.device} "
-          f"{args.dtype}, backend {args.backend}")
+    print(
+        f"\nrelease: {len(args.hooks)} hooks x {len(args.k_grid)} SAEs (k {args.k_grid}, d_sae {args.d_sae}) on "
+        f"d_model={size.d_model} layers={size.n_layers} vocab={size.vocab}, {n_tokens} tokens, {args.device} "
+        f"{args.dtype}, backend {args.backend}"
+    )
     for name, r in summary.items():
         print(f"  {name:<8} {r['median_s']:>9.2f} s {r['tokens_per_s']:>9.0f} tokens/s {r['peak_mb']:>8.0f} MB")
     for key, value in ratios.items():
@@ -234,7 +250,9 @@ def main(argv=None) -> None:
     if args.json:
         payload = {
             "environment": common.environment(args.device),
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("worker")},
+            "config": {
+                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("worker")
+            },
             "summary": summary,
             "ratios": ratios,
             "raw": results,

@@ -59,8 +59,9 @@ evaluate.run_model = _counting
 """
 
 
-def write_config(folder: Path, name: str, models: list[Path], layers: list[int], per_hook: int, tokens: Path,
-                 args) -> Path:
+def write_config(
+    folder: Path, name: str, models: list[Path], layers: list[int], per_hook: int, tokens: Path, args
+) -> Path:
     entries = []
     for m, model in enumerate(models):
         for layer in layers:
@@ -69,12 +70,16 @@ def write_config(folder: Path, name: str, models: list[Path], layers: list[int],
                 sae_name = f"m{m}-L{layer}-{i}"
                 path = folder / "saes" / sae_name
                 if not path.exists():
-                    _save(random_topk_sae(args.d_model_resolved, args.d_sae, 16 * (i + 1), 100 * m + 10 * layer + i, hook),
-                          path)
+                    _save(
+                        random_topk_sae(
+                            args.d_model_resolved, args.d_sae, 16 * (i + 1), 100 * m + 10 * layer + i, hook
+                        ),
+                        path,
+                    )
                 entries.append(f'[[sae]]\nname = "{sae_name}"\npath = "saes/{sae_name}"\nmodel = "{model}"\n')
     text = (
         f'[eval]\ndata = "{tokens}"\nn_sequences = {args.n_seq}\ncontext_size = {args.ctx}\nbatch_size = {args.batch}\n'
-        "bootstrap_resamples = 1000\ndevice = \"cpu\"\n\n[gate]\nrel_error = { max = 100.0 }\n\n" + "\n".join(entries)
+        'bootstrap_resamples = 1000\ndevice = "cpu"\n\n[gate]\nrel_error = { max = 100.0 }\n\n' + "\n".join(entries)
     )
     out = folder / name
     out.write_text(text)
@@ -82,7 +87,7 @@ def write_config(folder: Path, name: str, models: list[Path], layers: list[int],
 
 
 def _save(sae, path: Path) -> None:
-    from sae_acceptance.sources.sae import save_sae
+    from sae_acceptance.sources.sae_io import save_sae
 
     save_sae(sae, path)
 
@@ -127,13 +132,34 @@ def xdist_part(folder: Path, config: Path, repeats: int) -> dict:
     for _ in range(repeats):
         for n in ("0", "2"):
             start = time.perf_counter()
-            call([sys.executable, "-m", "pytest", config.name, "-p", "no:cacheprovider", "--sae-no-progress", "-q",
-                  "-n", n, "--sae-json", f"xdist-n{n}.json"], folder)
+            call(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    config.name,
+                    "-p",
+                    "no:cacheprovider",
+                    "--sae-no-progress",
+                    "-q",
+                    "-n",
+                    n,
+                    "--sae-json",
+                    f"xdist-n{n}.json",
+                ],
+                folder,
+            )
             wall = time.perf_counter() - start
             measured = runs(folder)
             hooks = [h for r in measured for h in r["hooks"]]
-            out[f"n{n}"]["repeats"].append({"model_runs": measured, "cpu_s": sum(r["cpu_s"] for r in measured),
-                                            "wall_s": wall, "each_hook_once": sorted(hooks) == sorted(set(hooks))})
+            out[f"n{n}"]["repeats"].append(
+                {
+                    "model_runs": measured,
+                    "cpu_s": sum(r["cpu_s"] for r in measured),
+                    "wall_s": wall,
+                    "each_hook_once": sorted(hooks) == sorted(set(hooks)),
+                }
+            )
         a, b = (json.loads((folder / f"xdist-n{n}.json").read_text())["saes"] for n in ("0", "2"))
         same.append(a == b)
     (folder / "conftest.py").unlink()
@@ -141,7 +167,9 @@ def xdist_part(folder: Path, config: Path, repeats: int) -> dict:
         out[n]["cpu_s"] = median([r["cpu_s"] for r in out[n]["repeats"]])
         out[n]["each_hook_once"] = all(r["each_hook_once"] for r in out[n]["repeats"])
     out["ratio_cpu"] = out["n2"]["cpu_s"] / out["n0"]["cpu_s"]
-    out["ratio_cpu_each"] = [b["cpu_s"] / a["cpu_s"] for a, b in zip(out["n0"]["repeats"], out["n2"]["repeats"], strict=True)]
+    out["ratio_cpu_each"] = [
+        b["cpu_s"] / a["cpu_s"] for a, b in zip(out["n0"]["repeats"], out["n2"]["repeats"], strict=True)
+    ]
     out["same_report"] = all(same)
     return out
 
@@ -159,20 +187,39 @@ def shard_part(folder: Path, config: Path, counts: list[int], repeats: int) -> d
             shards = []
             for i in range(1, count + 1):
                 call(eval_cmd(config, "--shard", f"{i}/{count}", "--json", f"shard{i}of{count}.json"), folder)
-                shards.append({"cpu_s": sum(r["cpu_s"] for r in runs(folder)),
-                               "saes": json.loads((folder / f"shard{i}of{count}.json").read_text())["shard"]["saes"]})
-            call([sys.executable, "-m", "sae_acceptance.cli", "merge",
-                  *(f"shard{i}of{count}.json" for i in range(1, count + 1)), "--json", f"merged{count}.json"], folder)
+                shards.append(
+                    {
+                        "cpu_s": sum(r["cpu_s"] for r in runs(folder)),
+                        "saes": json.loads((folder / f"shard{i}of{count}.json").read_text())["shard"]["saes"],
+                    }
+                )
+            call(
+                [
+                    sys.executable,
+                    "-m",
+                    "sae_acceptance.cli",
+                    "merge",
+                    *(f"shard{i}of{count}.json" for i in range(1, count + 1)),
+                    "--json",
+                    f"merged{count}.json",
+                ],
+                folder,
+            )
             merged = json.loads((folder / f"merged{count}.json").read_text())["saes"]
-            out[f"shards{count}"]["repeats"].append({"shards": shards, "cpu_s": sum(s["cpu_s"] for s in shards),
-                                                     "merged_equals_single": merged == one})
+            out[f"shards{count}"]["repeats"].append(
+                {"shards": shards, "cpu_s": sum(s["cpu_s"] for s in shards), "merged_equals_single": merged == one}
+            )
     out["single"]["cpu_s"] = median([r["cpu_s"] for r in out["single"]["repeats"]])
     for count in counts:
         part = out[f"shards{count}"]
         part["cpu_s"] = median([r["cpu_s"] for r in part["repeats"]])
         part["ratio_cpu"] = part["cpu_s"] / out["single"]["cpu_s"]
-        part["ratio_cpu_each"] = [r["cpu_s"] / s["cpu_s"] for r, s in zip(part["repeats"], out["single"]["repeats"], strict=True)]
-        part["max_shard_over_single"] = median([max(s["cpu_s"] for s in r["shards"]) for r in part["repeats"]]) / out["single"]["cpu_s"]
+        part["ratio_cpu_each"] = [
+            r["cpu_s"] / s["cpu_s"] for r, s in zip(part["repeats"], out["single"]["repeats"], strict=True)
+        ]
+        part["max_shard_over_single"] = (
+            median([max(s["cpu_s"] for s in r["shards"]) for r in part["repeats"]]) / out["single"]["cpu_s"]
+        )
         part["merged_equals_single"] = all(r["merged_equals_single"] for r in part["repeats"])
     return out
 
@@ -189,17 +236,25 @@ def baseline_part(folder: Path, model: Path, args) -> dict:
         path = folder / "saes16k" / f"s{i}"
         _save(random_topk_sae(args.d_model_resolved, 16384, 32, 1000 + i, "blocks.2.hook_resid_post"), path)
         saes.append(f'[[sae]]\nname = "s{i}"\npath = "{path}"\n')
-    text = (f'[eval]\nmodel = "{model}"\ndata = "{tokens}"\nn_sequences = 200\ncontext_size = {args.ctx}\n'
-            f"batch_size = {args.batch}\nbootstrap_resamples = 1000\ndevice = \"cpu\"\n\n[gate]\nrel_error = {{ max = 100.0 }}\n\n"
-            + "\n".join(saes))
+    text = (
+        f'[eval]\nmodel = "{model}"\ndata = "{tokens}"\nn_sequences = 200\ncontext_size = {args.ctx}\n'
+        f'batch_size = {args.batch}\nbootstrap_resamples = 1000\ndevice = "cpu"\n\n[gate]\nrel_error = {{ max = 100.0 }}\n\n'
+        + "\n".join(saes)
+    )
     (folder / "base.toml").write_text(text)
     report = evaluate(load_thresholds(folder / "base.toml"), progress=False)
     target = folder / "base.baseline.json"
     write_baseline(target, baseline_entries(report))
     json_b, npz_b = target.stat().st_size, sidecar_path(target).stat().st_size
-    return {"saes": args.baseline_saes, "n_sequences": 200, "d_sae": 16384, "json_bytes": json_b,
-            "sidecar_bytes": npz_b, "bytes_per_sae": (json_b + npz_b) / args.baseline_saes,
-            "fired_alive": [float((r.sums.fired > 0).mean()) for r in report.saes.values()]}
+    return {
+        "saes": args.baseline_saes,
+        "n_sequences": 200,
+        "d_sae": 16384,
+        "json_bytes": json_b,
+        "sidecar_bytes": npz_b,
+        "bytes_per_sae": (json_b + npz_b) / args.baseline_saes,
+        "fired_alive": [float((r.sums.fired > 0).mean()) for r in report.saes.values()],
+    }
 
 
 def main() -> None:
@@ -217,11 +272,18 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 3, 5],
-                        help="the shard run's hooks: blocks.L.hook_resid_post of each model")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[1, 3, 5],
+        help="the shard run's hooks: blocks.L.hook_resid_post of each model",
+    )
     parser.add_argument("--per-hook", type=int, default=3, help="the shard run's SAEs per hook")
     parser.add_argument("--xdist-per-hook", type=int, default=3, help="the xdist run's SAEs at each of its 2 hooks")
-    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats of the xdist and shard runs (medians)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="round-robin repeats of the xdist and shard runs (medians)"
+    )
     parser.add_argument("--baseline-saes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["xdist", "shards", "baseline"])
@@ -236,7 +298,9 @@ def main() -> None:
         tokens = folder / "tokens.npy"
         np.save(tokens, random_tokens(args.n_seq, args.ctx, size.vocab, args.seed).numpy())
         if "xdist" not in args.skip:
-            config = write_config(folder, "thresholds-xdist.toml", models[:1], [1, 3], args.xdist_per_hook, tokens, args)
+            config = write_config(
+                folder, "thresholds-xdist.toml", models[:1], [1, 3], args.xdist_per_hook, tokens, args
+            )
             result["xdist"] = xdist_part(folder, config, args.repeats)
             print("xdist", json.dumps({k: v for k, v in result["xdist"].items() if not k.startswith("n")}), flush=True)
             save(args, result)

@@ -60,23 +60,15 @@ def parse_args(argv=None):
     p.add_argument("--d-sae", type=int, default=8192)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-tokens", type=int, default=2048, help="training batch, in tokens")
-    p.add_argument(
-        "--train-tokens", type=int, default=262_144, help="part A: training tokens per trainer"
-    )
-    p.add_argument(
-        "--val-tokens", type=int, default=32_768, help="held-out activations for FVU / alive"
-    )
+    p.add_argument("--train-tokens", type=int, default=262_144, help="part A: training tokens per trainer")
+    p.add_argument("--val-tokens", type=int, default=32_768, help="held-out activations for FVU / alive")
     p.add_argument("--warmup-steps", type=int, default=16)
     p.add_argument("--grid-ks", type=int, nargs="+", default=[8, 16, 24, 32, 48, 64])
-    p.add_argument(
-        "--grid-tokens", type=int, default=131_072, help="part B: training tokens per SAE"
-    )
+    p.add_argument("--grid-tokens", type=int, default=131_072, help="part B: training tokens per SAE")
     p.add_argument("--grid-d-sae", type=int, default=None, help="part B d_sae (default: --d-sae)")
     p.add_argument("--part", choices=["all", "cached", "grid"], default="all")
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
-    p.add_argument(
-        "--repeats", type=int, default=1, help="timed runs per contender (median reported)"
-    )
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per contender (median reported)")
     p.add_argument("--json", type=Path)
     p.add_argument("--workdir", type=Path)
     p.add_argument("--worker", choices=TRAINERS + GRID, help=argparse.SUPPRESS)
@@ -102,9 +94,7 @@ def n_sequences(tokens: int, ctx: int) -> int:
 def prepare(args, workdir: Path) -> None:
     common.set_threads(args)
     size = common.model_size(args)
-    print(
-        f"building model {size}; caching activations at {hook_name(args)} in {workdir}", flush=True
-    )
+    print(f"building model {size}; caching activations at {hook_name(args)} in {workdir}", flush=True)
     common.build_checkpoint(workdir / "model", size, args.ctx, args.seed)
     model = common.load_bench_model(workdir / "model", args.device, args.dtype)
     for split, n_tokens, seed in (
@@ -112,9 +102,7 @@ def prepare(args, workdir: Path) -> None:
         ("val", args.val_tokens, 2),
         ("grid", args.grid_tokens, 3),
     ):
-        tokens = common.random_tokens(
-            n_sequences(n_tokens, args.ctx), args.ctx, size.vocab, args.seed + seed
-        )
+        tokens = common.random_tokens(n_sequences(n_tokens, args.ctx), args.ctx, size.vocab, args.seed + seed)
         torch.save(tokens, workdir / f"tokens_{split}.pt")
         if split == "grid":
             continue
@@ -189,9 +177,7 @@ def worker_ours(args, workdir: Path, optimizer: str) -> dict:
     d_in = acts.shape[1]
     cfg = train_config(args, args.k, args.d_sae, optimizer)
     with common.PeakMemory(args.device) as mem, common.Timer(args.device) as t:
-        sae = train_topk(
-            cached_batches(args, acts), d_in, cfg, total_tokens=acts.shape[0], progress=False
-        )
+        sae = train_topk(cached_batches(args, acts), d_in, cfg, total_tokens=acts.shape[0], progress=False)
     quality = held_out_quality(sae, torch.load(workdir / "acts_val.pt"), args.device)
     quality["final_train_fvu"] = sae.metadata.get("final_train_fvu")
     return {
@@ -261,14 +247,10 @@ def worker_sparsify(args, workdir: Path, optimizer: str) -> dict:
                 since_fired += x.shape[0]
                 since_fired[did_fire] = 0
                 did_fire.zero_()
-        if hasattr(
-            opt, "eval"
-        ):  # schedule-free: the averaged weights are the model (as its checkpoints save)
+        if hasattr(opt, "eval"):  # schedule-free: the averaged weights are the model (as its checkpoints save)
             opt.eval()
         coder.set_decoder_norm_to_unit_norm()
-    quality = held_out_quality(
-        sparsify_to_sae(coder, args.k), torch.load(workdir / "acts_val.pt"), args.device
-    )
+    quality = held_out_quality(sparsify_to_sae(coder, args.k), torch.load(workdir / "acts_val.pt"), args.device)
     return {
         "seconds": t.seconds,
         "cpu_seconds": t.cpu_seconds,
@@ -306,9 +288,7 @@ def worker_grid(args, workdir: Path, separate: bool) -> dict:
             saes = {}
             for k in args.grid_ks:
                 cfg_k = train_config(args, k, args.grid_d_sae)
-                saes[k] = train_topk(
-                    _buffer(args, model, tokens), d_in, cfg_k, args.grid_tokens, progress=False
-                )
+                saes[k] = train_topk(_buffer(args, model, tokens), d_in, cfg_k, args.grid_tokens, progress=False)
         else:
             saes = train_topk_grid(
                 _buffer(args, model, tokens),
@@ -326,9 +306,7 @@ def worker_grid(args, workdir: Path, separate: bool) -> dict:
         "tokens": args.grid_tokens * len(args.grid_ks),
         "memory": mem.as_dict(),
         "per_k": quality,
-        "weights": {
-            k: float(s.W_dec.double().sum() + s.W_enc.double().sum()) for k, s in saes.items()
-        },
+        "weights": {k: float(s.W_dec.double().sum() + s.W_enc.double().sum()) for k, s in saes.items()},
     }
 
 
@@ -403,11 +381,7 @@ def main(argv=None) -> None:
     if args.json:
         payload = {
             "environment": common.environment(args.device),
-            "config": {
-                k: (str(v) if isinstance(v, Path) else v)
-                for k, v in vars(args).items()
-                if k != "worker"
-            },
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
             "model": common.as_jsonable(common.model_size(args)),
             "summary": summary,
             "notes": notes,
@@ -440,17 +414,13 @@ def summarise(results: dict) -> dict:
     ratios = {}
     for mine, other in (("ours", "sparsify-adam"), ("ours-signum", "sparsify")):
         if mine in out and other in out:
-            ratios[f"{mine}_over_{other}_tokens_per_s"] = (
-                out[mine]["tokens_per_s"] / out[other]["tokens_per_s"]
-            )
+            ratios[f"{mine}_over_{other}_tokens_per_s"] = out[mine]["tokens_per_s"] / out[other]["tokens_per_s"]
             ratios[f"{mine}_over_{other}_tokens_per_cpu_s"] = (
                 out[mine]["tokens_per_cpu_s"] / out[other]["tokens_per_cpu_s"]
             )
     if "grid" in out and "separate" in out:
         ratios["separate_over_grid_s"] = out["separate"]["median_s"] / out["grid"]["median_s"]
-        ratios["separate_over_grid_cpu_s"] = (
-            out["separate"]["median_cpu_s"] / out["grid"]["median_cpu_s"]
-        )
+        ratios["separate_over_grid_cpu_s"] = out["separate"]["median_cpu_s"] / out["grid"]["median_cpu_s"]
         ratios["grid_equals_separate"] = out["grid"]["weights"] == out["separate"]["weights"]
     return {"contenders": out, "ratios": ratios}
 

@@ -130,7 +130,9 @@ def load_bench_backend(path: Path, device: str, dtype: str, backend: str):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = load_backend(path, device=device, dtype=dtype, backend="hf" if backend.startswith("hf") else "transformer_lens")
+        loaded = load_backend(
+            path, device=device, dtype=dtype, backend="hf" if backend.startswith("hf") else "transformer_lens"
+        )
     return HFBackend.wrap(loaded.model, loaded.tokenizer, full_passes=True) if backend == "hf-full" else loaded
 
 
@@ -167,12 +169,14 @@ class BareTails:
         at_entry: dict[int, torch.Tensor] = {}
         acts: dict[str, torch.Tensor] = {}
         if not self.hf:
+
             def entry_name(e):
                 return f"blocks.{e}.hook_resid_pre" if e < self.n_layers else f"blocks.{e - 1}.hook_resid_post"
 
             def store(into, key):
                 def fn(act, hook):
                     into[key] = act
+
                 return fn
 
             fwd = [(entry_name(e), store(at_entry, e)) for e in entries] + [(h, store(acts, h)) for h in hooks]
@@ -181,13 +185,17 @@ class BareTails:
         self.calls: dict[int, tuple] = {}
         handles = []
         for i in range(min(entries), self.n_layers):
+
             def pre(module, args, kwargs, i=i):
                 at_entry[i] = args[0]
                 self.calls[i] = (args[1:], kwargs)
+
             handles.append(self.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
         for h in hooks:
+
             def post(module, args, output, h=h):
                 acts[h] = output[0] if isinstance(output, tuple) else output
+
             handles.append(self._module(h).register_forward_hook(post))
         logits = self.model(input_ids=tokens, use_cache=False).logits
         for handle in handles:
@@ -363,7 +371,8 @@ def run_worker(script: Path, argv: list[str], label: str, inline=None) -> dict:
 
 def add_inline_arg(parser) -> None:
     parser.add_argument(
-        "--inline", action="store_true",
+        "--inline",
+        action="store_true",
         help="run every contender in this process: a quick check that the commands work (timings meaningless)",
     )
 
@@ -404,10 +413,7 @@ def environment(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "device": device,
-        "packages": {
-            p: version(p)
-            for p in ("sae-acceptance", "transformer-lens", "sae-lens", "eai-sparsify")
-        },
+        "packages": {p: version(p) for p in ("sae-acceptance", "transformer-lens", "sae-lens", "eai-sparsify")},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     env["code"] = code_fingerprint()

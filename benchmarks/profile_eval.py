@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     common.set_threads(args)
 
     from sae_acceptance.engine import run_model
-    from sae_acceptance.sources.sae import load_sae
+    from sae_acceptance.sources.sae_io import load_sae
 
     with tempfile.TemporaryDirectory(prefix="profile_eval_") as tmp:
         workdir = Path(tmp)
@@ -74,27 +74,21 @@ def main(argv=None) -> None:
         model = common.load_bench_backend(workdir / "model", args.device, args.dtype, args.backend)
         tokens = torch.load(workdir / "tokens.pt")
         saes = {
-            f"sae{i}": load_sae(
-                workdir / "saes" / f"sae{i}", device=args.device, dtype=getattr(torch, args.dtype)
-            )
+            f"sae{i}": load_sae(workdir / "saes" / f"sae{i}", device=args.device, dtype=getattr(torch, args.dtype))
             for i in range(args.n_saes[0])
         }
     counted = common.counted_mask(tokens)
     hook = bench_eval.hook_name(args)
     run_model(model, {hook: saes}, tokens[: args.batch_size], counted[: args.batch_size], args.batch_size, False)
     instrument()
-    activities = [ProfilerActivity.CPU] + (
-        [ProfilerActivity.CUDA] if args.device.startswith("cuda") else []
-    )
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         run_model(model, {hook: saes}, tokens, counted, args.batch_size, False)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(f"\nstages (CPU time including children; total self CPU time {total:.2f} s):")
-    for e in sorted(
-        (e for e in events if e.key.startswith("stage: ")), key=lambda e: -e.cpu_time_total
-    ):
+    for e in sorted((e for e in events if e.key.startswith("stage: ")), key=lambda e: -e.cpu_time_total):
         print(
             f"  {e.key[7:]:<40} {e.cpu_time_total / 1e6:8.3f} s  {100 * e.cpu_time_total / 1e6 / total:5.1f} %"
             f"  ({e.count} calls)"

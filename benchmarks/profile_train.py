@@ -120,9 +120,7 @@ def main(argv=None) -> None:
     )
     cfg = bench_train.train_config(args, args.grid_ks[0], args.grid_d_sae, args.optimizer)
     instrument(synchronize=args.device.startswith("cuda"))
-    activities = [ProfilerActivity.CPU] + (
-        [ProfilerActivity.CUDA] if args.device.startswith("cuda") else []
-    )
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         train_topk_grid(

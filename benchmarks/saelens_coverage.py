@@ -26,16 +26,29 @@ def architecture(func: str, release: str, folder: str) -> str:
     if func == "gemma_3" and ("transcoder" in folder or "clt" in folder):
         return "jumprelu_skip_transcoder" if "affine" in folder else "jumprelu_transcoder"
     fixed = {
-        "gemma_2": "jumprelu", "gemma_3": "jumprelu", "llama_scope": "jumprelu", "llama_scope_r1_distill": "jumprelu",
-        "qwen_scope": "topk", "deepseek_r1": "standard", "goodfire": "standard", "connor_rob_hook_z": "standard",
-        "gemma_2_transcoder": "jumprelu_transcoder", "mwhanna_transcoder": "transcoder",
-        "mntss_clt_layer_transcoder": "transcoder", "temporal": "temporal",
+        "gemma_2": "jumprelu",
+        "gemma_3": "jumprelu",
+        "llama_scope": "jumprelu",
+        "llama_scope_r1_distill": "jumprelu",
+        "qwen_scope": "topk",
+        "deepseek_r1": "standard",
+        "goodfire": "standard",
+        "connor_rob_hook_z": "standard",
+        "gemma_2_transcoder": "jumprelu_transcoder",
+        "mwhanna_transcoder": "transcoder",
+        "mntss_clt_layer_transcoder": "transcoder",
+        "temporal": "temporal",
     }
     if func in fixed:
         return fixed[func]
     if func == "dictionary_learning_1":  # the dict_class is in config.json; SAEBench names it in the release
-        for marker, arch in (("gated", "gated"), ("jumprelu", "jumprelu"), ("batch_top_k", "jumprelu (batchtopk)"),
-                             ("matryoshka", "jumprelu (matryoshka)"), ("topk", "topk")):
+        for marker, arch in (
+            ("gated", "gated"),
+            ("jumprelu", "jumprelu"),
+            ("batch_top_k", "jumprelu (batchtopk)"),
+            ("matryoshka", "jumprelu (matryoshka)"),
+            ("topk", "topk"),
+        ):
             if marker in release.lower():
                 return arch
         if any(m in release.lower() for m in ("vanilla", "standard", "panneal")):

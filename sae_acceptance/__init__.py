@@ -31,8 +31,8 @@ _PUBLIC = {
     "load_backend": "sae_acceptance.sources.model",
     "load_model": "sae_acceptance.sources.model",
     "SAE": "sae_acceptance.sources.sae",
-    "load_sae": "sae_acceptance.sources.sae",
-    "save_sae": "sae_acceptance.sources.sae",
+    "load_sae": "sae_acceptance.sources.sae_io",
+    "save_sae": "sae_acceptance.sources.sae_io",
     "load_tokens": "sae_acceptance.sources.tokens",
 }
 __all__ = sorted(_PUBLIC)

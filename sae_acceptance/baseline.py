@@ -112,7 +112,7 @@ def load_baseline(path: Path) -> Baseline:
     except OutputError as err:
         raise BaselineError(str(err)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise BaselineError(f"{path}: not a sae-acceptance baseline (no \"format\": \"{FORMAT}\")")
+        raise BaselineError(f'{path}: not a sae-acceptance baseline (no "format": "{FORMAT}")')
     version = payload.get("version")
     if version not in READ_VERSIONS:
         raise BaselineError(
@@ -121,7 +121,7 @@ def load_baseline(path: Path) -> Baseline:
         )
     saes = payload.get("saes")
     if not isinstance(saes, dict) or not all(isinstance(e, dict) for e in saes.values()):
-        raise BaselineError(f"{path}: no \"saes\" table")
+        raise BaselineError(f'{path}: no "saes" table')
     if version == 3:
         saes = _with_matching_sidecar(path, saes)
     return Baseline(path, saes)
@@ -174,8 +174,12 @@ def write_baseline(path: Path, entries: dict[str, Any]) -> Path:
         sums = sums_from_entry(entry, f"{path}: {name}")
         own = _arrays(sums)
         arrays.update(_members(name, own))
-        meta = {"d_in": sums.d_in, "n_sequences": sums.n_sequences, "d_sae": int(sums.fired.size),
-                "sha256": _digest(own)}
+        meta = {
+            "d_in": sums.d_in,
+            "n_sequences": sums.n_sequences,
+            "d_sae": int(sums.fired.size),
+            "sha256": _digest(own),
+        }
         blocks[name] = {"fingerprint": entry.get("fingerprint", {}), "metrics": entry.get("metrics", {}), "sums": meta}
     # The two files cannot be replaced in one step: the previous sidecar is kept until the JSON
     # is, so a write cut between them leaves the old JSON with sums it can read.
@@ -183,7 +187,9 @@ def write_baseline(path: Path, entries: dict[str, Any]) -> Path:
     if sidecar.exists():
         write_atomic(previous, sidecar.read_bytes())
     write_atomic(sidecar, _npz_bytes(arrays))
-    written = write_atomic(path, _render({"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}, blocks))
+    written = write_atomic(
+        path, _render({"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}, blocks)
+    )
     previous.unlink(missing_ok=True)
     return written
 
@@ -227,7 +233,9 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 def _planes(values: np.ndarray) -> np.ndarray:
     """Byte planes ([itemsize, n] uint8) of a little-endian array: each plane (the exponents,
     the high bytes of small counts) is nearly constant and compresses, as in HDF5's shuffle."""
-    return np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(-1, values.itemsize).T)
+    return np.ascontiguousarray(
+        values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(-1, values.itemsize).T
+    )
 
 
 def _unplanes(planes: np.ndarray, kind: str) -> np.ndarray:
@@ -271,7 +279,9 @@ def _with_sidecar_sums(path: Path, saes: dict[str, Any], sidecar: Path | None = 
     except FileNotFoundError:
         raise BaselineError(f"{sidecar}: missing (the sums of {path}); {REFRESH}=force") from None
     except Exception as err:  # zipfile, numpy and OS errors alike: the file is not a readable .npz
-        raise BaselineError(f"{sidecar}: corrupt baseline sidecar ({type(err).__name__}: {err}); {REFRESH}=force") from None
+        raise BaselineError(
+            f"{sidecar}: corrupt baseline sidecar ({type(err).__name__}: {err}); {REFRESH}=force"
+        ) from None
     out = {}
     for name, entry in saes.items():
         meta = entry.get("sums")
@@ -295,6 +305,7 @@ def _with_sidecar_sums(path: Path, saes: dict[str, Any], sidecar: Path | None = 
 def _moved(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether a refresh changes an SAE: another fingerprint (the project's version aside),
     or a metric value beyond `UNCHANGED_RTOL`."""
+
     def identity(entry):
         return {k: v for k, v in entry.get("fingerprint", {}).items() if k != "project_version"}
 
@@ -310,6 +321,7 @@ def _moved(old: dict[str, Any], new: dict[str, Any]) -> bool:
 def _render(head: dict[str, Any], blocks: dict[str, Any]) -> str:
     """Pretty JSON a diff reads SAE by SAE: one block per SAE, its fingerprint on one line,
     one line per metric."""
+
     def line(value: Any) -> str:
         return json.dumps(value, allow_nan=False)
 
@@ -317,7 +329,9 @@ def _render(head: dict[str, Any], blocks: dict[str, Any]) -> str:
     for i, (name, entry) in enumerate(blocks.items()):
         metrics = list(entry["metrics"].items())
         out += [f"    {line(name)}: {{", f'      "fingerprint": {line(entry["fingerprint"])},', '      "metrics": {']
-        out += [f"        {line(m)}: {line(v)}{',' if j < len(metrics) - 1 else ''}" for j, (m, v) in enumerate(metrics)]
+        out += [
+            f"        {line(m)}: {line(v)}{',' if j < len(metrics) - 1 else ''}" for j, (m, v) in enumerate(metrics)
+        ]
         out += ["      },", f'      "sums": {line(entry["sums"])}', "    }" + ("," if i < len(blocks) - 1 else "")]
     return "\n".join([*out, "  }", "}"]) + "\n"
 
@@ -352,7 +366,7 @@ def compare_sae(
         return {m: RegressionCheck(m, not strict, not strict, message) for m in tolerances}
     _check_identity(entry.get("fingerprint", {}), run_identity(result, settings), result.name, where)
     if not isinstance(entry.get("metrics"), dict):
-        raise BaselineError(f"{where}: {result.name} has no \"metrics\" table; refresh with --sae-update-baseline")
+        raise BaselineError(f'{where}: {result.name} has no "metrics" table; refresh with --sae-update-baseline')
     for metric in tolerances:
         if METRICS[metric].higher_is_better is None:
             raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
@@ -367,9 +381,14 @@ def compare_sae(
             message = f"{where}: {result.name} has no value for {metric}; refresh with --sae-update-baseline"
             checks[metric] = RegressionCheck(metric, False, False, message)
             continue
-        checks[metric] = _check(metric, before, result.metrics[metric].value, paired.get(metric),
-                                bootstrap.confidence,
-                                METRICS[metric].tolerance if tolerance is None else tolerance)
+        checks[metric] = _check(
+            metric,
+            before,
+            result.metrics[metric].value,
+            paired.get(metric),
+            bootstrap.confidence,
+            METRICS[metric].tolerance if tolerance is None else tolerance,
+        )
     return checks
 
 
@@ -391,8 +410,7 @@ def _check(metric: str, before: float, after: float, paired, confidence: float, 
         return RegressionCheck(metric, False, False, f"{metric}: the change is not finite", change, ci)
     direction = "higher is better" if spec.higher_is_better else "lower is better"
     message = (
-        f"{metric} {before:.4f} -> {after:.4f}: change {change:+.4f}{interval}, "
-        f"tolerance {tolerance:g} ({direction})"
+        f"{metric} {before:.4f} -> {after:.4f}: change {change:+.4f}{interval}, tolerance {tolerance:g} ({direction})"
     )
     if regressed:
         message = f"regression: {message}"
@@ -403,4 +421,6 @@ def _check_identity(stored: dict[str, Any], current: dict[str, Any], name: str, 
     differs = [key for key in MUST_MATCH if stored.get(key) != current.get(key)]
     if differs:
         detail = "; ".join(f"{k}: baseline {stored.get(k)!r}, now {current.get(k)!r}" for k in differs)
-        raise BaselineError(f"{where}: {name} was measured on something else ({detail}); refresh with --sae-update-baseline")
+        raise BaselineError(
+            f"{where}: {name} was measured on something else ({detail}); refresh with --sae-update-baseline"
+        )

@@ -94,7 +94,12 @@ def markdown(
         parts += [f"- `{f.title}` ({f.file}:{f.line}): {_one_line(f.message)}" for f in failures]
         parts.append("")
     if changes:
-        parts += ["### Regression changes against the baseline", "", format_table(REGRESSION_HEADER, changes, markdown=True), ""]
+        parts += [
+            "### Regression changes against the baseline",
+            "",
+            format_table(REGRESSION_HEADER, changes, markdown=True),
+            "",
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -102,16 +107,20 @@ def report_markdown(
     report: EvalReport, failures: Sequence[Failure], regressions: Iterable[tuple[str, RegressionCheck]] = ()
 ) -> str:
     """`markdown` of a whole report (the CLI)."""
-    return markdown(summary_rows(report.saes.values()), splice_rows(report.splices.values()),
-                    regression_rows(regressions), failures)
+    return markdown(
+        summary_rows(report.saes.values()), splice_rows(report.splices.values()), regression_rows(regressions), failures
+    )
 
 
 def annotation(failure: Failure) -> str:
     """A workflow command: `::error file=F,line=N,title=T::message` (values escaped as GitHub asks)."""
+
     def prop(text: str) -> str:
         return _escape(text).replace(":", "%3A").replace(",", "%2C")
 
-    return f"::error file={prop(failure.file)},line={failure.line},title={prop(failure.title)}::{_escape(failure.message)}"
+    return (
+        f"::error file={prop(failure.file)},line={failure.line},title={prop(failure.title)}::{_escape(failure.message)}"
+    )
 
 
 def in_actions(environ: Mapping[str, str] = os.environ) -> bool:

@@ -54,7 +54,7 @@ from sae_acceptance.sources.model import hook_width, load_model, special_token_i
 from sae_acceptance.sources.tokens import counted_mask, load_tokens
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.analysis import write_analysis
-from sae_acceptance.train.hookpoint import train_at_hook
+from sae_acceptance.train.grid import train_at_hook
 from sae_acceptance.train.settings import TrainSettings
 from sae_acceptance.train.sweep import sweep
 
@@ -63,7 +63,9 @@ EVAL_RUN = ("sae_dtype", "backend", "bootstrap_resamples", "seed")
 TRAIN_OPTIONS = ("expansion_factor", "d_sae", "batch_size", "lr", "optimizer", "warmup_steps", "dead_tokens", "seed")
 
 
-def add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], names: tuple[str, ...], defaults: bool = True) -> None:
+def add_fields(
+    parser: argparse.ArgumentParser, model: type[BaseModel], names: tuple[str, ...], defaults: bool = True
+) -> None:
     """One `--flag` per settings field: type, choices, help and default come from the model,
     so the CLI never restates a default. With `defaults=False` an absent flag is None."""
     for name in names:
@@ -99,32 +101,67 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", type=Path, help="a thresholds.toml: run its gate without pytest")
     ev.add_argument("--model", help="TransformerLens model name or local HF checkpoint directory")
     ev.add_argument("--hook", help="hookpoint, e.g. blocks.3.hook_resid_post (default: the SAE's own)")
-    ev.add_argument("--sae", action="append", default=[], metavar="PATH",
-                    help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)")
+    ev.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)",
+    )
     add_fields(ev, EvalSettings, EVAL_SET + EVAL_RUN, defaults=False)  # thresholds.toml's defaults apply
     ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
     ev.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
-    ev.add_argument("--baseline", type=Path, metavar="PATH",
-                    help="compare against this regression baseline (default: the thresholds file's `baseline =`)")
-    ev.add_argument("--update-baseline", action="store_const", const="refresh", dest="update_baseline",
-                    help="write (or refresh) the baseline instead of comparing")
-    ev.add_argument("--update-baseline=force", action="store_const", const="force", dest="update_baseline",
-                    help="the same, replacing a baseline that cannot be read")
+    ev.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="PATH",
+        help="compare against this regression baseline (default: the thresholds file's `baseline =`)",
+    )
+    ev.add_argument(
+        "--update-baseline",
+        action="store_const",
+        const="refresh",
+        dest="update_baseline",
+        help="write (or refresh) the baseline instead of comparing",
+    )
+    ev.add_argument(
+        "--update-baseline=force",
+        action="store_const",
+        const="force",
+        dest="update_baseline",
+        help="the same, replacing a baseline that cannot be read",
+    )
     ev.add_argument("--baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
     ev.add_argument("--shard", metavar="I/N", help="evaluate share I of N of the SAEs (groups kept whole); see `merge`")
-    ev.add_argument("--baseline-part", type=Path, metavar="OUT.json",
-                    help="write this run's baseline entries here (a baseline of its own; `merge --update-baseline` folds parts in)")
+    ev.add_argument(
+        "--baseline-part",
+        type=Path,
+        metavar="OUT.json",
+        help="write this run's baseline entries here (a baseline of its own; `merge --update-baseline` folds parts in)",
+    )
     ev.add_argument("--no-progress", action="store_true")
 
     mg = sub.add_parser("merge", help="combine shards' JSON reports (and baseline parts) into one run's")
-    mg.add_argument("shards", nargs="+", metavar="SHARD", help="a shard's JSON report, or a `sweep --shard` output folder")
+    mg.add_argument(
+        "shards", nargs="+", metavar="SHARD", help="a shard's JSON report, or a `sweep --shard` output folder"
+    )
     mg.add_argument("--json", type=Path, metavar="OUT", help="write the merged JSON report here")
-    mg.add_argument("--baseline-part", type=Path, nargs="+", default=[], metavar="PART.json",
-                    help="the shards' `eval --baseline-part` files")
+    mg.add_argument(
+        "--baseline-part",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="PART.json",
+        help="the shards' `eval --baseline-part` files",
+    )
     mg.add_argument("--update-baseline", type=Path, metavar="BASELINE.json", help="fold the parts into this baseline")
     mg.add_argument("--force", action="store_true", help="replace a baseline that cannot be read")
-    mg.add_argument("--sweep-out", type=Path, metavar="DIR",
-                    help="sweep shards: write report.json, points.json and the analysis tables here")
+    mg.add_argument(
+        "--sweep-out",
+        type=Path,
+        metavar="DIR",
+        help="sweep shards: write report.json, points.json and the analysis tables here",
+    )
 
     pr = sub.add_parser("pr-profile", help="participation ratio per layer, and the canyon rule")
     pr.add_argument("--model", required=True)
@@ -138,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="train a sweep profile's SAEs, gate them, write the log's tables")
     sw.add_argument("--profile", required=True, help=f"{', '.join(builtin_profiles())}, or a profile .toml")
     sw.add_argument("--out", type=Path, required=True)
-    sw.add_argument("--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache/sae-acceptance/sweeps)")
+    sw.add_argument(
+        "--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache/sae-acceptance/sweeps)"
+    )
     sw.add_argument("--device", default="auto")
     sw.add_argument("--shard", metavar="I/N", help="train and gate share I of N of the profile's (model, hook) grids")
     sw.add_argument("--no-progress", action="store_true")
@@ -343,10 +382,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     n_sequences = args.train_tokens // args.context_size + 1
     tokens = load_tokens(args.data, n_sequences, args.context_size, tokenizer=model.tokenizer)
-    paths = train_at_hook(model, str(args.model), tokens, args.hook, args.k, cfg,
-                          out={k: args.out / f"k{k}" for k in args.k}, train_tokens=args.train_tokens,
-                          metadata={"context_size": args.context_size, "dataset_path": args.data},
-                          progress=not args.no_progress)
+    paths = train_at_hook(
+        model,
+        str(args.model),
+        tokens,
+        args.hook,
+        args.k,
+        cfg,
+        out={k: args.out / f"k{k}" for k in args.k},
+        train_tokens=args.train_tokens,
+        metadata={"context_size": args.context_size, "dataset_path": args.data},
+        progress=not args.no_progress,
+    )
     for k, path in paths.items():
         print(f"k={k}: {path}")
     return 0

@@ -107,7 +107,7 @@ class EvalSettings(StrictModel):
     seed: int = Field(0, ge=0, description="bootstrap seed")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps")
     devices: int | list[str] | None = Field(
-        None, description="place the model across GPUs: a count, or a list such as [\"cuda:0\", \"cuda:1\"]"
+        None, description='place the model across GPUs: a count, or a list such as ["cuda:0", "cuda:1"]'
     )
     dtype: DType = Field("float32", description="the model's dtype (sums stay float64)")
     sae_dtype: DType | None = Field(None, description="the SAEs' dtype (default: each SAE's own)")
@@ -139,7 +139,8 @@ class SAEEntry(StrictModel):
     model: str | None = None
     hook: str | None = Field(None, description="hookpoint the SAE reads (default: its cfg.json's)")
     hook_out: str | None = Field(
-        None, description="a transcoder's output hook, where its output replaces the activation (default: its cfg.json's)"
+        None,
+        description="a transcoder's output hook, where its output replaces the activation (default: its cfg.json's)",
     )
     gate: Gate
     expect_fail: list[str] = Field(
@@ -422,7 +423,9 @@ def locate(text: str, loc: tuple[str | int, ...]) -> int:
     if keys and isinstance(keys[0], str):
         table = keys[0]
         index = keys[1] if len(keys) > 1 and isinstance(keys[1], int) else 0
-        headers = [i for i, text_line in enumerate(lines) if re.match(rf"\s*\[\[?\s*{re.escape(table)}\s*\]\]?", text_line)]
+        headers = [
+            i for i, text_line in enumerate(lines) if re.match(rf"\s*\[\[?\s*{re.escape(table)}\s*\]\]?", text_line)
+        ]
         if len(headers) > index:
             start = headers[index]
             line = start + 1

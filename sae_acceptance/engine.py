@@ -162,7 +162,9 @@ class _Evaluation:
     def __init__(self, backend: Backend, by_hook, splices) -> None:
         self.backend, self.by_hook, self.splices = backend, by_hook, splices
         self.loss_terms = _LossTerms()
-        self.targets = {(hook, name): _Target.of(hook, sae) for hook, saes in by_hook.items() for name, sae in saes.items()}
+        self.targets = {
+            (hook, name): _Target.of(hook, sae) for hook, saes in by_hook.items() for name, sae in saes.items()
+        }
         self.target_sums: dict[_Target, _TargetSums] = {}
         self.covariance: dict[str, CovarianceAccumulator] = {}
         self.scalars: dict[tuple[str, str], list[dict[str, torch.Tensor]]] = {key: [] for key in self.targets}

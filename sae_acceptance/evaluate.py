@@ -39,7 +39,8 @@ from sae_acceptance.sources.model import (
     resolve_device,
     resolve_dtype,
 )
-from sae_acceptance.sources.sae import SAE, load_sae
+from sae_acceptance.sources.sae import SAE
+from sae_acceptance.sources.sae_io import load_sae
 from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
 from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_context
@@ -73,7 +74,8 @@ def evaluate(
     bootstrap = BootstrapSettings(settings.bootstrap_resamples, settings.confidence, settings.seed)
     wanted = None if names is None else set(names)
     splice_entries = [
-        s for s in config.splice
+        s
+        for s in config.splice
         if (s.name in splices if splices is not None else wanted is None or set(s.saes) <= wanted)
     ]
     if wanted is not None:
@@ -138,7 +140,8 @@ def evaluate(
         if splice.error is None and not splice.metrics:
             failed = [n for n in splice.saes if by_name[n].result.error is not None]
             splice.error = f"splice {splice.name}: " + (
-                f"member {failed[0]} could not be evaluated: {by_name[failed[0]].result.error}" if failed
+                f"member {failed[0]} could not be evaluated: {by_name[failed[0]].result.error}"
+                if failed
                 else "its members were not evaluated in one model run"
             )
     timing["wall_s"] = time.perf_counter() - start
@@ -265,10 +268,13 @@ def _warn_if_overridden(req: _Request) -> None:
     """A `hook` that differs from the one the SAE records: legal, and almost always a mistake."""
     given, own = req.entry.hook, req.sae.hook_name
     if given and own and given != own:
-        warnings.warn(HookOverrideWarning(
-            f"{req.result.name}: evaluated at {given}, but {req.result.path} was trained at {own} "
-            "(its cfg.json); drop `hook` to use the SAE's own"
-        ), stacklevel=3)
+        warnings.warn(
+            HookOverrideWarning(
+                f"{req.result.name}: evaluated at {given}, but {req.result.path} was trained at {own} "
+                "(its cfg.json); drop `hook` to use the SAE's own"
+            ),
+            stacklevel=3,
+        )
 
 
 def _check_fits(model: Backend, req: _Request) -> bool:
@@ -321,7 +327,9 @@ def _measure(
     result.metrics["alive_frac"] = MetricValue(alive_fraction(sums.fired))
     result.metrics["rate_bits"] = MetricValue(rate_bits(sums.fired, n_counted))
     result.metrics["dead_frac"] = MetricValue(dead_fraction(sums.fired))
-    result.metrics["dense_frac"] = MetricValue(dense_fraction(sums.fired, n_counted, loaded.config.eval.dense_threshold))
+    result.metrics["dense_frac"] = MetricValue(
+        dense_fraction(sums.fired, n_counted, loaded.config.eval.dense_threshold)
+    )
     result.metrics = {name: result.metrics[name] for name in METRICS if name in result.metrics}
     context = loss_context(result.metrics)
     result.verdicts = {
@@ -330,7 +338,11 @@ def _measure(
     }
     if geometry.canyon:
         result.r2_warning = canyon_warning(
-            result.name, result.metrics["r2"].value, geometry.hook, geometry.pr, geometry.pr_ratio,
+            result.name,
+            result.metrics["r2"].value,
+            geometry.hook,
+            geometry.pr,
+            geometry.pr_ratio,
             loaded.config.canyon.threshold,
         )
     if not math.isfinite(result.metrics["r2"].value) and result.error is None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sae_acceptance.config import SpliceEntry
     from sae_acceptance.results import SpliceResult
 
+
 def tolerances_for(loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry) -> dict[str, float | None]:
     """The metrics compared against the baseline and their tolerance (None: the metric's default)."""
     regression = loaded.config.regression
@@ -66,8 +67,12 @@ class GateRun:
         return exit_status(self.report, self.regressions.values())
 
     def regression_rows(self) -> list[tuple[str, RegressionCheck]]:
-        return [(name, check) for name, checks in self.regressions.items() if isinstance(checks, dict)
-                for check in checks.values()]
+        return [
+            (name, check)
+            for name, checks in self.regressions.items()
+            if isinstance(checks, dict)
+            for check in checks.values()
+        ]
 
     def regression_errors(self) -> list[tuple[str, str]]:
         return [(name, checks) for name, checks in self.regressions.items() if isinstance(checks, str)]

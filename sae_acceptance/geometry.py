@@ -184,9 +184,7 @@ class LayerGeometry:
     rule: CanyonRule = field(default=CanyonRule(), repr=False)
 
     @classmethod
-    def measure(
-        cls, hook: str, layer: int | None, cov: np.ndarray, rule: CanyonRule = CanyonRule()
-    ) -> LayerGeometry:
+    def measure(cls, hook: str, layer: int | None, cov: np.ndarray, rule: CanyonRule = CanyonRule()) -> LayerGeometry:
         """PR, deflated PR and the canyon flag from a hook's covariance."""
         pr, pr_deflated = pr_from_covariance(cov)
         d = cov.shape[0]

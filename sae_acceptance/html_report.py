@@ -160,7 +160,9 @@ def _eval_line(settings: dict[str, Any]) -> str:
     if tokens:
         parts.append(f"{tokens.get('n_counted')} counted (excluded: {tokens.get('rule')})")
     if boot:
-        parts.append(f"{boot.get('confidence', 0) * 100:g}% intervals from {boot.get('resamples')} sequence-bootstrap resamples")
+        parts.append(
+            f"{boot.get('confidence', 0) * 100:g}% intervals from {boot.get('resamples')} sequence-bootstrap resamples"
+        )
     parts.append(f"device {settings.get('device')}, {settings.get('dtype')}")
     return "; ".join(parts)
 
@@ -214,13 +216,28 @@ def _overview_figure(report: EvalReport) -> bytes | None:
                 continue
             values = [r.metrics[metric] for r in at]
             ci = [v.ci or (v.value, v.value) for v in values]
-            series.append(Series(
-                [r.metrics["l0"].value for r in at], [v.value for v in values], hook, colour[hook], "o",
-                labels=[r.name for r in at], yerr=([c[0] for c in ci], [c[1] for c in ci]),
-            ))
+            series.append(
+                Series(
+                    [r.metrics["l0"].value for r in at],
+                    [v.value for v in values],
+                    hook,
+                    colour[hook],
+                    "o",
+                    labels=[r.name for r in at],
+                    yerr=([c[0] for c in ci], [c[1] for c in ci]),
+                )
+            )
         bounds = sorted({b for r in measured if metric in r.verdicts for b in _limits(r.verdicts[metric].bound)})
-        panels.append(Panel(series, title=f"{metric} (bounds dotted)", xlabel="L0 (latents per token)",
-                            ylabel=metric, log_x=2, guides=bounds))
+        panels.append(
+            Panel(
+                series,
+                title=f"{metric} (bounds dotted)",
+                xlabel="L0 (latents per token)",
+                ylabel=metric,
+                log_x=2,
+                guides=bounds,
+            )
+        )
     return png(Figure(panels, width=11, height=4.2))
 
 
@@ -231,10 +248,18 @@ def _limits(bound: dict) -> list[float]:
 def _sae_section(
     result: SAEResult, report: EvalReport, latents: dict[str, Any] | None, checks: Sequence[RegressionCheck]
 ) -> str:
-    parts = [f'<h2 id="{_anchor(result)}">{_e(result.name)} '
-             f'<span class="badge {_word_class(result.verdict_word)}">{_e(result.verdict_word)}</span></h2>']
-    meta = [f"model {result.model}", f"hook {result.hook}", f"layer {result.layer}", f"{result.architecture}",
-            f"d_in {result.d_in}", f"d_sae {result.d_sae}"]
+    parts = [
+        f'<h2 id="{_anchor(result)}">{_e(result.name)} '
+        f'<span class="badge {_word_class(result.verdict_word)}">{_e(result.verdict_word)}</span></h2>'
+    ]
+    meta = [
+        f"model {result.model}",
+        f"hook {result.hook}",
+        f"layer {result.layer}",
+        f"{result.architecture}",
+        f"d_in {result.d_in}",
+        f"d_sae {result.d_sae}",
+    ]
     if result.k:
         meta.append(f"k {result.k}")
     if result.expect_fail:
@@ -251,8 +276,12 @@ def _sae_section(
     parts.append(_gated_figures(result))
     figures = []
     if latents is not None:
-        figures.append(_img(_density_figure(result.name, latents, _dense_threshold(report)),
-                            f"{result.name}: feature density histogram"))
+        figures.append(
+            _img(
+                _density_figure(result.name, latents, _dense_threshold(report)),
+                f"{result.name}: feature density histogram",
+            )
+        )
     profile = _profile_figure(result, report)
     if profile:
         figures.append(_img(profile, f"{result.name}: PR profile"))
@@ -262,10 +291,12 @@ def _sae_section(
 
 
 def _splice_section(splice: SpliceResult, checks: Sequence[RegressionCheck]) -> str:
-    parts = [f'<h2 id="{_anchor(splice)}">splice {_e(splice.name)} '
-             f'<span class="badge {_word_class(splice.verdict_word)}">{_e(splice.verdict_word)}</span></h2>',
-             f'<p class="meta">{_e(" + ".join(splice.saes))} patched in together at {_e(splice.hook or "-")}'
-             f"{_e('; negative control on ' + ', '.join(splice.expect_fail)) if splice.expect_fail else ''}</p>"]
+    parts = [
+        f'<h2 id="{_anchor(splice)}">splice {_e(splice.name)} '
+        f'<span class="badge {_word_class(splice.verdict_word)}">{_e(splice.verdict_word)}</span></h2>',
+        f'<p class="meta">{_e(" + ".join(splice.saes))} patched in together at {_e(splice.hook or "-")}'
+        f"{_e('; negative control on ' + ', '.join(splice.expect_fail)) if splice.expect_fail else ''}</p>",
+    ]
     if splice.error is not None:
         parts.append(f'<p class="error">{_e(splice.error)}</p>')
         return "\n".join(parts)
@@ -293,7 +324,9 @@ def _loss_paragraph(metrics: dict[str, MetricValue], prefix: str = "") -> str:
 def _verdict_table(result: SAEResult | SpliceResult) -> str:
     if not result.verdicts:
         return "<p>No bounds: measured only.</p>"
-    rows = ["<table><tr><th>metric</th><th>value</th><th>interval</th><th>bound</th><th>outcome</th><th>message</th></tr>"]
+    rows = [
+        "<table><tr><th>metric</th><th>value</th><th>interval</th><th>bound</th><th>outcome</th><th>message</th></tr>"
+    ]
     for metric, verdict in result.verdicts.items():
         decided = result.outcome(metric)
         value = result.metrics[metric]
@@ -317,11 +350,18 @@ def _gated_figures(result: SAEResult | SpliceResult) -> str:
         limits = _limits(verdict.bound)
         span = [low, high, *limits]
         pad = 0.15 * (max(span) - min(span) or abs(value.value) or 1.0)
-        colour = {"passed": "tab:green", "caught": "tab:orange"}.get(_status_class(result.outcome(metric).status), "tab:red")
+        colour = {"passed": "tab:green", "caught": "tab:orange"}.get(
+            _status_class(result.outcome(metric).status), "tab:red"
+        )
         panel = Panel(
             [Series([0], [value.value], "", colour, "o", yerr=([low], [high]), marker_size=8)],
-            title=f"{metric}\n{_bound_text(verdict.bound)}", guides=limits, ylim=(min(span) - pad, max(span) + pad),
-            xticks=[0], xticklabels=[STATUS_WORDS[result.outcome(metric).status]], xlim=(-1, 1), legend=None,
+            title=f"{metric}\n{_bound_text(verdict.bound)}",
+            guides=limits,
+            ylim=(min(span) - pad, max(span) + pad),
+            xticks=[0],
+            xticklabels=[STATUS_WORDS[result.outcome(metric).status]],
+            xlim=(-1, 1),
+            legend=None,
         )
         images.append(_img(png(Figure([panel], width=2.3, height=2.6)), f"{result.name}: {metric} against its bound"))
     return f'<div class="figures small">{"".join(images)}</div>'
@@ -334,8 +374,10 @@ def _dense_threshold(report: EvalReport) -> float:
 def _latent_paragraph(result: SAEResult, report: EvalReport) -> str:
     m = result.metrics
     parts = [f"{name} {_fmt(m[name].value)}" for name in ("l0", "alive_frac", "dead_frac", "dense_frac") if name in m]
-    return (f"<p><b>Latents</b>: {_e(', '.join(parts))} "
-            f"(dense: firing on more than {_dense_threshold(report):g} of counted tokens)</p>")
+    return (
+        f"<p><b>Latents</b>: {_e(', '.join(parts))} "
+        f"(dense: firing on more than {_dense_threshold(report):g} of counted tokens)</p>"
+    )
 
 
 def _density_figure(name: str, latents: dict[str, Any], threshold: float) -> bytes:
@@ -350,8 +392,10 @@ def _density_figure(name: str, latents: dict[str, Any], threshold: float) -> byt
     panel = Panel(
         [Bars(live.tolist(), bins.tolist(), f"{live.size} live latents")],
         title=f"feature density ({dead} dead, {dense} dense of {fired.size})",
-        xlabel="log10 density (share of counted tokens a latent fires on)", ylabel="latents",
-        marks=[(math.log10(threshold), f"dense threshold {threshold:g}")], legend="upper left",
+        xlabel="log10 density (share of counted tokens a latent fires on)",
+        ylabel="latents",
+        marks=[(math.log10(threshold), f"dense threshold {threshold:g}")],
+        legend="upper left",
     )
     return png(Figure([panel], width=5.2, height=3.6))
 
@@ -367,7 +411,12 @@ def _profile_figure(result: SAEResult, report: EvalReport) -> bytes | None:
     by_layer: dict[int, float] = {}
     for other in report.saes.values():
         geo = other.geometry
-        if other.model == result.model and geo is not None and geo.layer is not None and HookPoint.parse(geo.hook).kind == kind:
+        if (
+            other.model == result.model
+            and geo is not None
+            and geo.layer is not None
+            and HookPoint.parse(geo.hook).kind == kind
+        ):
             by_layer[geo.layer] = (geo.pr_deflated if deflated else geo.pr) / geo.d_model
     if not by_layer:
         return None
@@ -378,10 +427,16 @@ def _profile_figure(result: SAEResult, report: EvalReport) -> bytes | None:
     which = "deflated PR" if deflated else "PR"
     panel = Panel(
         [Series(layers, values, f"{which} / d_model", "tab:blue", "o-")],
-        title=f"PR profile, {kind}", xlabel="layer", ylabel=f"{which} / d_model",
-        log_y=10, xticks=layers, ylim=(floor, max([*values, threshold]) * 3),
-        shade=(floor, threshold, f"canyon: < {threshold:g}"), marks=[(result.layer, f"{result.name}: layer {result.layer}")],
-        xlim=(min(layers) - 0.5, max(layers) + 0.5), legend="upper right",
+        title=f"PR profile, {kind}",
+        xlabel="layer",
+        ylabel=f"{which} / d_model",
+        log_y=10,
+        xticks=layers,
+        ylim=(floor, max([*values, threshold]) * 3),
+        shade=(floor, threshold, f"canyon: < {threshold:g}"),
+        marks=[(result.layer, f"{result.name}: layer {result.layer}")],
+        xlim=(min(layers) - 0.5, max(layers) + 0.5),
+        legend="upper right",
     )
     return png(Figure([panel], width=5.2, height=3.6))
 
@@ -389,13 +444,17 @@ def _profile_figure(result: SAEResult, report: EvalReport) -> bytes | None:
 def _regression_table(checks: Sequence[RegressionCheck]) -> str:
     if not checks:
         return ""
-    rows = ["<h3>Against the baseline</h3><table><tr><th>metric</th><th>change</th><th>paired interval</th>"
-            "<th>outcome</th><th>message</th></tr>"]
+    rows = [
+        "<h3>Against the baseline</h3><table><tr><th>metric</th><th>change</th><th>paired interval</th>"
+        "<th>outcome</th><th>message</th></tr>"
+    ]
     for check in checks:
         word, css = ("new", "") if check.skipped else ("ok", "passed") if check.passed else ("REGRESSED", "failed")
         interval = "-" if check.ci is None else f"[{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]"
         change = f"{check.change:+.4f}" if math.isfinite(check.change) else "-"
-        rows.append(f'<tr class="{css}"><td>{_e(check.metric)}</td><td class="num">{_e(change)}</td>'
-                    f'<td class="num">{_e(interval)}</td><td>{_e(word)}</td><td>{_e(check.message)}</td></tr>')
+        rows.append(
+            f'<tr class="{css}"><td>{_e(check.metric)}</td><td class="num">{_e(change)}</td>'
+            f'<td class="num">{_e(interval)}</td><td>{_e(word)}</td><td>{_e(check.message)}</td></tr>'
+        )
     rows.append("</table>")
     return "\n".join(rows)

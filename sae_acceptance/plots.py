@@ -105,8 +105,15 @@ def png(figure: Figure) -> bytes:
 
 
 def histogram(
-    values: Sequence[float], path: str | Path, bins: int = 40, title: str = "", xlabel: str = "",
-    ylabel: str = "count", log_y: bool = False, width: float = 6.4, height: float = 4.0,
+    values: Sequence[float],
+    path: str | Path,
+    bins: int = 40,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "count",
+    log_y: bool = False,
+    width: float = 6.4,
+    height: float = 4.0,
 ) -> Path:
     """A histogram of `values`, written as a PNG."""
     fig = _canvas(width, height)
@@ -187,8 +194,9 @@ def _draw_series(ax, s: Series) -> None:
         low, high = s.yerr
         below = [y - lo for y, lo in zip(s.y, low, strict=True)]
         above = [hi - y for y, hi in zip(s.y, high, strict=True)]
-        ax.errorbar(list(s.x), list(s.y), yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3,
-                    alpha=s.alpha)
+        ax.errorbar(
+            list(s.x), list(s.y), yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3, alpha=s.alpha
+        )
     if s.band is not None:
         low, high = s.band
         ax.fill_between(list(s.x), list(low), list(high), color=line.get_color(), alpha=0.15, linewidth=0)

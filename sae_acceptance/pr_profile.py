@@ -76,10 +76,7 @@ def pr_profile(
                     acc = accumulators[layer] = CovarianceAccumulator(act.shape[-1], act.device)
                 acc.update(act, mask.to(act.device))
             del cache
-    return [
-        LayerGeometry.measure(name, layer, accumulators[layer].covariance(), rule)
-        for layer, name in names.items()
-    ]
+    return [LayerGeometry.measure(name, layer, accumulators[layer].covariance(), rule) for layer, name in names.items()]
 
 
 def _hook_type_hint(model, hook_type: str) -> str:

@@ -64,7 +64,9 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     for where, report in shards:
         shard = report.get("shard") if isinstance(report, dict) else None
         if not isinstance(shard, dict) or not {"index", "count", "saes"} <= set(shard):
-            raise ReportError(f"{where}: not a shard's report (no \"shard\": {{index, count, saes}}; run with --shard I/N)")
+            raise ReportError(
+                f'{where}: not a shard\'s report (no "shard": {{index, count, saes}}; run with --shard I/N)'
+            )
         if count is not None and shard["count"] != count:
             raise ReportError(f"{where}: shard {shard['index']}/{shard['count']}, the others are of {count}")
         count = shard["count"]
@@ -72,7 +74,9 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             raise ReportError(f"{where}: shard {shard['index']}/{count} again (also {by_index[shard['index']][0]})")
         missing = [name for name in shard["saes"] if name not in report.get("saes", {})]
         if missing:
-            raise ReportError(f"{where}: shard {shard['index']}/{count} failed or was cut short: no result for {', '.join(missing)}")
+            raise ReportError(
+                f"{where}: shard {shard['index']}/{count} failed or was cut short: no result for {', '.join(missing)}"
+            )
         by_index[shard["index"]] = (where, report)
     absent = [f"{i}/{count}" for i in range(1, (count or 0) + 1) if i not in by_index]
     if absent:
@@ -85,27 +89,55 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 def report_from_json(report: dict[str, Any]) -> EvalReport:
     """An `EvalReport` back from its JSON, as far as tables and verdicts need (no sums, no geometry
     beyond the canyon flag): how `merge` prints and decides exactly as a single run."""
+
     def value(stored: dict[str, Any]) -> MetricValue:
         ci = stored.get("ci")
         return MetricValue(_number(stored.get("value")), None if ci is None else tuple(_number(c) for c in ci))
 
     saes = {}
     for name, sae in report["saes"].items():
-        fields = {key: sae.get(key) for key in ("model", "hook", "layer", "architecture", "d_in", "d_sae", "k",
-                                                  "r2_warning", "error", "tokens_fingerprint", "excluded_ids")}
+        fields = {
+            key: sae.get(key)
+            for key in (
+                "model",
+                "hook",
+                "layer",
+                "architecture",
+                "d_in",
+                "d_sae",
+                "k",
+                "r2_warning",
+                "error",
+                "tokens_fingerprint",
+                "excluded_ids",
+            )
+        }
         saes[name] = SAEResult(
-            name=name, path=sae.get("path"), expect_fail=list(sae.get("expect_fail") or []), **fields,
+            name=name,
+            path=sae.get("path"),
+            expect_fail=list(sae.get("expect_fail") or []),
+            **fields,
             metrics={m: value(v) for m, v in (sae.get("metrics") or {}).items()},
-            verdicts={m: Verdict(**{**v, "checked": _number(v.get("checked"))}) for m, v in (sae.get("verdicts") or {}).items()},
+            verdicts={
+                m: Verdict(**{**v, "checked": _number(v.get("checked"))})
+                for m, v in (sae.get("verdicts") or {}).items()
+            },
             geometry=None if sae.get("geometry") is None else LayerGeometry(**sae["geometry"]),
         )
     splices = {
         name: SpliceResult(
-            name=name, saes=list(s.get("saes") or []), hooks=list(s.get("hooks") or []), model=s.get("model"),
-            error=s.get("error"), tokens_fingerprint=s.get("tokens_fingerprint"), excluded_ids=s.get("excluded_ids"),
+            name=name,
+            saes=list(s.get("saes") or []),
+            hooks=list(s.get("hooks") or []),
+            model=s.get("model"),
+            error=s.get("error"),
+            tokens_fingerprint=s.get("tokens_fingerprint"),
+            excluded_ids=s.get("excluded_ids"),
             expect_fail=list(s.get("expect_fail") or []),
             metrics={m: value(v) for m, v in (s.get("metrics") or {}).items()},
-            verdicts={m: Verdict(**{**v, "checked": _number(v.get("checked"))}) for m, v in (s.get("verdicts") or {}).items()},
+            verdicts={
+                m: Verdict(**{**v, "checked": _number(v.get("checked"))}) for m, v in (s.get("verdicts") or {}).items()
+            },
         )
         for name, s in (report.get("splices") or {}).items()
     }
@@ -189,7 +221,9 @@ def format_report(report: EvalReport) -> str:
     if tokens:
         rate = report.timing.get("tokens_per_s")
         speed = f"; {rate:.0f} tokens/s" if rate else ""
-        lines.append(f"{tokens['n_counted']} of {tokens['n_tokens']} tokens counted (excluded: {tokens['rule']}){speed}")
+        lines.append(
+            f"{tokens['n_counted']} of {tokens['n_tokens']} tokens counted (excluded: {tokens['rule']}){speed}"
+        )
     return "\n".join(lines)
 
 
@@ -235,8 +269,11 @@ def write_densities(json_path: Path, latents: dict[str, dict[str, Any]], dense_t
         fired = np.asarray(record["fired"], dtype=np.int64)
         buffer = io.BytesIO()
         np.savez_compressed(
-            buffer, density=latent_densities(fired, record["n_tokens"]), fired=fired,
-            n_tokens=np.float64(record["n_tokens"]), dense_threshold=np.float64(dense_threshold),
+            buffer,
+            density=latent_densities(fired, record["n_tokens"]),
+            fired=fired,
+            n_tokens=np.float64(record["n_tokens"]),
+            dense_threshold=np.float64(dense_threshold),
         )
         written.append(write_atomic(densities_path(json_path, name), buffer.getvalue()))
     return written

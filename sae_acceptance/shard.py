@@ -60,8 +60,10 @@ class Shard:
 
     def empty_note(self) -> str:
         """What a shard whose share is empty says: it passes, having nothing to do."""
-        return (f"shard {self}: no SAEs in this share (fewer groups than shards, or splitting a model "
-                f"further would repeat its passes beyond the {SHARD_SPLIT_BUDGET:.0%} budget); nothing to do")
+        return (
+            f"shard {self}: no SAEs in this share (fewer groups than shards, or splitting a model "
+            f"further would repeat its passes beyond the {SHARD_SPLIT_BUDGET:.0%} budget); nothing to do"
+        )
 
 
 def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:

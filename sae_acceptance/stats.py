@@ -68,9 +68,11 @@ def resample_counts(n: int, settings: BootstrapSettings) -> np.ndarray:
     rng = np.random.default_rng(settings.seed)
     draws = rng.integers(0, n, size=(settings.resamples, n))
     offsets = (np.arange(settings.resamples) * n)[:, None]
-    return np.bincount((draws + offsets).ravel(), minlength=settings.resamples * n).reshape(
-        settings.resamples, n
-    ).astype(np.float64)
+    return (
+        np.bincount((draws + offsets).ravel(), minlength=settings.resamples * n)
+        .reshape(settings.resamples, n)
+        .astype(np.float64)
+    )
 
 
 def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:

@@ -28,7 +28,10 @@ class MetricValue:
         return f"{self.value:.3f} [{self.ci[0]:.3f}, {self.ci[1]:.3f}]"
 
     def to_dict(self) -> dict:
-        return {"value": finite_or_none(self.value), "ci": None if self.ci is None else [finite_or_none(c) for c in self.ci]}
+        return {
+            "value": finite_or_none(self.value),
+            "ci": None if self.ci is None else [finite_or_none(c) for c in self.ci],
+        }
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,18 @@ def judge(name: str, metric: MetricValue, bound: Bound, context: str = "") -> Ve
     bound_dict = bound.model_dump(exclude_none=True)
     if not math.isfinite(value):
         what = "its interval" if bound.on != "point" else "the metric"
-        return Verdict(name, False, f"{name} is {value} ({what} is not finite): a failed eval, not a number", bound_dict, value)
+        return Verdict(
+            name, False, f"{name} is {value} ({what} is not finite): a failed eval, not a number", bound_dict, value
+        )
     failures = []
     if bound.min is not None and value < bound.min:
         failures.append(f"{name} {metric.format()} < {bound.min:g}{where}")
     if bound.max is not None and value > bound.max:
         failures.append(f"{name} {metric.format()} > {bound.max:g}{where}")
-    straddles = bound.on == "point" and metric.ci is not None and any(
-        limit is not None and metric.ci[0] < limit < metric.ci[1] for limit in (bound.min, bound.max)
+    straddles = (
+        bound.on == "point"
+        and metric.ci is not None
+        and any(limit is not None and metric.ci[0] < limit < metric.ci[1] for limit in (bound.min, bound.max))
     )
     if failures:
         message = "; ".join(failures)

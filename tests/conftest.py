@@ -35,10 +35,18 @@ def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-        intermediate_size=4 * D_MODEL, max_position_embeddings=N_CTX, rotary_pct=0.25,
+        vocab_size=VOCAB,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        intermediate_size=4 * D_MODEL,
+        max_position_embeddings=N_CTX,
+        rotary_pct=0.25,
         initializer_range=0.3,  # peaky next-token distributions: patching costs real loss
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     GPTNeoXForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
     build_tokenizer(VOCAB).save_pretrained(out)
@@ -75,19 +83,36 @@ def tiny_tokens_file(tmp_path_factory, tiny_tokens) -> Path:
 def identity_sae(d: int = D_MODEL, hook: str | None = None) -> SAE:
     """relu(x) − relu(−x) = x exactly: a perfect reconstruction."""
     eye = torch.eye(d)
-    return SAE(torch.cat([eye, -eye], 1), torch.zeros(2 * d), torch.cat([eye, -eye], 0), torch.zeros(d),
-               architecture="standard", apply_b_dec_to_input=False, hook_name=hook)
+    return SAE(
+        torch.cat([eye, -eye], 1),
+        torch.zeros(2 * d),
+        torch.cat([eye, -eye], 0),
+        torch.zeros(d),
+        architecture="standard",
+        apply_b_dec_to_input=False,
+        hook_name=hook,
+    )
 
 
 def zero_sae(d: int = D_MODEL, hook: str | None = None) -> SAE:
     """Reconstructs 0 everywhere: patching it is zero-ablation."""
-    return SAE(torch.zeros(d, 4), torch.zeros(4), torch.zeros(4, d), torch.zeros(d),
-               architecture="standard", hook_name=hook)
+    return SAE(
+        torch.zeros(d, 4), torch.zeros(4), torch.zeros(4, d), torch.zeros(d), architecture="standard", hook_name=hook
+    )
 
 
-def random_topk_sae(d: int = D_MODEL, d_sae: int = 128, k: int = 4, seed: int = 0,
-                    hook: str | None = None, scale: float = 1.0) -> SAE:
+def random_topk_sae(
+    d: int = D_MODEL, d_sae: int = 128, k: int = 4, seed: int = 0, hook: str | None = None, scale: float = 1.0
+) -> SAE:
     g = torch.Generator().manual_seed(seed)
     w_dec = torch.nn.functional.normalize(torch.randn(d_sae, d, generator=g), dim=1) * scale
-    return SAE(w_dec.T.clone(), torch.zeros(d_sae), w_dec, torch.randn(d, generator=g) * 0.1,
-               architecture="topk", k=k, hook_name=hook, model_name="tiny")
+    return SAE(
+        w_dec.T.clone(),
+        torch.zeros(d_sae),
+        w_dec,
+        torch.randn(d, generator=g) * 0.1,
+        architecture="topk",
+        k=k,
+        hook_name=hook,
+        model_name="tiny",
+    )

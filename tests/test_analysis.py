@@ -56,9 +56,7 @@ KS, CE_REC = [8, 16, 32, 64], [0.3, 0.5, 0.7, 0.8]
 )
 def test_kstar_interpolates_linearly_in_k(target, expected):
     assert kstar(KS, CE_REC, target) == pytest.approx(expected)
-    assert kstar(KS[::-1], CE_REC[::-1], target) == pytest.approx(
-        expected
-    )  # grid order is irrelevant
+    assert kstar(KS[::-1], CE_REC[::-1], target) == pytest.approx(expected)  # grid order is irrelevant
 
 
 def test_kstar_takes_the_first_crossing_of_a_non_monotone_curve():
@@ -129,9 +127,7 @@ def test_fast3_delta_table_410m_minus_70m_by_hand(fast3):
     for k, (d_r2, d_ce) in by_hand.items():
         assert rows[k]["delta_r2"] == pytest.approx(d_r2, abs=1e-12)
         assert rows[k]["delta_ce_rec"] == pytest.approx(d_ce, abs=1e-12)
-    assert rows[8]["delta_r2"] == pytest.approx(0.151) and rows[8]["delta_ce_rec"] == pytest.approx(
-        -0.103
-    )
+    assert rows[8]["delta_r2"] == pytest.approx(0.151) and rows[8]["delta_ce_rec"] == pytest.approx(-0.103)
     for k in (8, 16):  # the log: r2 up, ce_rec down with scale at low k
         assert rows[k]["delta_r2"] > 0 and rows[k]["delta_ce_rec"] < 0
 
@@ -140,9 +136,7 @@ def test_fast3_monotonicity_breaks_at_high_k_between_160m_and_410m(fast3):
     """The log: at k >= 32, 410M recovers more behaviour than 160M (0.723 vs 0.696, 0.814 vs 0.809)."""
     rows = by_k(delta_table(fast3, "mid", "pythia-160m", "pythia-410m"))
     assert rows[8]["delta_ce_rec"] < 0 and rows[16]["delta_ce_rec"] < 0
-    assert rows[32]["delta_ce_rec"] == pytest.approx(0.027) and rows[64][
-        "delta_ce_rec"
-    ] == pytest.approx(0.005)
+    assert rows[32]["delta_ce_rec"] == pytest.approx(0.027) and rows[64]["delta_ce_rec"] == pytest.approx(0.005)
 
 
 def test_fast2_mid_deltas_have_the_logs_sign_pattern():
@@ -164,9 +158,7 @@ def test_printed_fast2_points_reproduce_the_printed_fast2_deltas():
     # k=8: 0.961 - 0.807 = +0.154 (printed +0.154); 0.235 - 0.340 = -0.105 (printed -0.106)
     assert computed[8]["delta_r2"] == pytest.approx(printed[8]["delta_r2"], abs=3 * PRINTED)
     for k in (8, 32):  # k=32: 0.714 - 0.731 = -0.017 (printed -0.017)
-        assert computed[k]["delta_ce_rec"] == pytest.approx(
-            printed[k]["delta_ce_rec"], abs=3 * PRINTED
-        )
+        assert computed[k]["delta_ce_rec"] == pytest.approx(printed[k]["delta_ce_rec"], abs=3 * PRINTED)
     assert computed[32]["delta_r2"] is None  # the budget table prints no r2 at 10M, k=32
 
 
@@ -207,9 +199,7 @@ def test_fast3_correlations_match_scipy_on_hand_demeaned_arrays(fast3):
 def test_corr_within_k_ignores_per_k_offsets(r2_offsets, ce_offsets):
     points = points_from_csv(REFERENCE / "fast3_mid.csv", depth="mid")
     offset = dict(zip([8, 16, 32, 64], zip(r2_offsets, ce_offsets, strict=True), strict=True))
-    shifted = [
-        replace(p, r2=p.r2 + offset[p.k][0], ce_rec=p.ce_rec + offset[p.k][1]) for p in points
-    ]
+    shifted = [replace(p, r2=p.r2 + offset[p.k][0], ce_rec=p.ce_rec + offset[p.k][1]) for p in points]
     before, after = correlations(points, "mid"), correlations(shifted, "mid")
     assert after["corr_within_k"] == pytest.approx(before["corr_within_k"], abs=1e-9)
 
@@ -236,23 +226,17 @@ def test_scale_table_matches_the_logs_printed_values_within_rounding(model, prin
     printed 4131.1. r2 is printed to 3 decimals, so SST is only known to the range it spans."""
     points = points_from_csv(REFERENCE / "fast2_mid_k8_scale.csv", depth="mid", k=8)
     point = next(p for p in points if p.model == model)
-    printed = next(
-        r for r in read_table(REFERENCE / "fast2_mid_k8_scale.csv") if r["model"] == model
-    )
+    printed = next(r for r in read_table(REFERENCE / "fast2_mid_k8_scale.csv") if r["model"] == model)
     (row,) = scale_table([point])
     assert row["sse_per_token"] == pytest.approx(point.mse_mean * point.d_model)
     assert round(row["sse_per_token"], 1) == printed["sse_per_token"]
     # SST grows with mse_mean and r2: its range is spanned by the low and high corners
     low, high = (
-        scale_table(
-            [replace(point, mse_mean=point.mse_mean + s * PRINTED / 10, r2=point.r2 + s * PRINTED)]
-        )[0]
+        scale_table([replace(point, mse_mean=point.mse_mean + s * PRINTED / 10, r2=point.r2 + s * PRINTED)])[0]
         for s in (-1, 1)
     )
     assert low["sst_per_token"] <= printed["sst_per_token"] <= high["sst_per_token"]
-    assert (high["sst_per_token"] - low["sst_per_token"]) / printed[
-        "sst_per_token"
-    ] < 0.03  # a tight check
+    assert (high["sst_per_token"] - low["sst_per_token"]) / printed["sst_per_token"] < 0.03  # a tight check
     assert row["loss_ratio"] == pytest.approx(printed_ratio)  # the log's implied L_recon/L_orig
 
 
@@ -282,13 +266,9 @@ def test_loader_reads_the_reference_layout(fast3):
 
 
 def test_sweep_dicts_are_accepted_and_non_finite_metrics_count_as_missing(fast3):
-    records = [
-        asdict(p) | {"ce_rec_ci": list(p.ce_rec_ci), "l0": 8.0} for p in fast3
-    ]  # as in points.json
+    records = [asdict(p) | {"ce_rec_ci": list(p.ce_rec_ci), "l0": 8.0} for p in fast3]  # as in points.json
     assert analysis_report(records) == analysis_report(fast3)
-    broken = SweepPoint.from_mapping(
-        records[0] | {"cosine": float("nan"), "ce_rec_ci": [0.1, float("inf")]}
-    )
+    broken = SweepPoint.from_mapping(records[0] | {"cosine": float("nan"), "ce_rec_ci": [0.1, float("inf")]})
     assert broken.cosine is None and broken.ce_rec_ci is None
 
 
@@ -303,9 +283,7 @@ def test_report_covers_every_model_pair_and_marks_undefined_kstar(fast3):
         ("pythia-160m", "pythia-410m"),
     ]
     assert [r["target"] for r in report["kstar"]] == [0.85, 0.90]
-    assert all(
-        v is None for r in report["kstar"] for v in r["kstar"].values()
-    )  # Fast3 tops out at 0.836
+    assert all(v is None for r in report["kstar"] for v in r["kstar"].values())  # Fast3 tops out at 0.836
     markdown = analysis_markdown(report)
     assert "| 8 | +0.151 | -0.103 |" in markdown
     assert "| mid | 0.85 | undefined | undefined | undefined | — |" in markdown

@@ -10,7 +10,10 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"sae_acceptance": REPO / "sae_acceptance", "pytest_sae_acceptance": REPO / "plugins" / "pytest_sae_acceptance"}
+PACKAGES = {
+    "sae_acceptance": REPO / "sae_acceptance",
+    "pytest_sae_acceptance": REPO / "plugins" / "pytest_sae_acceptance",
+}
 # Function-level imports of project modules that are lazy on purpose; each says why at the import.
 LAZY_ON_PURPOSE = {
     ("pytest_sae_acceptance.items", "pytest_sae_acceptance.session"),  # torch only once an SAE item runs
@@ -62,7 +65,11 @@ def test_the_import_graph_has_no_cycle_and_no_hidden_lazy_import():
         top, nested = _project_imports(name, file)
         graph[name] = top
         lazy |= {(name, target) for target in nested if not target.startswith(f"{name}.")}
-    assert {pair for pair in lazy if "backends" not in pair[0] + pair[1] or not pair[1].startswith("sae_acceptance.sources.backends")} <= LAZY_ON_PURPOSE
+    assert {
+        pair
+        for pair in lazy
+        if "backends" not in pair[0] + pair[1] or not pair[1].startswith("sae_acceptance.sources.backends")
+    } <= LAZY_ON_PURPOSE
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> None:

@@ -13,7 +13,7 @@ from sae_acceptance.errors import SourceError
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.reference.language import TopicLanguage
 from sae_acceptance.sources.model import load_backend
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 
 def _one_line(excinfo) -> str:
@@ -105,4 +105,6 @@ def test_a_checkpoint_without_tokenizer_evaluates(tmp_path, llama, backend):
         assert result.excluded_ids == [0, 1, 2]  # the config's BOS/EOS/PAD ids
     model = report.settings["models"][str(llama)]
     assert model["backend"] == ("hf" if backend == "hf" else TL_KIND)
-    assert model["patched_passes"] == ("full forward" if model["backend"] == "transformer_lens_4" else "tail from the hook")
+    assert model["patched_passes"] == (
+        "full forward" if model["backend"] == "transformer_lens_4" else "tail from the hook"
+    )

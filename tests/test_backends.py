@@ -26,10 +26,20 @@ def build_llama_checkpoint(out: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         initializer_range=0.3, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
     return out
 
@@ -38,9 +48,17 @@ def build_gpt2_checkpoint(out: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(2)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=32, n_ctx=32,  # as the hub ships it
-                        initializer_range=0.3,
-                        bos_token_id=0, eos_token_id=1)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=32,
+        n_ctx=32,  # as the hub ships it
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(out, safe_serialization=True)
     build_tokenizer(VOCAB).save_pretrained(out)
     return out
@@ -51,16 +69,34 @@ def build_gemma2_checkpoint(out: Path) -> Path:
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(3)
-    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
-                          initializer_range=0.3, bos_token_id=0, eos_token_id=1, pad_token_id=2, sliding_window=8,
-                          final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=8)
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        sliding_window=8,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=8,
+    )
     Gemma2ForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
     return out
 
 
-BUILDERS = {"gpt_neox": build_tiny_checkpoint, "llama": build_llama_checkpoint, "gpt2": build_gpt2_checkpoint,
-            "gemma2": build_gemma2_checkpoint}
+BUILDERS = {
+    "gpt_neox": build_tiny_checkpoint,
+    "llama": build_llama_checkpoint,
+    "gpt2": build_gpt2_checkpoint,
+    "gemma2": build_gemma2_checkpoint,
+}
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +164,10 @@ def test_transformer_lens_and_hf_agree(backends, tokens, family):
     counted = counted_mask(tokens, hf.special_token_ids())
     assert tl.special_token_ids() == hf.special_token_ids() == [0, 1, 2]
     by_hook = {hook: _saes(i) for i, hook in enumerate(HOOKS)}  # TransformerLens names on both
-    runs = {kind: run_model(b, by_hook, tokens, counted, batch_size=5, progress=False) for kind, b in
-            (("tl", tl), ("hf", hf))}
+    runs = {
+        kind: run_model(b, by_hook, tokens, counted, batch_size=5, progress=False)
+        for kind, b in (("tl", tl), ("hf", hf))
+    }
     for hook, saes in by_hook.items():
         assert tl.hook_width(hook) == hf.hook_width(hook) == 32
         for name in saes:
@@ -150,8 +188,7 @@ def test_hf_tail_equals_its_full_pass(backends, tokens, family):
     for hook, saes in by_hook.items():
         for name in saes:
             for key, values in a.hooks[hook].sums[name].scalars.items():
-                np.testing.assert_array_equal(values, b.hooks[hook].sums[name].scalars[key],
-                                           err_msg=f"{hook} {key}")
+                np.testing.assert_array_equal(values, b.hooks[hook].sums[name].scalars[key], err_msg=f"{hook} {key}")
     for key in ("ce_recon", "kl_recon", "ce_ablate", "kl_ablate"):
         np.testing.assert_array_equal(a.splices["pair"].scalars[key], b.splices["pair"].scalars[key])
 
@@ -166,15 +203,18 @@ def test_sparsify_hookpoint_on_hf_equals_resid_post_on_transformer_lens(backends
     assert hf.site("layers.1").name == "gpt_neox.layers.1" and hf.hook_layer("layers.1") == 1
 
 
-@pytest.mark.parametrize(("family", "hook", "path"), [
-    ("gpt_neox", "blocks.1.hook_mlp_out", "gpt_neox.layers.1.mlp"),
-    ("gpt_neox", "blocks.2.attn.hook_z", "gpt_neox.layers.2.attention.dense.input"),
-    ("gpt_neox", "blocks.0.hook_resid_pre", "gpt_neox.layers.0.input"),
-    ("llama", "blocks.1.hook_resid_post", "model.layers.1"),
-    ("llama", "blocks.1.attn.hook_z", "model.layers.1.self_attn.o_proj.input"),
-    ("gpt2", "blocks.1.hook_mlp_out", "transformer.h.1.mlp"),
-    ("gpt2", "blocks.1.attn.hook_z", "transformer.h.1.attn.c_proj.input"),
-])
+@pytest.mark.parametrize(
+    ("family", "hook", "path"),
+    [
+        ("gpt_neox", "blocks.1.hook_mlp_out", "gpt_neox.layers.1.mlp"),
+        ("gpt_neox", "blocks.2.attn.hook_z", "gpt_neox.layers.2.attention.dense.input"),
+        ("gpt_neox", "blocks.0.hook_resid_pre", "gpt_neox.layers.0.input"),
+        ("llama", "blocks.1.hook_resid_post", "model.layers.1"),
+        ("llama", "blocks.1.attn.hook_z", "model.layers.1.self_attn.o_proj.input"),
+        ("gpt2", "blocks.1.hook_mlp_out", "transformer.h.1.mlp"),
+        ("gpt2", "blocks.1.attn.hook_z", "transformer.h.1.attn.c_proj.input"),
+    ],
+)
 def test_hook_names_map_both_ways(backends, family, hook, path):
     tl, hf = backends[(family, "transformer_lens")], backends[(family, "hf")]
     assert hf.site(hook).name == path

@@ -20,7 +20,7 @@ import pytest
 from conftest import identity_sae, random_topk_sae
 
 from sae_acceptance.cli import main
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 TEMPLATE = """\
@@ -150,91 +150,237 @@ def _other_tokens_baseline(ws: Workspace) -> list[str]:
 
 
 def _train(ws: Workspace, *flags: str) -> list[str]:
-    base = {"--model": str(ws.model), "--hook": HOOK, "--data": str(ws.root / "tokens.npy"), "--k": "4",
-            "--train-tokens": "256", "--context-size": "16", "--out": str(ws.root / "trained")}
+    base = {
+        "--model": str(ws.model),
+        "--hook": HOOK,
+        "--data": str(ws.root / "tokens.npy"),
+        "--k": "4",
+        "--train-tokens": "256",
+        "--context-size": "16",
+        "--out": str(ws.root / "trained"),
+    }
     given = dict(zip(flags[::2], flags[1::2], strict=True))
     return ["train", *[x for flag, value in {**base, **given}.items() for x in (flag, value)], "--no-progress"]
 
 
 CASES: list[Case] = [
     # thresholds.toml
-    ("toml-missing", lambda ws: ["eval", "--config", str(ws.root / "nothing.toml")], 2, ("nothing.toml", "cannot read")),
+    (
+        "toml-missing",
+        lambda ws: ["eval", "--config", str(ws.root / "nothing.toml")],
+        2,
+        ("nothing.toml", "cannot read"),
+    ),
     ("toml-syntax", lambda ws: (ws.append("[gate\n"), ws.config_argv())[1], 2, ("thresholds.toml", "not valid TOML")),
-    ("toml-negative", lambda ws: (ws.edit("n_sequences = 8", "n_sequences = -3"), ws.config_argv())[1], 2,
-     ("thresholds.toml:4", "eval.n_sequences")),
-    ("toml-unknown-key", lambda ws: (ws.edit("batch_size = 8", "batch_sise = 8"), ws.config_argv())[1], 2,
-     ("thresholds.toml:", "eval.batch_sise")),
-    ("toml-r2-gated", lambda ws: (ws.edit("cosine = {", "r2 = { min = 0.9 }\ncosine = {"), ws.config_argv())[1], 2,
-     ("gate.r2", "never")),
-    ("toml-unknown-metric", lambda ws: (ws.edit("cosine = {", "cosnie = {"), ws.config_argv())[1], 2,
-     ("gate.cosnie", "unknown metric")),
-    ("toml-min-above-max", lambda ws: (ws.edit("{ min = 0.5 }\n\n", "{ min = 0.5, max = 0.1 }\n\n"), ws.config_argv())[1],
-     2, ("gate.cosine", "above max")),
-    ("toml-duplicate-name", lambda ws: (ws.append('\n[[sae]]\nname = "good"\npath = "good"\n'), ws.config_argv())[1], 2,
-     ("two [[sae]] entries",)),
-    ("toml-control-unbounded", lambda ws: (ws.append('expect_fail = ["kl_div"]\n'), ws.config_argv())[1], 2,
-     ("expect_fail", "kl_div")),
-    ("toml-sae-missing", lambda ws: (ws.edit('path = "good"', 'path = "gone"'), ws.config_argv())[1], 2,
-     ("sae.0.path", "'gone'")),
-    ("toml-no-sae", lambda ws: (ws.edit('[[sae]]\nname = "good"\npath = "good"\n', ""), ws.config_argv())[1], 2,
-     ("sae",)),
-    ("toml-data-missing", lambda ws: (ws.edit('data = "tokens.npy"', 'data = "tokns.npy"'), ws.config_argv())[1], 2,
-     ("eval.data", "tokns.npy")),
-    ("toml-device", lambda ws: (ws.edit("batch_size = 8", 'batch_size = 8\ndevice = "gpu"'), ws.config_argv())[1], 2,
-     ("eval.device",)),
-    ("toml-hub-name", lambda ws: (ws.edit('path = "good"', 'path = "hf://only-owner"'), ws.config_argv())[1], 2,
-     ("sae.0.path",)),
-    ("toml-regression-direction", lambda ws: (ws.edit("[[sae]]", "[regression]\nl0 = { tolerance = 1 }\n\n[[sae]]"),
-                                              ws.config_argv())[1], 2, ("regression", "l0")),
+    (
+        "toml-negative",
+        lambda ws: (ws.edit("n_sequences = 8", "n_sequences = -3"), ws.config_argv())[1],
+        2,
+        ("thresholds.toml:4", "eval.n_sequences"),
+    ),
+    (
+        "toml-unknown-key",
+        lambda ws: (ws.edit("batch_size = 8", "batch_sise = 8"), ws.config_argv())[1],
+        2,
+        ("thresholds.toml:", "eval.batch_sise"),
+    ),
+    (
+        "toml-r2-gated",
+        lambda ws: (ws.edit("cosine = {", "r2 = { min = 0.9 }\ncosine = {"), ws.config_argv())[1],
+        2,
+        ("gate.r2", "never"),
+    ),
+    (
+        "toml-unknown-metric",
+        lambda ws: (ws.edit("cosine = {", "cosnie = {"), ws.config_argv())[1],
+        2,
+        ("gate.cosnie", "unknown metric"),
+    ),
+    (
+        "toml-min-above-max",
+        lambda ws: (ws.edit("{ min = 0.5 }\n\n", "{ min = 0.5, max = 0.1 }\n\n"), ws.config_argv())[1],
+        2,
+        ("gate.cosine", "above max"),
+    ),
+    (
+        "toml-duplicate-name",
+        lambda ws: (ws.append('\n[[sae]]\nname = "good"\npath = "good"\n'), ws.config_argv())[1],
+        2,
+        ("two [[sae]] entries",),
+    ),
+    (
+        "toml-control-unbounded",
+        lambda ws: (ws.append('expect_fail = ["kl_div"]\n'), ws.config_argv())[1],
+        2,
+        ("expect_fail", "kl_div"),
+    ),
+    (
+        "toml-sae-missing",
+        lambda ws: (ws.edit('path = "good"', 'path = "gone"'), ws.config_argv())[1],
+        2,
+        ("sae.0.path", "'gone'"),
+    ),
+    (
+        "toml-no-sae",
+        lambda ws: (ws.edit('[[sae]]\nname = "good"\npath = "good"\n', ""), ws.config_argv())[1],
+        2,
+        ("sae",),
+    ),
+    (
+        "toml-data-missing",
+        lambda ws: (ws.edit('data = "tokens.npy"', 'data = "tokns.npy"'), ws.config_argv())[1],
+        2,
+        ("eval.data", "tokns.npy"),
+    ),
+    (
+        "toml-device",
+        lambda ws: (ws.edit("batch_size = 8", 'batch_size = 8\ndevice = "gpu"'), ws.config_argv())[1],
+        2,
+        ("eval.device",),
+    ),
+    (
+        "toml-hub-name",
+        lambda ws: (ws.edit('path = "good"', 'path = "hf://only-owner"'), ws.config_argv())[1],
+        2,
+        ("sae.0.path",),
+    ),
+    (
+        "toml-regression-direction",
+        lambda ws: (ws.edit("[[sae]]", "[regression]\nl0 = { tolerance = 1 }\n\n[[sae]]"), ws.config_argv())[1],
+        2,
+        ("regression", "l0"),
+    ),
     # SAE directories
-    ("sae-no-weights", lambda ws: ((ws.root / "good" / "sae_weights.safetensors").unlink(), ws.config_argv())[1], 2,
-     ("good", "no SAE weights")),
-    ("sae-cfg-not-json", lambda ws: (_garbage(ws.root / "good" / "cfg.json"), ws.config_argv())[1], 2,
-     ("cfg.json", "not valid JSON")),
-    ("sae-weights-garbage", lambda ws: (_garbage(ws.root / "good" / "sae_weights.safetensors"), ws.config_argv())[1], 2,
-     ("sae_weights.safetensors",)),
+    (
+        "sae-no-weights",
+        lambda ws: ((ws.root / "good" / "sae_weights.safetensors").unlink(), ws.config_argv())[1],
+        2,
+        ("good", "no SAE weights"),
+    ),
+    (
+        "sae-cfg-not-json",
+        lambda ws: (_garbage(ws.root / "good" / "cfg.json"), ws.config_argv())[1],
+        2,
+        ("cfg.json", "not valid JSON"),
+    ),
+    (
+        "sae-weights-garbage",
+        lambda ws: (_garbage(ws.root / "good" / "sae_weights.safetensors"), ws.config_argv())[1],
+        2,
+        ("sae_weights.safetensors",),
+    ),
     ("sae-nan", _nan_sae, 2, ("good", "NaN", "W_dec")),
     ("sae-width", _sae_with_d_in_16, 2, ("d_in = 16", "width 32")),
     ("sae-cfg-d_in", _cfg_d_in, 2, ("cfg.json", "d_in")),
-    ("sae-hook-typo", lambda ws: (ws.append('hook = "blocks.1.hook_resid_pots"\n'), ws.config_argv())[1], 2,
-     ("blocks.1.hook_resid_pots", "blocks.1.hook_resid_post")),
-    ("sae-hook-outside", lambda ws: (ws.append('hook = "ln_final.hook_normalized"\n'), ws.config_argv())[1], 2,
-     ("ln_final.hook_normalized", "outside the blocks")),
-    ("sae-path-is-file", lambda ws: (shutil.rmtree(ws.root / "good"), _garbage(ws.root / "good"), ws.config_argv())[2], 2,
-     ("good", "directory")),
-    ("sae-cli-missing", lambda ws: ["eval", "--model", str(ws.model), "--sae", str(ws.root / "nothing"), "--data",
-                                    str(ws.root / "tokens.npy")], 2, ("sae.0.path", "nothing")),
+    (
+        "sae-hook-typo",
+        lambda ws: (ws.append('hook = "blocks.1.hook_resid_pots"\n'), ws.config_argv())[1],
+        2,
+        ("blocks.1.hook_resid_pots", "blocks.1.hook_resid_post"),
+    ),
+    (
+        "sae-hook-outside",
+        lambda ws: (ws.append('hook = "ln_final.hook_normalized"\n'), ws.config_argv())[1],
+        2,
+        ("ln_final.hook_normalized", "outside the blocks"),
+    ),
+    (
+        "sae-path-is-file",
+        lambda ws: (shutil.rmtree(ws.root / "good"), _garbage(ws.root / "good"), ws.config_argv())[2],
+        2,
+        ("good", "directory"),
+    ),
+    (
+        "sae-cli-missing",
+        lambda ws: [
+            "eval",
+            "--model",
+            str(ws.model),
+            "--sae",
+            str(ws.root / "nothing"),
+            "--data",
+            str(ws.root / "tokens.npy"),
+        ],
+        2,
+        ("sae.0.path", "nothing"),
+    ),
     # models
-    ("model-missing-dir", lambda ws: (ws.edit(f'model = "{ws.model}"', 'model = "./no-model"'), ws.config_argv())[1], 2,
-     ("no-model",)),
-    ("model-not-a-checkpoint", lambda ws: ((ws.root / "empty").mkdir(), ws.edit(f'model = "{ws.model}"', 'model = "./empty"'),
-                                           ws.config_argv())[2], 2, ("empty",)),
-    ("model-context-beyond-n_ctx", lambda ws: (ws.edit("context_size = 16", "context_size = 64"), ws.config_argv())[1], 2,
-     ("context_size = 64", "n_ctx = 32")),
+    (
+        "model-missing-dir",
+        lambda ws: (ws.edit(f'model = "{ws.model}"', 'model = "./no-model"'), ws.config_argv())[1],
+        2,
+        ("no-model",),
+    ),
+    (
+        "model-not-a-checkpoint",
+        lambda ws: (
+            (ws.root / "empty").mkdir(),
+            ws.edit(f'model = "{ws.model}"', 'model = "./empty"'),
+            ws.config_argv(),
+        )[2],
+        2,
+        ("empty",),
+    ),
+    (
+        "model-context-beyond-n_ctx",
+        lambda ws: (ws.edit("context_size = 16", "context_size = 64"), ws.config_argv())[1],
+        2,
+        ("context_size = 64", "n_ctx = 32"),
+    ),
     # token files
     ("tokens-garbage", lambda ws: (_garbage(ws.root / "tokens.npy"), ws.config_argv())[1], 2, ("tokens.npy", ".npy")),
     ("tokens-float", lambda ws: _tokens(ws, np.zeros((64, 16))), 2, ("tokens.npy", "float64")),
-    ("tokens-too-few", lambda ws: (ws.edit("n_sequences = 8", "n_sequences = 1000"), ws.config_argv())[1], 2,
-     ("tokens.npy", "fewer than")),
-    ("tokens-beyond-vocab", lambda ws: _tokens(ws, np.full((64, 16), 5000, dtype=np.int64)), 2,
-     ("token ids", "vocabulary of 64")),
-    ("tokens-all-excluded", lambda ws: (ws.edit("batch_size = 8", "batch_size = 8\nexclude_special_tokens = "
-                                                + str(list(range(64)))), ws.config_argv())[1], 2,
-     ("exclude_special_tokens", "every token")),
-    ("tokens-directory", lambda ws: ((ws.root / "dir.npy").mkdir(), ws.edit('"tokens.npy"', '"dir.npy"'), ws.config_argv())[2],
-     2, ("dir.npy", "directory")),
+    (
+        "tokens-too-few",
+        lambda ws: (ws.edit("n_sequences = 8", "n_sequences = 1000"), ws.config_argv())[1],
+        2,
+        ("tokens.npy", "fewer than"),
+    ),
+    (
+        "tokens-beyond-vocab",
+        lambda ws: _tokens(ws, np.full((64, 16), 5000, dtype=np.int64)),
+        2,
+        ("token ids", "vocabulary of 64"),
+    ),
+    (
+        "tokens-all-excluded",
+        lambda ws: (
+            ws.edit("batch_size = 8", "batch_size = 8\nexclude_special_tokens = " + str(list(range(64)))),
+            ws.config_argv(),
+        )[1],
+        2,
+        ("exclude_special_tokens", "every token"),
+    ),
+    (
+        "tokens-directory",
+        lambda ws: ((ws.root / "dir.npy").mkdir(), ws.edit('"tokens.npy"', '"dir.npy"'), ws.config_argv())[2],
+        2,
+        ("dir.npy", "directory"),
+    ),
     # baselines
     ("baseline-not-json", lambda ws: _baseline(ws, "{ not json"), 2, ("base.json", "not valid JSON")),
-    ("baseline-foreign", lambda ws: _baseline(ws, '{"format": "something-else"}'), 2,
-     ("base.json", "not a sae-acceptance baseline")),
-    ("baseline-missing", lambda ws: (ws.toml.write_text('baseline = "gone.json"\n' + ws.toml.read_text()),
-                                     ws.config_argv())[1], 2, ("gone.json", "no such baseline")),
+    (
+        "baseline-foreign",
+        lambda ws: _baseline(ws, '{"format": "something-else"}'),
+        2,
+        ("base.json", "not a sae-acceptance baseline"),
+    ),
+    (
+        "baseline-missing",
+        lambda ws: (ws.toml.write_text('baseline = "gone.json"\n' + ws.toml.read_text()), ws.config_argv())[1],
+        2,
+        ("gone.json", "no such baseline"),
+    ),
     ("baseline-other-tokens", _other_tokens_baseline, 2, ("base.json", "measured on something else", "tokens")),
     # outputs
     ("json-into-directory", lambda ws: ws.config_argv("--json", str(ws.root)), 2, ("ws", "is a directory")),
     ("json-into-proc", lambda ws: ws.config_argv("--json", "/proc/r.json"), 2, ("/proc/r.json", "cannot write")),
-    ("json-under-a-file", lambda ws: ws.config_argv("--json", str(ws.root / "tokens.npy" / "r.json")), 2,
-     ("tokens.npy",)),
+    (
+        "json-under-a-file",
+        lambda ws: ws.config_argv("--json", str(ws.root / "tokens.npy" / "r.json")),
+        2,
+        ("tokens.npy",),
+    ),
     ("schema-into-directory", lambda ws: ["schema", "--out", str(ws.root)], 2, ("is a directory",)),
     # CLI flags
     ("eval-nothing", lambda ws: ["eval"], 2, ("eval needs --config",)),
@@ -244,20 +390,55 @@ CASES: list[Case] = [
     ("eval-update-baseline-value", lambda ws: ws.config_argv("--update-baseline=always"), 2, ("--update-baseline",)),
     ("train-k-zero", lambda ws: _train(ws, "--k", "0"), 2, ("k", "greater than 0")),
     ("train-k-above-d_sae", lambda ws: _train(ws, "--k", "10000"), 2, ("--k 10000", "d_sae")),
-    ("train-hook-missing", lambda ws: _train(ws, "--hook", "blocks.9.hook_resid_post"), 2, ("blocks.9.hook_resid_post",)),
+    (
+        "train-hook-missing",
+        lambda ws: _train(ws, "--hook", "blocks.9.hook_resid_post"),
+        2,
+        ("blocks.9.hook_resid_post",),
+    ),
     ("train-tokens-zero", lambda ws: _train(ws, "--train-tokens", "0"), 2, ("--train-tokens",)),
-    ("train-no-k", lambda ws: ["train", "--model", "m", "--hook", HOOK, "--data", "d.npy", "--train-tokens", "1",
-                               "--out", "o"], 2, ("--k",)),
-    ("sweep-unknown-profile", lambda ws: ["sweep", "--profile", "nonesuch", "--out", str(ws.root / "out")], 2,
-     ("nonesuch",)),
-    ("sweep-bad-profile", lambda ws: (_garbage(ws.root / "p.toml", b"ks = [\n"),
-                                      ["sweep", "--profile", str(ws.root / "p.toml"), "--out", str(ws.root / "out")])[1],
-     2, ("p.toml",)),
+    (
+        "train-no-k",
+        lambda ws: ["train", "--model", "m", "--hook", HOOK, "--data", "d.npy", "--train-tokens", "1", "--out", "o"],
+        2,
+        ("--k",),
+    ),
+    (
+        "sweep-unknown-profile",
+        lambda ws: ["sweep", "--profile", "nonesuch", "--out", str(ws.root / "out")],
+        2,
+        ("nonesuch",),
+    ),
+    (
+        "sweep-bad-profile",
+        lambda ws: (
+            _garbage(ws.root / "p.toml", b"ks = [\n"),
+            ["sweep", "--profile", str(ws.root / "p.toml"), "--out", str(ws.root / "out")],
+        )[1],
+        2,
+        ("p.toml",),
+    ),
     ("pr-profile-no-data", lambda ws: ["pr-profile", "--model", str(ws.model)], 2, ("needs --data",)),
-    ("pr-profile-bad-model", lambda ws: ["pr-profile", "--model", str(ws.root / "nomodel"), "--data",
-                                         str(ws.root / "tokens.npy")], 2, ("nomodel",)),
-    ("pr-profile-context", lambda ws: ["pr-profile", "--model", str(ws.model), "--data", str(ws.root / "tokens.npy"),
-                                       "--context-size", "1"], 2, ("pr-profile", "context_size")),
+    (
+        "pr-profile-bad-model",
+        lambda ws: ["pr-profile", "--model", str(ws.root / "nomodel"), "--data", str(ws.root / "tokens.npy")],
+        2,
+        ("nomodel",),
+    ),
+    (
+        "pr-profile-context",
+        lambda ws: [
+            "pr-profile",
+            "--model",
+            str(ws.model),
+            "--data",
+            str(ws.root / "tokens.npy"),
+            "--context-size",
+            "1",
+        ],
+        2,
+        ("pr-profile", "context_size"),
+    ),
 ]
 
 
@@ -334,8 +515,11 @@ def test_pytest_collects_a_thresholds_file_named_on_the_command_line(pytester, p
 def test_escalated_r2_warning_is_a_short_failure(pytester, pristine):
     shutil.copytree(pristine, pytester.path, dirs_exist_ok=True)
     (pytester.path / "thresholds.toml").write_text(
-        (pytester.path / "thresholds.toml").read_text().replace("[[sae]]", "[canyon]\nthreshold = 0.99\n\n[[sae]]", 1))
-    result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "-W", "error::sae_acceptance.R2ProxyWarning")
+        (pytester.path / "thresholds.toml").read_text().replace("[[sae]]", "[canyon]\nthreshold = 0.99\n\n[[sae]]", 1)
+    )
+    result = pytester.runpytest(
+        "thresholds.toml", "-p", "no:cacheprovider", "-W", "error::sae_acceptance.R2ProxyWarning"
+    )
     assert result.ret == 1
     out = result.stdout.str()
     result.stdout.fnmatch_lines(["*FAILED thresholds.toml::good::r2*"])
@@ -355,13 +539,23 @@ def test_escalated_hook_override_is_a_short_failure_of_each_item_evaluated_once(
         "    return _real(*args, **kwargs)\n"
         "evaluate.evaluate = _counting\n"
     )
-    result = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "-s",  # a fresh import
-                                           "-W", "error::sae_acceptance.HookOverrideWarning")
+    result = pytester.runpytest_subprocess(
+        "thresholds.toml",
+        "-p",
+        "no:cacheprovider",
+        "-s",  # a fresh import
+        "-W",
+        "error::sae_acceptance.HookOverrideWarning",
+    )
     assert result.ret == 1
     out = result.stdout.str()
     assert out.count("EVALUATING") == 1, out
-    result.stdout.fnmatch_lines([f"good: evaluated at {HOOK}, but *good was trained at blocks.0.hook_resid_post*",
-                                 "*FAILED thresholds.toml::good::ce_rec*"])
+    result.stdout.fnmatch_lines(
+        [
+            f"good: evaluated at {HOOK}, but *good was trained at blocks.0.hook_resid_post*",
+            "*FAILED thresholds.toml::good::ce_rec*",
+        ]
+    )
     assert "Traceback" not in out and "evaluate.py" not in out and len(result.stdout.lines) < 60, out
 
 
@@ -370,8 +564,9 @@ def test_interrupted_run_writes_no_baseline(pytester, pristine):
     shutil.copytree(pristine, pytester.path, dirs_exist_ok=True)
     pytester.makepyfile(test_zz_interrupt="def test_ctrl_c():\n    raise KeyboardInterrupt\n")
     # in a subprocess: an in-process KeyboardInterrupt would also stop an xdist worker running this test
-    result = pytester.runpytest_subprocess("thresholds.toml", "test_zz_interrupt.py", "-p", "no:cacheprovider",
-                                           "--sae-update-baseline")
+    result = pytester.runpytest_subprocess(
+        "thresholds.toml", "test_zz_interrupt.py", "-p", "no:cacheprovider", "--sae-update-baseline"
+    )
     assert result.ret == 2
     result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
     assert not (pytester.path / "thresholds.baseline.json").exists()

@@ -9,7 +9,7 @@ import pytest
 from conftest import random_topk_sae
 from test_plugin import HOOK, gate  # noqa: F401  (the pytester fixture writing a thresholds file)
 
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 from sae_acceptance.stats import (
     BootstrapSettings,
     SequenceSums,
@@ -103,7 +103,9 @@ def test_fingerprint_mismatch_corrupt_file_and_missing_entries(pytester, gate): 
 
 
 def test_one_paired_bootstrap_per_sae_and_a_missing_value_fails_only_its_item(
-    pytester, gate, monkeypatch  # noqa: F811
+    pytester,
+    gate,  # noqa: F811
+    monkeypatch,
 ):
     import sae_acceptance.baseline as baseline_module
 
@@ -205,8 +207,15 @@ def _entries(seed: int = 0, names=("a", "b"), n: int = 20, d_sae: int = 300) -> 
         sums = SequenceSums({s: rng.uniform(1.0, 50.0, n) for s in SUM_NAMES}, rng.integers(0, 900, d_sae), 16)
         cis = bootstrap_intervals(sums, BootstrapSettings(50, 0.95, 0))
         metrics = {m: MetricValue(float(v), cis.get(m)) for m, v in sums.metrics().items()}
-        saes[name] = SAEResult(name=name, path=name, hook="blocks.0.hook_resid_post", tokens_fingerprint="t",
-                               excluded_ids=[0], metrics=metrics, sums=sums)
+        saes[name] = SAEResult(
+            name=name,
+            path=name,
+            hook="blocks.0.hook_resid_post",
+            tokens_fingerprint="t",
+            excluded_ids=[0],
+            metrics=metrics,
+            sums=sums,
+        )
     settings = {"dtype": "float32", "n_sequences": n, "bootstrap": {"resamples": 50}}
     return baseline_entries(EvalReport(settings, {}, saes))
 
@@ -248,7 +257,9 @@ def test_a_format_2_baseline_is_read_and_converted_on_the_next_update(tmp_path):
     assert json.loads(path.read_text())["version"] == 3 and sidecar_path(path).exists()
     new = load_baseline(path).saes
     assert sorted(new) == ["a", "b", "c"]
-    assert np.array_equal(sums_from_entry(new["b"], "x").scalars["ce_recon"], entries["b"]["sums"]["scalars"]["ce_recon"])
+    assert np.array_equal(
+        sums_from_entry(new["b"], "x").scalars["ce_recon"], entries["b"]["sums"]["scalars"]["ce_recon"]
+    )
 
 
 def test_an_unchanged_refresh_is_byte_identical_and_a_moved_sae_changes_only_its_block(tmp_path):

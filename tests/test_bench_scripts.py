@@ -9,14 +9,21 @@ import subprocess
 from conftest import REPO
 
 EXPECTED = [f"tiny-eval-{p}-{d}.json" for p in ("pythia-70m", "pythia-410m") for d in ("float32", "bfloat16")] + [
-    "tiny-eval-pythia-70m-hf.json", "tiny-eval-pythia-70m-hf-full.json",
-    "tiny-eval-kgrid-pythia-70m.json", "tiny-eval-kgrid-pythia-410m.json", "tiny-release-pythia-70m.json",
+    "tiny-eval-pythia-70m-hf.json",
+    "tiny-eval-pythia-70m-hf-full.json",
+    "tiny-eval-kgrid-pythia-70m.json",
+    "tiny-eval-kgrid-pythia-410m.json",
+    "tiny-release-pythia-70m.json",
 ]
 
 
 def test_gpu_script_runs_every_benchmark_at_a_tiny_size(tmp_path):
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(EXPECTED)
     for name in EXPECTED[:-1]:

@@ -7,7 +7,7 @@ import pytest
 from conftest import identity_sae, random_topk_sae
 
 from sae_acceptance.cli import main
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 TEMPLATE = """\
@@ -60,7 +60,9 @@ def test_pytest_writes_the_step_summary_and_annotations(pytester, thresholds):
     assert result.ret == 1
     errors = [line for line in result.stdout.lines if line.startswith("::error ")]
     assert len(errors) == 1
-    assert errors[0].startswith(f"::error file=thresholds.toml,line={BAD_LINE},title=thresholds.toml%3A%3Abad%3A%3Ace_rec::ce_rec ")
+    assert errors[0].startswith(
+        f"::error file=thresholds.toml,line={BAD_LINE},title=thresholds.toml%3A%3Abad%3A%3Ace_rec::ce_rec "
+    )
     _check_summary(thresholds.read_text())
 
 
@@ -69,7 +71,9 @@ def test_eval_config_writes_the_same(pytester, thresholds, capsys, monkeypatch):
     assert main(["eval", "--config", "thresholds.toml", "--no-progress"]) == 1
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("::error ")]
     assert len(errors) == 1
-    assert errors[0].startswith(f"::error file=thresholds.toml,line={BAD_LINE},title=thresholds.toml%3A%3Abad%3A%3Ace_rec::ce_rec ")
+    assert errors[0].startswith(
+        f"::error file=thresholds.toml,line={BAD_LINE},title=thresholds.toml%3A%3Abad%3A%3Ace_rec::ce_rec "
+    )
     _check_summary(thresholds.read_text())
 
 
@@ -83,8 +87,9 @@ def test_nothing_is_written_outside_github_actions(pytester, thresholds, monkeyp
 
 def test_progress_shows_without_dash_s_and_hides_on_request(pytester, thresholds):
     shown = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider")
-    shown.stdout.fnmatch_lines(["*sae-acceptance: evaluating 2 SAE(s) of thresholds.toml*",
-                                "*sae-acceptance: 2 SAE(s) evaluated in * s*"])
+    shown.stdout.fnmatch_lines(
+        ["*sae-acceptance: evaluating 2 SAE(s) of thresholds.toml*", "*sae-acceptance: 2 SAE(s) evaluated in * s*"]
+    )
     assert "eval blocks.1.hook_resid_post" in shown.stderr.str() + shown.stdout.str()  # the batch bar
     quiet = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress")
     assert "sae-acceptance: evaluating" not in quiet.stdout.str()

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, identity_sae, random_topk_sae
 
 from sae_acceptance.cli import main
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -17,9 +17,28 @@ def test_eval_on_a_local_checkpoint_saelens_sae_and_npy_tokens(tmp_path, tiny_ch
     save_sae(identity_sae(hook=HOOK), tmp_path / "ident")
     save_sae(random_topk_sae(k=4, hook=HOOK), tmp_path / "topk")
     out = tmp_path / "report.json"
-    status = main(["eval", "--model", str(tiny_checkpoint), "--sae", str(tmp_path / "ident"), "--sae",
-                   str(tmp_path / "topk"), "--data", str(tiny_tokens_file), "--n-sequences", "32",
-                   "--context-size", "16", "--bootstrap-resamples", "500", "--json", str(out), "--no-progress"])
+    status = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_checkpoint),
+            "--sae",
+            str(tmp_path / "ident"),
+            "--sae",
+            str(tmp_path / "topk"),
+            "--data",
+            str(tiny_tokens_file),
+            "--n-sequences",
+            "32",
+            "--context-size",
+            "16",
+            "--bootstrap-resamples",
+            "500",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "ident" in printed and "topk" in printed and "tokens counted" in printed
@@ -41,17 +60,33 @@ def test_eval_of_the_embedded_default_config(capsys):
 
 
 def test_bad_input_is_one_line_and_status_2(tmp_path, tiny_checkpoint, tiny_tokens_file, capsys):
-    status = main(["eval", "--model", str(tiny_checkpoint), "--sae", str(tmp_path / "nothing"),
-                   "--data", str(tiny_tokens_file)])
+    status = main(
+        ["eval", "--model", str(tiny_checkpoint), "--sae", str(tmp_path / "nothing"), "--data", str(tiny_tokens_file)]
+    )
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert "sae.0.path: no such SAE directory" in err
 
 
 def test_pr_profile_writes_json_and_plot(tmp_path, tiny_checkpoint, tiny_tokens_file, capsys):
-    status = main(["pr-profile", "--model", str(tiny_checkpoint), "--data", str(tiny_tokens_file),
-                   "--n-sequences", "32", "--context-size", "16", "--json", str(tmp_path / "pr.json"),
-                   "--plot", str(tmp_path / "pr.png"), "--no-progress"])
+    status = main(
+        [
+            "pr-profile",
+            "--model",
+            str(tiny_checkpoint),
+            "--data",
+            str(tiny_tokens_file),
+            "--n-sequences",
+            "32",
+            "--context-size",
+            "16",
+            "--json",
+            str(tmp_path / "pr.json"),
+            "--plot",
+            str(tmp_path / "pr.png"),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     profile = json.loads((tmp_path / "pr.json").read_text())
     assert [layer["layer"] for layer in profile["layers"]] == [0, 1, 2]
@@ -62,8 +97,22 @@ def test_pr_profile_writes_json_and_plot(tmp_path, tiny_checkpoint, tiny_tokens_
 
 def test_pr_profile_finds_the_reference_canyon(tmp_path):
     """The reference model's canyon starts at block 1: raw PR collapses, deflated PR does not."""
-    main(["pr-profile", "--model", str(REPO / "reference" / "model"), "--data", str(REPO / "reference" / "tokens.npy"),
-          "--n-sequences", "64", "--context-size", "64", "--json", str(tmp_path / "pr.json"), "--no-progress"])
+    main(
+        [
+            "pr-profile",
+            "--model",
+            str(REPO / "reference" / "model"),
+            "--data",
+            str(REPO / "reference" / "tokens.npy"),
+            "--n-sequences",
+            "64",
+            "--context-size",
+            "64",
+            "--json",
+            str(tmp_path / "pr.json"),
+            "--no-progress",
+        ]
+    )
     layers = json.loads((tmp_path / "pr.json").read_text())["layers"]
     assert [layer["canyon"] for layer in layers] == [False, True, True, True]
     assert all(layer["pr_deflated"] > 5 * layer["pr"] for layer in layers[1:])

@@ -72,7 +72,10 @@ def test_a_good_file_loads_with_defaults_and_overrides(write):
         (('path = "sae_b"', 'path = "missing_sae"'), ":15: sae.1.path: no such SAE directory 'missing_sae'"),
         (('name = "second"', 'name = "sae_a"'), "two [[sae]] entries are named 'sae_a'"),
         (('data = "tokens.npy"', 'data = "nope.npy"'), ":2: eval.data: no such file or directory 'nope.npy'"),
-        (("n_sequences = 8", "n_sequences = 8\nseed = -1"), ":4: eval.seed: Input should be greater than or equal to 0"),
+        (
+            ("n_sequences = 8", "n_sequences = 8\nseed = -1"),
+            ":4: eval.seed: Input should be greater than or equal to 0",
+        ),
         (("n_sequences = 8", 'n_sequences = 8\ndevice = "gpu"'), ":4: eval.device: String should match pattern"),
         (("cosine = { min = 0.9 }", "rel_error = { max = inf }"), ":8: gate.rel_error: max must be a finite number"),
         (('name = "second"', 'name = "sae_a"'), ":1: (top level): two [[sae]] entries"),

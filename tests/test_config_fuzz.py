@@ -19,13 +19,47 @@ EMBEDDED = (REPO / "thresholds.toml").read_text()
 LINES = EMBEDDED.splitlines()
 FUZZ = settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-keys = st.sampled_from(["eval", "gate", "sae", "canyon", "regression", "baseline", "splice", "path", "name", "model",
-                        "hook", "data", "ce_rec", "cosine", "r2", "min", "max", "on", "expect_fail", "n_sequences",
-                        "tolerance", "threshold", "exclude_special_tokens", "device", "x"])
-scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-                    st.text(max_size=12), st.sampled_from(["reference/saes/L0-k32", "ci_low", "hf://a/b", "auto", ""]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(keys, inner, max_size=4)), max_leaves=12)
+keys = st.sampled_from(
+    [
+        "eval",
+        "gate",
+        "sae",
+        "canyon",
+        "regression",
+        "baseline",
+        "splice",
+        "path",
+        "name",
+        "model",
+        "hook",
+        "data",
+        "ce_rec",
+        "cosine",
+        "r2",
+        "min",
+        "max",
+        "on",
+        "expect_fail",
+        "n_sequences",
+        "tolerance",
+        "threshold",
+        "exclude_special_tokens",
+        "device",
+        "x",
+    ]
+)
+scalars = st.one_of(
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=12),
+    st.sampled_from(["reference/saes/L0-k32", "ci_low", "hf://a/b", "auto", ""]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=4)),
+    max_leaves=12,
+)
 documents = st.dictionaries(keys, values, max_size=6)
 
 
@@ -35,7 +69,9 @@ def toml_value(value) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf") if abs(value) == float("inf") else repr(value)
+        return (
+            "nan" if value != value else ("inf" if value > 0 else "-inf") if abs(value) == float("inf") else repr(value)
+        )
     if isinstance(value, str):
         return '"' + value.encode("unicode_escape").decode().replace('"', '\\"') + '"'
     if isinstance(value, list):
@@ -45,8 +81,11 @@ def toml_value(value) -> str:
 
 def render(document: dict) -> str:
     """Top-level dicts as tables (a list of dicts as an array of tables), the rest as keys."""
-    plain = [f"{k} = {toml_value(v)}" for k, v in document.items()
-             if not isinstance(v, dict) and not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))]
+    plain = [
+        f"{k} = {toml_value(v)}"
+        for k, v in document.items()
+        if not isinstance(v, dict) and not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))
+    ]
     tables = []
     for k, v in document.items():
         if isinstance(v, dict):
@@ -84,14 +123,37 @@ def test_random_documents_are_valid_or_one_config_error(root, document):
 
 
 mutations = st.lists(
-    st.tuples(st.sampled_from(["delete", "duplicate", "replace", "insert", "truncate"]),
-              st.integers(0, len(LINES) - 1), st.one_of(st.sampled_from([
-                  "min = 2", "on = \"median\"", "[[sae]]", "[gate]", "n_sequences = 0", "path = \"nowhere\"",
-                  "expect_fail = [\"kl_div\"]", "ce_rec = { tolerance = -1 }", "r2 = { min = 0.9 }", "= 3",
-                  "name = \"a::b\"", "threshold = 2", "[eval", "baseline = 3", "sae = 1", "confidence = 1.5",
-                  "saes = [\"nope\"]", "dtype = \"int8\"",
-              ]), st.text(max_size=20))),
-    min_size=1, max_size=4,
+    st.tuples(
+        st.sampled_from(["delete", "duplicate", "replace", "insert", "truncate"]),
+        st.integers(0, len(LINES) - 1),
+        st.one_of(
+            st.sampled_from(
+                [
+                    "min = 2",
+                    'on = "median"',
+                    "[[sae]]",
+                    "[gate]",
+                    "n_sequences = 0",
+                    'path = "nowhere"',
+                    'expect_fail = ["kl_div"]',
+                    "ce_rec = { tolerance = -1 }",
+                    "r2 = { min = 0.9 }",
+                    "= 3",
+                    'name = "a::b"',
+                    "threshold = 2",
+                    "[eval",
+                    "baseline = 3",
+                    "sae = 1",
+                    "confidence = 1.5",
+                    'saes = ["nope"]',
+                    'dtype = "int8"',
+                ]
+            ),
+            st.text(max_size=20),
+        ),
+    ),
+    min_size=1,
+    max_size=4,
 )
 
 

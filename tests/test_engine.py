@@ -11,8 +11,13 @@ from sae_acceptance.engine import run_hook
 from sae_acceptance.sources.model import special_token_ids
 from sae_acceptance.sources.tokens import counted_mask
 
-HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_resid_pre", "blocks.2.hook_resid_post",
-         "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z"]
+HOOKS = [
+    "blocks.1.hook_resid_post",
+    "blocks.0.hook_resid_pre",
+    "blocks.2.hook_resid_post",
+    "blocks.1.hook_mlp_out",
+    "blocks.1.attn.hook_z",
+]
 
 
 def plain_losses(model, tokens, hook, sae, counted):
@@ -41,8 +46,12 @@ def test_tail_pass_losses_equal_full_forward_with_hook(tiny_model, tiny_tokens, 
     sums = run.sums["sae"].scalars
     n_loss = loss_mask.sum(1).numpy()
     np.testing.assert_allclose(sums["n_loss"], n_loss)
-    np.testing.assert_allclose(sums["ce_orig"] / n_loss, ((orig * loss_mask).sum(1) / loss_mask.sum(1)).numpy(), atol=1e-5)
-    np.testing.assert_allclose(sums["ce_recon"] / n_loss, ((recon * loss_mask).sum(1) / loss_mask.sum(1)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        sums["ce_orig"] / n_loss, ((orig * loss_mask).sum(1) / loss_mask.sum(1)).numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        sums["ce_recon"] / n_loss, ((recon * loss_mask).sum(1) / loss_mask.sum(1)).numpy(), atol=1e-5
+    )
     assert not np.allclose(sums["ce_recon"], sums["ce_orig"])  # the splice really changed something
 
 
@@ -80,7 +89,9 @@ def test_special_tokens_are_excluded_and_keep_their_activation(tiny_model, tiny_
     sums = run_hook(tiny_model, "blocks.1.hook_resid_post", {"z": zero_sae()}, tiny_tokens, counted, 8, False).sums["z"]
     assert sums.scalars["n_tokens"].sum() == counted.sum()
     everything = torch.ones_like(counted)
-    all_sums = run_hook(tiny_model, "blocks.1.hook_resid_post", {"z": zero_sae()}, tiny_tokens, everything, 8, False).sums["z"]
+    all_sums = run_hook(
+        tiny_model, "blocks.1.hook_resid_post", {"z": zero_sae()}, tiny_tokens, everything, 8, False
+    ).sums["z"]
     assert all_sums.scalars["n_tokens"].sum() == tiny_tokens.numel()
     assert all_sums.scalars["ce_recon"].sum() != sums.scalars["ce_recon"].sum()
 

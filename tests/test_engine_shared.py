@@ -11,8 +11,13 @@ from sae_acceptance.engine import run_hook, run_model
 from sae_acceptance.sources.model import special_token_ids
 from sae_acceptance.sources.tokens import counted_mask
 
-HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z",
-         "blocks.2.hook_resid_post"]
+HOOKS = [
+    "blocks.0.hook_resid_pre",
+    "blocks.1.hook_resid_post",
+    "blocks.1.hook_mlp_out",
+    "blocks.1.attn.hook_z",
+    "blocks.2.hook_resid_post",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +69,22 @@ def _mean_ce(ce, counted):
 
 
 def test_splice_equals_a_forward_with_every_hook_replaced(tiny_model, tiny_tokens, counted):
-    members = {"blocks.0.hook_resid_post": random_topk_sae(k=8, seed=1),
-               "blocks.1.attn.hook_z": random_topk_sae(k=8, seed=2),
-               "blocks.2.hook_mlp_out": random_topk_sae(k=8, seed=3)}
+    members = {
+        "blocks.0.hook_resid_post": random_topk_sae(k=8, seed=1),
+        "blocks.1.attn.hook_z": random_topk_sae(k=8, seed=2),
+        "blocks.2.hook_mlp_out": random_topk_sae(k=8, seed=3),
+    }
     run = run_model(tiny_model, {}, tiny_tokens, counted, batch_size=7, progress=False, splices={"all": members})
     sums = run.splices["all"].scalars
     n_loss = sums["n_loss"]
     want = _hand_written(tiny_model, tiny_tokens, {h: _splice_fn(s, counted) for h, s in members.items()})
     np.testing.assert_allclose(sums["ce_recon"] / n_loss, _mean_ce(want, counted), atol=1e-5)
-    zero = {h: (lambda act: torch.where(counted.reshape(*counted.shape, *[1] * (act.ndim - 2)), 0.0, act))
-            for h in members}
-    np.testing.assert_allclose(sums["ce_ablate"] / n_loss, _mean_ce(_hand_written(tiny_model, tiny_tokens, zero), counted),
-                               atol=1e-5)
+    zero = {
+        h: (lambda act: torch.where(counted.reshape(*counted.shape, *[1] * (act.ndim - 2)), 0.0, act)) for h in members
+    }
+    np.testing.assert_allclose(
+        sums["ce_ablate"] / n_loss, _mean_ce(_hand_written(tiny_model, tiny_tokens, zero), counted), atol=1e-5
+    )
     # patching all three together is not any one of them alone
     alone = run_model(tiny_model, {h: {"s": s} for h, s in members.items()}, tiny_tokens, counted, 7, False)
     for hook in members:
@@ -105,15 +114,22 @@ def test_transcoder_reads_one_hook_and_replaces_another(tiny_model, tiny_tokens,
     r = tc.reconstruct(x)[0].double()
     assert sums.metrics()["mse_sum"] == pytest.approx(float((y - r).pow(2).sum(-1).mean()), rel=1e-5)
     live = {}
-    replace = {hook_in: lambda act: live.setdefault("x", act),
-               tc.hook_name_out: lambda act: torch.where(counted[..., None], tc.reconstruct(live["x"].reshape(-1, 32))[0].reshape(act.shape), act)}
+    replace = {
+        hook_in: lambda act: live.setdefault("x", act),
+        tc.hook_name_out: lambda act: torch.where(
+            counted[..., None], tc.reconstruct(live["x"].reshape(-1, 32))[0].reshape(act.shape), act
+        ),
+    }
     want = _mean_ce(_hand_written(tiny_model, tiny_tokens, replace), counted)
     n_loss = sums.scalars["n_loss"]
     np.testing.assert_allclose(sums.scalars["ce_recon"] / n_loss, want, atol=1e-5)
     np.testing.assert_allclose(run.splices["tc"].scalars["ce_recon"] / n_loss, want, atol=1e-5)
     zero_out = {tc.hook_name_out: lambda act: torch.where(counted[..., None], 0.0, act)}
-    np.testing.assert_allclose(sums.scalars["ce_ablate"] / n_loss,
-                               _mean_ce(_hand_written(tiny_model, tiny_tokens, zero_out), counted), atol=1e-5)
+    np.testing.assert_allclose(
+        sums.scalars["ce_ablate"] / n_loss,
+        _mean_ce(_hand_written(tiny_model, tiny_tokens, zero_out), counted),
+        atol=1e-5,
+    )
 
 
 def test_single_head_sae_replaces_only_its_head(tiny_model, tiny_tokens, counted):

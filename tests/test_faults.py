@@ -22,7 +22,7 @@ from conftest import random_topk_sae
 
 from sae_acceptance.baseline import load_baseline, update_baseline
 from sae_acceptance.io import locked, write_atomic
-from sae_acceptance.sources.sae import load_sae, save_sae
+from sae_acceptance.sources.sae_io import load_sae, save_sae
 
 DELAYS_S = (0.0, 0.003, 0.02, 0.08)  # after the child's first complete write
 N_SEQ = 20_000  # per-sequence sums big enough that a write takes a few milliseconds
@@ -40,11 +40,20 @@ def _check_report(path: Path) -> None:
 def _entry(i: int) -> dict:
     rng = np.random.default_rng(i)
     return {
-        "fingerprint": {"tokens": "t", "model": "m", "hook": "h", "dtype": "float32", "excluded_ids": [],
-                        "n_sequences": N_SEQ},
+        "fingerprint": {
+            "tokens": "t",
+            "model": "m",
+            "hook": "h",
+            "dtype": "float32",
+            "excluded_ids": [],
+            "n_sequences": N_SEQ,
+        },
         "metrics": {"ce_rec": {"value": 0.5 + i * 1e-3, "ci": [0.4, 0.6]}},
-        "sums": {"d_in": 4, "scalars": {"ce_orig": rng.random(N_SEQ).tolist(), "n_tokens": [64.0] * N_SEQ},
-                 "fired": rng.integers(0, 9, 256).tolist()},
+        "sums": {
+            "d_in": 4,
+            "scalars": {"ce_orig": rng.random(N_SEQ).tolist(), "n_tokens": [64.0] * N_SEQ},
+            "fired": rng.integers(0, 9, 256).tolist(),
+        },
     }
 
 

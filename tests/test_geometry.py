@@ -55,9 +55,7 @@ def test_pr_isotropic_is_d_and_rank_one_is_one(d):
     assert pr_from_covariance(rotated(lam, seed=1))[0] == pytest.approx(1.0, rel=1e-10)
 
 
-@pytest.mark.parametrize(
-    ("d", "m", "a", "b"), [(32, 1, 100.0, 1.0), (50, 7, 5.0, 0.3), (10, 9, 1.0, 1e-3)]
-)
+@pytest.mark.parametrize(("d", "m", "a", "b"), [(32, 1, 100.0, 1.0), (50, 7, 5.0, 0.3), (10, 9, 1.0, 1e-3)])
 def test_pr_two_level_spectrum_closed_form(d, m, a, b):
     lam = np.r_[np.full(m, a), np.full(d - m, b)]
     expected = (m * a + (d - m) * b) ** 2 / (m * a**2 + (d - m) * b**2)
@@ -149,9 +147,7 @@ def test_mask_excludes_rows_and_weights_repeat_them():
 
     w = rng.integers(0, 4, size=60)
     acc = CovarianceAccumulator(5)
-    for part, wp in zip(
-        np.split(x, [7, 30, 31]), np.split(w.astype(np.float64), [7, 30, 31]), strict=True
-    ):
+    for part, wp in zip(np.split(x, [7, 30, 31]), np.split(w.astype(np.float64), [7, 30, 31]), strict=True):
         acc.update(torch.from_numpy(part), weights=torch.from_numpy(wp))
     repeated = np.repeat(x, w, axis=0)
     assert rel_err(acc.covariance(), np.cov(repeated, rowvar=False, bias=True)) < 1e-10
@@ -191,9 +187,7 @@ def test_canyon_rule_on_the_published_points():
 
 def test_canyon_rule_uses_the_chosen_ratio():
     assert CanyonRule(0.02, "raw").flags(0.01, 0.5) and not CanyonRule(0.02, "raw").flags(0.5, 0.01)
-    assert CanyonRule(0.02, "deflated").flags(0.5, 0.01) and not CanyonRule(0.02, "deflated").flags(
-        0.01, 0.5
-    )
+    assert CanyonRule(0.02, "deflated").flags(0.5, 0.01) and not CanyonRule(0.02, "deflated").flags(0.01, 0.5)
     assert not CanyonRule().flags(math.nan, math.nan)
     with pytest.raises(ConfigError, match="raw"):
         CanyonRule(use="top")
@@ -276,9 +270,7 @@ def test_pr_profile_honours_the_counted_mask(tiny_ht, tokens, reference_acts):
 
 def test_pr_profile_layer_subset_and_errors(tiny_ht, tokens):
     profile = pr_profile(tiny_ht, tokens, layers=[1], rule=CanyonRule(0.9), progress=False)
-    assert (
-        [g.layer for g in profile] == [1] and profile[0].canyon and profile[0].rule.threshold == 0.9
-    )
+    assert [g.layer for g in profile] == [1] and profile[0].canyon and profile[0].rule.threshold == 0.9
     with pytest.raises(SourceError, match="resid_post"):
         pr_profile(tiny_ht, tokens, hook_type="resid_pots", progress=False)
     with pytest.raises(SourceError, match="layers"):
@@ -293,10 +285,7 @@ def test_pr_profile_layer_subset_and_errors(tiny_ht, tokens):
 def _profile() -> list[LayerGeometry]:
     rule = CanyonRule()
     spectra = [np.linspace(1, 2, 64), np.r_[400.0, np.ones(63)], np.r_[4000.0, np.ones(63)]]
-    return [
-        LayerGeometry.measure(f"blocks.{i}.hook_resid_post", i, rotated(s, i), rule)
-        for i, s in enumerate(spectra)
-    ]
+    return [LayerGeometry.measure(f"blocks.{i}.hook_resid_post", i, rotated(s, i), rule) for i, s in enumerate(spectra)]
 
 
 def test_profile_to_json_schema():
@@ -304,22 +293,22 @@ def test_profile_to_json_schema():
     assert set(out) == {"model", "hook_type", "rule", "layers"}
     assert out["model"] == "tiny" and out["hook_type"] == "resid_post"
     assert out["rule"] == {"threshold": 0.02, "use": "raw"}
-    assert [set(row) for row in out["layers"]] == [
-        {"layer", "hook", "pr", "pr_deflated", "pr_ratio", "canyon"}
-    ] * 3
+    assert [set(row) for row in out["layers"]] == [{"layer", "hook", "pr", "pr_deflated", "pr_ratio", "canyon"}] * 3
     assert [row["canyon"] for row in out["layers"]] == [False, False, True]
     json.dumps(out, allow_nan=False)
-    assert (
-        profile_to_json("t", _profile(), CanyonRule(0.5, "deflated"), "x")["rule"]["use"]
-        == "deflated"
-    )
+    assert profile_to_json("t", _profile(), CanyonRule(0.5, "deflated"), "x")["rule"]["use"] == "deflated"
 
 
 def test_table_and_plot(tmp_path):
     table = format_profile_table(_profile())
     lines = table.splitlines()
     assert len(lines) == 5 and "pr_deflated" in lines[0] and lines[-1].rstrip().endswith("yes")
-    assert lines[2].split() == ["0", f"{_profile()[0].pr:.3f}", f"{_profile()[0].pr_deflated:.3f}",
-                                f"{_profile()[0].pr_ratio:.4f}", "no"]
+    assert lines[2].split() == [
+        "0",
+        f"{_profile()[0].pr:.3f}",
+        f"{_profile()[0].pr_deflated:.3f}",
+        f"{_profile()[0].pr_ratio:.4f}",
+        "no",
+    ]
     path = plot_pr_profile(_profile(), tmp_path / "sub" / "pr.png", CanyonRule(), title="tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,7 @@ from sae_acceptance.config import thresholds_from_mapping
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.html_report import write_html
 from sae_acceptance.report import latents_of
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
@@ -62,16 +62,29 @@ def page(tmp_path_factory, tiny_checkpoint, tiny_tokens_file):
     save_sae(random_topk_sae(k=2, hook=HOOKS[1], scale=3.0), root / "bad")
     save_sae(random_topk_sae(k=4, hook=HOOKS[1], seed=1), root / "control")
     loaded = thresholds_from_mapping(
-        {"eval": {"data": str(tiny_tokens_file), "model": str(tiny_checkpoint), "n_sequences": 16, "context_size": 16,
-                  "bootstrap_resamples": 200},
-         "gate": {"ce_rec": {"min": 0.99}, "cosine": {"min": 0.5}},
-         "sae": [{"path": str(root / "good")}, {"path": str(root / "bad"), "gate": {"dense_frac": {"max": 0.5}}},
-                 {"path": str(root / "control"), "expect_fail": ["ce_rec"]}],
-         "splice": [{"name": "pair", "saes": ["good", "bad"], "gate": {"ce_rec": {"min": 0.999}}}]},
-        source="test", base=root,
+        {
+            "eval": {
+                "data": str(tiny_tokens_file),
+                "model": str(tiny_checkpoint),
+                "n_sequences": 16,
+                "context_size": 16,
+                "bootstrap_resamples": 200,
+            },
+            "gate": {"ce_rec": {"min": 0.99}, "cosine": {"min": 0.5}},
+            "sae": [
+                {"path": str(root / "good")},
+                {"path": str(root / "bad"), "gate": {"dense_frac": {"max": 0.5}}},
+                {"path": str(root / "control"), "expect_fail": ["ce_rec"]},
+            ],
+            "splice": [{"name": "pair", "saes": ["good", "bad"], "gate": {"ce_rec": {"min": 0.999}}}],
+        },
+        source="test",
+        base=root,
     )
     report = evaluate(loaded, progress=False)
-    checks = [("good", RegressionCheck("ce_rec", True, False, "ce_rec 1.0000 -> 1.0000: change +0.0000", 0.0, (0.0, 0.0)))]
+    checks = [
+        ("good", RegressionCheck("ce_rec", True, False, "ce_rec 1.0000 -> 1.0000: change +0.0000", 0.0, (0.0, 0.0)))
+    ]
     path = write_html(root / "report.html", report, latents_of(report), checks)
     return path, report
 
@@ -105,11 +118,27 @@ def test_headless_chromium_renders_it_without_console_errors(page, tmp_path):
     path, _ = page
     shot = tmp_path / "shot.png"
     run = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", "--hide-scrollbars",
-         "--window-size=1200,1600", f"--screenshot={shot}", path.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--hide-scrollbars",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            path.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]

@@ -11,7 +11,8 @@ from sae_acceptance.config import thresholds_from_mapping
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.metrics import dead_fraction, dense_fraction, latent_densities
 from sae_acceptance.report import densities_path, latents_of, write_densities
-from sae_acceptance.sources.sae import SAE, save_sae
+from sae_acceptance.sources.sae import SAE
+from sae_acceptance.sources.sae_io import save_sae
 from sae_acceptance.sources.tokens import counted_mask
 
 HOOK = "blocks.1.hook_resid_post"
@@ -23,19 +24,38 @@ def crafted_sae() -> SAE:
     w_enc = torch.zeros(D_MODEL, 6)
     w_enc[0, 5] = 1.0
     b_enc = torch.tensor([1.0, 1.0, -1.0, -1.0, -1.0, 0.0])
-    return SAE(w_enc, b_enc, torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(0)),
-               torch.zeros(D_MODEL), architecture="standard", apply_b_dec_to_input=False, hook_name=HOOK)
+    return SAE(
+        w_enc,
+        b_enc,
+        torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(0)),
+        torch.zeros(D_MODEL),
+        architecture="standard",
+        apply_b_dec_to_input=False,
+        hook_name=HOOK,
+    )
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.7])
-def test_dense_and_dead_fractions_match_a_hand_count(tmp_path, tiny_checkpoint, tiny_tokens_file, tiny_model, threshold):
+def test_dense_and_dead_fractions_match_a_hand_count(
+    tmp_path, tiny_checkpoint, tiny_tokens_file, tiny_model, threshold
+):
     save_sae(crafted_sae(), tmp_path / "crafted")
     loaded = thresholds_from_mapping(
-        {"eval": {"data": str(tiny_tokens_file), "model": str(tiny_checkpoint), "n_sequences": 16, "context_size": 16,
-                  "batch_size": 4, "bootstrap_resamples": 100, "dense_threshold": threshold},
-         "gate": {"dense_frac": {"max": 0.5}},
-         "sae": [{"path": str(tmp_path / "crafted")}]},
-        source="test", base=tmp_path,
+        {
+            "eval": {
+                "data": str(tiny_tokens_file),
+                "model": str(tiny_checkpoint),
+                "n_sequences": 16,
+                "context_size": 16,
+                "batch_size": 4,
+                "bootstrap_resamples": 100,
+                "dense_threshold": threshold,
+            },
+            "gate": {"dense_frac": {"max": 0.5}},
+            "sae": [{"path": str(tmp_path / "crafted")}],
+        },
+        source="test",
+        base=tmp_path,
     )
     report = evaluate(loaded, progress=False)
     result = report.saes["crafted"]

@@ -126,7 +126,7 @@ def test_r2_is_exact_under_a_large_activation_mean():
     shifted sums must still give the two-pass float64 R²."""
     from sae_acceptance.engine import run_hook
     from sae_acceptance.sources.model import load_model
-    from sae_acceptance.sources.sae import load_sae
+    from sae_acceptance.sources.sae_io import load_sae
 
     model = load_model(REPO / "reference" / "model", device="cpu")
     tokens = torch.from_numpy(np.load(REPO / "reference" / "tokens.npy")[:32].astype(np.int64))

@@ -12,7 +12,7 @@ from sae_acceptance.baseline import load_baseline
 from sae_acceptance.cli import main
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.gate import run_gate
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 TEMPLATE = """\
@@ -63,13 +63,15 @@ def library_outcomes(run) -> dict[tuple[str, str], str]:
     for name, result in run.report.saes.items():
         for metric in result.verdicts:
             decided = result.outcome(metric)
-            outcomes[(name, metric)] = ("xfailed" if decided.status.name == "CAUGHT"
-                                        else "passed" if decided.as_expected else "failed")
+            outcomes[(name, metric)] = (
+                "xfailed" if decided.status.name == "CAUGHT" else "passed" if decided.as_expected else "failed"
+            )
         outcomes[(name, "r2")] = "passed"
     for name, checks in run.regressions.items():
         for metric, check in checks.items():
-            outcomes[(name, f"regression_{metric}")] = ("skipped" if check.skipped else
-                                                        "passed" if check.passed else "failed")
+            outcomes[(name, f"regression_{metric}")] = (
+                "skipped" if check.skipped else "passed" if check.passed else "failed"
+            )
     return outcomes
 
 
@@ -110,11 +112,14 @@ def test_cli_and_pytest_run_the_same_gate_on_a_regression(pytester, tiny_checkpo
     # The same JSON report's verdicts under both.
     cli_report = json.loads((root / "cli.json").read_text())
     assert {n: s["verdicts"]["ce_rec"]["passed"] for n, s in cli_report["saes"].items()} == {
-        "release": run.report.saes["release"].verdicts["ce_rec"].passed, "control": False}
+        "release": run.report.saes["release"].verdicts["ce_rec"].passed,
+        "control": False,
+    }
 
 
-def test_a_baseline_measured_on_something_else_is_status_2_under_both(pytester, tiny_checkpoint, tiny_tokens_file,
-                                                                      capsys):
+def test_a_baseline_measured_on_something_else_is_status_2_under_both(
+    pytester, tiny_checkpoint, tiny_tokens_file, capsys
+):
     root = pytester.path
     save_sae(identity_sae(hook=HOOK), root / "saes" / "release")
     save_sae(random_topk_sae(k=1, hook=HOOK, scale=3.0), root / "saes" / "control")

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from conftest import identity_sae, random_topk_sae
 
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 TEMPLATE = """\
@@ -81,7 +81,9 @@ def test_selection_by_keyword_and_node_id(pytester, gate):
 
 def test_junit_properties_and_json_report(pytester, gate):
     gate()
-    pytester.runpytest("thresholds.toml", "--junitxml=junit.xml", "--sae-json=out/report.json", "-p", "no:cacheprovider")
+    pytester.runpytest(
+        "thresholds.toml", "--junitxml=junit.xml", "--sae-json=out/report.json", "-p", "no:cacheprovider"
+    )
     tree = ET.parse(pytester.path / "junit.xml")
     case = next(c for c in tree.iter("testcase") if c.get("name") == "ce_rec" and "good" in c.get("classname"))
     assert case.get("classname") == "thresholds.toml.good"
@@ -95,7 +97,11 @@ def test_junit_properties_and_json_report(pytester, gate):
     good = report["saes"]["good"]
     assert good["hook"] == HOOK and good["model"].endswith("model")
     assert good["metrics"]["ce_rec"]["value"] == pytest.approx(1.0) and len(good["metrics"]["ce_rec"]["ci"]) == 2
-    assert good["verdicts"]["ce_rec"] == {**good["verdicts"]["ce_rec"], "passed": True, "bound": {"min": 0.99, "on": "point"}}
+    assert good["verdicts"]["ce_rec"] == {
+        **good["verdicts"]["ce_rec"],
+        "passed": True,
+        "bound": {"min": 0.99, "on": "point"},
+    }
     assert report["saes"]["bad"]["verdicts"]["ce_rec"]["passed"] is False
 
 
@@ -126,8 +132,10 @@ def test_negative_control_is_xfail_when_caught_and_fails_when_it_passes(pytester
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({'path = "saes/good"': 'path = "saes/good"\nhook = "blocks.1.hook_resid_pots"'},
-         "*hook 'blocks.1.hook_resid_pots' does not exist in the model; closest valid hooks: blocks.1.hook_resid_post*"),
+        (
+            {'path = "saes/good"': 'path = "saes/good"\nhook = "blocks.1.hook_resid_pots"'},
+            "*hook 'blocks.1.hook_resid_pots' does not exist in the model; closest valid hooks: blocks.1.hook_resid_post*",
+        ),
         ({"n_sequences = 16": "n_sequences = 1000"}, "*has 64 sequences, fewer than skip + n_sequences = 0 + 1000*"),
         ({"context_size = 16": "context_size = 64"}, "*eval.context_size = 64 is beyond the model's n_ctx = 32*"),
     ],
@@ -153,10 +161,14 @@ def test_width_mismatch_and_nan_weights(pytester, gate):
 
 def test_r2_warning_only_where_the_canyon_flags_the_layer(pytester, gate):
     gate(extra="[canyon]\nthreshold = 0.99\n")  # every layer of a 32-wide model is "in the canyon"
-    result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "-W", "default::sae_acceptance.R2ProxyWarning")
+    result = pytester.runpytest(
+        "thresholds.toml", "-p", "no:cacheprovider", "-W", "default::sae_acceptance.R2ProxyWarning"
+    )
     result.stdout.fnmatch_lines(["*R2ProxyWarning: good: r2 = * a layer the PR canyon flags*judge by ce_rec*"])
     assert result.stdout.str().count("R2ProxyWarning: ") == 2  # one per SAE
-    escalated = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "-W", "error::sae_acceptance.R2ProxyWarning")
+    escalated = pytester.runpytest(
+        "thresholds.toml", "-p", "no:cacheprovider", "-W", "error::sae_acceptance.R2ProxyWarning"
+    )
     escalated.stdout.fnmatch_lines(["*FAILED thresholds.toml::good::r2*", "*FAILED thresholds.toml::bad::r2*"])
     gate(extra="[canyon]\nthreshold = 0.0001\n")
     quiet = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider")

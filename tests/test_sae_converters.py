@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.autoencoder import SAE
-from sae_acceptance.sources.sae import load_sae, save_sae
+from sae_acceptance.sources.sae import SAE
+from sae_acceptance.sources.sae_io import load_sae, save_sae
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens.loading import pretrained_sae_loaders as loaders  # noqa: E402
@@ -66,11 +66,22 @@ def hub(tmp_path, monkeypatch):
 
     def release(func: str, repo_id: str, folder: str, overrides=None, factor: float | None = None) -> str:
         name = f"test-{func}-{len(directory)}"
-        monkeypatch.setitem(directory, name, PretrainedSAELookup(
-            release=name, repo_id=repo_id, model="m", conversion_func=func, saes_map={"sae": folder},
-            expected_var_explained={}, expected_l0={}, neuronpedia_id={},
-            norm_scaling_factor={"sae": factor} if factor else {}, config_overrides=overrides,
-        ))
+        monkeypatch.setitem(
+            directory,
+            name,
+            PretrainedSAELookup(
+                release=name,
+                repo_id=repo_id,
+                model="m",
+                conversion_func=func,
+                saes_map={"sae": folder},
+                expected_var_explained={},
+                expected_l0={},
+                neuronpedia_id={},
+                norm_scaling_factor={"sae": factor} if factor else {},
+                config_overrides=overrides,
+            ),
+        )
         return name
 
     write.release = release
@@ -93,32 +104,69 @@ def npz_file(file: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def gemma_npz(seed: int) -> dict[str, torch.Tensor]:
-    return {"w_enc": rand(D, F, seed=seed), "w_dec": rand(F, D, seed=seed + 1), "b_enc": rand(F, seed=seed + 2, scale=0.1),
-            "b_dec": rand(D, seed=seed + 3), "threshold": rand(F, seed=seed + 4).abs()}
+    return {
+        "w_enc": rand(D, F, seed=seed),
+        "w_dec": rand(F, D, seed=seed + 1),
+        "b_enc": rand(F, seed=seed + 2, scale=0.1),
+        "b_dec": rand(D, seed=seed + 3),
+        "threshold": rand(F, seed=seed + 4).abs(),
+    }
 
 
 def dl_config(dict_class: str, k: int | None = 8) -> dict:
-    return {"trainer": {"dict_class": dict_class, "activation_dim": D, "dict_size": F, "k": k, "layer": 3,
-                        "lm_name": "google/gemma-2-2b"}, "buffer": {"ctx_len": 128}}
+    return {
+        "trainer": {
+            "dict_class": dict_class,
+            "activation_dim": D,
+            "dict_size": F,
+            "k": k,
+            "layer": 3,
+            "lm_name": "google/gemma-2-2b",
+        },
+        "buffer": {"ctx_len": 128},
+    }
 
 
 def dl_tensors(dict_class: str, seed: int) -> dict[str, torch.Tensor]:
     enc, dec = rand(F, D, seed=seed), rand(D, F, seed=seed + 1)
     b_enc, b_dec = rand(F, seed=seed + 2, scale=0.1), rand(D, seed=seed + 3)
     if dict_class == "GatedAutoEncoder":
-        return {"encoder.weight": enc, "decoder.weight": dec, "decoder_bias": b_dec, "r_mag": rand(F, seed=seed + 4),
-                "gate_bias": b_enc, "mag_bias": rand(F, seed=seed + 5, scale=0.1)}
+        return {
+            "encoder.weight": enc,
+            "decoder.weight": dec,
+            "decoder_bias": b_dec,
+            "r_mag": rand(F, seed=seed + 4),
+            "gate_bias": b_enc,
+            "mag_bias": rand(F, seed=seed + 5, scale=0.1),
+        }
     if dict_class == "JumpReluAutoEncoder":
-        return {"W_enc": enc.T.contiguous(), "b_enc": b_enc, "W_dec": dec.T.contiguous(), "b_dec": b_dec,
-                "threshold": rand(F, seed=seed + 4).abs()}
+        return {
+            "W_enc": enc.T.contiguous(),
+            "b_enc": b_enc,
+            "W_dec": dec.T.contiguous(),
+            "b_dec": b_dec,
+            "threshold": rand(F, seed=seed + 4).abs(),
+        }
     if dict_class == "AutoEncoder":
         return {"encoder.weight": enc, "encoder.bias": b_enc, "decoder.weight": dec, "bias": b_dec}
     if dict_class == "MatryoshkaBatchTopKSAE":
-        return {"W_enc": enc.T.contiguous(), "b_enc": b_enc, "W_dec": dec.T.contiguous(), "b_dec": b_dec,
-                "k": torch.tensor(8, dtype=torch.int), "threshold": torch.tensor(0.2),
-                "group_sizes": torch.tensor([16, 48])}
-    return {"encoder.weight": enc, "encoder.bias": b_enc, "decoder.weight": dec, "b_dec": b_dec,
-            "k": torch.tensor(8, dtype=torch.int), "threshold": torch.tensor(0.2)}
+        return {
+            "W_enc": enc.T.contiguous(),
+            "b_enc": b_enc,
+            "W_dec": dec.T.contiguous(),
+            "b_dec": b_dec,
+            "k": torch.tensor(8, dtype=torch.int),
+            "threshold": torch.tensor(0.2),
+            "group_sizes": torch.tensor([16, 48]),
+        }
+    return {
+        "encoder.weight": enc,
+        "encoder.bias": b_enc,
+        "decoder.weight": dec,
+        "b_dec": b_dec,
+        "k": torch.tensor(8, dtype=torch.int),
+        "threshold": torch.tensor(0.2),
+    }
 
 
 def write_dictionary_learning(dict_class: str) -> Callable:
@@ -127,12 +175,21 @@ def write_dictionary_learning(dict_class: str) -> Callable:
         torch_file(hub("canrager/saebench", f"{folder}/ae.pt"), dl_tensors(dict_class, 10))
         hub("canrager/saebench", f"{folder}/config.json").write_text(json.dumps(dl_config(dict_class)))
         return hub.release("dictionary_learning_1", "canrager/saebench", folder, {"d_in": D, "d_sae": F})
+
     return write
 
 
 def write_sae_lens(hub) -> str:  # a gated SAE in SAELens's own format
-    sae = SAE(rand(D, F, seed=1), rand(F, seed=2, scale=0.1), rand(F, D, seed=3), rand(D, seed=4), architecture="gated",
-              b_mag=rand(F, seed=5, scale=0.1), r_mag=rand(F, seed=6), hook_name="blocks.3.hook_resid_post")
+    sae = SAE(
+        rand(D, F, seed=1),
+        rand(F, seed=2, scale=0.1),
+        rand(F, D, seed=3),
+        rand(D, seed=4),
+        architecture="gated",
+        b_mag=rand(F, seed=5, scale=0.1),
+        r_mag=rand(F, seed=6),
+        hook_name="blocks.3.hook_resid_post",
+    )
     save_sae(sae, hub("acme/saes", "gated/cfg.json").parent)
     return hub.release("sae_lens", "acme/saes", "gated")
 
@@ -160,20 +217,31 @@ def write_gemma_3(affine: bool) -> Callable:
         cfg = {"architecture": "jump_relu", "model_name": "gemma-v3-1b-pt", "affine_connection": affine}
         hub("google/gemma-scope-2-1b-pt", f"{folder}/config.json").write_text(json.dumps(cfg))
         return hub.release("gemma_3", "google/gemma-scope-2-1b-pt", folder)
+
     return write
 
 
-def linear_tensors(seed: int, enc="encoder.weight", dec="decoder.weight", benc="encoder.bias", bdec="decoder.bias",
-                   dtype=torch.float32) -> dict[str, torch.Tensor]:
-    return {enc: rand(F, D, seed=seed).to(dtype), dec: rand(D, F, seed=seed + 1).to(dtype),
-            benc: rand(F, seed=seed + 2, scale=0.1).to(dtype), bdec: rand(D, seed=seed + 3).to(dtype)}
+def linear_tensors(
+    seed: int, enc="encoder.weight", dec="decoder.weight", benc="encoder.bias", bdec="decoder.bias", dtype=torch.float32
+) -> dict[str, torch.Tensor]:
+    return {
+        enc: rand(F, D, seed=seed).to(dtype),
+        dec: rand(D, F, seed=seed + 1).to(dtype),
+        benc: rand(F, seed=seed + 2, scale=0.1).to(dtype),
+        bdec: rand(D, seed=seed + 3).to(dtype),
+    }
 
 
 def write_llama_scope(hub) -> str:
     repo, folder = "fnlp/Llama3_1-8B-Base-LXR-8x", "Llama3_1-8B-Base-L3R-8x"
     save_file(linear_tensors(40, dtype=torch.bfloat16), str(hub(repo, f"{folder}/checkpoints/final.safetensors")))
-    hp = {"d_model": D, "d_sae": F, "jump_relu_threshold": 0.05, "hook_point_in": "blocks.3.hook_resid_post",
-          "dataset_average_activation_norm": {"in": 2.5, "out": 2.5}}
+    hp = {
+        "d_model": D,
+        "d_sae": F,
+        "jump_relu_threshold": 0.05,
+        "hook_point_in": "blocks.3.hook_resid_post",
+        "dataset_average_activation_norm": {"in": 2.5, "out": 2.5},
+    }
     hub(repo, f"{folder}/hyperparams.json").write_text(json.dumps(hp))
     return hub.release("llama_scope", repo, folder, factor=1.7)
 
@@ -195,26 +263,39 @@ def write_deepseek(hub) -> str:
 
 def write_qwen(hub) -> str:
     repo = "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"
-    tensors = {"W_enc": rand(F, D, seed=70), "W_dec": rand(D, F, seed=71), "b_enc": rand(F, seed=72, scale=0.1),
-               "b_dec": rand(D, seed=73)}
+    tensors = {
+        "W_enc": rand(F, D, seed=70),
+        "W_dec": rand(D, F, seed=71),
+        "b_enc": rand(F, seed=72, scale=0.1),
+        "b_dec": rand(D, seed=73),
+    }
     torch_file(hub(repo, "layer3.sae.pt"), tensors)
     return hub.release("qwen_scope", repo, "layer3.sae.pt", {"d_in": D, "d_sae": F})
 
 
 def write_goodfire(hub) -> str:
     repo, file = "Goodfire/Llama-3.1-8B-Instruct-SAE-l19", "Llama-3.1-8B-Instruct-SAE-l19.pth"
-    torch_file(hub(repo, file), linear_tensors(80, "encoder_linear.weight", "decoder_linear.weight",
-                                               "encoder_linear.bias", "decoder_linear.bias"))
+    torch_file(
+        hub(repo, file),
+        linear_tensors(
+            80, "encoder_linear.weight", "decoder_linear.weight", "encoder_linear.bias", "decoder_linear.bias"
+        ),
+    )
     return hub.release("goodfire", repo, file, {"d_in": D, "d_sae": F})
 
 
 def write_connor(hub) -> str:
     repo, file = "ckkissane/attn-saes", "gpt2-small_L3_Hcat_z_v9.pt"
-    tensors = {"W_enc": rand(D, F, seed=90), "W_dec": rand(F, D, seed=91), "b_enc": rand(F, seed=92, scale=0.1),
-               "b_dec": rand(D, seed=93)}
+    tensors = {
+        "W_enc": rand(D, F, seed=90),
+        "W_dec": rand(F, D, seed=91),
+        "b_enc": rand(F, seed=92, scale=0.1),
+        "b_dec": rand(D, seed=93),
+    }
     torch_file(hub(repo, file), tensors)
     hub(repo, "gpt2-small_L3_Hcat_z_v9_cfg.json").write_text(
-        json.dumps({"act_size": D, "dict_size": F, "act_name": "blocks.3.attn.hook_z"}))
+        json.dumps({"act_size": D, "dict_size": F, "act_name": "blocks.3.attn.hook_z"})
+    )
     return hub.release("connor_rob_hook_z", repo, file)
 
 
@@ -226,8 +307,12 @@ def write_gemma_2_transcoder(hub) -> str:
 
 def write_mwhanna(hub) -> str:
     repo = "mwhanna/qwen3-4b-transcoders"
-    tensors = {"W_enc": rand(F, D, seed=110), "b_enc": rand(F, seed=111, scale=0.1), "W_dec": rand(F, D, seed=112),
-               "b_dec": rand(D, seed=113)}
+    tensors = {
+        "W_enc": rand(F, D, seed=110),
+        "b_enc": rand(F, seed=111, scale=0.1),
+        "W_dec": rand(F, D, seed=112),
+        "b_dec": rand(D, seed=113),
+    }
     save_file(tensors, str(hub(repo, "layer_3.safetensors")))
     wandb = {"d_model": {"value": D}, "d_feature": {"value": F}, "batch_size": {"value": 8}}
     hub(repo, "wandb-config.yaml").write_text(yaml.safe_dump(wandb))
@@ -241,18 +326,32 @@ CASES: dict[str, tuple[Callable, tuple]] = {
     "gemma_2": (write_gemma_2, ("jumprelu", False, "blocks.3.hook_resid_post", None)),
     "gemma_2-embedding": (write_gemma_2_embedding, ("jumprelu", False, "hook_embed", None)),
     "gemma_3-resid": (write_gemma_3(False), ("jumprelu", False, "blocks.2.hook_resid_post", None)),
-    "gemma_3-skip_transcoder": (write_gemma_3(True), ("jumprelu", True, "blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out")),
+    "gemma_3-skip_transcoder": (
+        write_gemma_3(True),
+        ("jumprelu", True, "blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out"),
+    ),
     "llama_scope": (write_llama_scope, ("jumprelu", False, "blocks.3.hook_resid_post", None)),
     "llama_scope_r1_distill": (write_llama_scope_r1, ("jumprelu", False, "blocks.3.hook_resid_post", None)),
     "deepseek_r1": (write_deepseek, ("standard", False, "blocks.19.hook_resid_post", None)),
     "qwen_scope": (write_qwen, ("topk", False, "blocks.3.hook_resid_post", None)),
     "goodfire": (write_goodfire, ("standard", False, "blocks.19.hook_resid_post", None)),
     "connor_rob_hook_z": (write_connor, ("standard", False, "blocks.3.attn.hook_z", None)),
-    "gemma_2_transcoder": (write_gemma_2_transcoder, ("jumprelu", True, "blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")),
+    "gemma_2_transcoder": (
+        write_gemma_2_transcoder,
+        ("jumprelu", True, "blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out"),
+    ),
     "mwhanna_transcoder": (write_mwhanna, ("standard", True, "blocks.3.mlp.hook_in", "blocks.3.hook_mlp_out")),
-    **{f"dictionary_learning_1-{c}": (write_dictionary_learning(c), (a, False, "blocks.3.hook_resid_post", None))
-       for c, a in (("AutoEncoder", "standard"), ("GatedAutoEncoder", "gated"), ("JumpReluAutoEncoder", "jumprelu"),
-                    ("AutoEncoderTopK", "topk"), ("BatchTopKSAE", "jumprelu"), ("MatryoshkaBatchTopKSAE", "jumprelu"))},
+    **{
+        f"dictionary_learning_1-{c}": (write_dictionary_learning(c), (a, False, "blocks.3.hook_resid_post", None))
+        for c, a in (
+            ("AutoEncoder", "standard"),
+            ("GatedAutoEncoder", "gated"),
+            ("JumpReluAutoEncoder", "jumprelu"),
+            ("AutoEncoderTopK", "topk"),
+            ("BatchTopKSAE", "jumprelu"),
+            ("MatryoshkaBatchTopKSAE", "jumprelu"),
+        )
+    },
 }
 
 
@@ -264,7 +363,12 @@ def test_converted_release_matches_saelens_from_pretrained(hub, case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = sae_lens.SAE.from_pretrained(release, "sae", dtype=str(ours.dtype).removeprefix("torch."))
-    assert (ours.architecture, ours.transcoder, ours.hook_name, ours.hook_name_out) == (architecture, transcoder, hook, hook_out)
+    assert (ours.architecture, ours.transcoder, ours.hook_name, ours.hook_name_out) == (
+        architecture,
+        transcoder,
+        hook,
+        hook_out,
+    )
     x = (torch.randn(300, ours.d_in, generator=g(7)) * 2).to(ours.dtype)
     with torch.no_grad():
         their_in = x.unflatten(-1, (HEADS, -1)) if hook.endswith("hook_z") else x  # SAELens reshapes hook_z itself
@@ -290,7 +394,10 @@ def test_refused_conversion_functions_say_which_and_why(hub):
         ("mntss_clt_layer_transcoder", "3", "cross-layer transcoder"),
     ):
         release = hub.release(func, "acme/x", folder)
-        with pytest.raises(SAEFormatError, match=rf"^sae-lens://{release}/sae: SAELens conversion function '{func}' is refused: .*{why}"):
+        with pytest.raises(
+            SAEFormatError,
+            match=rf"^sae-lens://{release}/sae: SAELens conversion function '{func}' is refused: .*{why}",
+        ):
             load_sae(f"sae-lens://{release}/sae")
 
 
@@ -305,6 +412,8 @@ def test_a_pickle_holding_code_is_refused_unrun(hub, tmp_path):
     repo = "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"
     torch.save({"W_enc": Payload()}, hub(repo, "layer3.sae.pt"))
     release = hub.release("qwen_scope", repo, "layer3.sae.pt")
-    with pytest.raises(SAEFormatError, match=r"layer3\.sae\.pt: holds Python objects other than tensors; refused without running it"):
+    with pytest.raises(
+        SAEFormatError, match=r"layer3\.sae\.pt: holds Python objects other than tensors; refused without running it"
+    ):
         load_sae(f"sae-lens://{release}/sae")
     assert not marker.exists()

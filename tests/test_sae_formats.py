@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.sae import SAE, load_sae, save_sae
+from sae_acceptance.sources.sae import SAE
+from sae_acceptance.sources.sae_io import load_sae, save_sae
 
 D_IN, D_SAE, K = 16, 64, 5
 HOOK = "blocks.1.hook_resid_post"
@@ -55,8 +56,14 @@ def ours(path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_v6_directories_agree_with_saelens(tmp_path, architecture):
     weights = random_weights()
     extra = {"threshold": torch.rand(D_SAE) * 0.3} if architecture == "jumprelu" else {}
-    sae = SAE(**weights, **extra, architecture=architecture, k=K if architecture == "topk" else None,
-              hook_name=HOOK, model_name="m")
+    sae = SAE(
+        **weights,
+        **extra,
+        architecture=architecture,
+        k=K if architecture == "topk" else None,
+        hook_name=HOOK,
+        model_name="m",
+    )
     save_sae(sae, tmp_path / "sae")
     x = inputs()
     recon, latents = ours(tmp_path / "sae", x)
@@ -76,11 +83,24 @@ def test_pre_6_flat_topk_config_agrees_with_saelens(tmp_path):
     folder.mkdir()
     save_file(random_weights(2), str(folder / "sae_weights.safetensors"))
     cfg = {
-        "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "model_name": "pythia-70m",
-        "hook_name": HOOK, "hook_layer": 1, "hook_head_index": None, "activation_fn_str": "topk",
-        "activation_fn_kwargs": {"k": K}, "apply_b_dec_to_input": True, "finetuning_scaling_factor": False,
-        "context_size": 128, "dataset_path": "x", "prepend_bos": False, "normalize_activations": "none",
-        "architecture": "standard", "sae_lens_training_version": "5.9.0",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": "pythia-70m",
+        "hook_name": HOOK,
+        "hook_layer": 1,
+        "hook_head_index": None,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": K},
+        "apply_b_dec_to_input": True,
+        "finetuning_scaling_factor": False,
+        "context_size": 128,
+        "dataset_path": "x",
+        "prepend_bos": False,
+        "normalize_activations": "none",
+        "architecture": "standard",
+        "sae_lens_training_version": "5.9.0",
     }
     (folder / "cfg.json").write_text(json.dumps(cfg))
     loaded = load_sae(folder)
@@ -98,9 +118,18 @@ def test_sparsify_directory_gives_sparsifys_forward(tmp_path):
     w = random_weights(4)
     folder = tmp_path / "layers.1"
     folder.mkdir()
-    save_file({"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"],
-               "W_dec": w["W_dec"], "b_dec": w["b_dec"]}, str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"num_latents": D_SAE, "k": K, "d_in": D_IN, "normalize_decoder": True}))
+    save_file(
+        {
+            "encoder.weight": w["W_enc"].T.contiguous(),
+            "encoder.bias": w["b_enc"],
+            "W_dec": w["W_dec"],
+            "b_dec": w["b_dec"],
+        },
+        str(folder / "sae.safetensors"),
+    )
+    (folder / "cfg.json").write_text(
+        json.dumps({"num_latents": D_SAE, "k": K, "d_in": D_IN, "normalize_decoder": True})
+    )
     x = inputs(5)
     pre = F.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])  # sparsify: ReLU first, then top-k
     values, indices = pre.topk(K, dim=-1)
@@ -113,8 +142,14 @@ def test_sparsify_directory_gives_sparsifys_forward(tmp_path):
 def write_saelens(folder, tensors: dict[str, torch.Tensor] | None = None, **cfg_changes):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors or random_weights(), str(folder / "sae_weights.safetensors"))
-    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32",
-           "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "hook_name": HOOK}}
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "normalize_activations": "none",
+        "metadata": {"sae_lens_version": "6.54.12", "hook_name": HOOK},
+    }
     cfg.update(cfg_changes)
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
     return folder
@@ -125,7 +160,10 @@ def test_bad_directories_are_one_clear_error(tmp_path):
     pickled.mkdir()
     (pickled / "cfg.json").write_text("{}")
     torch.save(random_weights(), pickled / "sae_weights.pt")  # a pickle: never opened
-    with pytest.raises(SAEFormatError, match=r"pickled: no SAE weights; expected one of: cfg\.json \+ sae_weights\.safetensors \(SAELens\)"):
+    with pytest.raises(
+        SAEFormatError,
+        match=r"pickled: no SAE weights; expected one of: cfg\.json \+ sae_weights\.safetensors \(SAELens\)",
+    ):
         load_sae(pickled)
     missing = random_weights()
     del missing["b_enc"]
@@ -134,13 +172,19 @@ def test_bad_directories_are_one_clear_error(tmp_path):
     wrong = {**random_weights(), "W_dec": torch.zeros(D_SAE, D_IN + 1)}
     with pytest.raises(SAEFormatError, match=r"wrong: tensor W_dec has shape \(64, 17\), expected \(64, 16\)"):
         load_sae(write_saelens(tmp_path / "wrong", wrong))
-    with pytest.raises(SAEFormatError, match="normalize_activations='expected_average_only_in' needs the activation scaling factor"):
+    with pytest.raises(
+        SAEFormatError, match="normalize_activations='expected_average_only_in' needs the activation scaling factor"
+    ):
         load_sae(write_saelens(tmp_path / "norm", normalize_activations="expected_average_only_in"))
     with pytest.raises(SAEFormatError, match="normalize_activations='covariance_whitening' is not supported"):
         load_sae(write_saelens(tmp_path / "whiten", normalize_activations="covariance_whitening"))
-    with pytest.raises(SAEFormatError, match="architecture .temporal. is not supported \\(its latents depend on earlier tokens"):
+    with pytest.raises(
+        SAEFormatError, match="architecture .temporal. is not supported \\(its latents depend on earlier tokens"
+    ):
         load_sae(write_saelens(tmp_path / "temporal", architecture="temporal"))
-    with pytest.raises(SAEFormatError, match=r"gated/sae_weights\.safetensors: missing tensor\(s\) b_gate, b_mag, r_mag"):
+    with pytest.raises(
+        SAEFormatError, match=r"gated/sae_weights\.safetensors: missing tensor\(s\) b_gate, b_mag, r_mag"
+    ):
         load_sae(write_saelens(tmp_path / "gated", architecture="gated"))
     with pytest.raises(SAEFormatError, match="topk SAE needs 0 < k <= d_sae, got k=None"):
         load_sae(write_saelens(tmp_path / "nok", architecture="topk"))

@@ -19,7 +19,7 @@ from sae_acceptance.errors import SAEFormatError
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.sources.hub import locate_sae
 from sae_acceptance.sources.model import ModelCache
-from sae_acceptance.sources.sae import load_sae, save_sae
+from sae_acceptance.sources.sae_io import load_sae, save_sae
 from sae_acceptance.sources.spec import is_remote
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -61,11 +61,16 @@ def test_hf_folder_loads_like_the_local_directory(hub_cache):
 
 def test_hub_errors_name_the_spec_and_what_is_missing(hub_cache):
     local = hub_cache("acme/topk-saes", "layers/3", random_topk_sae())
-    with pytest.raises(SAEFormatError, match=r"^hf://acme/absent/x: cannot fetch acme/absent from the Hugging Face Hub"):
+    with pytest.raises(
+        SAEFormatError, match=r"^hf://acme/absent/x: cannot fetch acme/absent from the Hugging Face Hub"
+    ):
         load_sae("hf://acme/absent/x")
     with pytest.raises(SAEFormatError, match=r"cannot fetch acme/topk-saes@v2 "):
         load_sae("hf://acme/topk-saes@v2/layers/3")
-    with pytest.raises(SAEFormatError, match=r"cached copy of acme/topk-saes has no SAE files at its folder 'layers/4' \(HF_HUB_OFFLINE"):
+    with pytest.raises(
+        SAEFormatError,
+        match=r"cached copy of acme/topk-saes has no SAE files at its folder 'layers/4' \(HF_HUB_OFFLINE",
+    ):
         load_sae("hf://acme/topk-saes/layers/4")
     for bad in ("hf://acme", "hf://acme/topk-saes@/layers/3", "hf://acme/topk-saes/../other/x", "hf://acme//x"):
         with pytest.raises(SAEFormatError, match=r"expected hf://<owner>/<repo>\[@<revision>\]"):
@@ -92,13 +97,23 @@ def test_saelens_release_ids_resolve_through_saelens_directory(hub_cache):
     local = hub_cache(SAELENS_REPO, "0-res-sm", random_topk_sae(hook="blocks.0.hook_resid_post"))
     sae = load_sae("sae-lens://pythia-70m-deduped-res-sm/blocks.0.hook_resid_post")
     assert_same_sae(sae, load_sae(local))
-    with pytest.raises(SAEFormatError, match=r"no SAELens release 'pythia-70m-dedup-res-sm' \(did you mean 'pythia-70m-deduped-res-sm'"):
+    with pytest.raises(
+        SAEFormatError, match=r"no SAELens release 'pythia-70m-dedup-res-sm' \(did you mean 'pythia-70m-deduped-res-sm'"
+    ):
         load_sae("sae-lens://pythia-70m-dedup-res-sm/blocks.0.hook_resid_post")
-    with pytest.raises(SAEFormatError, match=r"has no SAE 'blocks.0.hook_resid_pots' \(did you mean 'blocks.0.hook_resid_post'"):
+    with pytest.raises(
+        SAEFormatError, match=r"has no SAE 'blocks.0.hook_resid_pots' \(did you mean 'blocks.0.hook_resid_post'"
+    ):
         load_sae("sae-lens://pythia-70m-deduped-res-sm/blocks.0.hook_resid_pots")
-    with pytest.raises(SAEFormatError, match=r"^sae-lens://gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_small: SAELens's 'gemma_3' loader failed \(LocalEntryNotFoundError"):
+    with pytest.raises(
+        SAEFormatError,
+        match=r"^sae-lens://gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_small: SAELens's 'gemma_3' loader failed \(LocalEntryNotFoundError",
+    ):
         load_sae("sae-lens://gemma-scope-2-4b-pt-res-all/layer_0_width_16k_l0_small")  # not in the offline cache
-    with pytest.raises(SAEFormatError, match=r"conversion function 'mntss_clt_layer_transcoder' is refused: SAELens loads one layer of a cross-layer transcoder"):
+    with pytest.raises(
+        SAEFormatError,
+        match=r"conversion function 'mntss_clt_layer_transcoder' is refused: SAELens loads one layer of a cross-layer transcoder",
+    ):
         load_sae("sae-lens://mntss-gemma-2-2b-2.5m-clt-as-per-layer/layer_0")
     with pytest.raises(SAEFormatError, match=r"expected sae-lens://<release>/<sae_id>"):
         load_sae("sae-lens://pythia-70m-deduped-res-sm")

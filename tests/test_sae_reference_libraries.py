@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_acceptance.sources.sae import load_sae
+from sae_acceptance.sources.sae_io import load_sae
 
 D, F, K = 16, 64, 8
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -48,8 +48,13 @@ def sparsify_coder(tmp_path: Path, seed: int, **cfg):
 
 @pytest.mark.parametrize(
     "cfg",
-    [{}, {"activation": "groupmax"}, {"transcode": True}, {"skip_connection": True},
-     {"transcode": True, "skip_connection": True}],
+    [
+        {},
+        {"activation": "groupmax"},
+        {"transcode": True},
+        {"skip_connection": True},
+        {"transcode": True, "skip_connection": True},
+    ],
     ids=["topk", "groupmax", "transcode", "skip", "transcode-skip"],
 )
 def test_sparsify_directories_give_sparse_coders_forward(tmp_path, cfg):
@@ -83,8 +88,10 @@ def dl():
         module = types.ModuleType(name)
         module.__path__ = [str(path)]
         sys.modules[name] = module
-    mods = {n: importlib.import_module(f"dictionary_learning.{n}") for n in (
-        "dictionary", "trainers.top_k", "trainers.batch_top_k", "trainers.matryoshka_batch_top_k")}
+    mods = {
+        n: importlib.import_module(f"dictionary_learning.{n}")
+        for n in ("dictionary", "trainers.top_k", "trainers.batch_top_k", "trainers.matryoshka_batch_top_k")
+    }
     yield types.SimpleNamespace(
         AutoEncoder=mods["dictionary"].AutoEncoder,
         GatedAutoEncoder=mods["dictionary"].GatedAutoEncoder,
@@ -128,8 +135,15 @@ DL_CLASSES = {
 def write_dl(folder: Path, ae, dict_class: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ae.state_dict(), folder / "ae.pt")
-    trainer = {"dict_class": dict_class, "activation_dim": D, "dict_size": F, "k": K, "layer": 3,
-               "lm_name": "EleutherAI/pythia-70m-deduped", "submodule_name": "resid_post_layer_3"}
+    trainer = {
+        "dict_class": dict_class,
+        "activation_dim": D,
+        "dict_size": F,
+        "k": K,
+        "layer": 3,
+        "lm_name": "EleutherAI/pythia-70m-deduped",
+        "submodule_name": "resid_post_layer_3",
+    }
     (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 128}}))
     return folder
 
@@ -145,7 +159,10 @@ def test_dictionary_learning_directories_give_its_forward(dl, tmp_path, dict_cla
     sae = load_sae(folder)
     out, code = sae.reconstruct(x)
     assert (sae.architecture, sae.hook_name, sae.model_name) == (
-        DL_CLASSES[dict_class], "blocks.3.hook_resid_post", "pythia-70m-deduped")
+        DL_CLASSES[dict_class],
+        "blocks.3.hook_resid_post",
+        "pythia-70m-deduped",
+    )
     dense = code.dense(F)
     assert bool((dense != 0).any()) and bool((dense == 0).any())
     torch.testing.assert_close(dense, features, rtol=1e-6, atol=1e-6)
@@ -181,15 +198,24 @@ def test_hf_folders_in_every_layout(dl, tmp_path, hub_root):
     gemma = hub_root("google/gemma-scope-2b-pt-res") / "layer_5" / "width_16k" / "average_l0_9"
     gemma.mkdir(parents=True)
     g = np.random.default_rng(0)
-    np.savez(gemma / "params.npz", w_enc=g.normal(size=(D, F)).astype(np.float32),
-             w_dec=g.normal(size=(F, D)).astype(np.float32), b_enc=np.zeros(F, np.float32),
-             b_dec=np.zeros(D, np.float32), threshold=np.full(F, 0.5, np.float32))
+    np.savez(
+        gemma / "params.npz",
+        w_enc=g.normal(size=(D, F)).astype(np.float32),
+        w_dec=g.normal(size=(F, D)).astype(np.float32),
+        b_enc=np.zeros(F, np.float32),
+        b_dec=np.zeros(D, np.float32),
+        threshold=np.full(F, 0.5, np.float32),
+    )
     x = inputs(5)
     for spec, local, arch, hook in (
         ("hf://acme/saes/layers.4", snap / "layers.4", "topk", None),
         ("hf://acme/saes/dl/trainer_0", snap / "dl" / "trainer_0", "gated", "blocks.3.hook_resid_post"),
-        ("hf://google/gemma-scope-2b-pt-res/layer_5/width_16k/average_l0_9", gemma, "jumprelu",
-         "blocks.5.hook_resid_post"),
+        (
+            "hf://google/gemma-scope-2b-pt-res/layer_5/width_16k/average_l0_9",
+            gemma,
+            "jumprelu",
+            "blocks.5.hook_resid_post",
+        ),
     ):
         remote = load_sae(spec)
         assert (remote.architecture, remote.hook_name) == (arch, hook)

@@ -39,7 +39,8 @@ from sae_acceptance.evaluate import evaluate
 from sae_acceptance.metrics import rate_bits
 from sae_acceptance.reference.language import BOS, EOS, TopicLanguage
 from sae_acceptance.sources.model import ModelCache, special_token_ids
-from sae_acceptance.sources.sae import SAE, load_sae, save_sae
+from sae_acceptance.sources.sae import SAE
+from sae_acceptance.sources.sae_io import load_sae, save_sae
 from sae_acceptance.sources.tokens import counted_mask
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -90,27 +91,55 @@ def standard_sae(hook: str, d_sae: int = 64, seed: int = 1) -> SAE:
 def gated_sae(hook: str, seed: int = 5) -> SAE:
     g = torch.Generator().manual_seed(seed)
     w_dec = torch.nn.functional.normalize(torch.randn(64, D_MODEL, generator=g), dim=1)
-    return SAE(w_dec.T.clone(), torch.full((64,), -0.1), w_dec, torch.randn(D_MODEL, generator=g) * 0.1,
-               architecture="gated", b_mag=torch.randn(64, generator=g) * 0.1,
-               r_mag=torch.randn(64, generator=g) * 0.2, hook_name=hook, model_name="tiny")
+    return SAE(
+        w_dec.T.clone(),
+        torch.full((64,), -0.1),
+        w_dec,
+        torch.randn(D_MODEL, generator=g) * 0.1,
+        architecture="gated",
+        b_mag=torch.randn(64, generator=g) * 0.1,
+        r_mag=torch.randn(64, generator=g) * 0.2,
+        hook_name=hook,
+        model_name="tiny",
+    )
 
 
 def jumprelu_sae(hook: str, seed: int = 6) -> SAE:
     sae = standard_sae(hook, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    return SAE(sae.W_enc, torch.zeros(64), sae.W_dec, sae.b_dec, architecture="jumprelu",
-               threshold=torch.rand(64, generator=g) * 0.4, apply_b_dec_to_input=False, hook_name=hook, model_name="tiny")
+    return SAE(
+        sae.W_enc,
+        torch.zeros(64),
+        sae.W_dec,
+        sae.b_dec,
+        architecture="jumprelu",
+        threshold=torch.rand(64, generator=g) * 0.4,
+        apply_b_dec_to_input=False,
+        hook_name=hook,
+        model_name="tiny",
+    )
 
 
 def dictionary_learning_sae(dict_class: str, seed: int) -> SAE:
     """A dictionary_learning `ae.pt` + `config.json` (layer 1), read by `load_sae`."""
     g = torch.Generator().manual_seed(seed)
     w_dec = torch.nn.functional.normalize(torch.randn(64, D_MODEL, generator=g), dim=1)
-    state = {"encoder.weight": w_dec.clone(), "encoder.bias": torch.zeros(64), "decoder.weight": w_dec.T.clone(),
-             "b_dec": torch.randn(D_MODEL, generator=g) * 0.1, "k": torch.tensor(4, dtype=torch.int),
-             "threshold": torch.tensor(0.3)}
-    trainer = {"dict_class": dict_class, "activation_dim": D_MODEL, "dict_size": 64, "k": 4, "layer": 1,
-               "lm_name": "tiny"}
+    state = {
+        "encoder.weight": w_dec.clone(),
+        "encoder.bias": torch.zeros(64),
+        "decoder.weight": w_dec.T.clone(),
+        "b_dec": torch.randn(D_MODEL, generator=g) * 0.1,
+        "k": torch.tensor(4, dtype=torch.int),
+        "threshold": torch.tensor(0.3),
+    }
+    trainer = {
+        "dict_class": dict_class,
+        "activation_dim": D_MODEL,
+        "dict_size": 64,
+        "k": 4,
+        "layer": 1,
+        "lm_name": "tiny",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, Path(tmp) / "ae.pt")
         (Path(tmp) / "config.json").write_text(json.dumps({"trainer": trainer}))
@@ -231,9 +260,7 @@ def ours_value(result, name: str) -> float:
     return result.metrics[name].value
 
 
-def assert_close(
-    ours: float, theirs: float, what: str, rtol: float = RTOL, atol: float = ATOL
-) -> None:
+def assert_close(ours: float, theirs: float, what: str, rtol: float = RTOL, atol: float = ATOL) -> None:
     assert math.isfinite(ours) and math.isfinite(theirs), f"{what}: ours {ours}, SAELens {theirs}"
     tol = max(rtol * abs(theirs), atol)
     assert abs(ours - theirs) <= tol, (
@@ -327,9 +354,7 @@ def test_latent_firing_counts_agree_exactly(runs, case):
     counts = np.rint(density * N_SEQ * CTX).astype(np.int64)
     np.testing.assert_array_equal(ours.sums.fired, counts)
     assert ours.metrics["alive_frac"].value == float((density > 0).mean())
-    assert ours.metrics["rate_bits"].value == pytest.approx(
-        rate_bits(counts, N_SEQ * CTX), rel=1e-12
-    )
+    assert ours.metrics["rate_bits"].value == pytest.approx(rate_bits(counts, N_SEQ * CTX), rel=1e-12)
 
 
 def _activations(model, hook: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -365,9 +390,7 @@ def test_metrics_without_a_saelens_twin_match_their_own_definition(runs, tiny_mo
 
     batches = a.reshape(N_SEQ // BATCH, BATCH * CTX, D_MODEL)
     r_batches = r.reshape(batches.shape)
-    per_token = 1 - (batches - r_batches).pow(2).sum(-1) / (
-        batches - batches.mean(1, keepdim=True)
-    ).pow(2).sum(-1)
+    per_token = 1 - (batches - r_batches).pow(2).sum(-1) / (batches - batches.mean(1, keepdim=True)).pow(2).sum(-1)
     assert_close(float(per_token.mean()), theirs["explained_variance_legacy"], "legacy EV formula")
     assert abs(ours_value(ours, "r2") - theirs["explained_variance_legacy"]) > 1e-3
 
@@ -396,15 +419,11 @@ def test_special_tokens_zero_ablation_is_the_one_difference(tiny_model, tmp_path
     its own independent full forward pass."""
     tokens = topic_tokens(with_special=True)
     counted = counted_mask(tokens, special_token_ids(tiny_model))
-    assert (~counted).sum() >= 8 and torch.equal(
-        ~counted, torch.isin(tokens, torch.tensor([BOS, EOS]))
-    )
+    assert (~counted).sum() >= 8 and torch.equal(~counted, torch.isin(tokens, torch.tensor([BOS, EOS])))
     sae = CASES["topk-resid_post"]()
     hook = sae.hook_name
     theirs, _, _ = run_saelens(tiny_model, save_sae(sae, tmp_path / "sae"), tokens)
-    run = run_hook(
-        tiny_model, hook, {"sae": sae}, tokens, counted, batch_size=BATCH, progress=False
-    )
+    run = run_hook(tiny_model, hook, {"sae": sae}, tokens, counted, batch_size=BATCH, progress=False)
     sums = run.sums["sae"]
     ours = {name: float(v) for name, v in sums.metrics().items()}
     ours["kl_ablate"] = float(sums.scalars["kl_ablate"].sum() / sums.scalars["n_tokens"].sum())
@@ -427,12 +446,8 @@ def test_special_tokens_zero_ablation_is_the_one_difference(tiny_model, tmp_path
     )
     ce_all, kl_all = _ce_kl(tokens, orig, ablate_all, counted)
     ce_counted, kl_counted = _ce_kl(tokens, orig, ablate_counted, counted)
-    assert_close(
-        theirs["ce_loss_with_ablation"], ce_all, "SAELens ce_loss_with_ablation ~ ablate all"
-    )
-    assert_close(
-        theirs["kl_div_with_ablation"], kl_all, "SAELens kl_div_with_ablation ~ ablate all"
-    )
+    assert_close(theirs["ce_loss_with_ablation"], ce_all, "SAELens ce_loss_with_ablation ~ ablate all")
+    assert_close(theirs["kl_div_with_ablation"], kl_all, "SAELens kl_div_with_ablation ~ ablate all")
     assert_close(ours["ce_ablate"], ce_counted, "ce_ablate ~ ablate counted positions only")
     assert_close(ours["kl_ablate"], kl_counted, "kl_ablate ~ ablate counted positions only")
     # ... and the two conventions really give different numbers on this data.

@@ -29,13 +29,14 @@ from sae_acceptance.shard import (
     share,
     xdist_runs,
 )
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 
 
-def write_grid(folder: Path, model: Path, tokens: Path, per_hook: int = 3, fail: str | None = "h1-k1",
-               h1_model: Path | None = None) -> Path:
+def write_grid(
+    folder: Path, model: Path, tokens: Path, per_hook: int = 3, fail: str | None = "h1-k1", h1_model: Path | None = None
+) -> Path:
     """`per_hook` TopK SAEs at each of two hooks (the second of `h1_model` where given); the
     hook is recorded in each cfg.json only."""
     entries = []
@@ -168,26 +169,64 @@ def test_a_bad_shard_is_one_line(text):
 
 def _eval(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "sae_acceptance.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sae_acceptance.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_path, capsys):
     grid = two_model_grid  # two models: shards 1 and 2 take one each, shard 3 is empty
     shards = [
-        _eval(["eval", "--config", str(grid), "--shard", f"{i}/3", "--json", f"s{i}.json",
-               "--baseline-part", f"part{i}.json", "--no-progress"], tmp_path)
+        _eval(
+            [
+                "eval",
+                "--config",
+                str(grid),
+                "--shard",
+                f"{i}/3",
+                "--json",
+                f"s{i}.json",
+                "--baseline-part",
+                f"part{i}.json",
+                "--no-progress",
+            ],
+            tmp_path,
+        )
         for i in (1, 2, 3)
     ]
-    single = main(["eval", "--config", str(grid), "--json", str(tmp_path / "single.json"),
-                   "--baseline-part", str(tmp_path / "single.baseline.json"), "--no-progress"])
+    single = main(
+        [
+            "eval",
+            "--config",
+            str(grid),
+            "--json",
+            str(tmp_path / "single.json"),
+            "--baseline-part",
+            str(tmp_path / "single.baseline.json"),
+            "--no-progress",
+        ]
+    )
     codes = [p.wait(timeout=600) for p in shards]
     assert single == 1 and codes == [1 if any("h1-k1" in s for s in share_names(grid, i)) else 0 for i in (1, 2, 3)], [
         p.stderr.read() for p in shards
     ]
-    merged_code = main(["merge", *(str(tmp_path / f"s{i}.json") for i in (1, 2, 3)), "--json", str(tmp_path / "m.json"),
-                        "--baseline-part", *(str(tmp_path / f"part{i}.json") for i in (1, 2, 3)),
-                        "--update-baseline", str(tmp_path / "merged.baseline.json")])
+    merged_code = main(
+        [
+            "merge",
+            *(str(tmp_path / f"s{i}.json") for i in (1, 2, 3)),
+            "--json",
+            str(tmp_path / "m.json"),
+            "--baseline-part",
+            *(str(tmp_path / f"part{i}.json") for i in (1, 2, 3)),
+            "--update-baseline",
+            str(tmp_path / "merged.baseline.json"),
+        ]
+    )
     assert merged_code == single == 1
     assert "FAIL  h1-k1: ce_rec" in capsys.readouterr().out
     one, merged = (json.loads((tmp_path / f).read_text()) for f in ("single.json", "m.json"))
@@ -228,11 +267,21 @@ def share_names(grid: Path, index: int) -> list[str]:
 
 
 def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_file):
-    grid = write_grid(pytester.path, tiny_checkpoint, tiny_tokens_file,
-                      h1_model=second_model(pytester.path, tiny_checkpoint))
+    grid = write_grid(
+        pytester.path, tiny_checkpoint, tiny_tokens_file, h1_model=second_model(pytester.path, tiny_checkpoint)
+    )
     mine = share_names(grid, 1)
-    result = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
-                                "--sae-shard", "1/3", "--sae-json", "s1.json", "-v")
+    result = pytester.runpytest(
+        "thresholds.toml",
+        "-p",
+        "no:cacheprovider",
+        "--sae-no-progress",
+        "--sae-shard",
+        "1/3",
+        "--sae-json",
+        "s1.json",
+        "-v",
+    )
     outcomes = result.parseoutcomes()
     others = [n for n in groups(load_thresholds(grid)) for n in groups(load_thresholds(grid))[n] if n not in mine]
     assert mine and others
@@ -242,14 +291,33 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
     # the empty third share passes and still writes its report and baseline part, under xdist too
     assert share_names(grid, 3) == []
     for workers in ("0", "2"):
-        empty = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
-                                              "-n", workers, "--sae-shard", "3/3", "--sae-json", f"s3-{workers}.json",
-                                              "--sae-update-baseline", "--sae-baseline", f"part3-{workers}.json")
+        empty = pytester.runpytest_subprocess(
+            "thresholds.toml",
+            "-p",
+            "no:cacheprovider",
+            "--sae-no-progress",
+            "-n",
+            workers,
+            "--sae-shard",
+            "3/3",
+            "--sae-json",
+            f"s3-{workers}.json",
+            "--sae-update-baseline",
+            "--sae-baseline",
+            f"part3-{workers}.json",
+        )
         assert empty.ret == 0, empty.stdout.str()[-2000:]
-        empty.stdout.fnmatch_lines(["*sae-acceptance: shard 3/3: no SAEs in this share*beyond the 5% budget); nothing to do*"])
+        empty.stdout.fnmatch_lines(
+            ["*sae-acceptance: shard 3/3: no SAEs in this share*beyond the 5% budget); nothing to do*"]
+        )
         report = json.loads((pytester.path / f"s3-{workers}.json").read_text())
-        assert report == {"eval": {}, "timing": {}, "saes": {}, "splices": {},
-                          "shard": {"index": 3, "count": 3, "saes": []}}
+        assert report == {
+            "eval": {},
+            "timing": {},
+            "saes": {},
+            "splices": {},
+            "shard": {"index": 3, "count": 3, "saes": []},
+        }
         assert load_baseline(pytester.path / f"part3-{workers}.json").saes == {}
     bad = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-shard", "4/3")
     assert bad.ret == 4
@@ -263,7 +331,9 @@ def write_spliced_grid(folder: Path, model: Path, tokens: Path, h2_model: Path |
     extra = []
     for i in range(2):
         save_sae(random_topk_sae(k=4, seed=90 + i, hook="blocks.2.hook_resid_post"), folder / "saes" / f"h2-k{i}")
-        extra.append(f'[[sae]]\nname = "h2-k{i}"\npath = "saes/h2-k{i}"\n' + (f'model = "{h2_model}"\n' if h2_model else ""))
+        extra.append(
+            f'[[sae]]\nname = "h2-k{i}"\npath = "saes/h2-k{i}"\n' + (f'model = "{h2_model}"\n' if h2_model else "")
+        )
     splice = '[[splice]]\nname = "pair"\nsaes = ["h0-k0", "h1-k0"]\ngate = { kl_div = { max = 100.0 } }\n'
     path.write_text(path.read_text() + "\n" + "\n".join(extra) + "\n" + splice)
     return path
@@ -272,17 +342,29 @@ def write_spliced_grid(folder: Path, model: Path, tokens: Path, h2_model: Path |
 def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_checkpoint, tiny_tokens_file):
     from test_xdist_groups import COUNTING, model_runs
 
-    grid = write_spliced_grid(pytester.path, tiny_checkpoint, tiny_tokens_file,
-                              h2_model=second_model(pytester.path, tiny_checkpoint))
+    grid = write_spliced_grid(
+        pytester.path, tiny_checkpoint, tiny_tokens_file, h2_model=second_model(pytester.path, tiny_checkpoint)
+    )
     pytester.makeconftest(COUNTING)
     loaded = load_thresholds(grid)
     shares = [share(loaded, Shard(i, 2)) for i in (1, 2)]
     assert sorted(map(sorted, shares)) == [["h0-k0", "h0-k1", "h0-k2", "h1-k0", "h1-k1", "h1-k2"], ["h2-k0", "h2-k1"]]
     runs, splices = [], []
     for i in (1, 2):  # each shard writes its own files: its report and its baseline part
-        result = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
-                                               "--sae-shard", f"{i}/2", "--sae-json", f"s{i}.json", "-v",
-                                               "--sae-update-baseline", "--sae-baseline", f"part{i}.json")
+        result = pytester.runpytest_subprocess(
+            "thresholds.toml",
+            "-p",
+            "no:cacheprovider",
+            "--sae-no-progress",
+            "--sae-shard",
+            f"{i}/2",
+            "--sae-json",
+            f"s{i}.json",
+            "-v",
+            "--sae-update-baseline",
+            "--sae-baseline",
+            f"part{i}.json",
+        )
         assert result.ret == 0, result.stdout.str()[-3000:]
         ran = [line for line in result.stdout.lines if "thresholds.toml::splice:pair::" in line]
         splices.append(len(ran))
@@ -291,17 +373,41 @@ def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_ch
         assert sorted(report["splices"]) == (["pair"] if "h0-k0" in shares[i - 1] else [])
     assert sorted(splices) == [0, 1]  # the splice's one item (kl_div), in the shard of its members
     # every hook evaluated once over both shards, the splice in its members' run
-    assert sorted(sorted(run) for run in runs) == [["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
-                                                   ["blocks.2.hook_resid_post"]]
+    assert sorted(sorted(run) for run in runs) == [
+        ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+        ["blocks.2.hook_resid_post"],
+    ]
 
     # merged, the reports and the baseline parts are the single run's, the splice's entry included
-    single = pytester.runpytest_subprocess("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress",
-                                           "--sae-json", "single.json", "--sae-update-baseline", "--sae-baseline",
-                                           "single.baseline.json")
+    single = pytester.runpytest_subprocess(
+        "thresholds.toml",
+        "-p",
+        "no:cacheprovider",
+        "--sae-no-progress",
+        "--sae-json",
+        "single.json",
+        "--sae-update-baseline",
+        "--sae-baseline",
+        "single.baseline.json",
+    )
     assert single.ret == 0 and len(model_runs(pytester)) == 2  # one per model
-    assert main(["merge", str(pytester.path / "s1.json"), str(pytester.path / "s2.json"), "--json",
-                 str(pytester.path / "merged.json"), "--baseline-part", str(pytester.path / "part1.json"),
-                 str(pytester.path / "part2.json"), "--update-baseline", str(pytester.path / "merged.baseline.json")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                str(pytester.path / "s1.json"),
+                str(pytester.path / "s2.json"),
+                "--json",
+                str(pytester.path / "merged.json"),
+                "--baseline-part",
+                str(pytester.path / "part1.json"),
+                str(pytester.path / "part2.json"),
+                "--update-baseline",
+                str(pytester.path / "merged.baseline.json"),
+            ]
+        )
+        == 0
+    )
     one, merged = (json.loads((pytester.path / f).read_text()) for f in ("single.json", "merged.json"))
     assert merged["saes"] == one["saes"] and merged["splices"] == one["splices"]
     a, b = (load_baseline(pytester.path / f).saes for f in ("single.baseline.json", "merged.baseline.json"))

@@ -11,7 +11,7 @@ from conftest import random_topk_sae
 from sae_acceptance.config import load_thresholds, thresholds_from_mapping
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.evaluate import evaluate
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 from sae_acceptance.sources.tokens import counted_mask
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
@@ -24,18 +24,30 @@ def spliced(tmp_path_factory, tiny_checkpoint, tiny_tokens_file):
     for name, sae in saes.items():
         save_sae(sae, root / name)
     loaded = thresholds_from_mapping(
-        {"eval": {"data": str(tiny_tokens_file), "model": str(tiny_checkpoint), "n_sequences": 16, "context_size": 16,
-                  "batch_size": 8, "bootstrap_resamples": 200},
-         "sae": [{"path": str(root / name)} for name in saes],
-         "splice": [{"name": "both", "saes": ["s0", "s1"], "gate": {"ce_rec": {"min": 0.99}, "kl_div": {"max": 100.0}}},
-                    {"name": "alone", "saes": ["s1"]}]},
-        source="test", base=root,
+        {
+            "eval": {
+                "data": str(tiny_tokens_file),
+                "model": str(tiny_checkpoint),
+                "n_sequences": 16,
+                "context_size": 16,
+                "batch_size": 8,
+                "bootstrap_resamples": 200,
+            },
+            "sae": [{"path": str(root / name)} for name in saes],
+            "splice": [
+                {"name": "both", "saes": ["s0", "s1"], "gate": {"ce_rec": {"min": 0.99}, "kl_div": {"max": 100.0}}},
+                {"name": "alone", "saes": ["s1"]},
+            ],
+        },
+        source="test",
+        base=root,
     )
     return evaluate(loaded, progress=False), saes
 
 
 def _hand_forward(model, tokens, counted, replace):
     """Pooled CE and KL(p_orig || p) with `replace(hook, act)` applied at every hook at once."""
+
     def hook_fn(act, hook):
         return torch.where(counted[..., None], replace(hook.name, act), act)
 
@@ -111,7 +123,9 @@ saes = ["a", "b"]
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"thresholds.toml:17: splice.0.saes: a and b are both at blocks.0"):
         load_thresholds(path)
-    path.write_text(text.replace(f'hook = "{HOOKS[0]}"\n', ""))  # hooks in cfg.json only: found at eval time (2 lines up)
+    path.write_text(
+        text.replace(f'hook = "{HOOKS[0]}"\n', "")
+    )  # hooks in cfg.json only: found at eval time (2 lines up)
     report = evaluate(load_thresholds(path), progress=False)
     assert report.splices["twice"].error.endswith(
         "thresholds.toml:15: splice.0.saes: a and b are both at blocks.0.hook_resid_post: a splice patches each hook once"
@@ -121,7 +135,9 @@ saes = ["a", "b"]
     with pytest.raises(ConfigError, match=r"thresholds.toml:17: splice.0.saes: no \[\[sae\]\] named 'c'"):
         load_thresholds(path)
     path.write_text(text.replace('saes = ["a", "b"]', 'saes = ["a"]\ngate = { cosine = { min = 0.5 } }'))
-    with pytest.raises(ConfigError, match=r"thresholds.toml:18: splice.0.gate.cosine: a splice gates its joint loss only"):
+    with pytest.raises(
+        ConfigError, match=r"thresholds.toml:18: splice.0.gate.cosine: a splice gates its joint loss only"
+    ):
         load_thresholds(path)
 
 

@@ -34,7 +34,9 @@ def test_a_bad_profile_is_one_clear_error(tmp_path):
     tiny = (Path(__file__).parents[1] / "sae_acceptance/train/profiles/tiny.toml").read_text()
     path.write_text(tiny.replace("[train]\n", '[train]\noptimizer = "sgd"\n'))
     line = tiny.splitlines().index("[train]") + 2
-    with pytest.raises(ConfigError, match=rf"p.toml:{line}: train\.optimizer: Input should be 'adam' or 'signum' \(got 'sgd'\)$"):
+    with pytest.raises(
+        ConfigError, match=rf"p.toml:{line}: train\.optimizer: Input should be 'adam' or 'signum' \(got 'sgd'\)$"
+    ):
         load_profile(str(path))
 
 
@@ -73,8 +75,17 @@ def test_tiny_sweep_end_to_end(pytester, monkeypatch, tmp_path):
         """
     )
     start = time.perf_counter()
-    args = ["--sae-sweep", "tiny", "--sae-sweep-cache", str(cache), "--sae-no-progress", "-p", "no:cacheprovider",
-            "--rootdir", str(pytester.path)]
+    args = [
+        "--sae-sweep",
+        "tiny",
+        "--sae-sweep-cache",
+        str(cache),
+        "--sae-no-progress",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(pytester.path),
+    ]
     first = pytester.runpytest(str(pytester.path / "test_tiny.py"), *args)
     first.assert_outcomes(passed=1)
     trained_s = time.perf_counter() - start
@@ -112,8 +123,19 @@ def test_sweep_shards_merged_are_the_single_run(monkeypatch, tmp_path, capsys):
     assert trained == hooks[first:] + hooks[:first]  # its own share first, then the others', each once
 
     def sweep(out: str, *extra: str) -> int:
-        return main(["sweep", "--profile", "tiny", "--cache", str(tmp_path / "cache"), "--no-progress",
-                     "--out", str(tmp_path / out), *extra])
+        return main(
+            [
+                "sweep",
+                "--profile",
+                "tiny",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--no-progress",
+                "--out",
+                str(tmp_path / out),
+                *extra,
+            ]
+        )
 
     codes = [sweep(f"s{i}", "--shard", f"{i}/2") for i in (1, 2)]  # from the cache, as the single run
     assert len(trained) == len(hooks)
@@ -137,13 +159,16 @@ def test_train_table_is_the_trainer_settings(tmp_path):
     """A profile's [train] table is `TrainSettings`: its fields, checks and descriptions."""
     from sae_acceptance.train.settings import TrainSettings
 
-    assert load_profile("tiny").train == TrainSettings(expansion_factor=8, batch_size=1024, warmup_steps=50,
-                                                       dead_tokens=100_000)
+    assert load_profile("tiny").train == TrainSettings(
+        expansion_factor=8, batch_size=1024, warmup_steps=50, dead_tokens=100_000
+    )
     assert all(field.description for field in TrainSettings.model_fields.values())
     tiny = (Path(__file__).parents[1] / "sae_acceptance/train/profiles/tiny.toml").read_text()
     path = tmp_path / "p.toml"
-    for line, message in [("auxk_alpha = -1", r"train\.auxk_alpha: Input should be greater than or equal to 0"),
-                          ("k = 4", r"train: k is not a \[train\] setting")]:
+    for line, message in [
+        ("auxk_alpha = -1", r"train\.auxk_alpha: Input should be greater than or equal to 0"),
+        ("k = 4", r"train: k is not a \[train\] setting"),
+    ]:
         path.write_text(tiny.replace("[train]\n", f"[train]\n{line}\n"))
         with pytest.raises(ConfigError, match=message):
             load_profile(str(path))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_acceptance.sources.sae import load_sae, save_sae
+from sae_acceptance.sources.sae_io import load_sae, save_sae
 from sae_acceptance.train.activations import ActivationBuffer, activation_batches_from_tensor
 from sae_acceptance.train.optim import SignSGD, lr_factor
 from sae_acceptance.train.settings import TrainSettings
@@ -41,9 +41,7 @@ def sparse_dictionary(atoms: int = 128, d: int = 32, seed: int = 0) -> torch.Ten
     return F.normalize(torch.randn(atoms, d, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
-def sparse_samples(
-    dictionary: torch.Tensor, n: int, active: int = 4, seed: int = 1
-) -> torch.Tensor:
+def sparse_samples(dictionary: torch.Tensor, n: int, active: int = 4, seed: int = 1) -> torch.Tensor:
     """x = sum of `active` distinct atoms with coefficients in [0.5, 2.5]."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.rand(n, dictionary.shape[0], generator=g).argsort(1)[:, :active]
@@ -170,14 +168,10 @@ def test_auxk_trains_the_dead_latents_on_the_residual():
             auxk_alpha=alpha,
             seed=0,
         )
-        saes[alpha] = train_topk(
-            activation_batches_from_tensor(x, 512, 1), 32, cfg, 100_000, progress=False
-        )
+        saes[alpha] = train_topk(activation_batches_from_tensor(x, 512, 1), 32, cfg, 100_000, progress=False)
         init = TopKTrainee(32, 2, cfg).W_dec.detach()
         unmoved[alpha] = int(((saes[alpha].W_dec - init).norm(dim=1) == 0).sum())
-        assert (
-            saes[alpha].metadata["final_dead_fraction"] > 0.3
-        )  # the set-up does make dead latents
+        assert saes[alpha].metadata["final_dead_fraction"] > 0.3  # the set-up does make dead latents
     # observed over 4 seeds: 24..32 latents never leave their init without AuxK, none with it
     assert unmoved[0.0] >= 10
     assert unmoved[1 / 32] == 0
@@ -304,9 +298,7 @@ def test_grid_equals_separate_runs_and_loads_in_saelens(tmp_path, optimizer):
             progress=False,
         )
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            torch.testing.assert_close(
-                getattr(grid[k], name), getattr(alone, name), rtol=1e-5, atol=1e-6
-            )
+            torch.testing.assert_close(getattr(grid[k], name), getattr(alone, name), rtol=1e-5, atol=1e-6)
         assert grid[k].k == k and grid[k].metadata["k"] == k
         assert grid[k].metadata["training_tokens"] == total and grid[k].metadata["seed"] == 5
     assert not torch.equal(grid[2].W_dec, grid[8].W_dec)
@@ -411,13 +403,7 @@ def test_activation_buffer_yields_exactly_the_counted_activations(tiny_hooked):
     assert not torch.allclose(got, reference)  # shuffled
     again = torch.cat(list(buffer))
     assert torch.equal(got, again)  # the same seed, the same batches
-    other = torch.cat(
-        list(
-            ActivationBuffer(
-                tiny_hooked, tokens, hook, 32, 64, seed=1, counted=counted, model_batch=5
-            )
-        )
-    )
+    other = torch.cat(list(ActivationBuffer(tiny_hooked, tokens, hook, 32, 64, seed=1, counted=counted, model_batch=5)))
     assert not torch.equal(got, other)
 
     # more tokens than there are: cycles from the first sequence; fewer: the first ones
@@ -445,9 +431,7 @@ def test_activation_buffer_yields_exactly_the_counted_activations(tiny_hooked):
 def test_activation_buffer_stops_at_the_hook_layer_and_feeds_the_trainer(tiny_hooked):
     hook = "blocks.0.hook_resid_post"
     tokens = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(2))
-    buffer = ActivationBuffer(
-        tiny_hooked, tokens, hook, batch_size=40, buffer_tokens=80, seed=0, model_batch=4
-    )
+    buffer = ActivationBuffer(tiny_hooked, tokens, hook, batch_size=40, buffer_tokens=80, seed=0, model_batch=4)
     assert buffer.stop_at_layer == 1
     ran = []
     handle = tiny_hooked.blocks[1].register_forward_hook(lambda *args: ran.append(1))
@@ -469,6 +453,4 @@ def test_activation_buffer_stops_at_the_hook_layer_and_feeds_the_trainer(tiny_ho
     with pytest.raises(ValueError, match="no hook"):
         ActivationBuffer(tiny_hooked, tokens, "blocks.7.hook_resid_post")
     with pytest.raises(ValueError, match="no counted"):
-        ActivationBuffer(
-            tiny_hooked, tokens, hook, counted=torch.zeros_like(tokens, dtype=torch.bool)
-        )
+        ActivationBuffer(tiny_hooked, tokens, hook, counted=torch.zeros_like(tokens, dtype=torch.bool))

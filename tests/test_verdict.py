@@ -49,22 +49,44 @@ VERDICT_CASES = {
     # case: (metric value, bound, on a negative control?, status, as expected, words in the message)
     "pass": (MetricValue(0.9, (0.85, 0.95)), Bound(min=0.8, on="ci_low"), False, Status.PASSED, True, ">= 0.8"),
     "fail": (MetricValue(0.7, (0.65, 0.75)), Bound(min=0.8), False, Status.FAILED, False, "< 0.8 (on point)"),
-    "caught control": (MetricValue(0.7, (0.65, 0.75)), Bound(min=0.8), True, Status.CAUGHT, True,
-                       "negative control caught"),
-    "missed control": (MetricValue(0.9, (0.85, 0.95)), Bound(min=0.8), True, Status.MISSED, False,
-                       "gate no longer catches it"),
+    "caught control": (
+        MetricValue(0.7, (0.65, 0.75)),
+        Bound(min=0.8),
+        True,
+        Status.CAUGHT,
+        True,
+        "negative control caught",
+    ),
+    "missed control": (
+        MetricValue(0.9, (0.85, 0.95)),
+        Bound(min=0.8),
+        True,
+        Status.MISSED,
+        False,
+        "gate no longer catches it",
+    ),
     "nan": (MetricValue(math.nan, None), Bound(min=0.8), False, Status.BROKEN, False, "not finite"),
     "nan on a control": (MetricValue(math.nan, None), Bound(min=0.8), True, Status.BROKEN, False, "not finite"),
-    "straddling interval": (MetricValue(0.81, (0.7, 0.9)), Bound(min=0.8), False, Status.PASSED, True,
-                            "straddles the bound"),
+    "straddling interval": (
+        MetricValue(0.81, (0.7, 0.9)),
+        Bound(min=0.8),
+        False,
+        Status.PASSED,
+        True,
+        "straddles the bound",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(VERDICT_CASES))
 def test_the_outcome_of_every_kind_of_item(case):
     metric, bound, control, status, expected, words = VERDICT_CASES[case]
-    result = SAEResult(name="s", path="p", verdicts={"ce_rec": judge("ce_rec", metric, bound)},
-                       expect_fail=["ce_rec"] if control else [])
+    result = SAEResult(
+        name="s",
+        path="p",
+        verdicts={"ce_rec": judge("ce_rec", metric, bound)},
+        expect_fail=["ce_rec"] if control else [],
+    )
     decided = result.outcome("ce_rec")
     assert decided.status is status and decided.as_expected is expected and words in decided.message
     assert result.passed is expected

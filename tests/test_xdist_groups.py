@@ -47,7 +47,9 @@ def test_each_group_once_on_one_worker_and_the_same_report(pytester, tiny_checkp
     # two thin groups of one model: spreading them would repeat the original pass (+20%), so one
     # worker evaluates both in one model run, as -n 0 does
     assert model_runs(pytester) == [{hook: [f"h{h}-k{i}" for i in range(3)] for h, hook in enumerate(HOOKS)}]
-    workers = {line.split("]")[0] for line in parallel.stdout.lines if line.startswith("[gw") and "thresholds.toml::" in line}
+    workers = {
+        line.split("]")[0] for line in parallel.stdout.lines if line.startswith("[gw") and "thresholds.toml::" in line
+    }
     assert len(workers) == 1, workers
 
     serial = pytester.runpytest(*args, "-n", "0", "--sae-json", "n0.json")

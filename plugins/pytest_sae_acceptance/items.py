@@ -170,7 +170,10 @@ class _RegressionCheck(_CheckItem):
             raise self.input_error(str(err)) from None
         self.user_properties += [(f"{self.metric}_change", check.change)]
         if check.ci is not None:
-            self.user_properties += [(f"{self.metric}_change_ci_low", check.ci[0]), (f"{self.metric}_change_ci_high", check.ci[1])]
+            self.user_properties += [
+                (f"{self.metric}_change_ci_low", check.ci[0]),
+                (f"{self.metric}_change_ci_high", check.ci[1]),
+            ]
         if check.skipped:
             pytest.skip(check.message)
         if not check.passed:

@@ -41,7 +41,12 @@ ROWS_KEY = pytest.StashKey[list[dict]]()
 OUTPUT_ERROR_KEY = pytest.StashKey[str]()
 FAILED_KEY = pytest.StashKey["FailedChecks"]()
 ACTIVATING_OPTIONS = (
-    "--sae-json", "--sae-baseline", "--sae-update-baseline", "--sae-thresholds", "--sae-sweep", "--sae-shard",
+    "--sae-json",
+    "--sae-baseline",
+    "--sae-update-baseline",
+    "--sae-thresholds",
+    "--sae-sweep",
+    "--sae-shard",
     "--sae-html",
 )
 
@@ -51,25 +56,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sae-json", metavar="PATH", help="write the full JSON report here")
     group.addoption("--sae-baseline", metavar="PATH", help="compare against this regression baseline")
     # Two flags, not one with an optional value: an optional value would swallow the path after it.
-    group.addoption("--sae-update-baseline", action="store_const", const="refresh", dest="sae_update_baseline",
-                    default=None, help="write (or refresh) the regression baseline")
-    group.addoption("--sae-update-baseline=force", action="store_const", const="force", dest="sae_update_baseline",
-                    help="the same, replacing a baseline that cannot be read")
     group.addoption(
-        "--sae-baseline-strict", action="store_true", help="fail SAEs that have no baseline entry"
+        "--sae-update-baseline",
+        action="store_const",
+        const="refresh",
+        dest="sae_update_baseline",
+        default=None,
+        help="write (or refresh) the regression baseline",
     )
+    group.addoption(
+        "--sae-update-baseline=force",
+        action="store_const",
+        const="force",
+        dest="sae_update_baseline",
+        help="the same, replacing a baseline that cannot be read",
+    )
+    group.addoption("--sae-baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
     group.addoption("--sae-thresholds", metavar="PATH", help="thresholds file for the sae_eval fixture")
-    group.addoption("--sae-sweep", metavar="PROFILE", default=None,
-                    help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml; default tiny)")
-    group.addoption("--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance/sweeps)")
+    group.addoption(
+        "--sae-sweep",
+        metavar="PROFILE",
+        default=None,
+        help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml; default tiny)",
+    )
+    group.addoption(
+        "--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance/sweeps)"
+    )
     group.addoption("--sae-no-progress", action="store_true", help="hide the evaluations' progress")
     group.addoption("--sae-html", metavar="PATH", help="write the self-contained HTML report here")
-    group.addoption("--sae-shard", metavar="I/N",
-                    help="run share I of N of the SAEs (groups kept whole); the rest are deselected")
-    parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
-    parser.addini(
-        "sae_thresholds_pattern", "file names collected as thresholds files", default="thresholds*.toml"
+    group.addoption(
+        "--sae-shard", metavar="I/N", help="run share I of N of the SAEs (groups kept whole); the rest are deselected"
     )
+    parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
+    parser.addini("sae_thresholds_pattern", "file names collected as thresholds files", default="thresholds*.toml")
 
 
 def asked_for(config: pytest.Config) -> bool:
@@ -266,5 +285,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if text:
         terminalreporter.section("SAE acceptance")
         terminalreporter.write_line(text)
-    for line in sae_session(config).publish_ci(parts, config.stash[FAILED_KEY].failed if FAILED_KEY in config.stash else []):
+    for line in sae_session(config).publish_ci(
+        parts, config.stash[FAILED_KEY].failed if FAILED_KEY in config.stash else []
+    ):
         terminalreporter.write_line(line)

@@ -15,7 +15,12 @@ from sae_acceptance.config import LoadedThresholds
 from sae_acceptance.shard import xdist_runs
 
 __all__ = [
-    "baseline_path", "baseline_target", "empty_part", "is_xdist_worker", "selected_names", "selected_splices",
+    "baseline_path",
+    "baseline_target",
+    "empty_part",
+    "is_xdist_worker",
+    "selected_names",
+    "selected_splices",
     "xdist_runs",
 ]
 
@@ -58,6 +63,14 @@ def empty_part(config: pytest.Config) -> dict[str, Any]:
     `merge` sees every shard."""
     sharded = config.stash.get(SHARDED_KEY, {}).values()
     targets = {str(baseline_target(config, loaded)) for loaded, _ in sharded}
-    return {"reports": [], "gate": [], "splices": [], "regression": [], "regression_checks": [], "latents": {},
-            "baselines": {t: {} for t in targets} if config.getoption("--sae-update-baseline") else {},
-            "selected": [], "empty_share": not any(names for _, names in sharded)}
+    return {
+        "reports": [],
+        "gate": [],
+        "splices": [],
+        "regression": [],
+        "regression_checks": [],
+        "latents": {},
+        "baselines": {t: {} for t in targets} if config.getoption("--sae-update-baseline") else {},
+        "selected": [],
+        "empty_share": not any(names for _, names in sharded),
+    }

@@ -79,7 +79,9 @@ class SAESession:
         """The selected SAEs and splices not yet evaluated that go with `key` (an SAE name or
         splice key) in one evaluation: the file's, or on an xdist worker its run's."""
         saes = [n for n in selected_names(self.config).get(loaded.path, []) if (loaded.path, n) not in self.results]
-        splices = [n for n in selected_splices(self.config).get(loaded.path, []) if (loaded.path, n) not in self.splices]
+        splices = [
+            n for n in selected_splices(self.config).get(loaded.path, []) if (loaded.path, n) not in self.splices
+        ]
         if is_xdist_worker(self.config):
             run = xdist_runs(loaded, int(self.config.workerinput["workercount"]))
             saes = [n for n in saes if run[n] == run[key]]
@@ -149,7 +151,11 @@ class SAESession:
             self.splices[(path, name)] = result
 
     def regression(
-        self, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry, result: SAEResult | SpliceResult, metric: str,
+        self,
+        loaded: LoadedThresholds,
+        entry: SAEEntry | SpliceEntry,
+        result: SAEResult | SpliceResult,
+        metric: str,
         key: str | None = None,
     ) -> RegressionCheck:
         """`metric`'s check against the baseline; every regressed metric of the SAE is

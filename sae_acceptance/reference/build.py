@@ -26,8 +26,8 @@ from sae_acceptance.reference.model import (
 )
 from sae_acceptance.sources.model import load_model, special_token_ids
 from sae_acceptance.sources.tokens import counted_mask
-from sae_acceptance.train.hookpoint import train_at_hook
-from sae_acceptance.train.profile import load_profile
+from sae_acceptance.train.grid import train_at_hook
+from sae_acceptance.train.sweep_profile import load_profile
 
 EVAL_SEED, SAE_TRAIN_SEED, PROBE_SEED = 1_000, 2_000, 3_000
 EVAL_SEQUENCES = 256
@@ -67,11 +67,22 @@ def build_reference(
     settings = load_profile(SAE_SETTINGS_PROFILE).train
     for layer, ks in SAE_GRID.items():
         cfg = settings.model_copy(update={"k": max(ks), "seed": spec.seed})
-        train_at_hook(model, "reference/model", train_tokens, HookPoint.at(layer).name, list(ks), cfg,
-                      out={k: out / "saes" / reference_sae_name(layer, k) for k in ks}, buffer_tokens=65_536,
-                      metadata={"context_size": spec.context_size, "prepend_bos": False,
-                                "dataset_path": "sae_acceptance.reference.language.TopicLanguage"},
-                      progress=progress)
+        train_at_hook(
+            model,
+            "reference/model",
+            train_tokens,
+            HookPoint.at(layer).name,
+            list(ks),
+            cfg,
+            out={k: out / "saes" / reference_sae_name(layer, k) for k in ks},
+            buffer_tokens=65_536,
+            metadata={
+                "context_size": spec.context_size,
+                "prepend_bos": False,
+                "dataset_path": "sae_acceptance.reference.language.TopicLanguage",
+            },
+            progress=progress,
+        )
     manifest = {
         "spec": asdict(spec),
         "eval_loss_nats": loss,

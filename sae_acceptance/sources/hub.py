@@ -52,7 +52,9 @@ def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> 
         root = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + f for f in SAE_FILES])
     except Exception as err:  # offline without a cached copy, no such repo or revision, HTTP
         at = f"{repo_id}@{revision}" if revision else repo_id
-        raise SAEFormatError(f"{spec}: cannot fetch {at} from the Hugging Face Hub ({type(err).__name__}: {err})") from err
+        raise SAEFormatError(
+            f"{spec}: cannot fetch {at} from the Hugging Face Hub ({type(err).__name__}: {err})"
+        ) from err
     path = Path(root) / folder
     if not has_sae_files(path):
         where = f"folder {folder!r}" if folder else "top level"
@@ -83,7 +85,9 @@ def saelens_entry(spec: str) -> tuple[Any, str, str]:
         raise SAEFormatError(f"{spec}: no SAELens release {release!r}{_did_you_mean(release, directory)}")
     lookup = directory[release]
     if sae_id not in lookup.saes_map:
-        raise SAEFormatError(f"{spec}: release {release!r} has no SAE {sae_id!r}{_did_you_mean(sae_id, lookup.saes_map)}")
+        raise SAEFormatError(
+            f"{spec}: release {release!r} has no SAE {sae_id!r}{_did_you_mean(sae_id, lookup.saes_map)}"
+        )
     return lookup, release, sae_id
 
 

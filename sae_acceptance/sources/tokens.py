@@ -34,7 +34,9 @@ def load_tokens(
     path = Path(data).expanduser()
     if path.suffix == ".npy":
         if not path.is_file():
-            raise SourceError(f"{path}: {'is a directory' if path.is_dir() else 'no such token file'}, expected a .npy file")
+            raise SourceError(
+                f"{path}: {'is a directory' if path.is_dir() else 'no such token file'}, expected a .npy file"
+            )
         return _from_npy(path, n_sequences, context_size, skip)
     if path.exists() and not path.is_dir():
         raise SourceError(f"{path}: not a token file; expected a .npy array or a dataset directory")
@@ -57,13 +59,10 @@ def _from_npy(path: Path, n_sequences: int, context_size: int, skip: int) -> tor
     if array.ndim != 2:
         raise SourceError(f"{path}: token array has shape {array.shape}, expected [n_seq, ctx] or [n]")
     if array.shape[1] < context_size:
-        raise SourceError(
-            f"{path}: rows have {array.shape[1]} tokens, fewer than context_size={context_size}"
-        )
+        raise SourceError(f"{path}: rows have {array.shape[1]} tokens, fewer than context_size={context_size}")
     if array.shape[0] < skip + n_sequences:
         raise SourceError(
-            f"{path}: has {array.shape[0]} sequences, fewer than skip + n_sequences = "
-            f"{skip} + {n_sequences}"
+            f"{path}: has {array.shape[0]} sequences, fewer than skip + n_sequences = {skip} + {n_sequences}"
         )
     rows = np.asarray(array[skip : skip + n_sequences, :context_size], dtype=np.int64)
     return torch.from_numpy(rows.copy())
@@ -76,7 +75,11 @@ def _npy_problem(path: Path, err: Exception) -> str:
         magic = handle.read(6)
     if magic != b"\x93NUMPY":
         return "not a .npy file (no NumPy header)"
-    return "holds Python objects (refused: never unpickled)" if "object" in str(err).lower() or "pickle" in str(err) else "a damaged .npy file"
+    return (
+        "holds Python objects (refused: never unpickled)"
+        if "object" in str(err).lower() or "pickle" in str(err)
+        else "a damaged .npy file"
+    )
 
 
 def _dataset_rows(name: str, split: str, column: str | None, tokenizer) -> Iterator[np.ndarray]:
@@ -101,9 +104,7 @@ def _dataset_rows(name: str, split: str, column: str | None, tokenizer) -> Itera
         raise SourceError(f"data {name!r}: the dataset is empty")
     column = column or next((c for c in (*TOKEN_COLUMNS, "text") if c in first), None)
     if column is None or column not in first:
-        raise SourceError(
-            f"data {name!r}: no column {column or 'tokens/input_ids/text'} (has {', '.join(first)})"
-        )
+        raise SourceError(f"data {name!r}: no column {column or 'tokens/input_ids/text'} (has {', '.join(first)})")
     if column == "text" or isinstance(first[column], str):
         if tokenizer is None:
             raise SourceError(f"data {name!r}: column {column!r} holds text, and the model has no tokenizer")
@@ -134,8 +135,7 @@ def _take(sequences: Iterator[np.ndarray], n: int, skip: int, name: str, context
         if len(taken) == n:
             return torch.from_numpy(np.stack(taken))
     raise SourceError(
-        f"data {name!r}: only {seen} sequences of {context_size} tokens, "
-        f"fewer than skip + n_sequences = {skip} + {n}"
+        f"data {name!r}: only {seen} sequences of {context_size} tokens, fewer than skip + n_sequences = {skip} + {n}"
     )
 
 

@@ -45,9 +45,7 @@ class ActivationBuffer:
         if counted is None:
             counted = torch.ones(tokens.shape, dtype=torch.bool)
         if counted.shape != tokens.shape:
-            raise ValueError(
-                f"counted mask shape {tuple(counted.shape)} differs from tokens {tuple(tokens.shape)}"
-            )
+            raise ValueError(f"counted mask shape {tuple(counted.shape)} differs from tokens {tuple(tokens.shape)}")
         if batch_size <= 0 or buffer_tokens <= 0 or model_batch <= 0:
             raise ValueError("batch_size, buffer_tokens and model_batch must be positive")
         hooks = getattr(model, "hook_dict", None)

@@ -78,8 +78,12 @@ def analysis_markdown(report: Mapping[str, Any]) -> str:
         format_table(
             ["depth", "n", "pooled over k and scale", "within fixed k (scale only)"],
             [
-                [r["depth"], str(r["n"]), _fmt(r["corr_pooled"], "+.3f", "undefined"),
-                 _fmt(r["corr_within_k"], "+.3f", "undefined")]
+                [
+                    r["depth"],
+                    str(r["n"]),
+                    _fmt(r["corr_pooled"], "+.3f", "undefined"),
+                    _fmt(r["corr_within_k"], "+.3f", "undefined"),
+                ]
                 for r in report["correlations"]
             ],
             markdown=True,
@@ -93,9 +97,12 @@ def analysis_markdown(report: Mapping[str, Any]) -> str:
         format_table(
             ["depth", "t", *[f"k*({m})" for m in models], "ratio (largest/smallest)"],
             [
-                [r["depth"], f"{r['target']:.2f}",
-                 *[_fmt(r["kstar"][m], ".1f", "undefined") if m in r["kstar"] else "—" for m in models],
-                 _fmt(r["ratio"], ".2f")]
+                [
+                    r["depth"],
+                    f"{r['target']:.2f}",
+                    *[_fmt(r["kstar"][m], ".1f", "undefined") if m in r["kstar"] else "—" for m in models],
+                    _fmt(r["ratio"], ".2f"),
+                ]
                 for r in report["kstar"]
             ],
             markdown=True,
@@ -124,8 +131,10 @@ def plot_ce_rec_vs_k(points: Points, path: str | Path) -> Path:
                 continue
             band = None
             if any(p.ce_rec_ci for p in grid):
-                band = ([p.ce_rec_ci[0] if p.ce_rec_ci else nan for p in grid],
-                        [p.ce_rec_ci[1] if p.ce_rec_ci else nan for p in grid])
+                band = (
+                    [p.ce_rec_ci[0] if p.ce_rec_ci else nan for p in grid],
+                    [p.ce_rec_ci[1] if p.ce_rec_ci else nan for p in grid],
+                )
             series.append(Series([p.k for p in grid], [p.ce_rec for p in grid], model, colour[model], band=band))
         panels.append(Panel(
             series, title=f"{depth} depth", xlabel="k (active latents per token)",
@@ -156,12 +165,17 @@ def plot_r2_vs_ce_rec(points: Points, path: str | Path) -> Path:
                 continue
             r2, ce_rec = [p.r2 for p in grid], [p.ce_rec for p in grid]
             series.append(Series(r2, ce_rec, colour=colour[model], style="-", line_width=0.8, alpha=0.4))
-            series.append(Series(r2, ce_rec, colour=colour[model], style=marker[depth],
-                                 labels=[str(p.k) for p in grid]))
+            series.append(
+                Series(r2, ce_rec, colour=colour[model], style=marker[depth], labels=[str(p.k) for p in grid])
+            )
     series += [Series([], [], m, colour[m], style="o") for m in models]  # legend: models, then depths
     series += [Series([], [], d, "grey", style=marker[d]) for d in depths]
-    panel = Panel(series, title="Reconstruction vs behaviour (point labels: k)",
-                  xlabel="r2 (variance explained)", ylabel="ce_rec (behaviour preserved)")
+    panel = Panel(
+        series,
+        title="Reconstruction vs behaviour (point labels: k)",
+        xlabel="r2 (variance explained)",
+        ylabel="ce_rec (behaviour preserved)",
+    )
     return plot(Figure([panel]), path)
 
 

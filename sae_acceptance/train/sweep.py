@@ -26,8 +26,8 @@ from sae_acceptance.sources.tokens import fingerprint as tokens_fingerprint
 from sae_acceptance.sources.tokens import load_tokens
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.analysis import write_analysis
-from sae_acceptance.train.hookpoint import train_at_hook
-from sae_acceptance.train.profile import Profile, load_profile
+from sae_acceptance.train.grid import train_at_hook
+from sae_acceptance.train.sweep_profile import Profile, load_profile
 from sae_acceptance.train.topk import TRAINER_VERSION
 
 __all__ = ["BUILTIN_PROFILES", "cache_key", "default_cache", "load_profile", "run_sweep", "sweep"]
@@ -82,8 +82,18 @@ def train_or_load_grid(
         if all((p / "cfg.json").exists() for p in paths.values()):
             return paths
         metadata = {"context_size": data.context_size, "dataset_path": data.dataset, "cache_key": key}
-        train_at_hook(model, model_name, tokens, hook, profile.ks, profile.train_settings(), paths,
-                      data.train_tokens, metadata, progress=progress)
+        train_at_hook(
+            model,
+            model_name,
+            tokens,
+            hook,
+            profile.ks,
+            profile.train_settings(),
+            paths,
+            data.train_tokens,
+            metadata,
+            progress=progress,
+        )
         return paths
 
 
@@ -99,8 +109,13 @@ def grid_shares(profile: Profile, count: int) -> list[list[int]]:
 
 
 def run_sweep(
-    profile: Profile, out: Path, cache: Path, device: str = "auto", progress: bool = True,
-    shard: Shard | None = None, spread: tuple[int, int] | None = None,
+    profile: Profile,
+    out: Path,
+    cache: Path,
+    device: str = "auto",
+    progress: bool = True,
+    shard: Shard | None = None,
+    spread: tuple[int, int] | None = None,
 ) -> tuple[EvalReport, list[dict[str, Any]]]:
     """Train (or load) every SAE of the profile, gate them; writes report.json and points.json.
 
@@ -136,10 +151,23 @@ def run_sweep(
         for k, path in trained[i].items():
             name = sweep_sae_name(spec.shown, depth, k)
             entries.append({"name": name, "path": str(path), "model": spec.name, "hook": HookPoint.at(layer).name})
-            where[name] = {"model": spec.shown, "d_model": d_model, "layer": layer,
-                           "depth": depth, "k": k, "train_tokens": profile.data.train_tokens}
-    report = (evaluate(thresholds_from_mapping(_thresholds(profile, entries, device), f"profile {profile.name}"),
-                       progress=progress, models=models) if entries else EvalReport.empty())
+            where[name] = {
+                "model": spec.shown,
+                "d_model": d_model,
+                "layer": layer,
+                "depth": depth,
+                "k": k,
+                "train_tokens": profile.data.train_tokens,
+            }
+    report = (
+        evaluate(
+            thresholds_from_mapping(_thresholds(profile, entries, device), f"profile {profile.name}"),
+            progress=progress,
+            models=models,
+        )
+        if entries
+        else EvalReport.empty()
+    )
     points = [where[name] | _scores(result.metrics) for name, result in report.saes.items()]
     payload = report.to_dict()
     if shard is not None:
@@ -176,7 +204,11 @@ def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def sweep(
-    profile: str, out: Path, cache: Path | None = None, device: str = "auto", progress: bool = True,
+    profile: str,
+    out: Path,
+    cache: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
     shard: Shard | None = None,
 ) -> int:
     """The `sweep` command: train, gate and tabulate a profile (a built-in name or a file).

@@ -106,9 +106,7 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def delta_table(
-    points: Iterable[SweepPoint], depth: str, smaller: str, larger: str
-) -> list[dict[str, Any]]:
+def delta_table(points: Iterable[SweepPoint], depth: str, smaller: str, larger: str) -> list[dict[str, Any]]:
     """Δr2 and Δce_rec (larger minus smaller) at each k both models have: the proxy gap's sign test."""
     points = as_points(points)
     small, large = grid_by_k(points, smaller, depth), grid_by_k(points, larger, depth)
@@ -148,11 +146,7 @@ def correlations(points: Iterable[SweepPoint], depth: str, strict: bool = True) 
     An undefined correlation raises ValueError; with strict=False it is None instead and the
     reason is kept under "undefined" (a one-model sweep still has a pooled correlation).
     """
-    measured = [
-        p
-        for p in as_points(points)
-        if p.depth == depth and p.r2 is not None and p.ce_rec is not None
-    ]
+    measured = [p for p in as_points(points) if p.depth == depth and p.r2 is not None and p.ce_rec is not None]
     ks = [p.k for p in measured]
     r2, ce_rec = [p.r2 for p in measured], [p.ce_rec for p in measured]
     pairs = {
@@ -197,10 +191,7 @@ def kstar_table(
     if not models:
         raise ValueError("k* table: no models named")
     points = as_points(points)
-    curves = {
-        m: {k: p.ce_rec for k, p in grid_by_k(points, m, depth).items() if p.ce_rec is not None}
-        for m in models
-    }
+    curves = {m: {k: p.ce_rec for k, p in grid_by_k(points, m, depth).items() if p.ce_rec is not None} for m in models}
     rows = []
     for target in targets:
         values = {m: kstar(list(c), list(c.values()), target) for m, c in curves.items()}
@@ -238,9 +229,7 @@ def scale_table(points: Iterable[SweepPoint]) -> list[dict[str, Any]]:
 def _ordered(points: list[SweepPoint]) -> list[SweepPoint]:
     depth_rank = {d: i for i, d in enumerate(depths_in(points))}
     model_rank = {m: i for i, m in enumerate(models_by_size(points))}
-    return sorted(
-        points, key=lambda p: (depth_rank[p.depth], p.k, model_rank[p.model], p.train_tokens or 0)
-    )
+    return sorted(points, key=lambda p: (depth_rank[p.depth], p.k, model_rank[p.model], p.train_tokens or 0))
 
 
 def analysis_report(points: Iterable[SweepPoint | Mapping[str, Any]]) -> dict[str, Any]:
@@ -251,17 +240,13 @@ def analysis_report(points: Iterable[SweepPoint | Mapping[str, Any]]) -> dict[st
     return {
         "models": models_by_size(points),
         "depths": depths,
-        "points": [
-            asdict(p) | {"ce_rec_ci": list(p.ce_rec_ci) if p.ce_rec_ci else None} for p in points
-        ],
+        "points": [asdict(p) | {"ce_rec_ci": list(p.ce_rec_ci) if p.ce_rec_ci else None} for p in points],
         "deltas": [
             {"depth": d, "smaller": a, "larger": b, "rows": delta_table(points, d, a, b)}
             for d in depths
             for a, b in combinations(at_depth[d], 2)
         ],
         "correlations": [{"depth": d, **correlations(points, d, strict=False)} for d in depths],
-        "kstar": [
-            row for d in depths for row in kstar_table(points, d, KSTAR_TARGETS, at_depth[d])
-        ],
+        "kstar": [row for d in depths for row in kstar_table(points, d, KSTAR_TARGETS, at_depth[d])],
         "scale": scale_table(points),
     }

@@ -67,9 +67,7 @@ def _initial_statistics(sample: torch.Tensor, cfg: TrainSettings) -> _Init:
 
 
 @torch.no_grad()
-def encoder_scale(
-    centred: torch.Tensor, enc: torch.Tensor, w_dec: torch.Tensor, k: int, chunk: int = 512
-) -> float:
+def encoder_scale(centred: torch.Tensor, enc: torch.Tensor, w_dec: torch.Tensor, k: int, chunk: int = 512) -> float:
     """The factor for the encoder (``b_enc`` = 0) that best fits ``centred`` at init.
 
     With ``b_enc`` at zero, scaling the encoder by ``s > 0`` scales every
@@ -121,9 +119,7 @@ class _SelectedPreacts(torch.autograd.Function):
             tokens = torch.div(order, idx.shape[1], rounding_mode="floor")
             counts = torch.bincount(flat, minlength=enc.shape[0])
             offsets = torch.cumsum(counts, 0) - counts
-            grad_enc = F.embedding_bag(
-                tokens, xc, offsets, mode="sum", per_sample_weights=grad.reshape(-1)[order]
-            )
+            grad_enc = F.embedding_bag(tokens, xc, offsets, mode="sum", per_sample_weights=grad.reshape(-1)[order])
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad.new_zeros(enc.shape[0]).index_add_(0, flat, grad.reshape(-1))
         return grad_xc, grad_enc, grad_b_enc, None, None
@@ -149,9 +145,7 @@ class TopKTrainee(torch.nn.Module):
         if not 0 < k <= d_sae:
             raise ValueError(f"k={k} must be in 1..d_sae={d_sae}")
         generator = torch.Generator().manual_seed(cfg.seed)
-        w_dec = F.normalize(
-            torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32), dim=1
-        )
+        w_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32), dim=1)
         self.W_dec = torch.nn.Parameter(w_dec.to(device))
         self.enc = torch.nn.Parameter(w_dec.clone().to(device))
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
@@ -181,9 +175,7 @@ class TopKTrainee(torch.nn.Module):
     def dead_fraction(self) -> float:
         return float(self.dead_mask().float().mean())
 
-    def step_loss(
-        self, x: torch.Tensor, scratch: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, StepStats]:
+    def step_loss(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, StepStats]:
         """Loss of a batch [n, d_in]; updates the tokens-since-fired counters.
 
         `scratch` (``[>= n, d_sae]``, contents ignored) receives the dense
@@ -222,19 +214,14 @@ class TopKTrainee(torch.nn.Module):
                 torch.cat([top_pre, aux_pre], 1),
             )
             top_vals, aux_vals = F.relu(both).split([self.k, aux_idx.shape[1]], dim=1)
-        recon = (
-            F.embedding_bag(top_idx, self.W_dec, per_sample_weights=top_vals, mode="sum")
-            + self.b_dec
-        )
+        recon = F.embedding_bag(top_idx, self.W_dec, per_sample_weights=top_vals, mode="sum") + self.b_dec
         error = x - recon
         sse = error.pow(2).sum()
         loss = sse / (n * self.variance)
         auxk = loss.new_zeros(())
         if aux_idx is not None:
             residual = error.detach()
-            aux_recon = F.embedding_bag(
-                aux_idx, self.W_dec, per_sample_weights=aux_vals.contiguous(), mode="sum"
-            )
+            aux_recon = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals.contiguous(), mode="sum")
             denom = (residual - residual.mean(0)).pow(2).sum()
             auxk = ((aux_recon - residual).pow(2).sum() / denom).nan_to_num(0.0, 0.0, 0.0)
             loss = loss + self.auxk_alpha * auxk
@@ -419,19 +406,14 @@ def _chain(head: list[torch.Tensor], stream: Iterator[torch.Tensor], d_in: int):
 def _check_finite(stats: dict[int, StepStats], step: int) -> None:
     for k, s in stats.items():
         if not torch.isfinite(s.loss):
-            raise FloatingPointError(
-                f"TopK training (k={k}): the loss is {float(s.loss)} at step {step}"
-            )
+            raise FloatingPointError(f"TopK training (k={k}): the loss is {float(s.loss)} at step {step}")
 
 
 def _postfix(stats: dict[int, StepStats], trainees: dict[int, TopKTrainee]) -> str:
     parts = []
     for k, s in stats.items():
         prefix = f"k{k} " if len(stats) > 1 else ""
-        parts.append(
-            f"{prefix}loss={float(s.loss):.4f} fvu={float(s.fvu):.4f} "
-            f"dead={trainees[k].dead_fraction():.3f}"
-        )
+        parts.append(f"{prefix}loss={float(s.loss):.4f} fvu={float(s.fvu):.4f} dead={trainees[k].dead_fraction():.3f}")
     return " | ".join(parts)
 
 

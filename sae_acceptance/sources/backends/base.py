@@ -41,9 +41,7 @@ class Site:
 
     def is_entry_of(self, start: int) -> bool:
         """Whether this hook's activation *is* the residual entering block `start`."""
-        return (self.position == "out" and self.layer + 1 == start) or (
-            self.position == "in" and self.layer == start
-        )
+        return (self.position == "out" and self.layer + 1 == start) or (self.position == "in" and self.layer == start)
 
 
 @dataclass

@@ -98,11 +98,19 @@ def load(
             raise NotForTransformerLens(unknown_name(source)) from None
         where = "TransformerLens 4 cannot load it" if isinstance(source, Path) else "TransformerLens 4 cannot boot it"
         raise NotForTransformerLens(f"model {str(source)!r}: {where} ({first_line(err)})") from None
-    processing = {k: v for k, v in kwargs.items() if k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
+    processing = {
+        k: v
+        for k, v in kwargs.items()
+        if k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+    }
     try:
-        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not any(processing.values()), **processing)
+        bridge.enable_compatibility_mode(
+            disable_warnings=True, no_processing=not any(processing.values()), **processing
+        )
     except (ValueError, NotImplementedError) as err:
-        raise SourceError(f"model {str(source)!r}: TransformerLens 4 compatibility mode failed ({first_line(err)})") from None
+        raise SourceError(
+            f"model {str(source)!r}: TransformerLens 4 compatibility mode failed ({first_line(err)})"
+        ) from None
     bridge.eval()
     backend = BridgeBackend.wrap(bridge, tokenizer=None if without_tokenizer else "bridge")
     bridge._sae_acceptance_backend = backend

@@ -16,7 +16,9 @@ class NotForTransformerLens(SourceError):
 
 def has_tokenizer(path: Path) -> bool:
     """Whether a checkpoint directory ships tokenizer files."""
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+    return any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    )
 
 
 def checkpoint_special_ids(config) -> list[int]:

@@ -91,7 +91,7 @@ class HFBackend(Backend):
         if self.layers_path and not _has_module(self.model, _strip(hook)[0]):
             container = self.layers_path.rsplit(".", 1)[-1]
             if hook.startswith(container + "."):  # sparsify: `layers.3` relative to the layer list
-                return f"{self.layers_path}.{hook[len(container) + 1:]}"
+                return f"{self.layers_path}.{hook[len(container) + 1 :]}"
         return hook
 
     def _resolve(self, hook: str) -> Site:
@@ -126,9 +126,15 @@ class HFBackend(Backend):
         if entries:
             layers = self._layers()
             for i in range(min(entries), self.n_layers):
-                handles.append(layers[i].register_forward_pre_hook(_record(layer_args, entry_acts, i), with_kwargs=True))
+                handles.append(
+                    layers[i].register_forward_pre_hook(_record(layer_args, entry_acts, i), with_kwargs=True)
+                )
             if self.n_layers in entries:
-                handles.append(self._final_norm().register_forward_pre_hook(_record({}, entry_acts, self.n_layers), with_kwargs=True))
+                handles.append(
+                    self._final_norm().register_forward_pre_hook(
+                        _record({}, entry_acts, self.n_layers), with_kwargs=True
+                    )
+                )
         try:
             logits = self.model(input_ids=tokens, use_cache=False).logits
         finally:
@@ -262,7 +268,11 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: 
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        where = "cannot load as a Hugging Face causal LM" if isinstance(source, Path) else "not loadable from the Hugging Face hub"
+        where = (
+            "cannot load as a Hugging Face causal LM"
+            if isinstance(source, Path)
+            else "not loadable from the Hugging Face hub"
+        )
         raise SourceError(f"model {shown}: {where} ({first_line(err)})") from None
     tokenizer = None
     if isinstance(source, Path):

@@ -198,7 +198,9 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_device
         raise SourceError(f"model {str(path)!r}: cannot load as a local checkpoint ({first_line(err)})") from None
     with _neutral_name(path) as neutral:
         try:
-            cfg = loading.get_pretrained_model_config(neutral, dtype=dtype, fold_ln=kwargs["fold_ln"], n_devices=n_devices)
+            cfg = loading.get_pretrained_model_config(
+                neutral, dtype=dtype, fold_ln=kwargs["fold_ln"], n_devices=n_devices
+            )
         except (OSError, ValueError, KeyError, NotImplementedError, AttributeError, TypeError) as err:
             raise NotForTransformerLens(
                 f"model {str(path)!r}: TransformerLens cannot convert a {type(hf_model).__name__} ({first_line(err)})"

@@ -1,4 +1,4 @@
-"""SAE formats on disk, one module each, every one mapped onto `sources.autoencoder.SAE`.
+"""SAE formats on disk, one module each, every one mapped onto `sources.sae.SAE`.
 
 `layouts` tells a directory's format from the files in it; `converters` runs
 SAELens's own loader functions for its pretrained releases.

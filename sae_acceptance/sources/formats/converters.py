@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.autoencoder import SAE
 from sae_acceptance.sources.formats import saelens
 from sae_acceptance.sources.formats.layouts import read_directory
 from sae_acceptance.sources.formats.tensors import tensors_only_load
 from sae_acceptance.sources.hub import fetch_folder, saelens_entry
+from sae_acceptance.sources.sae import SAE
 
 CLT = (
     "SAELens loads one layer of a cross-layer transcoder by summing its decoders over every layer it "

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.autoencoder import SAE
 from sae_acceptance.sources.formats.tensors import (
     read_json_object,
     read_torch,
     require,
     whole_number,
 )
+from sae_acceptance.sources.sae import SAE
 
 WEIGHTS = "ae.pt"
 CONFIG = "config.json"
@@ -43,13 +43,26 @@ CLASSES: dict[str, tuple[tuple[str, ...], Any]] = {
     ),
     "GatedAutoEncoder": (
         ("encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias"),
-        lambda t: {**_linear(t), "b_enc": t["gate_bias"], "b_dec": t["decoder_bias"], "b_mag": t["mag_bias"],
-                   "r_mag": t["r_mag"], "architecture": "gated"},
+        lambda t: {
+            **_linear(t),
+            "b_enc": t["gate_bias"],
+            "b_dec": t["decoder_bias"],
+            "b_mag": t["mag_bias"],
+            "r_mag": t["r_mag"],
+            "architecture": "gated",
+        },
     ),
     "JumpReluAutoEncoder": (
         ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
-        lambda t: {"W_enc": t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
-                   "threshold": t["threshold"], "architecture": "jumprelu", "apply_b_dec_to_input": False},
+        lambda t: {
+            "W_enc": t["W_enc"],
+            "b_enc": t["b_enc"],
+            "W_dec": t["W_dec"],
+            "b_dec": t["b_dec"],
+            "threshold": t["threshold"],
+            "architecture": "jumprelu",
+            "apply_b_dec_to_input": False,
+        },
     ),
     "AutoEncoderTopK": (
         ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"),
@@ -57,13 +70,24 @@ CLASSES: dict[str, tuple[tuple[str, ...], Any]] = {
     ),
     "BatchTopKSAE": (
         ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "threshold"),
-        lambda t: {**_linear(t), "b_enc": t["encoder.bias"], "b_dec": t["b_dec"], "threshold": _threshold(t),
-                   "architecture": "jumprelu"},
+        lambda t: {
+            **_linear(t),
+            "b_enc": t["encoder.bias"],
+            "b_dec": t["b_dec"],
+            "threshold": _threshold(t),
+            "architecture": "jumprelu",
+        },
     ),
     "MatryoshkaBatchTopKSAE": (
         ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
-        lambda t: {"W_enc": t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
-                   "threshold": _threshold(t), "architecture": "jumprelu"},
+        lambda t: {
+            "W_enc": t["W_enc"],
+            "b_enc": t["b_enc"],
+            "W_dec": t["W_dec"],
+            "b_dec": t["b_dec"],
+            "threshold": _threshold(t),
+            "architecture": "jumprelu",
+        },
     ),
 }
 

@@ -10,8 +10,8 @@ import math
 import re
 from pathlib import Path
 
-from sae_acceptance.sources.autoencoder import SAE
 from sae_acceptance.sources.formats.tensors import read_npz, require
+from sae_acceptance.sources.sae import SAE
 
 WEIGHTS = "params.npz"
 

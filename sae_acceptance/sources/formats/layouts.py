@@ -6,15 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.autoencoder import SAE
 from sae_acceptance.sources.formats import dictionary_learning, gemma_scope, saelens, sparsify
+from sae_acceptance.sources.sae import SAE
 
 # (name, the weights file that identifies it, every file it reads, reader)
 LAYOUTS: tuple[tuple[str, str, tuple[str, ...], Callable[[Path], SAE]], ...] = (
     ("SAELens", saelens.WEIGHTS, ("cfg.json", saelens.WEIGHTS), saelens.read_directory),
     ("sparsify", sparsify.WEIGHTS, ("cfg.json", sparsify.WEIGHTS), sparsify.read_directory),
-    ("dictionary_learning", dictionary_learning.WEIGHTS, (dictionary_learning.WEIGHTS, dictionary_learning.CONFIG),
-     dictionary_learning.read_directory),
+    (
+        "dictionary_learning",
+        dictionary_learning.WEIGHTS,
+        (dictionary_learning.WEIGHTS, dictionary_learning.CONFIG),
+        dictionary_learning.read_directory,
+    ),
     ("Gemma Scope", gemma_scope.WEIGHTS, (gemma_scope.WEIGHTS,), gemma_scope.read_directory),
 )
 SAE_FILES = tuple(dict.fromkeys(f for _, _, files, _ in LAYOUTS for f in files))

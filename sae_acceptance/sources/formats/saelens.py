@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.autoencoder import SAE, fold_decoder_norm_rescale, fold_input_scale
 from sae_acceptance.sources.formats.tensors import (
     read_json_object,
     read_safetensors,
     require,
     whole_number,
 )
+from sae_acceptance.sources.sae import SAE, fold_decoder_norm_rescale, fold_input_scale
 
 WEIGHTS = "sae_weights.safetensors"
 
@@ -89,7 +89,9 @@ def from_config(
         architecture=rule,
         k=whole_number(_k(cfg), "k", where) if rule == "topk" else None,
         threshold=threshold if rule == "jumprelu" else None,
-        apply_b_dec_to_input=False if transcoder else bool(cfg.get("apply_b_dec_to_input", legacy or rule != "jumprelu")),
+        apply_b_dec_to_input=False
+        if transcoder
+        else bool(cfg.get("apply_b_dec_to_input", legacy or rule != "jumprelu")),
         hook_name=first("hook_name", "hook_point"),
         model_name=first("model_name"),
         metadata=meta,
@@ -174,7 +176,9 @@ def _fold_finetuning_scale(tensors: dict[str, torch.Tensor], where: Path | str) 
 def saelens_architecture(sae: SAE) -> str:
     """The SAELens architecture name that `sae` is written as (`save_sae`)."""
     if sae.architecture == "groupmax":
-        raise SAEFormatError(f"{sae._where()}: groupmax (sparsify) has no SAELens architecture; keep it in sparsify layout")
+        raise SAEFormatError(
+            f"{sae._where()}: groupmax (sparsify) has no SAELens architecture; keep it in sparsify layout"
+        )
     if not sae.transcoder:
         return sae.architecture
     if sae.architecture not in ("standard", "jumprelu"):
@@ -189,4 +193,3 @@ def state_dict(sae: SAE) -> dict[str, torch.Tensor]:
     if sae.architecture == "gated":
         tensors["b_gate"] = tensors.pop("b_enc")
     return tensors
-

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from sae_acceptance.errors import SAEFormatError
-from sae_acceptance.sources.autoencoder import SAE
 from sae_acceptance.sources.formats.tensors import (
     read_json_object,
     read_safetensors,
     require,
     whole_number,
 )
+from sae_acceptance.sources.sae import SAE
 
 WEIGHTS = "sae.safetensors"
 ACTIVATIONS = ("topk", "groupmax")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sae_acceptance.sources.model import special_token_ids
-from sae_acceptance.sources.sae import save_sae
+from sae_acceptance.sources.sae_io import save_sae
 from sae_acceptance.sources.tokens import counted_mask
 from sae_acceptance.train.activations import ActivationBuffer
 from sae_acceptance.train.settings import TrainSettings
@@ -41,8 +41,17 @@ def train_at_hook(
     counted = counted_mask(tokens, special_token_ids(model))
     available = int(counted.sum())
     total = available if train_tokens is None else min(train_tokens, available)
-    buffer = ActivationBuffer(model, tokens, hook, cfg.batch_size, buffer_tokens=buffer_tokens, seed=cfg.seed,
-                              counted=counted, total_tokens=total)
-    saes = train_topk_grid(buffer, model.cfg.d_model, sorted(set(ks)), cfg, total, progress,
-                           hook_name=hook, model_name=model_name)
+    buffer = ActivationBuffer(
+        model,
+        tokens,
+        hook,
+        cfg.batch_size,
+        buffer_tokens=buffer_tokens,
+        seed=cfg.seed,
+        counted=counted,
+        total_tokens=total,
+    )
+    saes = train_topk_grid(
+        buffer, model.cfg.d_model, sorted(set(ks)), cfg, total, progress, hook_name=hook, model_name=model_name
+    )
     return {k: save_sae(sae, out[k], metadata=metadata) for k, sae in saes.items()}
