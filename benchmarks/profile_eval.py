@@ -25,7 +25,7 @@ import common  # noqa: E402
 def instrument() -> None:
     """Wrap the engine's building blocks in profiler ranges."""
     import sae_acceptance.engine as engine
-    from sae_acceptance.geometry import CovarianceAccumulator
+    from sae_acceptance.covariance import CovarianceAccumulator
     from sae_acceptance.sources.backends import Backend
     from sae_acceptance.sources.sae import SAE
 

@@ -1,13 +1,18 @@
 """Regression baselines: what was measured, fingerprinted, and a paired test against it.
 
 A baseline is two files meant to be committed beside thresholds.toml: a small,
-pretty-printed JSON (`thresholds.baseline.json`) with each SAE's fingerprint and
-headline metric values, one block per SAE so a diff shows which SAE moved, and a
+pretty-printed JSON (`thresholds.baseline.json`) with each entry's fingerprint and
+headline metric values, one block per entry so a diff shows which SAE moved, and a
 binary sidecar next to it (`thresholds.baseline.npz`) with the per-sequence sums
 and per-latent counts that a paired bootstrap needs. A retrained SAE is compared
 on the same sequences: resample the sequence indices once, apply them to both
 runs' sums. Two unpaired 95% intervals overlap almost always at 200 sequences;
 the paired interval of the change does not, when the change is real.
+
+The two files cannot be replaced in one step. A writer replaces the sidecar first
+and keeps the previous one (`.prev.npz`) until the JSON that names the new one is
+in place; a reader that meets a pair from two writes reads again until it sees a
+whole one, so a gate reading while another process refreshes never fails.
 """
 
 from __future__ import annotations
@@ -16,77 +21,111 @@ import hashlib
 import io
 import json
 import math
+import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
-from sae_acceptance.config import splice_key
 from sae_acceptance.errors import BaselineError
 from sae_acceptance.io import OutputError, locked, read_json, remove_lock, write_atomic
 from sae_acceptance.metrics import METRICS
-from sae_acceptance.results import EvalReport, SAEResult
-from sae_acceptance.sources.model import model_identity
+from sae_acceptance.sources.identity import model_identity
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
+from sae_acceptance.verdict import RegressionCheck, Status, regression_check
+
+if TYPE_CHECKING:
+    from sae_acceptance.config import EvalSettings
+    from sae_acceptance.results import EntryResult, EvalReport
 
 FORMAT = "sae-acceptance-baseline"
 # 3: sums in a binary sidecar; 2: sums inline in the JSON (read, and written as 3 on the next update).
 FORMAT_VERSION = 3
 READ_VERSIONS = (2, 3)
-# A refreshed SAE whose fingerprint is the same and whose every metric value moved by at most
-# this (relative) keeps its stored entry as it was, byte for byte.
+# A refreshed entry whose fingerprint is the same and whose every metric value moved by at most
+# this (relative) keeps its stored block as it was, byte for byte.
 UNCHANGED_RTOL = 1e-6
-SEP = "::"  # sidecar member names are "<sae>::<sum>" ("::" cannot occur in an SAE's name)
+SEP = "::"  # sidecar member names are "<entry>::<sum>" ("::" cannot occur in an entry's name)
 # What must match for a comparison to mean anything; the rest is recorded for the reader.
 MUST_MATCH = ("tokens", "model", "hook", "dtype", "excluded_ids", "n_sequences")
-REFRESH = "refresh with --sae-update-baseline"
+# How long a reader keeps reading a pair of files that come from two writes (a refresh under way).
+TORN_READ_RETRY_S = 5.0
 
 
-def run_identity(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
-    """What the SAE was measured on (stored as an entry's "fingerprint")."""
+@dataclass(frozen=True)
+class RefreshFlags:
+    """How the caller's user refreshes a baseline (CLI and pytest spell it differently)."""
+
+    refresh: str
+    force: str
+
+
+def remedy(err: BaselineError, flags: RefreshFlags) -> str:
+    """The error's message with the caller's own flag for what fixes it."""
+    if err.remedy == "force":
+        return f"{err} ({flags.force} replaces it)"
+    if err.remedy == "refresh":
+        return f"{err}; refresh with {flags.refresh}"
+    return str(err)
+
+
+@dataclass(frozen=True)
+class BaselineEntry:
+    """One entry of a baseline: what it was measured on, its metric values and its per-sequence sums."""
+
+    fingerprint: dict[str, Any]
+    metrics: dict[str, float | None]  # None: not finite when written
+    sums: SequenceSums
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A read baseline: where it is (for messages) and its entries, by entry key."""
+
+    path: Path
+    entries: dict[str, BaselineEntry]
+
+
+def run_identity(result: EntryResult, settings: EvalSettings) -> dict[str, Any]:
+    """What an entry was measured on (stored as an entry's "fingerprint")."""
     return {
         "tokens": result.tokens_fingerprint,
         "model": model_identity(result.model),
         "hook": result.hook,
-        "dtype": settings.get("dtype"),
+        "dtype": settings.dtype,
         "excluded_ids": result.excluded_ids,
-        "n_sequences": settings.get("n_sequences"),
-        "context_size": settings.get("context_size"),
-        "bootstrap": settings.get("bootstrap"),
+        "n_sequences": settings.n_sequences,
+        "context_size": settings.context_size,
+        "bootstrap": {
+            "resamples": settings.bootstrap_resamples,
+            "confidence": settings.confidence,
+            "seed": settings.seed,
+        },
         "project_version": PROJECT_VERSION,
     }
 
 
-def entry_for(result: SAEResult, settings: dict[str, Any]) -> dict[str, Any]:
-    """One SAE's baseline entry as plain data (lists, so xdist workers can send it). Metrics keep
-    their values only: a comparison's interval comes from the paired bootstrap over the sums."""
-    sums = result.sums
+def entry_for(result: EntryResult, settings: EvalSettings) -> BaselineEntry:
+    """An entry's baseline entry. Metrics keep their values only: a comparison's interval comes
+    from the paired bootstrap over the sums."""
+    if result.sums is None:
+        raise ValueError(f"{result.key}: no per-sequence sums (not evaluated in this process)")
+    metrics = {name: m.to_dict()["value"] for name, m in result.metrics.items()}
+    return BaselineEntry(run_identity(result, settings), metrics, result.sums)
+
+
+def baseline_entries(report: EvalReport, settings: EvalSettings) -> dict[str, BaselineEntry]:
+    """The baseline entries of a report's measured entries, by key (a splice's `splice:<name>`);
+    an entry with an error has none."""
     return {
-        "fingerprint": run_identity(result, settings),
-        "metrics": {name: {"value": m.to_dict()["value"]} for name, m in result.metrics.items()},
-        "sums": {
-            "d_in": sums.d_in,
-            "scalars": {name: values.tolist() for name, values in sums.scalars.items()},
-            "fired": sums.fired.tolist(),
-        },
+        result.key: entry_for(result, settings)
+        for result in report.entries
+        if result.error is None and result.sums is not None
     }
-
-
-def sums_from_entry(entry: dict[str, Any], where: str) -> SequenceSums:
-    """The entry's per-sequence sums (inline lists or arrays from the sidecar)."""
-    try:
-        stored = entry["sums"]
-        scalars = {name: np.asarray(values, dtype=np.float64) for name, values in stored["scalars"].items()}
-        fired = np.asarray(stored["fired"], dtype=np.int64)
-        d_in = int(stored["d_in"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise BaselineError(f"{where}: malformed per-sequence sums (missing or bad {err}); {REFRESH}") from None
-    # The activation vector sums are not stored ([n_seq, d_in] each): r2 is never gated,
-    # so never regressed on, and comes back NaN from a baseline.
-    return SequenceSums(scalars=scalars, fired=fired, d_in=d_in)
 
 
 def sidecar_path(path: Path) -> Path:
@@ -94,129 +133,177 @@ def sidecar_path(path: Path) -> Path:
     return path.with_suffix(".npz")
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """A read baseline: where it is (for messages) and its per-SAE entries, sums inline."""
-
-    path: Path
-    saes: dict[str, Any]
-
-
-def load_baseline(path: Path) -> Baseline:
-    """Read and check a baseline (format 2 or 3); a corrupt or foreign file is one clear error."""
-    path = Path(path)
-    if not path.exists():
-        raise BaselineError(f"{path}: no such baseline (write one with --sae-update-baseline)")
-    try:
-        payload = read_json(path, "a sae-acceptance baseline")
-    except OutputError as err:
-        raise BaselineError(str(err)) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise BaselineError(f'{path}: not a sae-acceptance baseline (no "format": "{FORMAT}")')
-    version = payload.get("version")
-    if version not in READ_VERSIONS:
-        raise BaselineError(
-            f"{path}: baseline format version {version}, this version reads "
-            f"{' and '.join(map(str, READ_VERSIONS))}; {REFRESH}=force"
-        )
-    saes = payload.get("saes")
-    if not isinstance(saes, dict) or not all(isinstance(e, dict) for e in saes.values()):
-        raise BaselineError(f'{path}: no "saes" table')
-    if version == 3:
-        saes = _with_matching_sidecar(path, saes)
-    return Baseline(path, saes)
-
-
-def baseline_entries(report: EvalReport) -> dict[str, Any]:
-    """The baseline entries of a report's measured SAEs (under their names) and splices (under
-    `splice:<name>`); an entry with an error has none."""
-    measured = [*report.saes.items(), *((splice_key(name), r) for name, r in report.splices.items())]
-    return {
-        key: entry_for(result, report.settings)
-        for key, result in measured
-        if result.error is None and result.sums is not None
-    }
-
-
-def update_baseline(path: Path, entries: dict[str, Any], force: bool = False) -> Path:
-    """Fold `entries` into the baseline at `path` and write it (format 3) atomically, under a lock.
-
-    Other SAEs' entries are kept; an SAE whose numbers did not move (`UNCHANGED_RTOL`)
-    keeps its stored entry byte for byte. An existing file that cannot be read (corrupt,
-    foreign, an unknown version, a sidecar that does not match) is an error unless `force`,
-    which replaces it.
-    """
-    path = Path(path)
-    with locked(path):
-        saes: dict[str, Any] = {}
-        if path.exists():
-            try:
-                saes = load_baseline(path).saes
-            except BaselineError as err:
-                if not force:
-                    raise BaselineError(f"{err} (not overwritten: --sae-update-baseline=force replaces it)") from None
-        for name, entry in entries.items():
-            if name not in saes or _moved(saes[name], entry):
-                saes[name] = entry
-        written = write_baseline(path, saes)
-    remove_lock(path)
-    return written
-
-
-def write_baseline(path: Path, entries: dict[str, Any]) -> Path:
-    """Write exactly `entries` as a format-3 baseline: the sidecar first, then the JSON that
-    names it (each atomic; the JSON holds each SAE's digest, so a torn pair is detected)."""
-    path = Path(path)
-    sidecar = sidecar_path(path)
-    blocks, arrays = {}, {}
-    for name in sorted(entries):
-        entry = entries[name]
-        sums = sums_from_entry(entry, f"{path}: {name}")
-        own = _arrays(sums)
-        arrays.update(_members(name, own))
-        meta = {
-            "d_in": sums.d_in,
-            "n_sequences": sums.n_sequences,
-            "d_sae": int(sums.fired.size),
-            "sha256": _digest(own),
-        }
-        blocks[name] = {"fingerprint": entry.get("fingerprint", {}), "metrics": entry.get("metrics", {}), "sums": meta}
-    # The two files cannot be replaced in one step: the previous sidecar is kept until the JSON
-    # is, so a write cut between them leaves the old JSON with sums it can read.
-    previous = previous_sidecar(path)
-    if sidecar.exists():
-        write_atomic(previous, sidecar.read_bytes())
-    write_atomic(sidecar, _npz_bytes(arrays))
-    written = write_atomic(
-        path, _render({"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}, blocks)
-    )
-    previous.unlink(missing_ok=True)
-    return written
-
-
 def previous_sidecar(path: Path) -> Path:
     """The sidecar of the last complete write, while a new one is being written."""
     return path.with_suffix(".prev.npz")
 
 
-def _with_matching_sidecar(path: Path, saes: dict[str, Any]) -> dict[str, Any]:
-    """The sums from the sidecar, or from the previous one where a write stopped between the
-    sidecar and the JSON (the JSON is then still the previous write's)."""
+def load_baseline(path: Path) -> Baseline:
+    """Read and check a baseline (format 2 or 3); a corrupt or foreign file is one clear error."""
+    path = Path(path)
+    deadline = time.monotonic() + TORN_READ_RETRY_S
+    while True:
+        try:
+            return _read(path)
+        except _TornPair as torn:
+            if time.monotonic() > deadline:
+                raise BaselineError(str(torn), remedy="force") from None
+            time.sleep(0.01)
+
+
+class _TornPair(Exception):
+    """The JSON and the sidecar come from different writes: a refresh may be under way."""
+
+
+def _read(path: Path) -> Baseline:
+    if not path.exists():
+        raise BaselineError(f"{path}: no such baseline", remedy="refresh")
     try:
-        return _with_sidecar_sums(path, saes)
-    except BaselineError as err:
+        payload = read_json(path, "a sae-acceptance baseline")
+    except OutputError as err:
+        raise BaselineError(str(err), remedy="force") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise BaselineError(f'{path}: not a sae-acceptance baseline (no "format": "{FORMAT}")', remedy="force")
+    version = payload.get("version")
+    if version not in READ_VERSIONS:
+        raise BaselineError(
+            f"{path}: baseline format version {version}, this version reads {' and '.join(map(str, READ_VERSIONS))}",
+            remedy="force",
+        )
+    blocks = payload.get("saes")
+    if not isinstance(blocks, dict) or not all(isinstance(e, dict) for e in blocks.values()):
+        raise BaselineError(f'{path}: no "saes" table', remedy="force")
+    if version == 2:
+        return Baseline(path, {name: _inline_entry(block, f"{path}: {name}") for name, block in blocks.items()})
+    return Baseline(path, _with_sidecar(path, blocks))
+
+
+def _inline_entry(block: dict[str, Any], where: str) -> BaselineEntry:
+    """A format-2 block: its sums inline as lists."""
+    try:
+        stored = block["sums"]
+        scalars = {name: np.asarray(values, dtype=np.float64) for name, values in stored["scalars"].items()}
+        sums = SequenceSums(
+            scalars=scalars, fired=np.asarray(stored["fired"], dtype=np.int64), d_in=int(stored["d_in"])
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BaselineError(f"{where}: malformed per-sequence sums (missing or bad {err})", remedy="force") from None
+    return BaselineEntry(dict(block.get("fingerprint") or {}), _metric_values(block), sums)
+
+
+def _metric_values(block: dict[str, Any]) -> dict[str, float | None]:
+    metrics = block.get("metrics")
+    if not isinstance(metrics, dict):
+        return {}
+    return {name: (m.get("value") if isinstance(m, dict) else None) for name, m in metrics.items()}
+
+
+def _with_sidecar(path: Path, blocks: dict[str, Any]) -> dict[str, BaselineEntry]:
+    """Format 3's entries with their sums from the sidecar, or from the previous sidecar where a
+    write stopped between the sidecar and the JSON (the JSON is then still the previous write's)."""
+    try:
+        return _with_sidecar_sums(path, blocks, sidecar_path(path))
+    except _TornPair as err:
         first = err
     previous = previous_sidecar(path)
     if previous.exists():
         try:
-            return _with_sidecar_sums(path, saes, previous)
-        except BaselineError:
+            return _with_sidecar_sums(path, blocks, previous)
+        except (_TornPair, BaselineError):
             pass
     raise first
 
 
+def _with_sidecar_sums(path: Path, blocks: dict[str, Any], sidecar: Path) -> dict[str, BaselineEntry]:
+    try:
+        with np.load(sidecar, allow_pickle=False) as archive:
+            stored = {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise BaselineError(f"{sidecar}: missing (the sums of {path})", remedy="force") from None
+    except Exception as err:  # zipfile, numpy and OS errors alike: the file is not a readable .npz
+        raise BaselineError(f"{sidecar}: corrupt baseline sidecar ({type(err).__name__}: {err})", "force") from None
+    out = {}
+    for name, block in blocks.items():
+        meta = block.get("sums")
+        try:
+            names = [str(n) for n in stored[f"{name}{SEP}names"]]
+            table = _unplanes(stored[f"{name}{SEP}sums"], "f").reshape(len(names), -1)
+            arrays = {f"scalars.{n}": row for n, row in zip(names, table, strict=True)}
+            arrays["fired"] = _unplanes(stored[f"{name}{SEP}fired"], "u").astype(np.int64)
+        except (KeyError, ValueError, TypeError) as err:
+            raise _TornPair(f"{sidecar}: no readable sums for {name} ({err})") from None
+        if not isinstance(meta, dict) or _digest(arrays) != meta.get("sha256"):
+            raise _TornPair(
+                f"{sidecar}: the sums of {name} do not match {path.name} (the two files come from different writes)"
+            )
+        scalars = {n: arrays[f"scalars.{n}"] for n in names}
+        sums = SequenceSums(scalars=scalars, fired=arrays["fired"], d_in=int(meta.get("d_in") or 0))
+        out[name] = BaselineEntry(dict(block.get("fingerprint") or {}), _metric_values(block), sums)
+    return out
+
+
+def check_refreshable(path: Path) -> None:
+    """Before a refresh: an existing baseline that cannot be read is not silently replaced."""
+    if Path(path).exists():
+        load_baseline(path)
+
+
+def update_baseline(path: Path, entries: Mapping[str, BaselineEntry], force: bool = False) -> Path:
+    """Fold `entries` into the baseline at `path` and write it (format 3) atomically, under a lock.
+
+    Other entries are kept; an entry whose numbers did not move (`UNCHANGED_RTOL`) keeps its
+    stored block byte for byte. An existing file that cannot be read (corrupt, foreign, an
+    unknown version, a sidecar that does not match) is an error unless `force`, which replaces it.
+    """
+    path = Path(path)
+    with locked(path):
+        stored: dict[str, BaselineEntry] = {}
+        if path.exists():
+            try:
+                stored = load_baseline(path).entries
+            except BaselineError as err:
+                if not force:
+                    raise BaselineError(f"{err} (not overwritten)", remedy="force") from None
+        for name, entry in entries.items():
+            if name not in stored or _moved(stored[name], entry):
+                stored[name] = entry
+        written = write_baseline(path, stored)
+    remove_lock(path)
+    return written
+
+
+def write_baseline(path: Path, entries: Mapping[str, BaselineEntry]) -> Path:
+    """Write exactly `entries` as a format-3 baseline: the sidecar first, then the JSON that
+    names it (each atomic; the JSON holds each entry's digest, so a torn pair is detected)."""
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    blocks, arrays = {}, {}
+    for name in sorted(entries):
+        entry = entries[name]
+        own = _arrays(entry.sums)
+        arrays.update(_members(name, own))
+        meta = {
+            "d_in": entry.sums.d_in,
+            "n_sequences": entry.sums.n_sequences,
+            "d_sae": int(entry.sums.fired.size),
+            "sha256": _digest(own),
+        }
+        metrics = {metric: {"value": value} for metric, value in entry.metrics.items()}
+        blocks[name] = {"fingerprint": entry.fingerprint, "metrics": metrics, "sums": meta}
+    previous = previous_sidecar(path)
+    try:
+        if sidecar.exists():
+            write_atomic(previous, sidecar.read_bytes())
+        write_atomic(sidecar, _npz_bytes(arrays))
+        head = {"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}
+        written = write_atomic(path, _render(head, blocks))
+    finally:
+        previous.unlink(missing_ok=True)
+    return written
+
+
 def _arrays(sums: SequenceSums) -> dict[str, np.ndarray]:
-    """An SAE's stored arrays in their canonical dtypes (float64 sums, int64 counts)."""
+    """An entry's stored arrays in their canonical dtypes (float64 sums, int64 counts)."""
     own = {f"scalars.{name}": np.ascontiguousarray(values, dtype=np.float64) for name, values in sums.scalars.items()}
     own["fired"] = np.ascontiguousarray(sums.fired, dtype=np.int64)
     return own
@@ -233,9 +320,8 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 def _planes(values: np.ndarray) -> np.ndarray:
     """Byte planes ([itemsize, n] uint8) of a little-endian array: each plane (the exponents,
     the high bytes of small counts) is nearly constant and compresses, as in HDF5's shuffle."""
-    return np.ascontiguousarray(
-        values.astype(values.dtype.newbyteorder("<")).view(np.uint8).reshape(-1, values.itemsize).T
-    )
+    little = values.astype(values.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(little.view(np.uint8).reshape(-1, values.itemsize).T)
 
 
 def _unplanes(planes: np.ndarray, kind: str) -> np.ndarray:
@@ -243,7 +329,7 @@ def _unplanes(planes: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _members(name: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """An SAE's sidecar members: its sum names, its sums ([n_sums, n_seq] float64) and its
+    """An entry's sidecar members: its sum names, its sums ([n_sums, n_seq] float64) and its
     per-latent counts (the smallest unsigned type that holds them), both as byte planes."""
     names = sorted(k.removeprefix("scalars.") for k in arrays if k.startswith("scalars."))
     fired = arrays["fired"]
@@ -270,56 +356,26 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _with_sidecar_sums(path: Path, saes: dict[str, Any], sidecar: Path | None = None) -> dict[str, Any]:
-    """Format 3's entries with their sums read back from the sidecar (and checked against the JSON)."""
-    sidecar = sidecar or sidecar_path(path)
-    try:
-        with np.load(sidecar, allow_pickle=False) as archive:
-            stored = {key: archive[key] for key in archive.files}
-    except FileNotFoundError:
-        raise BaselineError(f"{sidecar}: missing (the sums of {path}); {REFRESH}=force") from None
-    except Exception as err:  # zipfile, numpy and OS errors alike: the file is not a readable .npz
-        raise BaselineError(
-            f"{sidecar}: corrupt baseline sidecar ({type(err).__name__}: {err}); {REFRESH}=force"
-        ) from None
-    out = {}
-    for name, entry in saes.items():
-        meta = entry.get("sums")
-        try:
-            names = [str(n) for n in stored[f"{name}{SEP}names"]]
-            table = _unplanes(stored[f"{name}{SEP}sums"], "f").reshape(len(names), -1)
-            arrays = {f"scalars.{n}": row for n, row in zip(names, table, strict=True)}
-            arrays["fired"] = _unplanes(stored[f"{name}{SEP}fired"], "u").astype(np.int64)
-        except (KeyError, ValueError, TypeError) as err:
-            raise BaselineError(f"{sidecar}: no readable sums for {name} ({err}); {REFRESH}=force") from None
-        if not isinstance(meta, dict) or _digest(arrays) != meta.get("sha256"):
-            raise BaselineError(
-                f"{sidecar}: the sums of {name} do not match {path.name} (the two files come from different writes); "
-                f"{REFRESH}=force"
-            )
-        scalars = {n: arrays[f"scalars.{n}"] for n in names}
-        out[name] = {**entry, "sums": {"d_in": meta.get("d_in"), "scalars": scalars, "fired": arrays["fired"]}}
-    return out
-
-
-def _moved(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a refresh changes an SAE: another fingerprint (the project's version aside),
+def _moved(old: BaselineEntry, new: BaselineEntry) -> bool:
+    """Whether a refresh changes an entry: another fingerprint (the project's version aside),
     or a metric value beyond `UNCHANGED_RTOL`."""
 
-    def identity(entry):
-        return {k: v for k, v in entry.get("fingerprint", {}).items() if k != "project_version"}
+    def identity(entry: BaselineEntry) -> dict[str, Any]:
+        return {k: v for k, v in entry.fingerprint.items() if k != "project_version"}
 
-    if identity(old) != identity(new) or set(old.get("metrics", {})) != set(new.get("metrics", {})):
+    if identity(old) != identity(new) or set(old.metrics) != set(new.metrics):
         return True
-    for name, metric in new["metrics"].items():
-        a, b = old["metrics"][name].get("value"), metric.get("value")
-        if (a is None) != (b is None) or (a is not None and not math.isclose(a, b, rel_tol=UNCHANGED_RTOL)):
+    for name, b in new.metrics.items():
+        a = old.metrics[name]
+        if (a is None) != (b is None) or (
+            a is not None and b is not None and not math.isclose(a, b, rel_tol=UNCHANGED_RTOL)
+        ):
             return True
     return False
 
 
 def _render(head: dict[str, Any], blocks: dict[str, Any]) -> str:
-    """Pretty JSON a diff reads SAE by SAE: one block per SAE, its fingerprint on one line,
+    """Pretty JSON a diff reads entry by entry: one block per entry, its fingerprint on one line,
     one line per metric."""
 
     def line(value: Any) -> str:
@@ -336,91 +392,52 @@ def _render(head: dict[str, Any], blocks: dict[str, Any]) -> str:
     return "\n".join([*out, "  }", "}"]) + "\n"
 
 
-@dataclass(frozen=True)
-class RegressionCheck:
-    metric: str
-    passed: bool
-    skipped: bool
-    message: str
-    change: float = math.nan
-    ci: tuple[float, float] | None = None
-
-
-def compare_sae(
+def compare_entry(
     baseline: Baseline,
-    result: SAEResult,
-    settings: dict[str, Any],
-    tolerances: dict[str, float | None],
-    strict: bool = False,
+    result: EntryResult,
+    settings: EvalSettings,
+    tolerances: Mapping[str, float | None],
+    strict: bool,
+    flags: RefreshFlags,
 ) -> dict[str, RegressionCheck]:
     """Each metric of `tolerances` (None: its default tolerance) against the baseline.
 
-    A metric fails when it is worse than the baseline by more than its tolerance,
-    with the whole paired interval of the change beyond the tolerance. One paired
-    bootstrap serves every metric of the SAE.
+    A metric fails when it is worse than the baseline by more than its tolerance, with the
+    whole paired interval of the change beyond the tolerance. One paired bootstrap serves
+    every metric of the entry. Raises `BaselineError` when the entry cannot be compared at all
+    (measured on something else).
     """
     where = str(baseline.path)
-    entry = baseline.saes.get(result.name)
+    entry = baseline.entries.get(result.key)
     if entry is None:
-        message = f"{result.name}: no baseline entry in {where} (a new SAE)"
-        return {m: RegressionCheck(m, not strict, not strict, message) for m in tolerances}
-    _check_identity(entry.get("fingerprint", {}), run_identity(result, settings), result.name, where)
-    if not isinstance(entry.get("metrics"), dict):
-        raise BaselineError(f'{where}: {result.name} has no "metrics" table; refresh with --sae-update-baseline')
-    for metric in tolerances:
-        if METRICS[metric].higher_is_better is None:
-            raise BaselineError(f"{metric}: has no direction, cannot be regressed on")
-    bootstrap = BootstrapSettings.from_report(settings)
+        message = f"{result.key}: no baseline entry in {where} (a new SAE)"
+        status = Status.MISSING if strict else Status.NEW
+        return {m: RegressionCheck(m, status, message) for m in tolerances}
+    differs = [key for key in MUST_MATCH if entry.fingerprint.get(key) != run_identity(result, settings).get(key)]
+    if differs:
+        current = run_identity(result, settings)
+        detail = "; ".join(f"{k}: baseline {entry.fingerprint.get(k)!r}, now {current.get(k)!r}" for k in differs)
+        raise BaselineError(f"{where}: {result.key} was measured on something else ({detail})", remedy="refresh")
+    if result.sums is None:
+        raise ValueError(f"{result.key}: no per-sequence sums to compare")
+    bootstrap = BootstrapSettings(settings.bootstrap_resamples, settings.confidence, settings.seed)
     paired = {}
     if any(METRICS[m].has_ci for m in tolerances):
-        paired = paired_changes(result.sums, sums_from_entry(entry, where), bootstrap)
+        paired = paired_changes(result.sums, entry.sums, bootstrap)
     checks = {}
     for metric, tolerance in tolerances.items():
-        before = entry["metrics"].get(metric, {}).get("value")
+        before = entry.metrics.get(metric)
         if before is None:  # absent, or not finite when the baseline was written (JSON null)
-            message = f"{where}: {result.name} has no value for {metric}; refresh with --sae-update-baseline"
-            checks[metric] = RegressionCheck(metric, False, False, message)
+            message = f"{where}: {result.key} has no value for {metric}; refresh with {flags.refresh}"
+            checks[metric] = RegressionCheck(metric, Status.MISSING, message)
             continue
-        checks[metric] = _check(
+        change = paired.get(metric)
+        checks[metric] = regression_check(
             metric,
             before,
             result.metrics[metric].value,
-            paired.get(metric),
+            None if change is None or not METRICS[metric].has_ci else (change.change, change.ci),
             bootstrap.confidence,
             METRICS[metric].tolerance if tolerance is None else tolerance,
         )
     return checks
-
-
-def _check(metric: str, before: float, after: float, paired, confidence: float, tolerance: float) -> RegressionCheck:
-    """One metric's verdict from its values and, where it has an interval, its paired change."""
-    spec = METRICS[metric]
-    sign = 1.0 if spec.higher_is_better else -1.0
-    if spec.has_ci:
-        change, ci = paired.change, paired.ci
-        worse_low = min(-sign * ci[0], -sign * ci[1])
-        interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired {int(100 * confidence)}% CI)"
-    else:
-        change, ci = after - before, None
-        worse_low = -sign * change
-        interval = ""
-    worse = -sign * change
-    regressed = worse > tolerance and worse_low > tolerance
-    if not math.isfinite(change) or (ci is not None and not all(map(math.isfinite, ci))):
-        return RegressionCheck(metric, False, False, f"{metric}: the change is not finite", change, ci)
-    direction = "higher is better" if spec.higher_is_better else "lower is better"
-    message = (
-        f"{metric} {before:.4f} -> {after:.4f}: change {change:+.4f}{interval}, tolerance {tolerance:g} ({direction})"
-    )
-    if regressed:
-        message = f"regression: {message}"
-    return RegressionCheck(metric, not regressed, False, message, change, ci)
-
-
-def _check_identity(stored: dict[str, Any], current: dict[str, Any], name: str, where: str) -> None:
-    differs = [key for key in MUST_MATCH if stored.get(key) != current.get(key)]
-    if differs:
-        detail = "; ".join(f"{k}: baseline {stored.get(k)!r}, now {current.get(k)!r}" for k in differs)
-        raise BaselineError(
-            f"{where}: {name} was measured on something else ({detail}); refresh with --sae-update-baseline"
-        )

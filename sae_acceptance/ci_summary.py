@@ -1,32 +1,24 @@
-"""GitHub Actions: a markdown step summary and `::error` annotations, the same from pytest and the CLI.
+"""GitHub Actions: a markdown step summary and `::error` annotations, the same from every path.
 
-When `GITHUB_STEP_SUMMARY` names a file, the gate appends its verdict table, its
-failures (one line each) and its regression changes to it; each failed check is
-also printed as a workflow command, `::error file=thresholds.toml,line=N::…`,
-pointing at its entry's `[[sae]]` (or `[[splice]]`) line, which GitHub shows on
-the pull request's diff. Nothing here decides: the failures are the ones pytest
-reported, or `verdict.outcome`'s for the CLI.
+When `GITHUB_STEP_SUMMARY` names a file, the gate appends its tables and its
+failures (one line each) to it; each failed check is also printed as a workflow
+command, `::error file=thresholds.toml,line=N::…`, pointing at its entry's
+`[[sae]]` (or `[[splice]]`) line, which GitHub shows on the pull request's diff.
+Nothing here decides: the failures are the report's (`report.problems`), and the
+line is where the entry says it was declared (`EntryResult.source`), so `merge`
+annotates exactly as a single run.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae_acceptance.baseline import RegressionCheck
-from sae_acceptance.config import LoadedThresholds, splice_key
-from sae_acceptance.render import format_table
-from sae_acceptance.report import (
-    REGRESSION_HEADER,
-    SPLICE_HEADER,
-    SUMMARY_HEADER,
-    regression_rows,
-    splice_rows,
-    summary_rows,
-)
-from sae_acceptance.results import EvalReport, SAEResult
+from sae_acceptance.report import problems, tables
+from sae_acceptance.results import EvalReport
+from sae_acceptance.verdict import EntryStatus
 
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
@@ -35,81 +27,39 @@ SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 class Failure:
     """One failed check: where its entry is written, what it is, and its one-line message."""
 
-    file: str
-    line: int
+    file: str | None
+    line: int | None
     title: str
     message: str
 
 
-def workspace_path(path: str | Path) -> str:
-    """A path as GitHub resolves annotation files: relative to the working directory when inside it."""
-    path = Path(path).resolve()
-    try:
-        return path.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def failures_of(
-    report: EvalReport, loaded: LoadedThresholds, regressions: Iterable[tuple[str, RegressionCheck]] = ()
-) -> list[Failure]:
-    """The CLI's failures: errors, checks whose outcome is not as expected, and regressions, each
-    at its entry's line (what pytest reports as failed items)."""
-    file = workspace_path(loaded.path)
-    lines = {entry.display_name: loaded.line_of("sae", i) for i, entry in enumerate(loaded.config.sae)}
-    lines.update({s.key: loaded.line_of("splice", i) for i, s in enumerate(loaded.config.splice)})
-    failures = []
+def failures_of(report: EvalReport) -> list[Failure]:
+    """Every error and every check not as expected (regressions included), each at its entry's line."""
+    found = []
     for result in report.entries:
-        node = result.name if isinstance(result, SAEResult) else splice_key(result.name)
-        line = lines.get(node, 1)
-        if result.error is not None:
-            failures.append(Failure(file, line, f"{loaded.path.name}::{node}", result.error))
-            continue
-        for metric in result.verdicts:
-            decided = result.outcome(metric)
-            if not decided.as_expected:
-                failures.append(Failure(file, line, f"{loaded.path.name}::{node}::{metric}", decided.message))
-    for node, check in regressions:
-        if not check.passed:
-            title = f"{loaded.path.name}::{node}::regression_{check.metric}"
-            failures.append(Failure(file, lines.get(node, 1), title, check.message))
-    return failures
+        source = result.source
+        prefix = f"{Path(source.file).name}::" if source else ""
+        for kind, node, message in problems(result):
+            if kind in ("ERROR", "FAIL"):
+                found.append(Failure(source and source.file, source and source.line, prefix + node, message))
+    return found
 
 
-def markdown(
-    gate: Sequence[Sequence[str]],
-    splices: Sequence[Sequence[str]],
-    changes: Sequence[Sequence[str]],
-    failures: Sequence[Failure],
-) -> str:
-    """The step summary: verdicts, failures with their messages, regression changes."""
-    verdict = "failed" if failures else "passed"
-    parts = [f"## SAE acceptance: {verdict}", ""]
-    if gate:
-        parts += [format_table(SUMMARY_HEADER, gate, markdown=True), ""]
-    if splices:
-        parts += ["### Splices", "", format_table(SPLICE_HEADER, splices, markdown=True), ""]
+def markdown(report: EvalReport, failures: Sequence[Failure]) -> str:
+    """The step summary: the verdict, the tables, the failures with their messages."""
+    failed = bool(failures) or any(r.status in (EntryStatus.FAIL, EntryStatus.ERROR) for r in report.entries)
+    parts = [f"## SAE acceptance: {'failed' if failed else 'passed'}", ""]
+    for title, table in tables(report, markdown=True):
+        parts += [f"### {title}", "", table, ""]
     if failures:
         parts += [f"### Failures ({len(failures)})", ""]
-        parts += [f"- `{f.title}` ({f.file}:{f.line}): {_one_line(f.message)}" for f in failures]
+        parts += [f"- `{f.title}`{_where(f)}: {_one_line(f.message)}" for f in failures]
         parts.append("")
-    if changes:
-        parts += [
-            "### Regression changes against the baseline",
-            "",
-            format_table(REGRESSION_HEADER, changes, markdown=True),
-            "",
-        ]
     return "\n".join(parts) + "\n"
 
 
-def report_markdown(
-    report: EvalReport, failures: Sequence[Failure], regressions: Iterable[tuple[str, RegressionCheck]] = ()
-) -> str:
-    """`markdown` of a whole report (the CLI)."""
-    return markdown(
-        summary_rows(report.saes.values()), splice_rows(report.splices.values()), regression_rows(regressions), failures
-    )
+def _where(failure: Failure) -> str:
+    return f" ({failure.file}:{failure.line})" if failure.file else ""
 
 
 def annotation(failure: Failure) -> str:
@@ -118,22 +68,23 @@ def annotation(failure: Failure) -> str:
     def prop(text: str) -> str:
         return _escape(text).replace(":", "%3A").replace(",", "%2C")
 
-    return (
-        f"::error file={prop(failure.file)},line={failure.line},title={prop(failure.title)}::{_escape(failure.message)}"
-    )
+    place = f"file={prop(failure.file)},line={failure.line}," if failure.file else ""
+    return f"::error {place}title={prop(failure.title)}::{_escape(failure.message)}"
 
 
 def in_actions(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process runs in a GitHub Actions job."""
     return bool(environ.get(SUMMARY_ENV)) or environ.get("GITHUB_ACTIONS") == "true"
 
 
-def publish(text: str, failures: Sequence[Failure], environ: Mapping[str, str] = os.environ) -> list[str]:
-    """Append `text` to the step summary file (when set); return the annotation lines to print
-    on stdout (none outside GitHub Actions)."""
+def publish(report: EvalReport, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Append the step summary to its file (when set); return the annotation lines to print on
+    stdout (none outside GitHub Actions)."""
+    failures = failures_of(report)
     target = environ.get(SUMMARY_ENV)
     if target:
         with open(target, "a", encoding="utf-8") as handle:  # appended: other steps write to it too
-            handle.write(text)
+            handle.write(markdown(report, failures))
     return [annotation(f) for f in failures] if in_actions(environ) else []
 
 

@@ -16,40 +16,37 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from sae_acceptance.baseline import baseline_entries, load_baseline, update_baseline, write_baseline
-from sae_acceptance.ci_summary import failures_of, in_actions, publish, report_markdown
+from sae_acceptance.baseline import (
+    Baseline,
+    RefreshFlags,
+    baseline_entries,
+    check_refreshable,
+    load_baseline,
+    remedy,
+)
 from sae_acceptance.config import (
     CanyonSettings,
     EvalSettings,
+    LoadedThresholds,
     describe,
     load_thresholds,
     thresholds_from_mapping,
     write_json_schema,
 )
-from sae_acceptance.errors import ConfigError, SAEAcceptanceError
-from sae_acceptance.gate import exit_status as gate_exit_status
-from sae_acceptance.gate import run_gate
-from sae_acceptance.geometry import CanyonRule
-from sae_acceptance.html_report import write_html
+from sae_acceptance.errors import BaselineError, ConfigError, SAEAcceptanceError
+from sae_acceptance.gate import Outputs, exit_status, run_gate, write_outputs
 from sae_acceptance.io import read_json, write_json
 from sae_acceptance.pr_profile import (
+    HOOK_TYPE,
     format_profile_table,
     plot_pr_profile,
     pr_profile,
     profile_to_json,
 )
 from sae_acceptance.reference.build import build_reference
-from sae_acceptance.report import (
-    format_regressions,
-    format_report,
-    latents_of,
-    merge_shards,
-    report_from_json,
-    shard_record,
-    write_densities,
-)
-from sae_acceptance.results import EvalReport
-from sae_acceptance.shard import Shard, share
+from sae_acceptance.report import format_report, merge_shards, read_densities
+from sae_acceptance.results import EvalReport, ShardRecord
+from sae_acceptance.shard import Shard, shard_members
 from sae_acceptance.sources.model import hook_width, load_model, special_token_ids
 from sae_acceptance.sources.tokens import counted_mask, load_tokens
 from sae_acceptance.train import builtin_profiles
@@ -61,6 +58,7 @@ from sae_acceptance.train.sweep import sweep
 EVAL_SET = ("data", "n_sequences", "context_size", "skip", "batch_size", "device", "dtype")
 EVAL_RUN = ("sae_dtype", "backend", "bootstrap_resamples", "seed")
 TRAIN_OPTIONS = ("expansion_factor", "d_sae", "batch_size", "lr", "optimizer", "warmup_steps", "dead_tokens", "seed")
+CLI_FLAGS = RefreshFlags(refresh="--update-baseline", force="--update-baseline=force")
 
 
 def add_fields(
@@ -146,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shards", nargs="+", metavar="SHARD", help="a shard's JSON report, or a `sweep --shard` output folder"
     )
     mg.add_argument("--json", type=Path, metavar="OUT", help="write the merged JSON report here")
+    mg.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
     mg.add_argument(
         "--baseline-part",
         type=Path,
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("pr-profile", help="participation ratio per layer, and the canyon rule")
     pr.add_argument("--model", required=True)
     add_fields(pr, EvalSettings, EVAL_SET)
-    pr.add_argument("--hook-type", default="resid_post")
+    pr.add_argument("--hook-type", default=HOOK_TYPE, help=f"block hooks to profile (default: {HOOK_TYPE})")
     add_fields(pr, CanyonSettings, ("threshold", "use"))
     pr.add_argument("--json", type=Path, metavar="OUT")
     pr.add_argument("--plot", type=Path, metavar="OUT.png")
@@ -178,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument(
         "--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache/sae-acceptance/sweeps)"
     )
-    sw.add_argument("--device", default="auto")
+    add_fields(sw, EvalSettings, ("device",))
     sw.add_argument("--shard", metavar="I/N", help="train and gate share I of N of the profile's (model, hook) grids")
     sw.add_argument("--no-progress", action="store_true")
 
@@ -190,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-tokens", type=int, required=True)
     add_fields(tr, EvalSettings, ("context_size",))
     add_fields(tr, TrainSettings, TRAIN_OPTIONS)
-    tr.add_argument("--device", default="auto")
+    add_fields(tr, EvalSettings, ("device",))
     tr.add_argument("--out", type=Path, required=True, help="writes OUT/k{k} in SAELens format")
     tr.add_argument("--no-progress", action="store_true")
 
@@ -254,78 +253,77 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             source="command line",
         )
     shard = None if args.shard is None else Shard.parse(args.shard)
-    names = None if shard is None else share(loaded, shard)
-    if names == []:
+    names = None if shard is None else shard_members(loaded, shard)
+    if shard is not None and not names:
         print(shard.empty_note())
-    baseline = None if args.update_baseline else loaded.compared_baseline(args.baseline)
-    run = run_gate(loaded, baseline, args.baseline_strict, names=names, progress=not args.no_progress)
-    report = run.report
+    baseline, target = _baselines(loaded, args)
+    report = run_gate(loaded, baseline, CLI_FLAGS, args.baseline_strict, names=names, progress=not args.no_progress)
+    if shard is not None:
+        report.shard = ShardRecord(shard.index, shard.count, list(names or []))
     print(format_report(report))
-    if baseline is not None:
-        print(format_regressions(run.regression_rows(), run.regression_errors()))
-    for message in run.errors():  # also on stderr, where a CI log shows a tool's errors
-        print(f"sae-acceptance: error: {message}", file=sys.stderr)
-    if args.json is not None:
-        payload = report.to_dict()
-        if shard is not None:
-            payload["shard"] = shard_record(shard.index, shard.count, names)
-        write_json(args.json, payload)
-        write_densities(args.json, latents_of(report), report.settings["dense_threshold"])
-        print(f"report written to {args.json} (per-latent densities beside it)")
-    if args.html is not None:
-        write_html(args.html, report, latents_of(report), run.regression_rows())
-        print(f"HTML report written to {args.html}")
-    if in_actions():
-        regressions = run.regression_rows()
-        failures = failures_of(report, loaded, regressions)
-        for line in publish(report_markdown(report, failures, regressions), failures):
-            print(line)
-    if args.baseline_part is not None:
-        write_baseline(args.baseline_part, baseline_entries(report))
-        print(f"baseline entries written to {args.baseline_part}")
-    if args.update_baseline:
-        target = loaded.baseline_file(args.baseline)
-        update_baseline(target, baseline_entries(report), force=args.update_baseline == "force")
-        print(f"baseline written to {target}")
-    return run.exit_status
+    for result in report.entries:  # also on stderr, where a CI log shows a tool's errors
+        for message in (result.error, result.baseline_error):
+            if message:
+                print(f"sae-acceptance: error: {message}", file=sys.stderr)
+    entries = baseline_entries(report, loaded.config.eval) if args.baseline_part or target else {}
+    outputs = Outputs(
+        json=args.json,
+        html=args.html,
+        baseline_part=None if args.baseline_part is None else (args.baseline_part, entries),
+        refresh={target: entries} if target is not None else {},
+        force=args.update_baseline == "force",
+    )
+    for line in write_outputs(report, outputs):
+        print(line)
+    return exit_status(report)
 
 
-def exit_status(report: EvalReport) -> int:
-    """0 all as expected, 1 a gate failed, 2 an SAE could not be evaluated."""
-    return gate_exit_status(report)
+def _baselines(loaded: LoadedThresholds, args: argparse.Namespace) -> tuple[Baseline | None, Path | None]:
+    """The baseline to compare against, read and checked now, before anything is evaluated; or,
+    with --update-baseline, the one to write (an unreadable one refused now, unless forced)."""
+    try:
+        if args.update_baseline:
+            target = loaded.baseline_file(args.baseline)
+            if args.update_baseline != "force":
+                check_refreshable(target)
+            return None, target
+        compared = loaded.compared_baseline(args.baseline)
+        return (None if compared is None else load_baseline(compared)), None
+    except BaselineError as err:
+        raise BaselineError(remedy(err, CLI_FLAGS)) from None
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     shards, points = [], []
     for given in args.shards:
         path = Path(given) / "report.json" if Path(given).is_dir() else Path(given)
-        shards.append((str(path), read_json(path, "a shard's JSON report")))
+        report = EvalReport.from_dict(read_json(path, "a shard's JSON report"))
+        read_densities(path, report)
+        shards.append((str(path), report))
         if args.sweep_out is not None:
             points += read_json(path.parent / "points.json", "a sweep shard's points")
     merged = merge_shards(shards)
-    report = report_from_json(merged)
-    print(format_report(report))
-    if args.json is not None:
-        write_json(args.json, merged)
-        print(f"report written to {args.json}")
-    if args.sweep_out is not None:
-        write_json(args.sweep_out / "report.json", merged)
-        write_json(args.sweep_out / "points.json", points)
-        write_analysis(points, args.sweep_out)
-        print(f"report, points, tables and plots written to {args.sweep_out}")
+    print(format_report(merged))
+    refresh = {}
     if args.update_baseline is not None:
         entries = {}
         for part in args.baseline_part:
-            entries.update(load_baseline(part).saes)
-        measured = [name for name, r in report.saes.items() if r.error is None]
-        missing = [name for name in measured if name not in entries]
+            entries.update(load_baseline(part).entries)
+        missing = [r.key for r in merged.entries if r.error is None and r.key not in entries]
         if missing:
             raise SAEAcceptanceError(f"--baseline-part: no entry for {', '.join(missing)} (a shard's part not given?)")
-        update_baseline(args.update_baseline, entries, force=args.force)
-        print(f"baseline {args.update_baseline} updated with {len(entries)} SAE(s)")
+        refresh = {args.update_baseline: entries}
     elif args.baseline_part:
         raise SAEAcceptanceError("merge --baseline-part needs --update-baseline BASELINE.json")
-    return exit_status(report)
+    outputs = Outputs(json=args.json, html=args.html, refresh=refresh, force=args.force)
+    for line in write_outputs(merged, outputs):
+        print(line)
+    if args.sweep_out is not None:
+        write_outputs(merged, Outputs(json=args.sweep_out / "report.json", actions=False))
+        write_json(args.sweep_out / "points.json", points)
+        write_analysis(points, args.sweep_out)
+        print(f"report, points, tables and plots written to {args.sweep_out}")
+    return exit_status(merged)
 
 
 def _cmd_pr_profile(args: argparse.Namespace) -> int:
@@ -337,22 +335,22 @@ def _cmd_pr_profile(args: argparse.Namespace) -> int:
         raise ConfigError(describe(err, "", "pr-profile")) from None
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     tokens = load_tokens(args.data, args.n_sequences, args.context_size, args.skip, tokenizer=model.tokenizer)
-    rule = CanyonRule(args.threshold, args.use)
+    canyon = CanyonSettings(threshold=args.threshold, use=args.use)
     profile = pr_profile(
         model,
         tokens,
         counted_mask(tokens, special_token_ids(model)),
         hook_type=args.hook_type,
         batch_size=args.batch_size,
-        rule=rule,
+        canyon=canyon,
         progress=not args.no_progress,
     )
     print(format_profile_table(profile))
     if args.json is not None:
-        write_json(args.json, profile_to_json(args.model, profile, rule, args.hook_type))
+        write_json(args.json, profile_to_json(args.model, profile, canyon, args.hook_type))
         print(f"profile written to {args.json}")
     if args.plot is not None:
-        plot_pr_profile(profile, args.plot, rule, title=f"{args.model}: {args.hook_type}")
+        plot_pr_profile(profile, args.plot, canyon, title=f"{args.model}: {args.hook_type}")
         print(f"plot written to {args.plot}")
     return 0
 

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -122,9 +123,26 @@ class EvalSettings(StrictModel):
     )
 
 
+def eval_default(name: str) -> Any:
+    """An `[eval]` setting's default, for code that runs outside a thresholds file (sweeps, training)."""
+    return EvalSettings.model_fields[name].default
+
+
 class CanyonSettings(StrictModel):
+    """`[canyon]`: when a layer's PR flags it, and R² there becomes a warning.
+
+    At the default 0.02, pythia-70m's block 3 and pythia-410m's blocks 5 and 12 are
+    flagged, their blocks 1 and 4 are not. PR >= 1 always, so pr_ratio >= 1/d_model:
+    below d_model = 1/threshold (50 by default) no layer can be flagged.
+    """
+
     threshold: float = Field(0.02, gt=0, lt=1, description="flag a layer when pr_ratio is below this")
-    use: Literal["raw", "deflated"] = "raw"
+    use: Literal["raw", "deflated"] = Field("raw", description="raw PR, or PR with the top eigenvalue removed")
+
+    def flags(self, pr_ratio_raw: float, pr_ratio_deflated: float) -> bool:
+        """True when the chosen ratio is below the threshold (NaN is never flagged)."""
+        value = pr_ratio_raw if self.use == "raw" else pr_ratio_deflated
+        return bool(value < self.threshold)
 
 
 class Tolerance(StrictModel):
@@ -165,9 +183,15 @@ class SAEEntry(StrictModel):
 
     @property
     def display_name(self) -> str:
+        """The SAE's name: `name`, else its directory's (or hub folder's) name."""
         if self.name:
             return self.name
         return default_name(self.path) if is_remote(self.path) else Path(self.path).name
+
+    @property
+    def key(self) -> str:
+        """Its name among the file's entries: its pytest node and baseline entry."""
+        return self.display_name
 
 
 def node_safe(name: str) -> str:
@@ -257,6 +281,11 @@ class Thresholds(StrictModel):
         if isinstance(entry, SpliceEntry):
             extra = [m for m in extra if m in SPLICE_METRICS]
         return gated + extra
+
+    @cached_property
+    def by_key(self) -> dict[str, SAEEntry | SpliceEntry]:
+        """Every entry by its key: SAEs by name, splices as `splice:<name>`."""
+        return {**{e.key: e for e in self.sae}, **{s.key: s for s in self.splice}}
 
     def splice_members(self, splice: SpliceEntry) -> list[SAEEntry]:
         entries = {entry.display_name: entry for entry in self.sae}

@@ -18,14 +18,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_acceptance.geometry import CovarianceAccumulator
-from sae_acceptance.metrics import SUM_NAMES
+from sae_acceptance.covariance import CovarianceAccumulator
 from sae_acceptance.sources.backends import Backend, as_backend
 from sae_acceptance.sources.backends.base import Pass, Patch
 from sae_acceptance.sources.sae import SAE
 from sae_acceptance.stats import SequenceSums
-
-SPLICE_SUMS = ("n_tokens", "n_loss", "ce_orig", "ce_recon", "ce_ablate", "kl_ablate", "kl_recon")
 
 
 @dataclass
@@ -306,15 +303,10 @@ class _Evaluation:
                 covariance=self.covariance[hook],
                 eval_s=self.hook_s[hook] + per_hook_shared,
             )
-        splices = {}
-        for name, batches in self.splice_scalars.items():
-            scalars = _concat(batches)
-            nan = np.full(n_seq, np.nan)
-            splices[name] = SequenceSums(
-                scalars={key: scalars.get(key, nan) for key in SUM_NAMES},
-                fired=np.zeros(0, dtype=np.int64),
-                d_in=1,
-            )
+        splices = {
+            name: SequenceSums(scalars=_concat(batches), fired=np.zeros(0, dtype=np.int64), d_in=1)
+            for name, batches in self.splice_scalars.items()
+        }
         return ModelRun(hooks, splices, eval_s, n_seq * ctx, self.backend.kind, self.backend.tail_only)
 
 

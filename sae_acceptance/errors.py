@@ -28,7 +28,15 @@ class SourceError(SAEAcceptanceError):
 
 
 class BaselineError(SAEAcceptanceError):
-    """A regression baseline is corrupt, foreign or measured on something else."""
+    """A regression baseline is corrupt, foreign or measured on something else.
+
+    `remedy` says what fixes it, for the caller to name in its own flags
+    (`baseline.remedy`): "refresh" the baseline, or "force" a refresh that replaces it.
+    """
+
+    def __init__(self, message: str, remedy: str | None = None) -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 class R2ProxyWarning(UserWarning):

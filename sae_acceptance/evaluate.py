@@ -8,30 +8,32 @@ the hook, NaN weights) become that SAE's error, so the rest still run.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sae_acceptance.config import LoadedThresholds, SAEEntry, SpliceEntry, same_hook
-from sae_acceptance.engine import SPLICE_SUMS, HookRun, check_finite, run_model
+from sae_acceptance.config import Bound, CanyonSettings, LoadedThresholds, SAEEntry, SpliceEntry, same_hook
+from sae_acceptance.engine import HookRun, check_finite, run_model
 from sae_acceptance.errors import HookOverrideWarning, SAEAcceptanceError, SourceError
-from sae_acceptance.geometry import CanyonRule, LayerGeometry
+from sae_acceptance.geometry import LayerGeometry
 from sae_acceptance.hooks import hook_layer
+from sae_acceptance.io import workspace_path
 from sae_acceptance.metrics import (
     METRICS,
     SPLICE_METRICS,
     alive_fraction,
     dead_fraction,
     dense_fraction,
+    is_loss_metric,
     rate_bits,
 )
-from sae_acceptance.results import EvalReport, SAEResult, SpliceResult
+from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, Source, SpliceResult
 from sae_acceptance.sources.backends import Backend
 from sae_acceptance.sources.model import (
     ModelCache,
@@ -44,6 +46,9 @@ from sae_acceptance.sources.sae_io import load_sae
 from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
 from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_context
+
+# A model is loaded once per name and processing: (name, sorted processing kwargs).
+ModelKey = tuple[str | None, tuple[tuple[str, Any], ...]]
 
 
 @dataclass
@@ -80,23 +85,31 @@ def evaluate(
     ]
     if wanted is not None:
         wanted |= {member for s in splice_entries for member in s.saes}
-    requests = [_prepare(loaded, entry) for entry in config.sae if wanted is None or entry.display_name in wanted]
+    requests = [
+        _prepare(loaded, entry, i) for i, entry in enumerate(config.sae) if wanted is None or entry.key in wanted
+    ]
     by_name = {req.result.name: req for req in requests}
-    joint = {s.name: SpliceResult(s.name, list(s.saes), expect_fail=list(s.expect_fail)) for s in splice_entries}
+    joint = {
+        s.name: SpliceResult(
+            s.name, expect_fail=list(s.expect_fail), source=_source(loaded, "splice", i), saes=list(s.saes)
+        )
+        for i, s in enumerate(config.splice)
+        if s in splice_entries
+    }
 
-    groups: dict[tuple, list[_Request]] = defaultdict(list)
+    groups: dict[ModelKey, list[_Request]] = defaultdict(list)
     for req in requests:
-        if req.result.error is None:
+        if req.result.error is None and req.sae is not None:
             kwargs = processing_kwargs(req.sae.metadata.get("model_from_pretrained_kwargs"))
-            groups[(req.result.model, json.dumps(kwargs, sort_keys=True))].append(req)
+            groups[(req.result.model, tuple(sorted(kwargs.items())))].append(req)
 
     eval_info: dict[str, Any] = {}
     timing = {"eval_s": 0.0, "n_tokens": 0}
     start = time.perf_counter()
-    for (model_name, kwargs_json), group in groups.items():
+    for (model_name, kwargs), group in groups.items():
         try:
             backend = models.backend(
-                model_name, json.loads(kwargs_json), device, settings.dtype, settings.backend, settings.devices
+                model_name, dict(kwargs), device, settings.dtype, settings.backend, settings.devices
             )
             tokens, counted, excluded = _eval_tokens(loaded, backend)
         except SAEAcceptanceError as err:
@@ -125,17 +138,19 @@ def evaluate(
             "patched_passes": "tail from the hook" if model_run.tail_only else "full forward",
             "placement": backend.placement,
         }
+        tokens_fingerprint = fingerprint(tokens)
         for hook, hook_requests in by_hook.items():
             run = model_run.hooks[hook]
             geometry = _geometry(run, hook, backend.hook_layer(hook), config.canyon)
             for req in hook_requests:
                 req.result.layer = backend.hook_layer(hook)
-                req.result.excluded_ids = excluded
-                _measure(req, loaded, run, geometry, bootstrap, fingerprint(tokens))
+                req.result.tokens_fingerprint, req.result.excluded_ids = tokens_fingerprint, excluded
+                _measure_sae(req, loaded, run, geometry, bootstrap)
         for name, sums in model_run.splices.items():
-            entry = next(s for s in splice_entries if s.name == name)
-            joint[name].excluded_ids = excluded
-            _measure_splice(joint[name], entry, loaded, sums, bootstrap, fingerprint(tokens))
+            splice = joint[name]
+            splice.tokens_fingerprint, splice.excluded_ids = tokens_fingerprint, excluded
+            bounds = config.gate_for(config.by_key[splice.key])
+            _measure(splice, splice.label, bounds, sums, bootstrap, SPLICE_METRICS)
     for splice in joint.values():
         if splice.error is None and not splice.metrics:
             failed = [n for n in splice.saes if by_name[n].result.error is not None]
@@ -177,7 +192,8 @@ def _splices_of(
             continue
         members = [by_name[n].result for n in entry.saes]
         result = joint[entry.name]
-        result.model, result.hooks = members[0].model, [m.hook for m in members]
+        result.model, result.hooks = members[0].model, [str(m.hook) for m in members]
+        result.hook = " + ".join(result.hooks)
         clash = same_hook([(m.name, m.hook) for m in members])
         if clash:
             where = f"{loaded.path}:{loaded.line_of('splice', i, 'saes')}" if loaded.text else str(loaded.path)
@@ -187,10 +203,17 @@ def _splices_of(
     return runnable
 
 
-def _prepare(loaded: LoadedThresholds, entry: SAEEntry) -> _Request:
+def _source(loaded: LoadedThresholds, table: str, index: int) -> Source | None:
+    """Where the `index`-th `[[table]]` of the file is declared (none for settings given on a command line)."""
+    return Source(workspace_path(loaded.path), loaded.line_of(table, index)) if loaded.text else None
+
+
+def _prepare(loaded: LoadedThresholds, entry: SAEEntry, index: int) -> _Request:
     """Load the SAE and decide its model and hook; every problem found becomes the result's error."""
     path = loaded.resolve(entry.path)
-    result = SAEResult(name=entry.display_name, path=path, expect_fail=list(entry.expect_fail))
+    result = SAEResult(
+        name=entry.key, path=path, expect_fail=list(entry.expect_fail), source=_source(loaded, "sae", index)
+    )
     try:
         sae = load_sae(path)
     except SAEAcceptanceError as err:
@@ -301,41 +324,54 @@ def _check_fits(model: Backend, req: _Request) -> bool:
     return True
 
 
-def _geometry(run: HookRun, hook: str, layer: int | None, canyon) -> LayerGeometry:
-    rule = CanyonRule(canyon.threshold, canyon.use)
-    return LayerGeometry.measure(hook, layer, run.covariance.covariance(), rule)
+def _geometry(run: HookRun, hook: str, layer: int | None, canyon: CanyonSettings) -> LayerGeometry:
+    return LayerGeometry.measure(hook, layer, run.covariance.covariance(), canyon)
 
 
 def _measure(
-    req: _Request,
-    loaded: LoadedThresholds,
-    run: HookRun,
-    geometry: LayerGeometry,
+    result: EntryResult,
+    where: str,
+    bounds: dict[str, Bound],
+    sums: SequenceSums,
     bootstrap: BootstrapSettings,
-    tokens_fingerprint: str,
+    shown: Collection[str],
+    extra: dict[str, MetricValue] | None = None,
 ) -> None:
-    result = req.result
-    sums = run.sums[result.name]
-    result.sums, result.geometry, result.tokens_fingerprint = sums, geometry, tokens_fingerprint
+    """Sums -> metrics with their intervals (those in `shown`, plus `extra`), and the verdicts of
+    `bounds`: the same steps for an SAE and a splice (`where` names it in an error)."""
+    result.sums = sums
     bad = check_finite(sums)
     if bad:
-        result.error = f"{result.path}: the eval produced NaN or infinity in {', '.join(bad)}"
-    points = {name: float(v) for name, v in sums.metrics().items()}
+        result.error = f"{where}: the eval produced NaN or infinity in {', '.join(bad)}"
+    points = sums.metrics()
     intervals = bootstrap_intervals(sums, bootstrap)
-    result.metrics = {name: MetricValue(points[name], intervals[name]) for name in points}
-    n_counted = float(sums.scalars["n_tokens"].sum())
-    result.metrics["alive_frac"] = MetricValue(alive_fraction(sums.fired))
-    result.metrics["rate_bits"] = MetricValue(rate_bits(sums.fired, n_counted))
-    result.metrics["dead_frac"] = MetricValue(dead_fraction(sums.fired))
-    result.metrics["dense_frac"] = MetricValue(
-        dense_fraction(sums.fired, n_counted, loaded.config.eval.dense_threshold)
-    )
-    result.metrics = {name: result.metrics[name] for name in METRICS if name in result.metrics}
+    measured = {name: MetricValue(float(points[name]), intervals[name]) for name in shown} | (extra or {})
+    result.metrics = {name: measured[name] for name in METRICS if name in measured}
     context = loss_context(result.metrics)
     result.verdicts = {
-        name: judge(name, result.metrics[name], bound, context if name.startswith(("ce_", "delta_ce", "kl_")) else "")
-        for name, bound in loaded.config.gate_for(req.entry).items()
+        name: judge(name, result.metrics[name], bound, context if is_loss_metric(name) else "")
+        for name, bound in bounds.items()
     }
+
+
+def _measure_sae(
+    req: _Request, loaded: LoadedThresholds, run: HookRun, geometry: LayerGeometry, bootstrap: BootstrapSettings
+) -> None:
+    """An SAE's metrics and verdicts, its latents, its layer's geometry and the R² warning."""
+    result = req.result
+    sums = run.sums[result.name]
+    n_counted = float(sums.scalars["n_tokens"].sum())
+    settings = loaded.config.eval
+    latent = {
+        "alive_frac": alive_fraction(sums.fired),
+        "rate_bits": rate_bits(sums.fired, n_counted),
+        "dead_frac": dead_fraction(sums.fired),
+        "dense_frac": dense_fraction(sums.fired, n_counted, settings.dense_threshold),
+    }
+    extra = {name: MetricValue(value) for name, value in latent.items()}
+    bounds = loaded.config.gate_for(req.entry)
+    _measure(result, result.path, bounds, sums, bootstrap, sums.metrics().keys(), extra)
+    result.geometry, result.latents = geometry, Latents(sums.fired, n_counted)
     if geometry.canyon:
         result.r2_warning = canyon_warning(
             result.name,
@@ -347,26 +383,3 @@ def _measure(
         )
     if not math.isfinite(result.metrics["r2"].value) and result.error is None:
         result.error = f"{result.path}: r2 is not finite (the eval set has no variance?)"
-
-
-def _measure_splice(
-    result: SpliceResult,
-    entry: SpliceEntry,
-    loaded: LoadedThresholds,
-    sums: SequenceSums,
-    bootstrap: BootstrapSettings,
-    tokens_fingerprint: str,
-) -> None:
-    """The joint loss of a splice: the same sums, metrics, intervals and verdicts as an SAE's."""
-    sums = SequenceSums(scalars={k: sums.scalars[k] for k in SPLICE_SUMS}, fired=sums.fired, d_in=1)
-    result.sums, result.tokens_fingerprint = sums, tokens_fingerprint
-    bad = check_finite(sums)
-    if bad:
-        result.error = f"splice {result.name}: the eval produced NaN or infinity in {', '.join(bad)}"
-    points = sums.metrics()
-    intervals = bootstrap_intervals(sums, bootstrap)
-    result.metrics = {name: MetricValue(float(points[name]), intervals[name]) for name in SPLICE_METRICS}
-    context = loss_context(result.metrics)
-    result.verdicts = {
-        name: judge(name, result.metrics[name], bound, context) for name, bound in loaded.config.gate_for(entry).items()
-    }

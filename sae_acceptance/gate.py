@@ -1,126 +1,122 @@
-"""The whole gate in one call: evaluate, compare against the baseline, decide the exit status.
+"""The gate every path runs: evaluate, compare against the baseline, decide, write the outputs.
 
-The CLI (`eval --config`) runs `run_gate`; the pytest plugin runs the same
-pieces one item at a time (`regression_checks` for a regression item,
-`exit_status`'s rule for the session), so a thresholds file gates the same way
-under both: the same baseline, the same regression checks, the same controls,
-the same exit status.
+The CLI (`eval`, `merge`) and the pytest plugin call these same pieces, so a
+thresholds file gates the same way under each of them: the same baseline (read
+and checked before anything is evaluated), the same regression checks, held in
+the report itself, the same exit status and the same files.
 
 Exit status: 0 all as expected, 1 a gate or regression check failed, 2 bad
-input or an error of the tool (an SAE that could not be evaluated, a baseline
+input or an error of the tool (an entry that could not be evaluated, a baseline
 measured on something else, an output that could not be written).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from sae_acceptance.baseline import Baseline, RegressionCheck, compare_sae, load_baseline
-from sae_acceptance.config import LoadedThresholds, SAEEntry
-from sae_acceptance.errors import EXIT_ERROR, EXIT_FAILED, EXIT_OK, SAEAcceptanceError
+from sae_acceptance.baseline import (
+    Baseline,
+    BaselineEntry,
+    RefreshFlags,
+    compare_entry,
+    remedy,
+    update_baseline,
+    write_baseline,
+)
+from sae_acceptance.ci_summary import in_actions, publish
+from sae_acceptance.config import LoadedThresholds
+from sae_acceptance.errors import EXIT_ERROR, EXIT_FAILED, EXIT_OK, BaselineError
 from sae_acceptance.evaluate import evaluate
-from sae_acceptance.results import EvalReport, SAEResult
+from sae_acceptance.html_report import write_html
+from sae_acceptance.io import write_json
+from sae_acceptance.report import write_densities
+from sae_acceptance.results import EntryResult, EvalReport
 from sae_acceptance.sources.model import ModelCache
 
-if TYPE_CHECKING:
-    from sae_acceptance.config import SpliceEntry
-    from sae_acceptance.results import SpliceResult
 
-
-def tolerances_for(loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry) -> dict[str, float | None]:
-    """The metrics compared against the baseline and their tolerance (None: the metric's default)."""
+def tolerances_for(loaded: LoadedThresholds, key: str) -> dict[str, float | None]:
+    """The metrics an entry is compared on against the baseline, and their tolerance (None: the
+    metric's default)."""
     regression = loaded.config.regression
+    entry = loaded.config.by_key[key]
     return {m: regression[m].tolerance if m in regression else None for m in loaded.config.regressed_for(entry)}
 
 
-def regression_checks(
-    loaded: LoadedThresholds,
-    entry: SAEEntry | SpliceEntry,
-    result: SAEResult | SpliceResult,
-    settings: dict,
-    baseline: Baseline,
-    strict: bool = False,
-    key: str | None = None,
-) -> dict[str, RegressionCheck]:
-    """Every regressed metric of one entry against the baseline (one paired bootstrap).
-
-    `key` is the entry's name in the baseline (a splice's `splice:<name>`); raises a
-    `BaselineError` when the whole entry cannot be compared (measured on something else).
-    """
-    if key is not None and key != result.name:
-        result = dataclasses.replace(result, name=key)
-    return compare_sae(baseline, result, settings, tolerances_for(loaded, entry), strict)
-
-
-@dataclass
-class GateRun:
-    """A gate's outcome: the report, and per entry its regression checks or the error that stopped them."""
-
-    report: EvalReport
-    regressions: dict[str, dict[str, RegressionCheck] | str] = field(default_factory=dict)
-
-    @property
-    def exit_status(self) -> int:
-        return exit_status(self.report, self.regressions.values())
-
-    def regression_rows(self) -> list[tuple[str, RegressionCheck]]:
-        return [
-            (name, check)
-            for name, checks in self.regressions.items()
-            if isinstance(checks, dict)
-            for check in checks.values()
-        ]
-
-    def regression_errors(self) -> list[tuple[str, str]]:
-        return [(name, checks) for name, checks in self.regressions.items() if isinstance(checks, str)]
-
-    def errors(self) -> list[str]:
-        """Every entry that could not be evaluated or compared, one line each (all of its problems)."""
-        return [r.error for r in self.report.entries if r.error] + [message for _, message in self.regression_errors()]
-
-
-def exit_status(report: EvalReport, regressions=()) -> int:
-    """0 all as expected; 1 a gate or regression failed; 2 an entry could not be evaluated or compared."""
-    regressions = list(regressions)
-    if any(r.error for r in report.entries) or any(isinstance(c, str) for c in regressions):
-        return EXIT_ERROR
-    regressed = any(not c.passed for checks in regressions for c in checks.values())
-    return EXIT_OK if report.passed and not regressed else EXIT_FAILED
+def compare(
+    loaded: LoadedThresholds, result: EntryResult, baseline: Baseline, strict: bool, flags: RefreshFlags
+) -> None:
+    """Compare one evaluated entry with the baseline: its `regressions`, or the `baseline_error`
+    that stopped them (measured on something else)."""
+    if result.error is not None:
+        return  # an error of its own already
+    tolerances = tolerances_for(loaded, result.key)
+    try:
+        result.regressions = compare_entry(baseline, result, loaded.config.eval, tolerances, strict, flags)
+    except BaselineError as err:
+        result.baseline_error = remedy(err, flags)
 
 
 def run_gate(
     loaded: LoadedThresholds,
-    baseline: Path | None = None,
+    baseline: Baseline | None,
+    flags: RefreshFlags,
     strict: bool = False,
     names: list[str] | None = None,
     progress: bool = True,
     models: ModelCache | None = None,
-) -> GateRun:
-    """Evaluate the file's SAEs (all, or `names`) and, with a `baseline`, compare each measured
-    entry against it. A baseline that cannot be read is every entry's error."""
+) -> EvalReport:
+    """Evaluate the file's entries (all, or `names`) and, with a `baseline`, compare each one."""
     report = evaluate(loaded, names=names, progress=progress, models=models)
-    run = GateRun(report)
-    if baseline is None:
-        return run
-    try:
-        stored: Baseline | str = load_baseline(baseline)
-    except SAEAcceptanceError as err:
-        stored = str(err)
-    entries = {e.display_name: e for e in loaded.config.sae}
-    splices = {e.name: e for e in loaded.config.splice}
-    compared = [(name, entries[name], r, name) for name, r in report.saes.items()]
-    compared += [(splices[name].key, splices[name], r, splices[name].key) for name, r in report.splices.items()]
-    for shown, entry, result, key in compared:
-        if result.error is not None:
-            continue  # already an error of its own
-        if isinstance(stored, str):
-            run.regressions[shown] = stored
-            continue
-        try:
-            run.regressions[shown] = regression_checks(loaded, entry, result, report.settings, stored, strict, key)
-        except SAEAcceptanceError as err:
-            run.regressions[shown] = str(err)
-    return run
+    if baseline is not None:
+        for result in report.entries:
+            compare(loaded, result, baseline, strict, flags)
+    return report
+
+
+def exit_status(report: EvalReport) -> int:
+    """0 all as expected; 1 a gate or regression check failed; 2 an entry could not be evaluated
+    or compared."""
+    entries = report.entries
+    if any(r.error or r.baseline_error for r in entries):
+        return EXIT_ERROR
+    regressed = any(not c.passed for r in entries for c in r.regressions.values())
+    return EXIT_OK if report.passed and not regressed else EXIT_FAILED
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a gate's outcome goes. Every path (CLI `eval` and `merge`, pytest) fills one and
+    calls `write_outputs`, so the same report lands in the same files."""
+
+    json: Path | None = None
+    html: Path | None = None
+    baseline_part: tuple[Path, Mapping[str, BaselineEntry]] | None = None
+    refresh: Mapping[Path, Mapping[str, BaselineEntry]] = field(default_factory=dict)
+    force: bool = False
+    actions: bool = field(default_factory=in_actions)
+
+
+def write_outputs(report: EvalReport, outputs: Outputs) -> list[str]:
+    """Write the JSON report (and each SAE's densities beside it), the HTML report, the GitHub
+    step summary, a baseline part and refreshed baselines, each atomically; returns the lines
+    to show (where each went, and the `::error` annotations)."""
+    lines = []
+    if outputs.json is not None:
+        write_json(outputs.json, report.to_dict())
+        write_densities(outputs.json, report)
+        lines.append(f"report written to {outputs.json} (per-latent densities beside it)")
+    if outputs.html is not None:
+        write_html(outputs.html, report)
+        lines.append(f"HTML report written to {outputs.html}")
+    if outputs.actions:
+        lines += publish(report)
+    if outputs.baseline_part is not None:
+        part, entries = outputs.baseline_part
+        write_baseline(part, entries)
+        lines.append(f"baseline entries written to {part}")
+    for target, entries in outputs.refresh.items():
+        update_baseline(target, entries, force=outputs.force)
+        lines.append(f"baseline written to {target} ({len(entries)} entries refreshed)")
+    return lines

@@ -1,9 +1,10 @@
 """The HTML report: one self-contained file a person reads without the terminal.
 
 No network, no JavaScript: CSS inline, figures drawn by `plots` and embedded as
-base64 PNGs. It reads an `EvalReport` (in memory, or `report.report_from_json`
-of a merged JSON report), the SAEs' latent firing counts and the regression
-checks, and shows each verdict as `verdict.outcome` decided it.
+base64 PNGs. It reads an `EvalReport` (in memory, or `EvalReport.from_dict` of a
+merged JSON report, with the SAEs' latents from their densities files): its
+verdicts, regression checks and latent firing counts, shown in the words of
+`verdict.Status` and `verdict.EntryStatus`.
 """
 
 from __future__ import annotations
@@ -11,28 +12,18 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sae_acceptance.baseline import RegressionCheck
-from sae_acceptance.config import CanyonSettings, splice_key
+from sae_acceptance.config import CanyonSettings
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import write_atomic
-from sae_acceptance.metrics import latent_densities
 from sae_acceptance.plots import Bars, Figure, Panel, Series, colours, png
-from sae_acceptance.results import EvalReport, SAEResult, SpliceResult
-from sae_acceptance.verdict import MetricValue, Status, loss_context
+from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
+from sae_acceptance.verdict import EntryStatus, MetricValue, Status, loss_context
 
-STATUS_WORDS = {
-    Status.PASSED: "passed",
-    Status.FAILED: "FAILED",
-    Status.CAUGHT: "caught (control)",
-    Status.MISSED: "MISSED (control passed)",
-    Status.BROKEN: "BROKEN (not finite)",
-}
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
        max-width: 1100px; color: #1b1f24; padding: 0 1em; line-height: 1.4; }
@@ -50,35 +41,20 @@ code { background: #f6f8fa; padding: 0 0.3em; }
 """
 
 
-def write_html(
-    path: str | Path,
-    report: EvalReport,
-    latents: dict[str, dict[str, Any]] | None = None,
-    checks: Iterable[tuple[str, RegressionCheck]] = (),
-) -> Path:
+def write_html(path: str | Path, report: EvalReport) -> Path:
     """Write the report to `path` (atomically); see `render_html`."""
-    return write_atomic(path, render_html(report, latents, checks))
+    return write_atomic(path, render_html(report))
 
 
-def render_html(
-    report: EvalReport,
-    latents: dict[str, dict[str, Any]] | None = None,
-    checks: Iterable[tuple[str, RegressionCheck]] = (),
-) -> str:
-    """The whole page. `latents`: per SAE, `fired` counts and `n_tokens` (`report.latents_of`);
-    `checks`: (entry name, regression check) pairs, splices named `splice:<name>`."""
-    latents = latents or {}
-    by_entry: dict[str, list[RegressionCheck]] = {}
-    for name, check in checks:
-        by_entry.setdefault(name, []).append(check)
-    regressed = any(not c.passed for cs in by_entry.values() for c in cs)
-    passed = report.passed and not regressed
+def render_html(report: EvalReport) -> str:
+    """The whole page."""
+    passed = all(r.status.css not in ("failed", "error") for r in report.entries)
     settings = report.settings
     title = "SAE acceptance report"
     body = [
         f"<h1>{title}</h1>",
         f'<p><span class="badge {"passed" if passed else "failed"}">{"PASSED" if passed else "FAILED"}</span> '
-        f"{_e(_summary_line(report, by_entry))}</p>",
+        f"{_e(_summary_line(report))}</p>",
         f'<p class="meta">{_e(_eval_line(settings))}</p>',
         "<h2>Summary</h2>",
         _summary_table(report),
@@ -87,9 +63,9 @@ def render_html(
     if overview:
         body += ["<h3>Loss recovered against L0</h3>", _img(overview, "loss recovered against L0, every SAE")]
     for result in report.saes.values():
-        body.append(_sae_section(result, report, latents.get(result.name), by_entry.get(result.name, [])))
+        body.append(_sae_section(result, report))
     for splice in report.splices.values():
-        body.append(_splice_section(splice, by_entry.get(splice_key(splice.name), [])))
+        body.append(_splice_section(splice))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
@@ -104,12 +80,8 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def _status_class(status: Status) -> str:
-    return {Status.PASSED: "passed", Status.CAUGHT: "caught", Status.MISSED: "missed"}.get(status, "failed")
-
-
-def _word_class(word: str) -> str:
-    return {"PASS": "passed", "CAUGHT (control)": "caught", "no bounds": ""}.get(word, "failed")
+def _badge(status: Status | EntryStatus, text: str | None = None) -> str:
+    return f'<span class="badge {status.css}">{_e(status.word if text is None else text)}</span>'
 
 
 def _fmt(x: float) -> str:
@@ -131,18 +103,18 @@ def _bound_text(bound: dict) -> str:
     return f"{' and '.join(parts)} on {bound.get('on', 'point')}"
 
 
-def _summary_line(report: EvalReport, checks: dict[str, list[RegressionCheck]]) -> str:
+def _summary_line(report: EvalReport) -> str:
     entries = report.entries
     items = [(r, m) for r in entries if r.error is None for m in r.verdicts]
     counts: dict[str, int] = {}
     for r, m in items:
-        word = STATUS_WORDS[r.outcome(m).status]
+        word = r.outcome(m).status.word
         counts[word] = counts.get(word, 0) + 1
     errors = sum(r.error is not None for r in entries)
     parts = [f"{n} {word}" for word, n in counts.items()]
     if errors:
         parts.append(f"{errors} not evaluated (error)")
-    regressions = [c for cs in checks.values() for c in cs if not c.skipped]
+    regressions = [c for r in entries for c in r.regressions.values() if not c.skipped]
     if regressions:
         parts.append(f"{sum(not c.passed for c in regressions)} of {len(regressions)} regression checks regressed")
     counted = f"{_plural(len(report.saes), 'SAE')}, {_plural(len(report.splices), 'splice')}"
@@ -171,33 +143,30 @@ def _summary_table(report: EvalReport) -> str:
     """Every entry and every verdict, as `verdict.outcome` decided it."""
     rows = ["<table><tr><th>entry</th><th>hook</th><th>verdict</th><th>checks</th></tr>"]
     for result in report.entries:
-        is_sae = isinstance(result, SAEResult)
-        name = result.name if is_sae else f"splice {result.name}"
-        anchor = _anchor(result)
         if result.error is not None:
             cells = f'<td class="error">{_e(result.error)}</td>'
         else:
             checks = []
             for metric in result.verdicts:
-                decided = result.outcome(metric)
-                value = result.metrics[metric]
-                checks.append(
-                    f'<span class="badge {_status_class(decided.status)}">{_e(metric)} {_e(_fmt(value.value))}: '
-                    f"{_e(STATUS_WORDS[decided.status])}</span>"
-                )
+                status = result.outcome(metric).status
+                checks.append(_badge(status, f"{metric} {_fmt(result.metrics[metric].value)}: {status.word}"))
+            for check in result.regressions.values():
+                if not check.skipped:
+                    checks.append(_badge(check.status, f"regression {check.metric}: {check.status.word}"))
+            if result.baseline_error:
+                checks.append(_badge(EntryStatus.ERROR, f"baseline: {result.baseline_error}"))
             cells = f"<td>{' '.join(checks) or 'no bounds'}</td>"
-        word = result.verdict_word
+        status = result.status
         rows.append(
-            f'<tr><td><a href="#{anchor}">{_e(name)}</a></td><td>{_e(result.hook or "-")}</td>'
-            f'<td class="{_word_class(word)}">{_e(word)}</td>{cells}</tr>'
+            f'<tr><td><a href="#{_anchor(result)}">{_e(result.label)}</a></td><td>{_e(result.hook or "-")}</td>'
+            f'<td class="{status.css}">{_e(status.word)}</td>{cells}</tr>'
         )
     rows.append("</table>")
     return "\n".join(rows)
 
 
-def _anchor(result: SAEResult | SpliceResult) -> str:
-    prefix = "sae" if isinstance(result, SAEResult) else "splice"
-    return f"{prefix}-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in result.name)
+def _anchor(result: EntryResult) -> str:
+    return f"{result.kind}-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in result.name)
 
 
 def _overview_figure(report: EvalReport) -> bytes | None:
@@ -245,13 +214,8 @@ def _limits(bound: dict) -> list[float]:
     return [bound[side] for side in ("min", "max") if bound.get(side) is not None]
 
 
-def _sae_section(
-    result: SAEResult, report: EvalReport, latents: dict[str, Any] | None, checks: Sequence[RegressionCheck]
-) -> str:
-    parts = [
-        f'<h2 id="{_anchor(result)}">{_e(result.name)} '
-        f'<span class="badge {_word_class(result.verdict_word)}">{_e(result.verdict_word)}</span></h2>'
-    ]
+def _sae_section(result: SAEResult, report: EvalReport) -> str:
+    parts = [f'<h2 id="{_anchor(result)}">{_e(result.name)} {_badge(result.status)}</h2>']
     meta = [
         f"model {result.model}",
         f"hook {result.hook}",
@@ -275,10 +239,10 @@ def _sae_section(
     parts.append(_latent_paragraph(result, report))
     parts.append(_gated_figures(result))
     figures = []
-    if latents is not None:
+    if result.latents is not None:
         figures.append(
             _img(
-                _density_figure(result.name, latents, _dense_threshold(report)),
+                _density_figure(result.latents, _dense_threshold(report)),
                 f"{result.name}: feature density histogram",
             )
         )
@@ -286,14 +250,13 @@ def _sae_section(
     if profile:
         figures.append(_img(profile, f"{result.name}: PR profile"))
     parts.append(f'<div class="figures">{"".join(figures)}</div>')
-    parts.append(_regression_table(checks))
+    parts.append(_regression_table(result))
     return "\n".join(parts)
 
 
-def _splice_section(splice: SpliceResult, checks: Sequence[RegressionCheck]) -> str:
+def _splice_section(splice: SpliceResult) -> str:
     parts = [
-        f'<h2 id="{_anchor(splice)}">splice {_e(splice.name)} '
-        f'<span class="badge {_word_class(splice.verdict_word)}">{_e(splice.verdict_word)}</span></h2>',
+        f'<h2 id="{_anchor(splice)}">splice {_e(splice.name)} {_badge(splice.status)}</h2>',
         f'<p class="meta">{_e(" + ".join(splice.saes))} patched in together at {_e(splice.hook or "-")}'
         f"{_e('; negative control on ' + ', '.join(splice.expect_fail)) if splice.expect_fail else ''}</p>",
     ]
@@ -308,7 +271,7 @@ def _splice_section(splice: SpliceResult, checks: Sequence[RegressionCheck]) -> 
     )
     parts.append(f"<table><tr><th>joint metric</th><th>value</th><th>interval</th></tr>{rows}</table>")
     parts.append(_gated_figures(splice))
-    parts.append(_regression_table(checks))
+    parts.append(_regression_table(splice))
     return "\n".join(parts)
 
 
@@ -321,7 +284,7 @@ def _loss_paragraph(metrics: dict[str, MetricValue], prefix: str = "") -> str:
     return f"<p><b>Loss</b>: {_e(prefix + context + extra)}</p>" if context else ""
 
 
-def _verdict_table(result: SAEResult | SpliceResult) -> str:
+def _verdict_table(result: EntryResult) -> str:
     if not result.verdicts:
         return "<p>No bounds: measured only.</p>"
     rows = [
@@ -331,15 +294,15 @@ def _verdict_table(result: SAEResult | SpliceResult) -> str:
         decided = result.outcome(metric)
         value = result.metrics[metric]
         rows.append(
-            f'<tr class="{_status_class(decided.status)}"><td>{_e(metric)}</td><td class="num">{_e(_fmt(value.value))}</td>'
+            f'<tr class="{decided.status.css}"><td>{_e(metric)}</td><td class="num">{_e(_fmt(value.value))}</td>'
             f'<td class="num">{_e(_interval(value))}</td><td>{_e(_bound_text(verdict.bound))}</td>'
-            f"<td>{_e(STATUS_WORDS[decided.status])}</td><td>{_e(decided.message)}</td></tr>"
+            f"<td>{_e(decided.status.word)}</td><td>{_e(decided.message)}</td></tr>"
         )
     rows.append("</table>")
     return "\n".join(rows)
 
 
-def _gated_figures(result: SAEResult | SpliceResult) -> str:
+def _gated_figures(result: EntryResult) -> str:
     """Each gated metric in its own small figure: the point, its interval, and its bound(s)."""
     images = []
     for metric, verdict in result.verdicts.items():
@@ -350,16 +313,15 @@ def _gated_figures(result: SAEResult | SpliceResult) -> str:
         limits = _limits(verdict.bound)
         span = [low, high, *limits]
         pad = 0.15 * (max(span) - min(span) or abs(value.value) or 1.0)
-        colour = {"passed": "tab:green", "caught": "tab:orange"}.get(
-            _status_class(result.outcome(metric).status), "tab:red"
-        )
+        status = result.outcome(metric).status
+        colour = {"passed": "tab:green", "caught": "tab:orange"}.get(status.css, "tab:red")
         panel = Panel(
             [Series([0], [value.value], "", colour, "o", yerr=([low], [high]), marker_size=8)],
             title=f"{metric}\n{_bound_text(verdict.bound)}",
             guides=limits,
             ylim=(min(span) - pad, max(span) + pad),
             xticks=[0],
-            xticklabels=[STATUS_WORDS[result.outcome(metric).status]],
+            xticklabels=[status.word],
             xlim=(-1, 1),
             legend=None,
         )
@@ -368,7 +330,7 @@ def _gated_figures(result: SAEResult | SpliceResult) -> str:
 
 
 def _dense_threshold(report: EvalReport) -> float:
-    return float(report.settings.get("dense_threshold", 0.1))
+    return float(report.settings["dense_threshold"])
 
 
 def _latent_paragraph(result: SAEResult, report: EvalReport) -> str:
@@ -380,10 +342,9 @@ def _latent_paragraph(result: SAEResult, report: EvalReport) -> str:
     )
 
 
-def _density_figure(name: str, latents: dict[str, Any], threshold: float) -> bytes:
+def _density_figure(latents: Latents, threshold: float) -> bytes:
     """Feature density histogram: log10 of each live latent's firing share; dead latents counted apart."""
-    fired = np.asarray(latents["fired"], dtype=np.int64)
-    density = latent_densities(fired, latents["n_tokens"])
+    fired, density = latents.fired, latents.density
     live = np.log10(density[fired > 0])
     dead = int((fired == 0).sum())
     dense = int((density > threshold).sum())
@@ -441,7 +402,10 @@ def _profile_figure(result: SAEResult, report: EvalReport) -> bytes | None:
     return png(Figure([panel], width=5.2, height=3.6))
 
 
-def _regression_table(checks: Sequence[RegressionCheck]) -> str:
+def _regression_table(result: EntryResult) -> str:
+    checks = list(result.regressions.values())
+    if result.baseline_error:
+        return f'<h3>Against the baseline</h3><p class="error">{_e(result.baseline_error)}</p>'
     if not checks:
         return ""
     rows = [
@@ -449,7 +413,7 @@ def _regression_table(checks: Sequence[RegressionCheck]) -> str:
         "<th>outcome</th><th>message</th></tr>"
     ]
     for check in checks:
-        word, css = ("new", "") if check.skipped else ("ok", "passed") if check.passed else ("REGRESSED", "failed")
+        word, css = check.status.word, check.status.css
         interval = "-" if check.ci is None else f"[{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]"
         change = f"{check.change:+.4f}" if math.isfinite(check.change) else "-"
         rows.append(

@@ -137,3 +137,13 @@ def remove_lock(path: str | Path) -> None:
     """Remove `<path>.lock` once no other process of this run can still want it."""
     with contextlib.suppress(OSError):
         Path(str(Path(path).expanduser()) + ".lock").unlink()
+
+
+def workspace_path(path: str | Path) -> str:
+    """A path as CI systems name files (GitHub's annotations): relative to the working directory
+    when inside it, else absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return resolved.as_posix()

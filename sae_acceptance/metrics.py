@@ -79,6 +79,11 @@ R2_REFUSAL = (
 )
 
 
+def is_loss_metric(name: str) -> bool:
+    """A behavioural metric: its failure message says what the loss did."""
+    return name.startswith(("ce_", "delta_ce", "kl_"))
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num/den with NaN (not an exception, not a made-up number) where den is 0."""
     with np.errstate(divide="ignore", invalid="ignore"):

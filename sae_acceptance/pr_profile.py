@@ -13,35 +13,40 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sae_acceptance.config import CanyonSettings
+from sae_acceptance.covariance import CovarianceAccumulator
 from sae_acceptance.errors import SourceError
-from sae_acceptance.geometry import CanyonRule, CovarianceAccumulator, LayerGeometry
+from sae_acceptance.geometry import LayerGeometry
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.plots import Figure, Panel, Series, plot
 from sae_acceptance.render import format_table
 
-__all__ = ["format_profile_table", "plot_pr_profile", "pr_profile", "profile_to_json"]
+__all__ = ["HOOK_TYPE", "format_profile_table", "plot_pr_profile", "pr_profile", "profile_to_json"]
+
+HOOK_TYPE = "resid_post"  # the residual stream after each block: where the canyon was seen
 
 
 def pr_profile(
     model,
     tokens: torch.Tensor,
     counted: torch.Tensor | None = None,
-    hook_type: str = "resid_post",
-    batch_size: int = 8,
-    rule: CanyonRule | None = None,
+    *,
+    batch_size: int,
+    hook_type: str = HOOK_TYPE,
+    canyon: CanyonSettings | None = None,
     layers: list[int] | None = None,
     progress: bool = True,
 ) -> list[LayerGeometry]:
     """PR of `blocks.L.hook_{hook_type}` per layer, over the counted positions of `tokens`.
 
     model: a HookedTransformer. tokens: [n_seq, ctx] token ids. counted: [n_seq, ctx]
-    bool, False at positions left out (special tokens); all True by default. rule: the
+    bool, False at positions left out (special tokens); None: all count. canyon: the
     canyon rule (thresholds.toml's defaults unless given).
     One `run_with_cache` pass per batch, stopped after the deepest requested layer.
     Memory: one d² float64 covariance per layer on the model's device, plus the
     batch's cached activations.
     """
-    rule = CanyonRule() if rule is None else rule
+    canyon = CanyonSettings() if canyon is None else canyon
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else sorted(set(layers))
     if not layers or not all(0 <= layer < n_layers for layer in layers):
@@ -76,7 +81,9 @@ def pr_profile(
                     acc = accumulators[layer] = CovarianceAccumulator(act.shape[-1], act.device)
                 acc.update(act, mask.to(act.device))
             del cache
-    return [LayerGeometry.measure(name, layer, accumulators[layer].covariance(), rule) for layer, name in names.items()]
+    return [
+        LayerGeometry.measure(name, layer, accumulators[layer].covariance(), canyon) for layer, name in names.items()
+    ]
 
 
 def _hook_type_hint(model, hook_type: str) -> str:
@@ -90,18 +97,18 @@ def _hook_type_hint(model, hook_type: str) -> str:
 def profile_to_json(
     model_name: str,
     profile: list[LayerGeometry],
-    rule: CanyonRule | None = None,
+    canyon: CanyonSettings | None = None,
     hook_type: str | None = None,
 ) -> dict[str, Any]:
     """The `pr-profile` JSON; rule and hook type default to those the profile was measured with."""
     if not profile:
         raise ValueError("empty profile")
-    rule = profile[0].rule if rule is None else rule
+    canyon = profile[0].rule if canyon is None else canyon
     hook_type = HookPoint.parse(profile[0].hook).short_kind if hook_type is None else hook_type
     return {
         "model": model_name,
         "hook_type": hook_type,
-        "rule": {"threshold": rule.threshold, "use": rule.use},
+        "rule": canyon.model_dump(),
         "layers": [{key: value for key, value in g.to_dict().items() if key != "d_model"} for g in profile],
     }
 
@@ -119,13 +126,13 @@ def format_profile_table(profile: list[LayerGeometry]) -> str:
 def plot_pr_profile(
     profile: list[LayerGeometry],
     path: str | Path,
-    rule: CanyonRule | None = None,
+    canyon: CanyonSettings | None = None,
     title: str | None = None,
 ) -> Path:
     """PR (log scale) against depth, raw and deflated, with the canyon band shaded; saves a PNG."""
     if not profile:
         raise ValueError("empty profile")
-    rule = profile[0].rule if rule is None else rule
+    rule = profile[0].rule if canyon is None else canyon
     xs = [i if g.layer is None else g.layer for i, g in enumerate(profile)]
     d = profile[0].d_model
     raw = [g.pr for g in profile]

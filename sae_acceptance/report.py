@@ -1,151 +1,52 @@
-"""Reports: the JSON a CI system reads, and the tables a person reads."""
+"""Reports: the tables a person reads, the lines the CLI prints, merging reports of parts of a
+gate, and each SAE's per-latent densities beside the JSON report."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sae_acceptance.baseline import RegressionCheck
 from sae_acceptance.errors import SAEAcceptanceError
-from sae_acceptance.geometry import LayerGeometry
 from sae_acceptance.io import write_atomic
-from sae_acceptance.metrics import latent_densities
 from sae_acceptance.render import format_table
-from sae_acceptance.results import EvalReport, SAEResult, SpliceResult
-from sae_acceptance.verdict import MetricValue, Status, Verdict
+from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
+from sae_acceptance.verdict import Status
 
 SUMMARY_METRICS = ("ce_rec", "ce_loss_score", "kl_div", "cosine", "rel_error", "r2", "l0", "alive_frac")
 SUMMARY_HEADER = ("sae", "hook", *SUMMARY_METRICS, "pr_ratio", "canyon", "verdict")
-REGRESSION_HEADER = ("sae", "metric", "change [paired CI] vs baseline", "verdict")
+REGRESSION_HEADER = ("entry", "metric", "change [paired CI] vs baseline", "verdict")
 SPLICE_METRICS_SHOWN = ("ce_rec", "ce_loss_score", "kl_div")
 SPLICE_HEADER = ("splice", "saes", *SPLICE_METRICS_SHOWN, "verdict")
 
 
 class ReportError(SAEAcceptanceError):
-    """Reports that cannot be merged: a shard missing, repeated, cut short, or not a shard's."""
+    """Reports that cannot be merged: a shard missing, repeated, cut short, or not of this run."""
 
 
-def merge_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    """JSON reports of parts of one gate (xdist workers, shards) as one: SAEs joined, times added."""
-    merged = None
-    for report in reports:
-        if merged is None:
-            merged = {**report, "saes": dict(report["saes"]), "eval": dict(report.get("eval", {}))}
-            merged["splices"] = dict(report.get("splices", {}))
-            continue
-        merged["saes"].update(report["saes"])
-        merged["splices"].update(report.get("splices", {}))
-        merged["timing"] = _add_timing(merged.get("timing", {}), report.get("timing", {}))
-        part = report.get("eval", {})  # a part that evaluated nothing has no tokens or models
-        if "tokens" in part:
-            merged["eval"].setdefault("tokens", part["tokens"])
-        if "models" in part:
-            merged["eval"]["models"] = {**merged["eval"].get("models", {}), **part["models"]}
+def merge_reports(reports: Iterable[EvalReport]) -> EvalReport | None:
+    """Reports of parts of one gate (pytest processes, shards) as one: entries joined, times added,
+    the eval settings of the first part that evaluated anything."""
+    parts = list(reports)
+    if not parts:
+        return None
+    settings: dict[str, Any] = {}
+    for part in parts:  # a part that evaluated nothing has no settings, tokens or models
+        for key, value in part.settings.items():
+            if key == "models":
+                settings["models"] = {**settings.get("models", {}), **value}
+            else:
+                settings.setdefault(key, value)
+    merged = EvalReport(settings=settings, timing={}, saes={}, splices={})
+    for part in parts:
+        merged.saes.update(part.saes)
+        merged.splices.update(part.splices)
+        if part.timing:  # a part that evaluated nothing took no time
+            merged.timing = _add_timing(merged.timing, part.timing)
     return merged
-
-
-def shard_record(index: int, count: int, saes: list[str]) -> dict[str, Any]:
-    """What a shard's JSON report says of itself, so `merge` can tell a missing or partial shard."""
-    return {"index": index, "count": count, "saes": list(saes)}
-
-
-def merge_shards(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """Shard reports ((where, JSON)) as the one report a single run writes. Every shard of the
-    count must be there once, each with a result for every SAE of its share; otherwise one
-    error naming the shard."""
-    count = None
-    by_index: dict[int, tuple[str, dict[str, Any]]] = {}
-    for where, report in shards:
-        shard = report.get("shard") if isinstance(report, dict) else None
-        if not isinstance(shard, dict) or not {"index", "count", "saes"} <= set(shard):
-            raise ReportError(
-                f'{where}: not a shard\'s report (no "shard": {{index, count, saes}}; run with --shard I/N)'
-            )
-        if count is not None and shard["count"] != count:
-            raise ReportError(f"{where}: shard {shard['index']}/{shard['count']}, the others are of {count}")
-        count = shard["count"]
-        if shard["index"] in by_index:
-            raise ReportError(f"{where}: shard {shard['index']}/{count} again (also {by_index[shard['index']][0]})")
-        missing = [name for name in shard["saes"] if name not in report.get("saes", {})]
-        if missing:
-            raise ReportError(
-                f"{where}: shard {shard['index']}/{count} failed or was cut short: no result for {', '.join(missing)}"
-            )
-        by_index[shard["index"]] = (where, report)
-    absent = [f"{i}/{count}" for i in range(1, (count or 0) + 1) if i not in by_index]
-    if absent:
-        raise ReportError(f"shard {', '.join(absent)} missing (got {', '.join(w for w, _ in by_index.values())})")
-    merged = merge_reports(report for _, (_, report) in sorted(by_index.items()))
-    merged.pop("shard", None)
-    return merged
-
-
-def report_from_json(report: dict[str, Any]) -> EvalReport:
-    """An `EvalReport` back from its JSON, as far as tables and verdicts need (no sums, no geometry
-    beyond the canyon flag): how `merge` prints and decides exactly as a single run."""
-
-    def value(stored: dict[str, Any]) -> MetricValue:
-        ci = stored.get("ci")
-        return MetricValue(_number(stored.get("value")), None if ci is None else tuple(_number(c) for c in ci))
-
-    saes = {}
-    for name, sae in report["saes"].items():
-        fields = {
-            key: sae.get(key)
-            for key in (
-                "model",
-                "hook",
-                "layer",
-                "architecture",
-                "d_in",
-                "d_sae",
-                "k",
-                "r2_warning",
-                "error",
-                "tokens_fingerprint",
-                "excluded_ids",
-            )
-        }
-        saes[name] = SAEResult(
-            name=name,
-            path=sae.get("path"),
-            expect_fail=list(sae.get("expect_fail") or []),
-            **fields,
-            metrics={m: value(v) for m, v in (sae.get("metrics") or {}).items()},
-            verdicts={
-                m: Verdict(**{**v, "checked": _number(v.get("checked"))})
-                for m, v in (sae.get("verdicts") or {}).items()
-            },
-            geometry=None if sae.get("geometry") is None else LayerGeometry(**sae["geometry"]),
-        )
-    splices = {
-        name: SpliceResult(
-            name=name,
-            saes=list(s.get("saes") or []),
-            hooks=list(s.get("hooks") or []),
-            model=s.get("model"),
-            error=s.get("error"),
-            tokens_fingerprint=s.get("tokens_fingerprint"),
-            excluded_ids=s.get("excluded_ids"),
-            expect_fail=list(s.get("expect_fail") or []),
-            metrics={m: value(v) for m, v in (s.get("metrics") or {}).items()},
-            verdicts={
-                m: Verdict(**{**v, "checked": _number(v.get("checked"))}) for m, v in (s.get("verdicts") or {}).items()
-            },
-        )
-        for name, s in (report.get("splices") or {}).items()
-    }
-    return EvalReport(settings=report.get("eval", {}), timing=report.get("timing", {}), saes=saes, splices=splices)
-
-
-def _number(x: float | None) -> float:
-    return math.nan if x is None else float(x)
 
 
 def _add_timing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +55,38 @@ def _add_timing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _metric_cell(result: SAEResult | SpliceResult, name: str) -> str:
+def merge_shards(shards: list[tuple[str, EvalReport]]) -> EvalReport:
+    """Shard reports ((where, report)) as the one report a single run writes. Every shard of the
+    count must be there once, each with a result for every SAE of its share; otherwise one
+    error naming the shard."""
+    count = None
+    by_index: dict[int, tuple[str, EvalReport]] = {}
+    for where, report in shards:
+        shard = report.shard
+        if shard is None:
+            raise ReportError(
+                f'{where}: not a shard\'s report (no "shard": {{index, count, saes}}; run with --shard I/N)'
+            )
+        if count is not None and shard.count != count:
+            raise ReportError(f"{where}: shard {shard.index}/{shard.count}, the others are of {count}")
+        count = shard.count
+        if shard.index in by_index:
+            raise ReportError(f"{where}: shard {shard.index}/{count} again (also {by_index[shard.index][0]})")
+        missing = [name for name in shard.saes if name not in report.saes]
+        if missing:
+            raise ReportError(
+                f"{where}: shard {shard.index}/{count} failed or was cut short: no result for {', '.join(missing)}"
+            )
+        by_index[shard.index] = (where, report)
+    absent = [f"{i}/{count}" for i in range(1, (count or 0) + 1) if i not in by_index]
+    if absent:
+        raise ReportError(f"shard {', '.join(absent)} missing (got {', '.join(w for w, _ in by_index.values())})")
+    merged = merge_reports(report for _, (_, report) in sorted(by_index.items()))
+    assert merged is not None  # at least one shard: count >= 1
+    return merged
+
+
+def _metric_cell(result: EntryResult, name: str) -> str:
     metric = result.metrics.get(name)
     if metric is None:
         return "-"
@@ -177,7 +109,7 @@ def summary_rows(results: Iterable[SAEResult]) -> list[list[str]]:
                 f"{geo.pr_ratio:.4f}" if geo else "-",
                 ("yes" if geo.canyon else "no") if geo else "-",
             ]
-        rows.append([r.name, r.hook or "-", *cells, r.verdict_word])
+        rows.append([r.name, r.hook or "-", *cells, r.status.word])
     return rows
 
 
@@ -186,37 +118,65 @@ def splice_rows(splices: Iterable[SpliceResult]) -> list[list[str]]:
     rows = []
     for r in splices:
         cells = ["-"] * len(SPLICE_METRICS_SHOWN) if r.error else [_metric_cell(r, m) for m in SPLICE_METRICS_SHOWN]
-        rows.append([r.name, " + ".join(r.saes), *cells, r.verdict_word])
+        rows.append([r.name, " + ".join(r.saes), *cells, r.status.word])
     return rows
 
 
-def regression_rows(checks: Iterable[tuple[str, RegressionCheck]]) -> list[list[str]]:
-    """One row per (SAE, metric) under `REGRESSION_HEADER`."""
+def regression_rows(report: EvalReport) -> list[list[str]]:
+    """One row per (entry, metric) compared with the baseline, under `REGRESSION_HEADER`."""
     rows = []
-    for name, check in checks:
-        ci = f" [{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]" if check.ci else ""
-        verdict = "new" if check.skipped else "ok" if check.passed else "REGRESSED"
-        rows.append([name, check.metric, f"{check.change:+.4f}{ci}", verdict])
+    for result in report.entries:
+        for check in result.regressions.values():
+            ci = f" [{check.ci[0]:+.4f}, {check.ci[1]:+.4f}]" if check.ci else ""
+            change = f"{check.change:+.4f}{ci}" if check.status is not Status.NEW else "-"
+            rows.append([result.key, check.metric, change, check.status.word])
     return rows
+
+
+def tables(report: EvalReport, markdown: bool = False) -> list[tuple[str, str]]:
+    """The report's tables as (title, table): the gate's, the splices' and the regression checks',
+    each where it has rows."""
+    out = []
+    if report.saes:
+        out.append(("SAEs", format_table(SUMMARY_HEADER, summary_rows(report.saes.values()), markdown)))
+    if report.splices:
+        out.append(("Splices", format_table(SPLICE_HEADER, splice_rows(report.splices.values()), markdown)))
+    changes = regression_rows(report)
+    if changes:
+        out.append(("Regression changes against the baseline", format_table(REGRESSION_HEADER, changes, markdown)))
+    return out
+
+
+def problems(result: EntryResult) -> list[tuple[str, str, str]]:
+    """An entry's lines worth a look: (kind, node, message). Kind ERROR (not evaluated or not
+    compared), FAIL (a check not as expected), XFAIL (a caught control) or WARN (R² in the
+    canyon); nodes are `<key>` or `<key>::<check>`, as pytest names them."""
+    if result.error:
+        return [("ERROR", result.key, result.error)]
+    found = []
+    for metric in result.verdicts:
+        decided = result.outcome(metric)
+        if not decided.as_expected:
+            found.append(("FAIL", f"{result.key}::{metric}", decided.message))
+        elif decided.status is Status.CAUGHT:
+            found.append(("XFAIL", f"{result.key}::{metric}", decided.message))
+    if isinstance(result, SAEResult) and result.r2_warning:
+        found.append(("WARN", f"{result.key}::r2", result.r2_warning))
+    if result.baseline_error:
+        found.append(("ERROR", result.key, result.baseline_error))
+    for check in result.regressions.values():
+        if not check.passed:
+            found.append(("FAIL", f"{result.key}::regression_{check.metric}", check.message))
+    return found
 
 
 def format_report(report: EvalReport) -> str:
-    """The CLI's view: the summary table, then each failure and warning on its own line."""
-    lines = [format_table(SUMMARY_HEADER, summary_rows(report.saes.values()))]
-    if report.splices:
-        lines.append(format_table(SPLICE_HEADER, splice_rows(report.splices.values())))
-    for r in report.entries:
-        label = r.name if isinstance(r, SAEResult) else f"splice {r.name}"
-        if r.error:
-            lines.append(f"ERROR {label}: {r.error}")
-        for metric in r.verdicts:
-            result = r.outcome(metric)
-            if not result.as_expected:
-                lines.append(f"FAIL  {label}: {result.message}")
-            elif result.status is Status.CAUGHT:
-                lines.append(f"XFAIL {label}: {result.message}")
-        if getattr(r, "r2_warning", None):
-            lines.append(f"WARN  {r.r2_warning}")
+    """The CLI's view: the tables, then each error, failure, caught control and warning on its
+    own line."""
+    lines = [table for _, table in tables(report)]
+    for result in report.entries:
+        for kind, _, message in problems(result):
+            lines.append(f"WARN  {message}" if kind == "WARN" else f"{kind:<5} {result.label}: {message}")
     tokens = report.settings.get("tokens", {})
     if tokens:
         rate = report.timing.get("tokens_per_s")
@@ -227,53 +187,37 @@ def format_report(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def format_regressions(checks: list[tuple[str, RegressionCheck]], errors: list[tuple[str, str]]) -> str:
-    """The CLI's view of the regression checks: their table, then each failure and error on its
-    own line (the words of the pytest items: skipped as new, failed, error)."""
-    lines = [format_table(REGRESSION_HEADER, regression_rows(checks))] if checks else []
-    lines += [f"FAIL  {name}: {check.message}" for name, check in checks if not check.passed and not check.skipped]
-    lines += [f"ERROR {name}: {message}" for name, message in errors]
-    return "\n".join(lines)
-
-
-def check_record(name: str, check: RegressionCheck) -> dict[str, Any]:
-    """A regression check as plain data (what xdist workers send, what the HTML report reads)."""
-    return {"name": name, **dataclasses.asdict(check), "ci": None if check.ci is None else list(check.ci)}
-
-
-def check_from_record(record: dict[str, Any]) -> tuple[str, RegressionCheck]:
-    fields = {k: v for k, v in record.items() if k != "name"}
-    fields["ci"] = None if fields.get("ci") is None else tuple(fields["ci"])
-    return record["name"], RegressionCheck(**fields)
-
-
-def latent_record(result: SAEResult) -> dict[str, Any]:
-    """An SAE's per-latent firing counts over the counted tokens, as plain data."""
-    return {"fired": result.sums.fired.tolist(), "n_tokens": float(result.sums.scalars["n_tokens"].sum())}
-
-
-def latents_of(report: EvalReport) -> dict[str, dict[str, Any]]:
-    return {name: latent_record(r) for name, r in report.saes.items() if r.sums is not None}
-
-
 def densities_path(json_path: Path, sae: str) -> Path:
     """Where an SAE's per-latent densities go: `<report>.<sae>.densities.npz` beside the JSON report."""
     return json_path.with_name(f"{json_path.stem}.{sae}.densities.npz")
 
 
-def write_densities(json_path: Path, latents: dict[str, dict[str, Any]], dense_threshold: float) -> list[Path]:
-    """Per SAE, a compressed npz beside the JSON report: `density` (firing share of counted tokens,
-    per latent), `fired` (counts), `n_tokens`, `dense_threshold`."""
+def write_densities(json_path: Path, report: EvalReport) -> list[Path]:
+    """Per SAE with latents, a compressed npz beside the JSON report: `density` (firing share of
+    counted tokens, per latent), `fired` (counts), `n_tokens`, `dense_threshold`."""
     written = []
-    for name, record in latents.items():
-        fired = np.asarray(record["fired"], dtype=np.int64)
+    threshold = np.float64(report.settings.get("dense_threshold", np.nan))
+    for name, result in report.saes.items():
+        if result.latents is None:
+            continue
+        latents = result.latents
         buffer = io.BytesIO()
         np.savez_compressed(
             buffer,
-            density=latent_densities(fired, record["n_tokens"]),
-            fired=fired,
-            n_tokens=np.float64(record["n_tokens"]),
-            dense_threshold=np.float64(dense_threshold),
+            density=latents.density,
+            fired=latents.fired.astype(np.int64),
+            n_tokens=np.float64(latents.n_tokens),
+            dense_threshold=threshold,
         )
         written.append(write_atomic(densities_path(json_path, name), buffer.getvalue()))
     return written
+
+
+def read_densities(json_path: Path, report: EvalReport) -> None:
+    """The latents of each SAE of `report` from the densities beside its JSON (a shard's report,
+    read by `merge`); an SAE without such a file keeps none."""
+    for name, result in report.saes.items():
+        path = densities_path(json_path, name)
+        if result.error is None and path.is_file():
+            with np.load(path, allow_pickle=False) as stored:
+                result.latents = Latents(np.asarray(stored["fired"], dtype=np.int64), float(stored["n_tokens"]))

@@ -1,42 +1,97 @@
-"""What an evaluation produced: one `SAEResult` per SAE, gathered in an `EvalReport`.
+"""What a gate produced: one `EntryResult` per entry of a thresholds file, gathered in an `EvalReport`.
 
-Plain data with its JSON form (the report's keys); every decision they expose
-comes from `verdict.outcome`.
+An entry is an `[[sae]]` (`SAEResult`) or a `[[splice]]` (`SpliceResult`); both
+share the fields, the decisions and the JSON form of `EntryResult`, and add only
+their own fields. Plain data: every decision they expose comes from `verdict`.
+`to_dict` is the JSON report's form; `from_dict` reads it back (unknown keys
+from a newer version are ignored), so a merged or re-read report decides and
+prints exactly as the run that wrote it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
+import numpy as np
+
+from sae_acceptance.config import splice_key
 from sae_acceptance.geometry import LayerGeometry
 from sae_acceptance.io import to_json
+from sae_acceptance.metrics import latent_densities
 from sae_acceptance.stats import SequenceSums
-from sae_acceptance.verdict import MetricValue, Outcome, Verdict, outcome
+from sae_acceptance.verdict import (
+    EntryStatus,
+    MetricValue,
+    Outcome,
+    RegressionCheck,
+    Verdict,
+    entry_status,
+    outcome,
+)
 
 
 @dataclass
-class SAEResult:
-    """Everything measured and decided about one SAE."""
+class Latents:
+    """Per-latent firing counts over the counted tokens: what densities and histograms read."""
+
+    fired: np.ndarray  # [d_sae] int64: tokens each latent fired on
+    n_tokens: float  # counted tokens
+
+    @property
+    def density(self) -> np.ndarray:
+        """Each latent's share of counted tokens (NaN where nothing was counted)."""
+        return latent_densities(self.fired, self.n_tokens)
+
+
+Entry = TypeVar("Entry", bound="EntryResult")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an entry is declared: its thresholds file (as the workspace names it) and line."""
+
+    file: str
+    line: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line}
+
+
+@dataclass
+class EntryResult:
+    """Everything measured and decided about one entry; the fields every kind of entry shares."""
 
     name: str
-    path: str
     model: str | None = None
     hook: str | None = None
-    layer: int | None = None
-    architecture: str | None = None
-    d_in: int | None = None
-    d_sae: int | None = None
-    k: int | None = None
-    metrics: dict[str, MetricValue] = field(default_factory=dict)
-    verdicts: dict[str, Verdict] = field(default_factory=dict)
-    geometry: LayerGeometry | None = None
-    r2_warning: str | None = None
-    error: str | None = None
     tokens_fingerprint: str | None = None
     excluded_ids: list[int] | None = None
+    error: str | None = None
     expect_fail: list[str] = field(default_factory=list)
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    regressions: dict[str, RegressionCheck] = field(default_factory=dict)
+    baseline_error: str | None = None  # the entry could not be compared with its baseline at all
+    source: Source | None = None
     sums: SequenceSums | None = None
+
+    kind: ClassVar[str] = "entry"
+    # Fields written before the shared ones in the JSON form, and after them.
+    head: ClassVar[tuple[str, ...]] = ()
+    tail: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def key(self) -> str:
+        """The entry's name among all entries of a file: its pytest node and its baseline entry."""
+        return self.name
+
+    @property
+    def label(self) -> str:
+        """How messages name the entry."""
+        return self.name
 
     def outcome(self, metric: str) -> Outcome:
         """The gated `metric`'s outcome: the one place a negative control is read."""
@@ -46,111 +101,191 @@ class SAEResult:
         return self.outcome(metric).as_expected
 
     @property
-    def passed(self) -> bool:
-        return self.error is None and all(self.as_expected(m) for m in self.verdicts)
+    def status(self) -> EntryStatus:
+        """The entry's verdict: error, a failed gate, a regression, a caught control, or passed."""
+        outcomes = [self.outcome(m) for m in self.verdicts]
+        error = self.error or self.baseline_error
+        return entry_status(error, outcomes, self.regressions.values(), bool(self.expect_fail))
 
     @property
-    def verdict_word(self) -> str:
-        """The SAE's one-word verdict in tables and reports."""
-        if self.error is not None:
-            return "ERROR"
-        if not self.verdicts:
-            return "no bounds"  # measured only: nothing was checked
-        if not self.passed:
-            return "FAIL"
-        return "CAUGHT (control)" if self.expect_fail else "PASS"
+    def passed(self) -> bool:
+        """Evaluated, and every gated item as expected (regressions are the gate's, not the entry's)."""
+        return self.error is None and all(self.as_expected(m) for m in self.verdicts)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "hook": self.hook,
-            "layer": self.layer,
-            "path": self.path,
-            "architecture": self.architecture,
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-            "k": self.k,
-            "tokens_fingerprint": self.tokens_fingerprint,
-            "excluded_ids": self.excluded_ids,
-            "error": self.error,
-            "expect_fail": self.expect_fail,
-            "metrics": {name: m.to_dict() for name, m in self.metrics.items()},
-            "verdicts": {name: v.to_dict() for name, v in self.verdicts.items()},
-            "geometry": None if self.geometry is None else self.geometry.to_dict(),
-            "r2_warning": self.r2_warning,
-        }
+    def to_dict(self, sums: bool = False) -> dict[str, Any]:
+        """The JSON report's form of this entry; with `sums`, also its per-sequence sums (how a
+        pytest-xdist worker hands its results to the controller)."""
+        out = {name: _plain(getattr(self, name)) for name in self.head}
+        out.update(
+            tokens_fingerprint=self.tokens_fingerprint,
+            excluded_ids=self.excluded_ids,
+            error=self.error,
+            expect_fail=self.expect_fail,
+            metrics={name: m.to_dict() for name, m in self.metrics.items()},
+            verdicts={name: v.to_dict() for name, v in self.verdicts.items()},
+        )
+        out.update({name: _plain(getattr(self, name)) for name in self.tail})
+        if self.regressions or self.baseline_error:
+            out["regressions"] = {name: c.to_dict() for name, c in self.regressions.items()}
+            out["baseline_error"] = self.baseline_error
+        if self.source is not None:
+            out["source"] = self.source.to_dict()
+        if sums and self.sums is not None:
+            out["sums"] = {
+                "d_in": self.sums.d_in,
+                "scalars": {k: v.tolist() for k, v in self.sums.scalars.items()},
+                "fired": self.sums.fired.tolist(),
+            }
+        return out
+
+    @classmethod
+    def from_dict(cls: type[Entry], name: str, data: Mapping[str, Any]) -> Entry:
+        """Back from `to_dict` (no sums); keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"name", "metrics", "verdicts", "regressions", "sums"}
+        fields = {key: data[key] for key in known if data.get(key) is not None}
+        if "source" in fields:
+            fields["source"] = Source(str(fields["source"]["file"]), int(fields["source"]["line"]))
+        stored = data.get("sums")
+        sums = None
+        if stored is not None:
+            scalars = {k: np.asarray(v, dtype=np.float64) for k, v in stored["scalars"].items()}
+            sums = SequenceSums(scalars, np.asarray(stored["fired"], dtype=np.int64), int(stored["d_in"]))
+        return cls(
+            name=name,
+            **cls._read_own(fields),
+            metrics={m: MetricValue.from_dict(v) for m, v in (data.get("metrics") or {}).items()},
+            verdicts={m: Verdict.from_dict(v) for m, v in (data.get("verdicts") or {}).items()},
+            regressions={m: RegressionCheck.from_dict(v) for m, v in (data.get("regressions") or {}).items()},
+            sums=sums,
+        )
+
+    @classmethod
+    def _read_own(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """A kind's own structured fields from JSON (the rest are plain values)."""
+        return fields
 
 
 @dataclass
-class SpliceResult:
+class SAEResult(EntryResult):
+    """An `[[sae]]`: its SAE, the layer's geometry and the R² warning beside the shared fields."""
+
+    path: str = ""
+    layer: int | None = None
+    architecture: str | None = None
+    d_in: int | None = None
+    d_sae: int | None = None
+    k: int | None = None
+    geometry: LayerGeometry | None = None
+    r2_warning: str | None = None
+    latents: Latents | None = None
+
+    kind: ClassVar[str] = "sae"
+    head: ClassVar[tuple[str, ...]] = ("model", "hook", "layer", "path", "architecture", "d_in", "d_sae", "k")
+    tail: ClassVar[tuple[str, ...]] = ("geometry", "r2_warning")
+
+    def __post_init__(self) -> None:
+        if self.latents is None and self.sums is not None and self.sums.fired.size:
+            self.latents = Latents(self.sums.fired, float(self.sums.scalars["n_tokens"].sum()))
+
+    @classmethod
+    def _read_own(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        fields.pop("latents", None)
+        if "geometry" in fields:
+            fields["geometry"] = LayerGeometry.from_dict(fields["geometry"])
+        return fields
+
+
+@dataclass
+class SpliceResult(EntryResult):
     """A `[[splice]]` group: its SAEs patched in together, the joint loss measured and gated.
+    `hook` joins the members' hooks (what a baseline entry records as the place measured)."""
 
-    `hook` joins the members' hooks (what a baseline entry records as the place measured).
-    """
-
-    name: str
-    saes: list[str]
+    saes: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
-    model: str | None = None
-    metrics: dict[str, MetricValue] = field(default_factory=dict)
-    verdicts: dict[str, Verdict] = field(default_factory=dict)
-    error: str | None = None
-    tokens_fingerprint: str | None = None
-    excluded_ids: list[int] | None = None
-    expect_fail: list[str] = field(default_factory=list)
-    sums: SequenceSums | None = None
 
-    outcome = SAEResult.outcome
-    as_expected = SAEResult.as_expected
-    passed = SAEResult.passed
-    verdict_word = SAEResult.verdict_word
+    kind: ClassVar[str] = "splice"
+    head: ClassVar[tuple[str, ...]] = ("saes", "hooks", "model")
+
+    def __post_init__(self) -> None:
+        if self.hook is None and self.hooks:
+            self.hook = " + ".join(self.hooks)
 
     @property
-    def hook(self) -> str:
-        return " + ".join(self.hooks)
+    def key(self) -> str:
+        return splice_key(self.name)
+
+    @property
+    def label(self) -> str:
+        return f"splice {self.name}"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a shard's report says of itself, so `merge` can tell a missing, partial or foreign shard."""
+
+    index: int
+    count: int
+    saes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "saes": self.saes,
-            "hooks": self.hooks,
-            "model": self.model,
-            "tokens_fingerprint": self.tokens_fingerprint,
-            "excluded_ids": self.excluded_ids,
-            "error": self.error,
-            "expect_fail": self.expect_fail,
-            "metrics": {name: m.to_dict() for name, m in self.metrics.items()},
-            "verdicts": {name: v.to_dict() for name, v in self.verdicts.items()},
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class EvalReport:
+    """A gate's whole outcome: the eval settings, timing, and every entry's result."""
+
     settings: dict[str, Any]
     timing: dict[str, Any]
     saes: dict[str, SAEResult]
     splices: dict[str, SpliceResult] = field(default_factory=dict)
+    shard: ShardRecord | None = None
 
     @classmethod
     def empty(cls) -> EvalReport:
-        """The report of a share with nothing to evaluate (an empty shard)."""
+        """The report of a shard with nothing to evaluate."""
         return cls(settings={}, timing={}, saes={})
 
     @property
-    def entries(self) -> list[SAEResult | SpliceResult]:
+    def entries(self) -> list[EntryResult]:
         """Every SAE's result, then every splice's."""
         return [*self.saes.values(), *self.splices.values()]
+
+    def __iter__(self) -> Iterator[EntryResult]:
+        return iter(self.entries)
 
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.entries)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, sums: bool = False) -> dict[str, Any]:
+        """The JSON report (with `sums`: and every entry's per-sequence sums)."""
+        out = {
             "eval": self.settings,
             "timing": self.timing,
-            "saes": {name: r.to_dict() for name, r in self.saes.items()},
-            "splices": {name: r.to_dict() for name, r in self.splices.items()},
+            "saes": {name: r.to_dict(sums) for name, r in self.saes.items()},
+            "splices": {name: r.to_dict(sums) for name, r in self.splices.items()},
         }
+        if self.shard is not None:
+            out["shard"] = self.shard.to_dict()
+        return out
 
     def to_json(self) -> str:
         return to_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
+        """A report back from its JSON (no sums): tables, verdicts and exit status as the run's."""
+        shard = data.get("shard")
+        return cls(
+            settings=dict(data.get("eval") or {}),
+            timing=dict(data.get("timing") or {}),
+            saes={name: SAEResult.from_dict(name, r) for name, r in (data.get("saes") or {}).items()},
+            splices={name: SpliceResult.from_dict(name, r) for name, r in (data.get("splices") or {}).items()},
+            shard=None if shard is None else ShardRecord(int(shard["index"]), int(shard["count"]), list(shard["saes"])),
+        )
+
+
+def _plain(value: Any) -> Any:
+    """A field's JSON form: objects with `to_dict` through it, the rest as they are."""
+    return value.to_dict() if hasattr(value, "to_dict") else value

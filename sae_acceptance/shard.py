@@ -1,13 +1,14 @@
-"""Deterministic shares of a thresholds file's SAEs: runs for xdist workers, shards for machines.
+"""Deterministic cuts of a thresholds file's SAEs: xdist runs for workers, shards for machines.
 
-SAEs of one model and hook share the model's passes (one original pass per batch,
-then a tail per SAE), so they form a group that is never split; SAEs a
-`[[splice]]` patches in together join their groups into one unit. A shard is a
-contiguous run of units in file order (so a model's hooks stay together as far
-as the balance allows), cut where it minimises the largest shard's cost and,
-of such cuts, the total work. Every run that holds part of a model repeats that
-model's original pass, so a spread uses fewer runs than it is given when more
-would repeat too much of it (`XDIST_SPLIT_BUDGET` for xdist workers,
+The words (docs/architecture.md's glossary): SAEs of one model and hook share
+the model's passes (one original pass per batch, then a tail per SAE), so they
+form a *group* that is never split; groups a `[[splice]]` patches in together
+join into one *unit*. Units are cut into contiguous *runs* in file order (so a
+model's hooks stay together as far as the balance allows), where the cut
+minimises the costliest run and, of such cuts, the total work. A *shard* is one
+machine's run, an *xdist run* one worker's. Every run that holds part of a model
+repeats that model's original pass, so a cut uses fewer runs than it is given
+when more would repeat too much of it (`XDIST_SPLIT_BUDGET` for xdist runs,
 `SHARD_SPLIT_BUDGET` for shards): the rest are empty, and an empty shard passes
 with nothing to do. Known without loading anything: an SAE's hook comes from its
 entry or, read lightly, its directory's `cfg.json`.
@@ -30,7 +31,7 @@ from sae_acceptance.sources.spec import is_remote
 # measured in benchmarks/README.md).
 ABLATION_TAILS = 1
 ORIGINAL_PASS = 2
-# A spread uses fewer runs than it may rather than let the original passes it repeats add
+# A cut uses fewer runs than it may rather than let the original passes it repeats add
 # more than this share to the file's work. Shards are held tighter than xdist workers: each
 # shard is a machine that also pays its own start-up (install, model load) for the split.
 XDIST_SPLIT_BUDGET = 0.10
@@ -59,9 +60,9 @@ class Shard:
         return f"{self.index}/{self.count}"
 
     def empty_note(self) -> str:
-        """What a shard whose share is empty says: it passes, having nothing to do."""
+        """What an empty shard says: it passes, having nothing to do."""
         return (
-            f"shard {self}: no SAEs in this share (fewer groups than shards, or splitting a model "
+            f"shard {self}: no SAEs in this shard (fewer units than shards, or splitting a model "
             f"further would repeat its passes beyond the {SHARD_SPLIT_BUDGET:.0%} budget); nothing to do"
         )
 
@@ -86,20 +87,27 @@ def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:
     return found
 
 
-def group_key(loaded: LoadedThresholds, entry: SAEEntry) -> str:
-    """SAEs evaluated together: those of one file, model and hook (the entry's, else the
-    SAE's recorded ones; an SAE whose hook is unknown until it loads is a group of its own)."""
+@dataclass(frozen=True)
+class Group:
+    """SAEs evaluated together: those of one model and hook (`hook` is the SAE's name where its hook
+    is unknown until it loads, a group of its own)."""
+
+    model: str
+    hook: str
+
+
+def group_of(loaded: LoadedThresholds, entry: SAEEntry) -> Group:
+    """An SAE's group: the entry's model and hook, else those its cfg.json records."""
     seen = recorded(loaded, entry) if entry.hook is None or not (entry.model or loaded.config.eval.model) else {}
     model = Path(entry.model or loaded.config.eval.model or seen.get("model") or "").name
-    hook = entry.hook or seen.get("hook") or entry.display_name
-    return f"{loaded.path.stem}:{model}:{hook}"
+    return Group(model, entry.hook or seen.get("hook") or entry.display_name)
 
 
-def groups(loaded: LoadedThresholds) -> dict[str, list[str]]:
-    """SAE names by group key, in file order."""
-    out: dict[str, list[str]] = {}
+def groups(loaded: LoadedThresholds) -> dict[Group, list[str]]:
+    """SAE names by group, in file order."""
+    out: dict[Group, list[str]] = {}
     for entry in loaded.config.sae:
-        out.setdefault(group_key(loaded, entry), []).append(entry.display_name)
+        out.setdefault(group_of(loaded, entry), []).append(entry.display_name)
     return out
 
 
@@ -108,13 +116,13 @@ def group_cost(n_saes: int) -> int:
     return ABLATION_TAILS + n_saes
 
 
-def units(loaded: LoadedThresholds, by_group: dict[str, list[str]]) -> list[list[str]]:
+def units(loaded: LoadedThresholds, by_group: dict[Group, list[str]]) -> list[list[Group]]:
     """Groups (`by_group`, from `groups`) joined by the splices that span them: what one machine
-    or worker must evaluate together. In file order; each a list of group keys."""
+    or worker must evaluate together. In file order."""
     of_name = {name: key for key, names in by_group.items() for name in names}
     parent = {key: key for key in by_group}
 
-    def root(key: str) -> str:
+    def root(key: Group) -> Group:
         while parent[key] != key:
             key = parent[key]
         return key
@@ -123,23 +131,23 @@ def units(loaded: LoadedThresholds, by_group: dict[str, list[str]]) -> list[list
         members = [of_name[name] for name in splice.saes if name in of_name]
         for other in members[1:]:
             parent[root(other)] = root(members[0])
-    joined: dict[str, list[str]] = {}
+    joined: dict[Group, list[Group]] = {}
     for key in by_group:
         joined.setdefault(root(key), []).append(key)
     return list(joined.values())
 
 
-def share(loaded: LoadedThresholds, shard: Shard) -> list[str]:
-    """The SAE names of `shard`, in file order: the same answer on every machine."""
+def shard_members(loaded: LoadedThresholds, shard: Shard) -> list[str]:
+    """The SAE names `shard` evaluates, in file order: the same answer on every machine."""
     by_group, joined, runs = _cut(loaded, shard.count, budget=SHARD_SPLIT_BUDGET)
     mine = {key for i in runs[shard.index - 1] for key in joined[i]}
     return [name for key, names in by_group.items() if key in mine for name in names]
 
 
 def xdist_runs(loaded: LoadedThresholds, workers: int) -> dict[str, int]:
-    """Every SAE name and splice key (`splice:<name>`) -> the run (of at most `workers`) that
-    evaluates it: the xdist scope, whose SAEs and splices a worker evaluates together, one
-    pass per model."""
+    """Every SAE name and splice key (`splice:<name>`) -> the xdist run (of at most `workers`)
+    that evaluates it: the scope whose SAEs and splices a worker evaluates together, one pass
+    per model."""
     by_group, joined, runs = _cut(loaded, workers, budget=XDIST_SPLIT_BUDGET)
     run_of = {name: r for r, run in enumerate(runs) for i in run for key in joined[i] for name in by_group[key]}
     run_of.update({splice.key: run_of[splice.saes[0]] for splice in loaded.config.splice})
@@ -148,12 +156,12 @@ def xdist_runs(loaded: LoadedThresholds, workers: int) -> dict[str, int]:
 
 def _cut(
     loaded: LoadedThresholds, count: int, budget: float | None
-) -> tuple[dict[str, list[str]], list[list[str]], list[list[int]]]:
+) -> tuple[dict[Group, list[str]], list[list[Group]], list[list[int]]]:
     """The file's groups, its units, and their cut into `count` runs (indices into the units)."""
     by_group = groups(loaded)
     joined = units(loaded, by_group)
     costs = [sum(group_cost(len(by_group[key])) for key in unit) for unit in joined]
-    models = [{key.split(":")[1] for key in unit} for unit in joined]
+    models = [{key.model for key in unit} for unit in joined]
     return by_group, joined, partition(costs, models, count, budget)
 
 

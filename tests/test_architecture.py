@@ -18,6 +18,7 @@ PACKAGES = {
 LAZY_ON_PURPOSE = {
     ("pytest_sae_acceptance.items", "pytest_sae_acceptance.session"),  # torch only once an SAE item runs
     ("pytest_sae_acceptance.plugin", "pytest_sae_acceptance.scheduling"),  # pytest-xdist is optional
+    ("pytest_sae_acceptance.plugin", "pytest_sae_acceptance.outputs"),  # the gate's writers only once there is a gate
 }
 
 

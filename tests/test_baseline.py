@@ -20,6 +20,12 @@ from sae_acceptance.stats import (
 RUN = ("thresholds.toml", "-p", "no:cacheprovider", "--sae-no-progress")
 
 
+def _settings():
+    from sae_acceptance.config import EvalSettings
+
+    return EvalSettings(data="tokens.npy", n_sequences=12, bootstrap_resamples=100)
+
+
 def test_same_saes_against_their_own_baseline_change_by_exactly_zero(pytester, gate):  # noqa: F811
     gate()
     pytester.runpytest("--sae-update-baseline", *RUN)  # the flag takes no value: the path after it stays a path
@@ -144,19 +150,19 @@ def test_every_metric_with_a_direction_has_a_non_negative_default_tolerance():
     assert METRICS["ce_rec"].tolerance == 0.01 and METRICS["dense_frac"].tolerance == 0.01
 
 
-def test_a_baseline_entry_gives_back_every_regressable_metric():
-    """Stored sums round-trip through JSON: every metric a regression item can check comes back
+def test_a_baseline_entry_gives_back_every_regressable_metric(tmp_path):
+    """Stored sums round-trip through the files: every metric a regression item can check comes back
     exactly (mse_mean included, which divides by d_in); r2 needs the activation sums, not stored."""
-    from sae_acceptance.baseline import entry_for, sums_from_entry
-    from sae_acceptance.evaluate import SAEResult
+    from sae_acceptance.baseline import entry_for, load_baseline, write_baseline
     from sae_acceptance.metrics import METRICS, SUM_NAMES
+    from sae_acceptance.results import SAEResult
 
     rng = np.random.default_rng(3)
     n, d_in = 12, 48
     scalars = {name: rng.uniform(1.0, 50.0, n) for name in SUM_NAMES}
     sums = SequenceSums(scalars, rng.integers(0, 9, 64), d_in, rng.normal(size=(n, d_in)))
-    entry = json.loads(json.dumps(entry_for(SAEResult(name="x", path="x", sums=sums), {})))
-    back = sums_from_entry(entry, "baseline.json").metrics()
+    path = write_baseline(tmp_path / "b.json", {"x": entry_for(SAEResult(name="x", path="x", sums=sums), _settings())})
+    back = load_baseline(path).entries["x"].sums.metrics()
     original = sums.metrics()
     regressable = [m for m, spec in METRICS.items() if spec.higher_is_better is not None and spec.has_ci]
     assert "mse_mean" in regressable
@@ -179,7 +185,7 @@ def test_model_identity_sees_the_weights_not_only_their_shapes(tmp_path, tiny_ch
     """A retrained checkpoint of the same shape is another model, for baselines and sweep caches."""
     import shutil
 
-    from sae_acceptance.sources.model import model_identity
+    from sae_acceptance.sources.identity import model_identity
     from sae_acceptance.train.sweep import cache_key, load_profile
 
     copy = shutil.copytree(tiny_checkpoint, tmp_path / "model")
@@ -196,6 +202,7 @@ def test_model_identity_sees_the_weights_not_only_their_shapes(tmp_path, tiny_ch
 def _entries(seed: int = 0, names=("a", "b"), n: int = 20, d_sae: int = 300) -> dict:
     """Baseline entries of synthetic results, through the product's `baseline_entries`."""
     from sae_acceptance.baseline import baseline_entries
+    from sae_acceptance.config import EvalSettings
     from sae_acceptance.metrics import SUM_NAMES
     from sae_acceptance.results import EvalReport, SAEResult
     from sae_acceptance.stats import BootstrapSettings, bootstrap_intervals
@@ -216,12 +223,12 @@ def _entries(seed: int = 0, names=("a", "b"), n: int = 20, d_sae: int = 300) -> 
             metrics=metrics,
             sums=sums,
         )
-    settings = {"dtype": "float32", "n_sequences": n, "bootstrap": {"resamples": 50}}
-    return baseline_entries(EvalReport(settings, {}, saes))
+    settings = EvalSettings(data="tokens.npy", n_sequences=n, bootstrap_resamples=100)
+    return baseline_entries(EvalReport({}, {}, saes), settings)
 
 
 def test_format_3_round_trips_and_reads_one_block_per_sae(tmp_path):
-    from sae_acceptance.baseline import load_baseline, sidecar_path, sums_from_entry, write_baseline
+    from sae_acceptance.baseline import load_baseline, sidecar_path, write_baseline
 
     entries = _entries()
     path = write_baseline(tmp_path / "b.baseline.json", entries)
@@ -229,37 +236,42 @@ def test_format_3_round_trips_and_reads_one_block_per_sae(tmp_path):
     text = path.read_text()
     assert json.loads(text)["version"] == 3 and '"scalars"' not in text  # the sums live in the sidecar
     assert text.count('"fingerprint"') == 2 and '        "ce_rec": {"value": ' in text  # a line per metric
-    back = load_baseline(path).saes
+    back = load_baseline(path).entries
     for name, entry in entries.items():
-        a, b = sums_from_entry(entry, "x"), sums_from_entry(back[name], "x")
+        a, b = entry.sums, back[name].sums
         assert a.d_in == b.d_in and np.array_equal(a.fired, b.fired) and b.fired.dtype == np.int64
         assert set(a.scalars) == set(b.scalars)
         assert all(np.array_equal(a.scalars[k], b.scalars[k]) for k in a.scalars)  # bit for bit
-        assert back[name]["metrics"] == json.loads(json.dumps(entry["metrics"]))
+        assert back[name].metrics == json.loads(json.dumps(entry.metrics))
     with np.load(sidecar_path(path), allow_pickle=False) as archive:  # a plain .npz, no pickles
         assert sorted(archive.files) == sorted(f"{n}::{k}" for n in entries for k in ("names", "sums", "fired"))
 
 
 def test_a_format_2_baseline_is_read_and_converted_on_the_next_update(tmp_path):
-    from sae_acceptance.baseline import (
-        load_baseline,
-        sidecar_path,
-        sums_from_entry,
-        update_baseline,
-    )
+    from sae_acceptance.baseline import load_baseline, sidecar_path, update_baseline
 
     entries = _entries()
+    inline = {  # format 2: sums inline as lists
+        name: {
+            "fingerprint": e.fingerprint,
+            "metrics": {m: {"value": v} for m, v in e.metrics.items()},
+            "sums": {
+                "d_in": e.sums.d_in,
+                "scalars": {k: v.tolist() for k, v in e.sums.scalars.items()},
+                "fired": e.sums.fired.tolist(),
+            },
+        }
+        for name, e in entries.items()
+    }
     path = tmp_path / "old.json"
-    path.write_text(json.dumps({"format": "sae-acceptance-baseline", "version": 2, "saes": entries}))
-    old = load_baseline(path).saes
-    assert np.array_equal(sums_from_entry(old["a"], "x").fired, np.asarray(entries["a"]["sums"]["fired"]))
+    path.write_text(json.dumps({"format": "sae-acceptance-baseline", "version": 2, "saes": inline}))
+    old = load_baseline(path).entries
+    assert np.array_equal(old["a"].sums.fired, entries["a"].sums.fired)
     update_baseline(path, _entries(seed=1, names=("c",)))
     assert json.loads(path.read_text())["version"] == 3 and sidecar_path(path).exists()
-    new = load_baseline(path).saes
+    new = load_baseline(path).entries
     assert sorted(new) == ["a", "b", "c"]
-    assert np.array_equal(
-        sums_from_entry(new["b"], "x").scalars["ce_recon"], entries["b"]["sums"]["scalars"]["ce_recon"]
-    )
+    assert np.array_equal(new["b"].sums.scalars["ce_recon"], entries["b"].sums.scalars["ce_recon"])
 
 
 def test_an_unchanged_refresh_is_byte_identical_and_a_moved_sae_changes_only_its_block(tmp_path):
@@ -271,12 +283,12 @@ def test_an_unchanged_refresh_is_byte_identical_and_a_moved_sae_changes_only_its
     update_baseline(path, _entries())
     assert (path.read_bytes(), sidecar_path(path).read_bytes()) == before
     nudged = _entries()  # within the tolerance: the stored entry stays, sums and all
-    nudged["a"]["metrics"]["ce_rec"]["value"] *= 1 + UNCHANGED_RTOL / 10
-    nudged["a"]["sums"]["fired"][0] += 1
+    nudged["a"].metrics["ce_rec"] *= 1 + UNCHANGED_RTOL / 10
+    nudged["a"].sums.fired[0] += 1
     update_baseline(path, nudged)
     assert (path.read_bytes(), sidecar_path(path).read_bytes()) == before
     moved = _entries()
-    moved["b"]["metrics"]["cosine"]["value"] *= 1 + 100 * UNCHANGED_RTOL
+    moved["b"].metrics["cosine"] *= 1 + 100 * UNCHANGED_RTOL
     update_baseline(path, moved)
     old, new = before[0].decode().splitlines(), path.read_text().splitlines()
     changed = [i for i, (x, y) in enumerate(zip(old, new, strict=True)) if x != y]
@@ -308,7 +320,8 @@ def test_a_corrupt_sidecar_is_one_line_and_a_corrupt_baseline_is_replaced_only_w
     with pytest.raises(BaselineError, match=r"b\.npz: missing"):
         load_baseline(path)
     path.write_text("{not json")
-    with pytest.raises(BaselineError, match=r"b\.json:1: not valid JSON.*not overwritten: --sae-update-baseline=force"):
+    with pytest.raises(BaselineError, match=r"b\.json:1: not valid JSON.*not overwritten") as refused:
         update_baseline(path, _entries())
+    assert refused.value.remedy == "force"
     update_baseline(path, _entries(), force=True)
-    assert sorted(load_baseline(path).saes) == ["a", "b"]
+    assert sorted(load_baseline(path).entries) == ["a", "b"]

@@ -20,9 +20,10 @@ import pytest
 import torch
 from conftest import random_topk_sae
 
-from sae_acceptance.baseline import load_baseline, update_baseline
+from sae_acceptance.baseline import BaselineEntry, load_baseline, update_baseline
 from sae_acceptance.io import locked, write_atomic
 from sae_acceptance.sources.sae_io import load_sae, save_sae
+from sae_acceptance.stats import SequenceSums
 
 DELAYS_S = (0.0, 0.003, 0.02, 0.08)  # after the child's first complete write
 N_SEQ = 20_000  # per-sequence sums big enough that a write takes a few milliseconds
@@ -37,24 +38,18 @@ def _check_report(path: Path) -> None:
     assert len(report["payload"]) == 2_000_000
 
 
-def _entry(i: int) -> dict:
+def _entry(i: int) -> BaselineEntry:
     rng = np.random.default_rng(i)
-    return {
-        "fingerprint": {
-            "tokens": "t",
-            "model": "m",
-            "hook": "h",
-            "dtype": "float32",
-            "excluded_ids": [],
-            "n_sequences": N_SEQ,
-        },
-        "metrics": {"ce_rec": {"value": 0.5 + i * 1e-3, "ci": [0.4, 0.6]}},
-        "sums": {
-            "d_in": 4,
-            "scalars": {"ce_orig": rng.random(N_SEQ).tolist(), "n_tokens": [64.0] * N_SEQ},
-            "fired": rng.integers(0, 9, 256).tolist(),
-        },
+    fingerprint = {
+        "tokens": "t",
+        "model": "m",
+        "hook": "h",
+        "dtype": "float32",
+        "excluded_ids": [],
+        "n_sequences": N_SEQ,
     }
+    scalars = {"ce_orig": rng.random(N_SEQ), "n_tokens": np.full(N_SEQ, 64.0)}
+    return BaselineEntry(fingerprint, {"ce_rec": 0.5 + i * 1e-3}, SequenceSums(scalars, rng.integers(0, 9, 256), 4))
 
 
 def _baseline(path: Path, i: int) -> None:
@@ -62,8 +57,8 @@ def _baseline(path: Path, i: int) -> None:
 
 
 def _check_baseline(path: Path) -> None:
-    entry = load_baseline(path).saes["sae"]
-    assert len(entry["sums"]["scalars"]["ce_orig"]) == N_SEQ
+    entry = load_baseline(path).entries["sae"]
+    assert len(entry.sums.scalars["ce_orig"]) == N_SEQ
 
 
 def _cache(path: Path, i: int) -> None:

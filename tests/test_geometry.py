@@ -13,17 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from scipy.stats import ortho_group
 
 from sae_acceptance.config import CanyonSettings
-from sae_acceptance.errors import ConfigError, SourceError
-from sae_acceptance.geometry import (
-    CanyonRule,
-    CovarianceAccumulator,
-    LayerGeometry,
-    participation_ratio,
-    pr_from_covariance,
-)
+from sae_acceptance.covariance import CovarianceAccumulator
+from sae_acceptance.errors import SourceError
+from sae_acceptance.geometry import LayerGeometry, participation_ratio, pr_from_covariance
 from sae_acceptance.pr_profile import (
     format_profile_table,
     plot_pr_profile,
@@ -174,7 +170,7 @@ def test_shards_with_different_means_and_empty_raises():
 
 def test_canyon_rule_on_the_published_points():
     rows = list(csv.DictReader((DATA / "pr_raw.csv").open()))
-    rule = CanyonRule()
+    rule = CanyonSettings()
     flagged = set()
     for row in rows:
         ratio = float(row["pr"]) / int(row["d_model"])
@@ -186,15 +182,14 @@ def test_canyon_rule_on_the_published_points():
 
 
 def test_canyon_rule_uses_the_chosen_ratio():
-    assert CanyonRule(0.02, "raw").flags(0.01, 0.5) and not CanyonRule(0.02, "raw").flags(0.5, 0.01)
-    assert CanyonRule(0.02, "deflated").flags(0.5, 0.01) and not CanyonRule(0.02, "deflated").flags(0.01, 0.5)
-    assert not CanyonRule().flags(math.nan, math.nan)
-    with pytest.raises(ConfigError, match="raw"):
-        CanyonRule(use="top")
-    with pytest.raises(ConfigError, match="threshold"):
-        CanyonRule(1.5)
-    settings = CanyonSettings()  # the one home of the rule's defaults
-    assert CanyonRule() == CanyonRule(settings.threshold, settings.use) == CanyonRule.from_settings(settings)
+    raw, deflated = CanyonSettings(threshold=0.02, use="raw"), CanyonSettings(threshold=0.02, use="deflated")
+    assert raw.flags(0.01, 0.5) and not raw.flags(0.5, 0.01)
+    assert deflated.flags(0.5, 0.01) and not deflated.flags(0.01, 0.5)
+    assert not CanyonSettings().flags(math.nan, math.nan)
+    with pytest.raises(ValidationError, match="raw"):
+        CanyonSettings(use="top")
+    with pytest.raises(ValidationError, match="threshold"):
+        CanyonSettings(threshold=1.5)
 
 
 # --- profile on a tiny HookedTransformer -------------------------------------------
@@ -269,21 +264,23 @@ def test_pr_profile_honours_the_counted_mask(tiny_ht, tokens, reference_acts):
 
 
 def test_pr_profile_layer_subset_and_errors(tiny_ht, tokens):
-    profile = pr_profile(tiny_ht, tokens, layers=[1], rule=CanyonRule(0.9), progress=False)
+    profile = pr_profile(
+        tiny_ht, tokens, layers=[1], batch_size=8, canyon=CanyonSettings(threshold=0.9), progress=False
+    )
     assert [g.layer for g in profile] == [1] and profile[0].canyon and profile[0].rule.threshold == 0.9
     with pytest.raises(SourceError, match="resid_post"):
-        pr_profile(tiny_ht, tokens, hook_type="resid_pots", progress=False)
+        pr_profile(tiny_ht, tokens, batch_size=8, hook_type="resid_pots", progress=False)
     with pytest.raises(SourceError, match="layers"):
-        pr_profile(tiny_ht, tokens, layers=[3], progress=False)
+        pr_profile(tiny_ht, tokens, batch_size=8, layers=[3], progress=False)
     with pytest.raises(SourceError, match="excluded"):
-        pr_profile(tiny_ht, tokens, torch.zeros_like(tokens, dtype=torch.bool), progress=False)
+        pr_profile(tiny_ht, tokens, torch.zeros_like(tokens, dtype=torch.bool), batch_size=8, progress=False)
 
 
 # --- outputs ----------------------------------------------------------------------
 
 
 def _profile() -> list[LayerGeometry]:
-    rule = CanyonRule()
+    rule = CanyonSettings()
     spectra = [np.linspace(1, 2, 64), np.r_[400.0, np.ones(63)], np.r_[4000.0, np.ones(63)]]
     return [LayerGeometry.measure(f"blocks.{i}.hook_resid_post", i, rotated(s, i), rule) for i, s in enumerate(spectra)]
 
@@ -296,7 +293,10 @@ def test_profile_to_json_schema():
     assert [set(row) for row in out["layers"]] == [{"layer", "hook", "pr", "pr_deflated", "pr_ratio", "canyon"}] * 3
     assert [row["canyon"] for row in out["layers"]] == [False, False, True]
     json.dumps(out, allow_nan=False)
-    assert profile_to_json("t", _profile(), CanyonRule(0.5, "deflated"), "x")["rule"]["use"] == "deflated"
+    assert (
+        profile_to_json("t", _profile(), CanyonSettings(threshold=0.5, use="deflated"), "x")["rule"]["use"]
+        == "deflated"
+    )
 
 
 def test_table_and_plot(tmp_path):
@@ -310,5 +310,5 @@ def test_table_and_plot(tmp_path):
         f"{_profile()[0].pr_ratio:.4f}",
         "no",
     ]
-    path = plot_pr_profile(_profile(), tmp_path / "sub" / "pr.png", CanyonRule(), title="tiny")
+    path = plot_pr_profile(_profile(), tmp_path / "sub" / "pr.png", CanyonSettings(), title="tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,12 +13,11 @@ import pytest
 from conftest import identity_sae, random_topk_sae
 from PIL import Image
 
-from sae_acceptance.baseline import RegressionCheck
 from sae_acceptance.config import thresholds_from_mapping
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.html_report import write_html
-from sae_acceptance.report import latents_of
 from sae_acceptance.sources.sae_io import save_sae
+from sae_acceptance.verdict import RegressionCheck, Status
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
@@ -82,10 +81,9 @@ def page(tmp_path_factory, tiny_checkpoint, tiny_tokens_file):
         base=root,
     )
     report = evaluate(loaded, progress=False)
-    checks = [
-        ("good", RegressionCheck("ce_rec", True, False, "ce_rec 1.0000 -> 1.0000: change +0.0000", 0.0, (0.0, 0.0)))
-    ]
-    path = write_html(root / "report.html", report, latents_of(report), checks)
+    message = "ce_rec 1.0000 -> 1.0000: change +0.0000"
+    report.saes["good"].regressions = {"ce_rec": RegressionCheck("ce_rec", Status.OK, message, 0.0, (0.0, 0.0))}
+    path = write_html(root / "report.html", report)
     return path, report
 
 

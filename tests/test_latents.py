@@ -10,7 +10,7 @@ from conftest import D_MODEL
 from sae_acceptance.config import thresholds_from_mapping
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.metrics import dead_fraction, dense_fraction, latent_densities
-from sae_acceptance.report import densities_path, latents_of, write_densities
+from sae_acceptance.report import densities_path, write_densities
 from sae_acceptance.sources.sae import SAE
 from sae_acceptance.sources.sae_io import save_sae
 from sae_acceptance.sources.tokens import counted_mask
@@ -78,7 +78,7 @@ def test_dense_and_dead_fractions_match_a_hand_count(
     assert report.settings["dense_threshold"] == threshold
 
     json_path = tmp_path / "out" / "report.json"
-    (written,) = write_densities(json_path, latents_of(report), threshold)
+    (written,) = write_densities(json_path, report)
     assert written == densities_path(json_path, "crafted") == tmp_path / "out" / "report.crafted.densities.npz"
     with np.load(written) as stored:
         np.testing.assert_allclose(stored["density"], expected_fired / n)

@@ -9,9 +9,9 @@ import xml.etree.ElementTree as ET
 from conftest import identity_sae, random_topk_sae
 
 from sae_acceptance.baseline import load_baseline
-from sae_acceptance.cli import main
+from sae_acceptance.cli import CLI_FLAGS, main
 from sae_acceptance.config import load_thresholds
-from sae_acceptance.gate import run_gate
+from sae_acceptance.gate import exit_status, run_gate
 from sae_acceptance.sources.sae_io import save_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -57,18 +57,17 @@ def pytest_outcomes(junit) -> dict[tuple[str, str], str]:
     return outcomes
 
 
-def library_outcomes(run) -> dict[tuple[str, str], str]:
+def library_outcomes(report) -> dict[tuple[str, str], str]:
     """The same table from `run_gate`: what the CLI decides its exit status on."""
     outcomes = {}
-    for name, result in run.report.saes.items():
+    for name, result in report.saes.items():
         for metric in result.verdicts:
             decided = result.outcome(metric)
             outcomes[(name, metric)] = (
                 "xfailed" if decided.status.name == "CAUGHT" else "passed" if decided.as_expected else "failed"
             )
         outcomes[(name, "r2")] = "passed"
-    for name, checks in run.regressions.items():
-        for metric, check in checks.items():
+        for metric, check in result.regressions.items():
             outcomes[(name, f"regression_{metric}")] = (
                 "skipped" if check.skipped else "passed" if check.passed else "failed"
             )
@@ -84,14 +83,14 @@ def test_cli_and_pytest_run_the_same_gate_on_a_regression(pytester, tiny_checkpo
 
     # The baseline, written by each: the same entries.
     assert main(["eval", "--config", str(toml), "--update-baseline", "--no-progress"]) == 0
-    by_cli = load_baseline(root / "thresholds.baseline.json").saes
+    by_cli = load_baseline(root / "thresholds.baseline.json").entries
     (root / "thresholds.baseline.json").unlink()
     assert pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-update-baseline").ret == 0
-    by_pytest = load_baseline(root / "thresholds.baseline.json").saes
+    by_pytest = load_baseline(root / "thresholds.baseline.json").entries
     assert set(by_cli) == set(by_pytest) == {"release", "control"}
     for name in by_cli:
-        assert by_cli[name]["metrics"] == by_pytest[name]["metrics"]
-        assert by_cli[name]["fingerprint"] == by_pytest[name]["fingerprint"]
+        assert by_cli[name].metrics == by_pytest[name].metrics
+        assert by_cli[name].fingerprint == by_pytest[name].fingerprint
 
     # The release is retrained worse (fewer latents): its regression item fails under both.
     save_sae(random_topk_sae(k=8, hook=HOOK), root / "saes" / "release")
@@ -102,17 +101,19 @@ def test_cli_and_pytest_run_the_same_gate_on_a_regression(pytester, tiny_checkpo
     assert cli_status == result.ret == 1, printed + result.stdout.str()
     assert "REGRESSED" in printed and "FAIL  release: regression: ce_rec" in printed
 
-    run = run_gate(load_thresholds(toml), root / "thresholds.baseline.json", progress=False)
-    expected = library_outcomes(run)
+    report = run_gate(
+        load_thresholds(toml), load_baseline(root / "thresholds.baseline.json"), CLI_FLAGS, progress=False
+    )
+    expected = library_outcomes(report)
     assert expected[("release", "regression_ce_rec")] == "failed"
     assert expected[("control", "ce_rec")] == "xfailed"
     assert pytest_outcomes(root / "junit.xml") == expected
-    assert run.exit_status == 1
+    assert exit_status(report) == 1
 
     # The same JSON report's verdicts under both.
     cli_report = json.loads((root / "cli.json").read_text())
     assert {n: s["verdicts"]["ce_rec"]["passed"] for n, s in cli_report["saes"].items()} == {
-        "release": run.report.saes["release"].verdicts["ce_rec"].passed,
+        "release": report.saes["release"].verdicts["ce_rec"].passed,
         "control": False,
     }
 

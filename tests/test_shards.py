@@ -23,10 +23,10 @@ from sae_acceptance.shard import (
     ORIGINAL_PASS,
     SHARD_SPLIT_BUDGET,
     Shard,
-    group_key,
+    group_of,
     groups,
     partition,
-    share,
+    shard_members,
     xdist_runs,
 )
 from sae_acceptance.sources.sae_io import save_sae
@@ -76,13 +76,13 @@ def test_groups_follow_the_recorded_hook_and_shares_keep_them_whole(grid, tmp_pa
     loaded = load_thresholds(grid)
     found = groups(loaded)
     assert [sorted(names) for names in found.values()] == [["h0-k0", "h0-k1", "h0-k2"], ["h1-k0", "h1-k1", "h1-k2"]]
-    assert [key.rsplit(":", 1)[1] for key in found] == list(HOOKS)  # from cfg.json, not the names
+    assert [key.hook for key in found] == list(HOOKS)  # from cfg.json, not the names
     for count in (1, 2, 3, 5):
-        shares = [share(loaded, Shard(i, count)) for i in range(1, count + 1)]
+        shares = [shard_members(loaded, Shard(i, count)) for i in range(1, count + 1)]
         assert sorted(n for s in shares for n in s) == sorted(n for names in found.values() for n in names)
         for names in found.values():  # a group lies in exactly one share
             assert sum(set(names) <= set(s) for s in shares) == 1
-        assert shares == [share(load_thresholds(grid), Shard(i, count)) for i in range(1, count + 1)]
+        assert shares == [shard_members(load_thresholds(grid), Shard(i, count)) for i in range(1, count + 1)]
         # one model's two thin groups stay on one shard: a second would repeat its original pass (+20%)
         assert [bool(s) for s in shares] == [True] + [False] * (count - 1)
     # xdist keeps one model's two thin groups together: a second original pass would add 20%
@@ -90,13 +90,13 @@ def test_groups_follow_the_recorded_hook_and_shares_keep_them_whole(grid, tmp_pa
     # A layout whose cfg.json names no hook (sparsify's) is its own group, under its name.
     (tmp_path / "saes" / "h0-k0" / "cfg.json").write_text(json.dumps({"k": 4}))
     entry = next(e for e in load_thresholds(grid).config.sae if e.name == "h0-k0")
-    assert group_key(load_thresholds(grid), entry).endswith(":h0-k0")
+    assert group_of(load_thresholds(grid), entry).hook == "h0-k0"
 
 
 def test_shards_split_a_model_only_where_the_repeated_pass_is_cheap(two_model_grid):
     loaded = load_thresholds(two_model_grid)
     for count in (2, 3, 5):  # two models: a shard each, nothing repeated; the rest empty
-        shares = [share(loaded, Shard(i, count)) for i in range(1, count + 1)]
+        shares = [shard_members(loaded, Shard(i, count)) for i in range(1, count + 1)]
         assert shares[:2] == [[f"h{h}-k{i}" for i in range(3)] for h in (0, 1)] and not any(shares[2:])
     thin, release = [4] * 6, [7] * 12  # thin: 3 SAEs a hook; release: 6 (one model per half)
     assert partition(thin, [{"a"}] * 3 + [{"b"}] * 3, 3, budget=SHARD_SPLIT_BUDGET) == [[0, 1, 2], [3, 4, 5], []]
@@ -179,8 +179,9 @@ def _eval(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_path, capsys):
+def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_path, capsys, monkeypatch):
     grid = two_model_grid  # two models: shards 1 and 2 take one each, shard 3 is empty
+    monkeypatch.chdir(tmp_path)  # every run from one workspace, as CI jobs are (entries record their file from it)
     shards = [
         _eval(
             [
@@ -237,15 +238,15 @@ def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_
     assert {json.loads((tmp_path / f"s{i}.json").read_text())["shard"]["count"] for i in (1, 2, 3)} == {3}
     empty = json.loads((tmp_path / "s3.json").read_text())
     assert empty["saes"] == {} and empty["shard"] == {"index": 3, "count": 3, "saes": []}
-    assert load_baseline(tmp_path / "part3.json").saes == {}
-    assert "shard 3/3: no SAEs in this share" in shards[2].stdout.read()
+    assert load_baseline(tmp_path / "part3.json").entries == {}
+    assert "shard 3/3: no SAEs in this shard" in shards[2].stdout.read()
     # the folded baseline parts hold the single run's sums
-    a = load_baseline(tmp_path / "single.baseline.json").saes
-    b = load_baseline(tmp_path / "merged.baseline.json").saes
+    a = load_baseline(tmp_path / "single.baseline.json").entries
+    b = load_baseline(tmp_path / "merged.baseline.json").entries
     assert set(a) == set(b) == set(one["saes"])
     for name in a:
-        assert np.array_equal(a[name]["sums"]["fired"], b[name]["sums"]["fired"])
-        assert all(np.array_equal(v, b[name]["sums"]["scalars"][k]) for k, v in a[name]["sums"]["scalars"].items())
+        assert np.array_equal(a[name].sums.fired, b[name].sums.fired)
+        assert all(np.array_equal(v, b[name].sums.scalars[k]) for k, v in a[name].sums.scalars.items())
 
     # a missing shard, and one that was cut short: one line naming it, exit 2
     assert main(["merge", str(tmp_path / "s1.json"), str(tmp_path / "s3.json")]) == 2
@@ -263,7 +264,7 @@ def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_
 
 
 def share_names(grid: Path, index: int) -> list[str]:
-    return share(load_thresholds(grid), Shard(index, 3))
+    return shard_members(load_thresholds(grid), Shard(index, 3))
 
 
 def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_file):
@@ -308,7 +309,7 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
         )
         assert empty.ret == 0, empty.stdout.str()[-2000:]
         empty.stdout.fnmatch_lines(
-            ["*sae-acceptance: shard 3/3: no SAEs in this share*beyond the 5% budget); nothing to do*"]
+            ["*sae-acceptance: shard 3/3: no SAEs in this shard*beyond the 5% budget); nothing to do*"]
         )
         report = json.loads((pytester.path / f"s3-{workers}.json").read_text())
         assert report == {
@@ -318,7 +319,7 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
             "splices": {},
             "shard": {"index": 3, "count": 3, "saes": []},
         }
-        assert load_baseline(pytester.path / f"part3-{workers}.json").saes == {}
+        assert load_baseline(pytester.path / f"part3-{workers}.json").entries == {}
     bad = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-shard", "4/3")
     assert bad.ret == 4
     bad.stderr.fnmatch_lines(["*--sae-shard: shard '4/3': expected I/N with 1 <= I <= N*"])
@@ -347,7 +348,7 @@ def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_ch
     )
     pytester.makeconftest(COUNTING)
     loaded = load_thresholds(grid)
-    shares = [share(loaded, Shard(i, 2)) for i in (1, 2)]
+    shares = [shard_members(loaded, Shard(i, 2)) for i in (1, 2)]
     assert sorted(map(sorted, shares)) == [["h0-k0", "h0-k1", "h0-k2", "h1-k0", "h1-k1", "h1-k2"], ["h2-k0", "h2-k1"]]
     runs, splices = [], []
     for i in (1, 2):  # each shard writes its own files: its report and its baseline part
@@ -410,7 +411,7 @@ def test_pytest_shards_evaluate_a_splice_once_with_its_members(pytester, tiny_ch
     )
     one, merged = (json.loads((pytester.path / f).read_text()) for f in ("single.json", "merged.json"))
     assert merged["saes"] == one["saes"] and merged["splices"] == one["splices"]
-    a, b = (load_baseline(pytester.path / f).saes for f in ("single.baseline.json", "merged.baseline.json"))
+    a, b = (load_baseline(pytester.path / f).entries for f in ("single.baseline.json", "merged.baseline.json"))
     assert sorted(a) == sorted(b) and "splice:pair" in a
     for name in a:
-        assert all(np.array_equal(v, b[name]["sums"]["scalars"][k]) for k, v in a[name]["sums"]["scalars"].items())
+        assert all(np.array_equal(v, b[name].sums.scalars[k]) for k, v in a[name].sums.scalars.items())

@@ -145,10 +145,14 @@ def test_baseline_entries_hold_every_splice_under_its_key(spliced):
     """The CLI and the plugin both write `baseline_entries(report)`: splices are in it, so
     `eval --config --update-baseline` gives splice regression items something to compare with."""
     from sae_acceptance.baseline import baseline_entries
+    from sae_acceptance.config import EvalSettings
 
     report, _ = spliced
-    entries = baseline_entries(report)
+    entries = baseline_entries(report, EvalSettings(**{k: v for k, v in report.settings.items() if k in EVAL_KEYS}))
     assert set(entries) == {"s0", "s1", "splice:both", "splice:alone"}
     joint = entries["splice:both"]
-    assert joint["fingerprint"]["hook"] == " + ".join(HOOKS)
-    assert joint["metrics"]["ce_rec"]["value"] == report.splices["both"].metrics["ce_rec"].value
+    assert joint.fingerprint["hook"] == " + ".join(HOOKS)
+    assert joint.metrics["ce_rec"] == report.splices["both"].metrics["ce_rec"].value
+
+
+EVAL_KEYS = ("data", "model", "n_sequences", "context_size", "batch_size", "bootstrap_resamples")

@@ -142,7 +142,7 @@ def test_sweep_shards_merged_are_the_single_run(monkeypatch, tmp_path, capsys):
     shares = [list(json.loads((tmp_path / f"s{i}" / "report.json").read_text())["shard"]["saes"]) for i in (1, 2)]
     assert all(shares) and not set(shares[0]) & set(shares[1])
     assert sweep("empty", "--shard", "4/4") == 0  # three grids, four shards
-    assert "shard 4/4: no SAEs in this share" in capsys.readouterr().out
+    assert "shard 4/4: no SAEs in this shard" in capsys.readouterr().out
     empty = json.loads((tmp_path / "empty" / "report.json").read_text())
     assert empty["saes"] == {} and empty["shard"] == {"index": 4, "count": 4, "saes": []}
     single = sweep("single")

@@ -90,9 +90,9 @@ def test_the_outcome_of_every_kind_of_item(case):
     decided = result.outcome("ce_rec")
     assert decided.status is status and decided.as_expected is expected and words in decided.message
     assert result.passed is expected
-    assert result.verdict_word == ("FAIL" if not expected else "CAUGHT (control)" if control else "PASS")
+    assert result.status.word == ("FAIL" if not expected else "CAUGHT (control)" if control else "PASS")
 
 
 def test_an_sae_without_bounds_is_measured_not_judged():
-    assert SAEResult(name="s", path="p").verdict_word == "no bounds"
-    assert SAEResult(name="s", path="p", error="bad").verdict_word == "ERROR"
+    assert SAEResult(name="s", path="p").status.word == "no bounds"
+    assert SAEResult(name="s", path="p", error="bad").status.word == "ERROR"

@@ -4,7 +4,8 @@
 (a warning where the PR canyon flags the layer), `::regression_<metric>` a
 paired comparison against the baseline; `thresholds.toml::splice:<name>::<metric>`
 the same for a `[[splice]]` group. Items read their outcome from the
-library (`SAEResult.outcome`, `compare_sae`); nothing is decided here.
+library (`EntryResult.outcome`, `gate.compare`); nothing is decided here. The
+baseline is read when the file is collected, before anything is evaluated.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import warnings
 
 import pytest
 
-from pytest_sae_acceptance.selection import SESSION_KEY, baseline_path
-from sae_acceptance.config import LoadedThresholds, load_thresholds
-from sae_acceptance.errors import ConfigError, R2ProxyWarning, SAEAcceptanceError
+from pytest_sae_acceptance.selection import PYTEST_FLAGS, SESSION_KEY, baseline_path, read_baseline
+from sae_acceptance.baseline import remedy
+from sae_acceptance.config import LoadedThresholds, SAEEntry, SpliceEntry, load_thresholds
+from sae_acceptance.errors import BaselineError, ConfigError, R2ProxyWarning, SAEAcceptanceError
+from sae_acceptance.results import EntryResult, SAEResult
 from sae_acceptance.verdict import Status
 
 
@@ -35,14 +38,20 @@ def sae_session(config: pytest.Config):
 
 
 class ThresholdsFile(pytest.File):
+    """A thresholds file: one collector per `[[sae]]` and `[[splice]]`."""
+
     def collect(self):
         try:
             loaded = load_thresholds(self.path)
         except ConfigError as err:
             raise self.CollectError(str(err)) from None
+        try:
+            read_baseline(self.config, loaded)
+        except BaselineError as err:
+            raise self.CollectError(remedy(err, PYTEST_FLAGS)) from None
         for i, entry in enumerate(loaded.config.sae):
             yield SAECollector.from_parent(
-                self, name=entry.display_name, loaded=loaded, entry=entry, line=loaded.line_of("sae", i)
+                self, name=entry.key, loaded=loaded, entry=entry, line=loaded.line_of("sae", i)
             )
         for i, splice in enumerate(loaded.config.splice):
             yield SpliceCollector.from_parent(
@@ -57,7 +66,7 @@ class _Collector(pytest.Collector):
     regression_item: type[pytest.Item]
     reported = ()  # ungated metrics that still get an item (an SAE's r2)
 
-    def __init__(self, *, loaded: LoadedThresholds, entry, line: int, **kwargs):
+    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry, line: int, **kwargs):
         super().__init__(**kwargs)
         self.loaded, self.entry, self.line = loaded, entry, line
         self.add_marker("sae")
@@ -72,26 +81,24 @@ class _Collector(pytest.Collector):
     def reportinfo(self):
         return self.path, self.line - 1, self.name
 
-    def fetch(self):
-        """The entry's result (`SAEResult` or `SpliceResult`), evaluated once per run."""
+    def evaluate_entry(self) -> EntryResult:
+        """The entry's result, evaluated once per run (with what shares its passes)."""
         raise NotImplementedError
 
 
 class SAECollector(_Collector):
+    """An `[[sae]]`: its gated metrics, its `r2`, its regression checks."""
+
     reported = ("r2",)
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-
-    def fetch(self):
-        return sae_session(self.config).result(self.loaded, self.entry.display_name)
+    def evaluate_entry(self) -> EntryResult:
+        return sae_session(self.config).result(self.loaded, self.entry.key)
 
 
 class SpliceCollector(_Collector):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    """A `[[splice]]`: its gated joint metrics and their regression checks."""
 
-    def fetch(self):
+    def evaluate_entry(self) -> EntryResult:
         return sae_session(self.config).splice(self.loaded, self.entry.name)
 
 
@@ -109,9 +116,9 @@ class _CheckItem(pytest.Item):
         super().__init__(**kwargs)
         self.metric = metric
 
-    def result(self):
+    def result(self) -> EntryResult:
         try:
-            result = self.parent.fetch()
+            result = self.parent.evaluate_entry()
         except SAEAcceptanceError as err:
             raise self.input_error(str(err)) from None
         except Warning as err:  # escalated by -W error: a failed check, in its own words
@@ -122,7 +129,7 @@ class _CheckItem(pytest.Item):
 
     def input_error(self, message: str) -> SAECheckFailed:
         """A check that could not run (bad input, not a failed gate): recorded as the item's
-        `sae_error` property, which makes the run's exit status 2 (`plugin.ExitStatus`)."""
+        `sae_error` property, which makes the run's exit status 2."""
         self.user_properties.append((INPUT_ERROR_PROPERTY, message))
         return SAECheckFailed(message)
 
@@ -144,18 +151,14 @@ class _MetricCheck(_CheckItem):
         self.user_properties += [(self.metric, metric.value)]
         if metric.ci is not None:
             self.user_properties += [(f"{self.metric}_ci_low", metric.ci[0]), (f"{self.metric}_ci_high", metric.ci[1])]
-        if self.metric == "r2":
+        if isinstance(result, SAEResult) and self.metric == "r2":
             if result.geometry is not None:
                 self.user_properties += [("pr", result.geometry.pr), ("pr_ratio", result.geometry.pr_ratio)]
             if result.r2_warning:
                 warnings.warn(R2ProxyWarning(result.r2_warning), stacklevel=1)
             return
         self.user_properties += [("passed", result.verdicts[self.metric].passed)]
-        decided = result.outcome(self.metric)
-        if decided.status is Status.CAUGHT:
-            pytest.xfail(decided.message)
-        if not decided.as_expected:
-            raise SAECheckFailed(decided.message)
+        _conclude(result.outcome(self.metric).status, result.outcome(self.metric).message)
 
 
 class _RegressionCheck(_CheckItem):
@@ -163,10 +166,9 @@ class _RegressionCheck(_CheckItem):
 
     def runtest(self) -> None:
         result = self.result()
-        owner = self.parent
         try:
-            check = sae_session(self.config).regression(owner.loaded, owner.entry, result, self.metric, key=owner.name)
-        except SAEAcceptanceError as err:  # a baseline that cannot be read or was measured on something else
+            check = sae_session(self.config).regression(self.parent.loaded, result, self.metric)
+        except SAEAcceptanceError as err:  # the entry was measured on something else than its baseline entry
             raise self.input_error(str(err)) from None
         self.user_properties += [(f"{self.metric}_change", check.change)]
         if check.ci is not None:
@@ -174,10 +176,17 @@ class _RegressionCheck(_CheckItem):
                 (f"{self.metric}_change_ci_low", check.ci[0]),
                 (f"{self.metric}_change_ci_high", check.ci[1]),
             ]
-        if check.skipped:
-            pytest.skip(check.message)
-        if not check.passed:
-            raise SAECheckFailed(check.message)
+        _conclude(check.status, check.message)
+
+
+def _conclude(status: Status, message: str) -> None:
+    """End an item as the status's pytest outcome says (`verdict.Status`)."""
+    if status.pytest_outcome == "xfailed":
+        pytest.xfail(message)
+    if status.pytest_outcome == "skipped":
+        pytest.skip(message)
+    if status.pytest_outcome == "failed":
+        raise SAECheckFailed(message)
 
 
 class _SAEItem(_CheckItem):

@@ -17,29 +17,24 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sae_acceptance.items import (
-    INPUT_ERROR_PROPERTY,
-    ThresholdsFile,
-    _SAEItem,
-    _SpliceItem,
-    sae_session,
-)
+from pytest_sae_acceptance.items import ThresholdsFile, _SAEItem, _SpliceItem, sae_session
 from pytest_sae_acceptance.selection import (
     SELECTED_KEY,
     SESSION_KEY,
     SHARDED_KEY,
     SPLICES_KEY,
-    empty_part,
+    Part,
     is_xdist_worker,
+    process_part,
 )
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import EXIT_ERROR, SAEAcceptanceError
-from sae_acceptance.shard import Shard, share
+from sae_acceptance.shard import Shard, shard_members
 from sae_acceptance.train import builtin_profiles
+from sae_acceptance.train.sweep_profile import DEFAULT_PROFILE
 
-ROWS_KEY = pytest.StashKey[list[dict]]()
-OUTPUT_ERROR_KEY = pytest.StashKey[str]()
-FAILED_KEY = pytest.StashKey["FailedChecks"]()
+PARTS_KEY = pytest.StashKey[list[Part]]()
+OUTCOME_KEY = pytest.StashKey["RunOutcome"]()
 ACTIVATING_OPTIONS = (
     "--sae-json",
     "--sae-baseline",
@@ -77,7 +72,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--sae-sweep",
         metavar="PROFILE",
         default=None,
-        help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml; default tiny)",
+        help=f"training profile for the sae_sweep fixture ({', '.join(builtin_profiles())}, or a .toml; "
+        f"default {DEFAULT_PROFILE})",
     )
     group.addoption(
         "--sae-sweep-cache", metavar="DIR", help="trained-SAE cache (default ~/.cache/sae-acceptance/sweeps)"
@@ -85,7 +81,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sae-no-progress", action="store_true", help="hide the evaluations' progress")
     group.addoption("--sae-html", metavar="PATH", help="write the self-contained HTML report here")
     group.addoption(
-        "--sae-shard", metavar="I/N", help="run share I of N of the SAEs (groups kept whole); the rest are deselected"
+        "--sae-shard", metavar="I/N", help="run shard I of N of the SAEs (units kept whole); the rest are deselected"
     )
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
     parser.addini("sae_thresholds_pattern", "file names collected as thresholds files", default="thresholds*.toml")
@@ -108,9 +104,6 @@ def asked_for(config: pytest.Config) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sae: an SAE acceptance check from a thresholds file")
-    if not is_xdist_worker(config):
-        config.stash[FAILED_KEY] = FailedChecks(config)
-        config.pluginmanager.register(config.stash[FAILED_KEY], "sae-acceptance-failed-checks")
     if isinstance(config.option.sae_shard, str):
         try:
             config.option.sae_shard = Shard.parse(config.option.sae_shard)
@@ -173,20 +166,20 @@ def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`--sae-shard I/N`: deselect the SAEs outside this share, and the splices whose members are."""
+    """`--sae-shard I/N`: deselect the SAEs outside this shard, and the splices whose members are."""
     shard = config.getoption("--sae-shard")
     if shard is None:
         return
-    shares, sharded = {}, config.stash.setdefault(SHARDED_KEY, {})
+    members, sharded = {}, config.stash.setdefault(SHARDED_KEY, {})
     keep, dropped = [], []
     for item in items:
-        if isinstance(item, (_SAEItem, _SpliceItem)):
-            loaded = item.sae.loaded if isinstance(item, _SAEItem) else item.splice.loaded
-            if loaded.path not in shares:
-                names = share(loaded, shard)
-                shares[loaded.path], sharded[loaded.path] = set(names), (loaded, names)
-            members = [item.sae.entry.display_name] if isinstance(item, _SAEItem) else item.splice.entry.saes
-            (keep if set(members) <= shares[loaded.path] else dropped).append(item)
+        if isinstance(item, _SAEItem | _SpliceItem):
+            loaded = item.parent.loaded
+            if loaded.path not in members:
+                names = shard_members(loaded, shard)
+                members[loaded.path], sharded[loaded.path] = set(names), (loaded, names)
+            needed = [item.sae.entry.key] if isinstance(item, _SAEItem) else item.splice.entry.saes
+            (keep if set(needed) <= members[loaded.path] else dropped).append(item)
         else:
             keep.append(item)
     if dropped:
@@ -196,7 +189,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     items = session.items
-    saes = [(i.sae.loaded.path, i.sae.entry.display_name) for i in items if isinstance(i, _SAEItem)]
+    saes = [(i.sae.loaded.path, i.sae.entry.key) for i in items if isinstance(i, _SAEItem)]
     splices = [(i.splice.loaded.path, i.splice.entry.name) for i in items if isinstance(i, _SpliceItem)]
     session.config.stash[SELECTED_KEY] = _by_file(saes)
     session.config.stash[SPLICES_KEY] = _by_file(splices)
@@ -211,81 +204,36 @@ def _by_file(entries: list[tuple[Path, str]]) -> dict[Path, list[str]]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Workers hand their results to the controller; the controller (or a plain run) writes
-    the JSON report and the baseline, each once, atomically."""
+    """Workers hand their part to the controller; the controller (or a plain run) turns every part
+    into the one report and writes it through `gate.write_outputs`, each file once, atomically."""
     config = session.config
     state = config.stash.get(SESSION_KEY, None)
-    mine = []
-    if state is not None:
-        mine = [state.finish()]
-    elif SHARDED_KEY in config.stash:  # a shard that ran no SAE item still writes its files
-        mine = [empty_part(config)]
+    mine = state.part() if state is not None else process_part(config, {}) if SHARDED_KEY in config.stash else None
     if is_xdist_worker(config):
-        config.workeroutput["sae_parts"] = mine
+        config.workeroutput["sae_parts"] = [] if mine is None else [mine.to_wire()]
         return
-    parts = mine + config.stash.get(ROWS_KEY, [])
-    config.stash[ROWS_KEY] = parts
-    if parts:
-        try:
-            sae_session(config).write_outputs(parts, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
-        except SAEAcceptanceError as err:  # a baseline that may not be replaced, an unwritable path
-            config.stash[OUTPUT_ERROR_KEY] = str(err)
-        except OSError as err:  # the system refused a write midway (a full disk)
-            config.stash[OUTPUT_ERROR_KEY] = f"{err.filename or 'output'}: cannot write ({err.strerror or err})"
-    # The exit status follows the gate's rule (sae_acceptance.gate): 2 for bad input or an
-    # output that could not be written, whatever pytest counted as failed.
-    failed = config.stash.get(FAILED_KEY, None)
-    if OUTPUT_ERROR_KEY in config.stash or (failed is not None and failed.input_errors):
+    parts = ([] if mine is None else [mine]) + config.stash.get(PARTS_KEY, [])
+    if not parts:
+        return
+    from pytest_sae_acceptance.outputs import RunOutcome  # the gate's writers load only when there is a gate
+
+    outcome = config.stash[OUTCOME_KEY] = RunOutcome.of(config, parts, exitstatus == pytest.ExitCode.INTERRUPTED)
+    if outcome.error is not None or outcome.exit_status == EXIT_ERROR:
         session.exitstatus = EXIT_ERROR
-    elif exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and parts and _is_empty_shard(parts):
+    elif exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and outcome.empty_shard:
         session.exitstatus = pytest.ExitCode.OK  # nothing to evaluate is this shard's whole, correct share
-
-
-def _is_empty_shard(parts: list[dict]) -> bool:
-    """No process ran an SAE item because the shard's share of every file is empty."""
-    return any(part.get("empty_share") for part in parts) and not any(part["selected"] for part in parts)
-
-
-class FailedChecks:
-    """The failed items of thresholds files, as the controller hears of them (from xdist workers
-    too), for the CI annotations: (file, the entry's line, node id, message)."""
-
-    def __init__(self, config: pytest.Config):
-        self.config = config
-        self.failed: list[tuple[str, int, str, str]] = []
-        self.input_errors = 0  # items that failed on bad input rather than a gate
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.failed and any(name == INPUT_ERROR_PROPERTY for name, _ in report.user_properties):
-            self.input_errors += 1
-        if not report.failed or report.when == "teardown" or "::" not in report.nodeid:
-            return
-        path = Path(report.nodeid.split("::", 1)[0])
-        if fnmatch.fnmatch(path.name, self.config.getini("sae_thresholds_pattern")) and report.location[1] is not None:
-            file = str(self.config.rootpath / report.location[0])
-            self.failed.append((file, report.location[1] + 1, report.nodeid, report.longreprtext))
+    if outcome.error is not None:
+        outcome.count_as_error(config)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
-    """xdist controller: gather each worker's results and summary rows."""
-    node.config.stash.setdefault(ROWS_KEY, []).extend(getattr(node, "workeroutput", {}).get("sae_parts", []))
+    """xdist controller: gather each worker's part."""
+    received = getattr(node, "workeroutput", {}).get("sae_parts", [])
+    node.config.stash.setdefault(PARTS_KEY, []).extend(Part.from_wire(part) for part in received)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    parts = config.stash.get(ROWS_KEY, [])
-    if OUTPUT_ERROR_KEY in config.stash:
-        terminalreporter.write_line(f"ERROR sae-acceptance: {config.stash[OUTPUT_ERROR_KEY]}", red=True)
-    if not parts:
-        return
-    if config.getoption("--sae-shard") is not None and _is_empty_shard(parts):
-        terminalreporter.write_line(f"sae-acceptance: {config.getoption('--sae-shard').empty_note()}")
-        return
-    text = sae_session(config).summary(parts)
-    if text:
-        terminalreporter.section("SAE acceptance")
-        terminalreporter.write_line(text)
-    for line in sae_session(config).publish_ci(
-        parts, config.stash[FAILED_KEY].failed if FAILED_KEY in config.stash else []
-    ):
-        terminalreporter.write_line(line)
+    outcome = config.stash.get(OUTCOME_KEY, None)
+    if outcome is not None:
+        outcome.show(terminalreporter)

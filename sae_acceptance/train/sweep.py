@@ -14,14 +14,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sae_acceptance.config import thresholds_from_mapping
-from sae_acceptance.evaluate import EvalReport, evaluate
-from sae_acceptance.gate import exit_status
+from sae_acceptance.config import eval_default, thresholds_from_mapping
+from sae_acceptance.evaluate import evaluate
+from sae_acceptance.gate import Outputs, exit_status, write_outputs
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import OutputError, locked, write_json
-from sae_acceptance.report import format_report, shard_record
+from sae_acceptance.report import format_report
+from sae_acceptance.results import EvalReport, ShardRecord
 from sae_acceptance.shard import Shard, group_cost, partition
-from sae_acceptance.sources.model import ModelCache, model_identity
+from sae_acceptance.sources.identity import model_identity
+from sae_acceptance.sources.model import ModelCache
 from sae_acceptance.sources.tokens import fingerprint as tokens_fingerprint
 from sae_acceptance.sources.tokens import load_tokens
 from sae_acceptance.train import builtin_profiles
@@ -112,7 +114,7 @@ def run_sweep(
     profile: Profile,
     out: Path,
     cache: Path,
-    device: str = "auto",
+    device: str | None = None,
     progress: bool = True,
     shard: Shard | None = None,
     spread: tuple[int, int] | None = None,
@@ -124,6 +126,8 @@ def run_sweep(
     training, coming back to them at the end, so workers train different grids at once.
     """
     models = ModelCache()
+    device = device or eval_default("device")
+    dtype = eval_default("dtype")
     all_grids = grids(profile)
     chosen = list(range(len(all_grids)))
     if shard is not None:
@@ -139,7 +143,7 @@ def run_sweep(
         for i in order:
             if i not in trained:
                 spec, _, layer = all_grids[i]
-                model = models.get(spec.name, {}, device, "float32")
+                model = models.get(spec.name, {}, device, dtype)
                 hook = HookPoint.at(layer).name
                 found = train_or_load_grid(model, spec.name, hook, profile, cache, progress, wait=wait)
                 if found is not None:
@@ -147,7 +151,7 @@ def run_sweep(
     entries, where = [], {}
     for i in chosen:
         spec, depth, layer = all_grids[i]
-        d_model = models.get(spec.name, {}, device, "float32").cfg.d_model
+        d_model = models.get(spec.name, {}, device, dtype).cfg.d_model
         for k, path in trained[i].items():
             name = sweep_sae_name(spec.shown, depth, k)
             entries.append({"name": name, "path": str(path), "model": spec.name, "hook": HookPoint.at(layer).name})
@@ -169,10 +173,9 @@ def run_sweep(
         else EvalReport.empty()
     )
     points = [where[name] | _scores(result.metrics) for name, result in report.saes.items()]
-    payload = report.to_dict()
     if shard is not None:
-        payload["shard"] = shard_record(shard.index, shard.count, list(where))
-    write_json(out / "report.json", payload)
+        report.shard = ShardRecord(shard.index, shard.count, list(where))
+    write_outputs(report, Outputs(json=out / "report.json", actions=False))
     write_json(out / "points.json", points)
     return report, points
 
@@ -207,7 +210,7 @@ def sweep(
     profile: str,
     out: Path,
     cache: Path | None = None,
-    device: str = "auto",
+    device: str | None = None,
     progress: bool = True,
     shard: Shard | None = None,
 ) -> int:

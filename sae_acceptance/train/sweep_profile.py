@@ -17,6 +17,8 @@ from sae_acceptance.errors import ConfigError
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.settings import TrainSettings
 
+DEFAULT_PROFILE = "tiny"  # what `--sae-sweep` runs when no profile is named: CPU-sized
+
 
 class DataSpec(StrictModel):
     dataset: str
