@@ -101,7 +101,8 @@ def _tail_runner(bridge: Any) -> HFBackend | None:
     """The Hugging Face backend over the bridge's model, where its family is known and its
     decoder layers are the bridge's blocks (the modules whose weights processing rewrote)."""
     model = bridge.original_model
-    if family_of((getattr(model.config, "architectures", None) or [None])[0]) is None:
+    architecture = (getattr(model.config, "architectures", None) or [None])[0]
+    if family_of(architecture) is None and family_of(type(model).__name__) is None:  # as HFBackend.wrap finds it
         return None
     hf = HFBackend.wrap(model)
     layers, blocks = list(model.get_submodule(hf.layers_path)), list(getattr(bridge, "blocks", None) or [])
