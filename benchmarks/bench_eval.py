@@ -21,6 +21,7 @@ medians of `--repeats` runs and the largest peak memory.
 
     python benchmarks/bench_eval.py                       # default size, ~13 minutes on 2 shared CPU cores
     python benchmarks/bench_eval.py --preset pythia-70m --device cuda --json out.json
+    /path/to/tl4-venv/bin/python benchmarks/bench_eval.py --backend tl4   # TransformerLens 4's bridge (no SAELens there)
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def parse_args(argv=None):
     if args.layer is None:
         args.layer = size.n_layers // 2
     if args.backend != "transformer_lens" and "saelens" in args.contenders:
-        args.contenders.remove("saelens")  # SAELens runs TransformerLens models only
+        args.contenders.remove("saelens")  # SAELens runs TransformerLens 3 models only
     return args
 
 

@@ -110,7 +110,8 @@ def load_bench_model(path: Path, device: str, dtype: str):
         return load_model(path, device=device, dtype=dtype)
 
 
-BACKENDS = ("transformer_lens", "hf", "hf-full")  # hf-full: the Hugging Face backend forced to full passes
+# *-full: the backend forced to full passes; tl4: TransformerLens 4's bridge (an error without it)
+BACKENDS = ("transformer_lens", "tl4", "tl4-full", "hf", "hf-full")
 
 
 def add_backend_arg(parser) -> None:
@@ -119,21 +120,31 @@ def add_backend_arg(parser) -> None:
         choices=BACKENDS,
         default="transformer_lens",
         help="how the project runs the model: TransformerLens (3 or 4, whichever is installed), "
-        "Hugging Face with tails (hf), or Hugging Face with full passes (hf-full)",
+        "TransformerLens 4's bridge with tails (tl4) or full passes (tl4-full), "
+        "Hugging Face with tails (hf) or full passes (hf-full)",
     )
 
 
 def load_bench_backend(path: Path, device: str, dtype: str, backend: str):
-    """The project's backend for the benchmark checkpoint (hf-full: full passes forced)."""
-    from sae_acceptance.sources.backends.hf import HFBackend
-    from sae_acceptance.sources.model import load_backend
+    """The project's backend for the benchmark checkpoint (*-full: full passes forced)."""
+    from sae_acceptance.sources.model import load_backend, transformer_lens_major
 
+    if backend.startswith("tl4") and transformer_lens_major() < 4:
+        sys.exit(f"--backend {backend}: TransformerLens 4 is not installed in this environment")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = load_backend(
             path, device=device, dtype=dtype, backend="hf" if backend.startswith("hf") else "transformer_lens"
         )
-    return HFBackend.wrap(loaded.model, loaded.tokenizer, full_passes=True) if backend == "hf-full" else loaded
+    if backend == "hf-full":
+        from sae_acceptance.sources.backends.hf import HFBackend
+
+        return HFBackend.wrap(loaded.model, loaded.tokenizer, full_passes=True)
+    if backend == "tl4-full":
+        from sae_acceptance.sources.backends.bridge import BridgeBackend
+
+        return BridgeBackend.wrap(loaded.model, loaded.tokenizer, full_passes=True)
+    return loaded
 
 
 def bare_topk(flat: torch.Tensor, w_enc, b_enc, w_dec, b_dec, k: int) -> torch.Tensor:
@@ -145,12 +156,14 @@ def bare_topk(flat: torch.Tensor, w_enc, b_enc, w_dec, b_dec, k: int) -> torch.T
 class BareTails:
     """The limit's forward work, bare: one original forward capturing the hooks' activations and the
     residuals tails start from, then tails from a block on, a hook inside it replaced where asked
-    (TransformerLens `start_at_layer`; Hugging Face: the decoder layers from there with the
-    arguments the original forward gave them, the final norm, the head)."""
+    (TransformerLens `start_at_layer`; Hugging Face, and TransformerLens 4's bridge through its
+    Hugging Face model: the decoder layers from there with the arguments the original forward
+    gave them, the final norm, the head)."""
 
     def __init__(self, backend) -> None:
-        self.model = backend.model
-        self.hf = backend.kind == "hf"
+        bridge = backend.kind == "transformer_lens_4"
+        self.model = backend.model.original_model if bridge else backend.model
+        self.hf = backend.kind == "hf" or bridge
         if self.hf:
             from sae_acceptance.sources.backends.families import family_of
 

@@ -105,6 +105,4 @@ def test_a_checkpoint_without_tokenizer_evaluates(tmp_path, llama, backend):
         assert result.excluded_ids == [0, 1, 2]  # the config's BOS/EOS/PAD ids
     model = report.settings["models"][str(llama)]
     assert model["backend"] == ("hf" if backend == "hf" else TL_KIND)
-    assert model["patched_passes"] == (
-        "full forward" if model["backend"] == "transformer_lens_4" else "tail from the hook"
-    )
+    assert model["patched_passes"] == "tail from the hook"  # TransformerLens 4's bridge included

@@ -105,10 +105,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: build(root / name) for name, build in BUILDERS.items()}
 
 
-def _load(path: Path, backend: str):
+def _load(path: Path, backend: str, processing: dict | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_backend(path, device="cpu", backend=backend)
+        return load_backend(path, device="cpu", backend=backend, from_pretrained_kwargs=processing)
 
 
 class _Backends(dict):
@@ -160,7 +160,7 @@ def _assert_metrics_agree(a, b, rtol=1e-5):
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_transformer_lens_and_hf_agree(backends, tokens, family):
     tl, hf = backends[(family, "transformer_lens")], backends[(family, "hf")]
-    assert tl.kind == TL_KIND and hf.kind == "hf" and hf.tail_only
+    assert tl.kind == TL_KIND and hf.kind == "hf" and tl.tail_only and hf.tail_only
     counted = counted_mask(tokens, hf.special_token_ids())
     assert tl.special_token_ids() == hf.special_token_ids() == [0, 1, 2]
     by_hook = {hook: _saes(i) for i, hook in enumerate(HOOKS)}  # TransformerLens names on both
@@ -172,7 +172,7 @@ def test_transformer_lens_and_hf_agree(backends, tokens, family):
         assert tl.hook_width(hook) == hf.hook_width(hook) == 32
         for name in saes:
             _assert_metrics_agree(runs["tl"].hooks[hook].sums[name], runs["hf"].hooks[hook].sums[name])
-    assert runs["hf"].backend == "hf" and runs["hf"].tail_only
+    assert runs["hf"].backend == "hf" and runs["hf"].tail_only and runs["tl"].tail_only
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))
@@ -233,3 +233,184 @@ def test_llama_without_tokenizer_files_loads_and_evaluates(checkpoints, backends
     counted = counted_mask(tokens, auto.special_token_ids())
     run = run_model(auto, {"blocks.1.hook_resid_post": {"s": random_topk_sae(k=8)}}, tokens, counted, 6, False)
     assert np.isfinite(run.hooks["blocks.1.hook_resid_post"].sums["s"].metrics()["ce_rec"])
+
+
+# ------------------------------------------------------------------ TransformerLens 4: tails on the bridge
+
+bridge_only = pytest.mark.skipif(
+    TL_KIND != "transformer_lens_4",
+    reason="TransformerLens 4's TransformerBridge is not installed here (CI's second environment runs these)",
+)
+PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
+# Where a plain Hugging Face forward computes each hook kind: the layer list, then (path in layer L, input or output)
+PLAIN_MODULES = {
+    "gpt_neox": (
+        "gpt_neox.layers",
+        {
+            "hook_resid_post": ("", "output"),
+            "hook_mlp_out": ("mlp", "output"),
+            "attn.hook_z": ("attention.dense", "input"),
+        },
+    ),
+    "llama": (
+        "model.layers",
+        {
+            "hook_resid_post": ("", "output"),
+            "hook_mlp_out": ("mlp", "output"),
+            "attn.hook_z": ("self_attn.o_proj", "input"),
+        },
+    ),
+    "gemma2": (
+        "model.layers",
+        {
+            "hook_resid_post": ("", "output"),
+            "hook_mlp_out": ("post_feedforward_layernorm", "output"),
+            "attn.hook_z": ("self_attn.o_proj", "input"),
+        },
+    ),
+}
+
+
+def _sae_patch(sae, counted):
+    """The engine's patch, written out: the SAE's reconstruction at counted positions (its head's
+    slice only, for a single-head SAE), the activation elsewhere."""
+    head = sae.hook_head_index
+
+    def patch(act):
+        part = act if head is None else act[..., head * sae.d_in : (head + 1) * sae.d_in]
+        recon = sae.reconstruct(part.reshape(-1, sae.d_in))[0].reshape(part.shape)
+        new = torch.where(counted[..., None], recon, part)
+        if head is None:
+            return new
+        out = act.clone()
+        out[..., head * sae.d_in : (head + 1) * sae.d_in] = new
+        return out
+
+    return patch
+
+
+def _plain_ce_sums(model, family: str, tokens, counted, saes: dict) -> np.ndarray:
+    """Per-sequence Σ CE of one plain forward of the Hugging Face model `model`, torch hooks
+    putting each SAE's reconstruction where its hook is (in forward order, as a splice)."""
+    layers, kinds = PLAIN_MODULES[family]
+    handles = []
+    for hook, sae in saes.items():
+        _, layer, kind = hook.split(".", 2)
+        inner, io = kinds[kind]
+        module = model.get_submodule(".".join(filter(None, (layers, layer, inner))))
+        fn = _sae_patch(sae, counted)
+        if io == "output":
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, out, fn=fn: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+                )
+            )
+        else:
+            handles.append(module.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:])))
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=tokens, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    ce = -torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return (ce * counted[:, :-1]).sum(1).numpy()
+
+
+@bridge_only
+@pytest.mark.parametrize(
+    ("family", "processed"),
+    [("gpt_neox", False), ("llama", False), ("gemma2", False), ("gpt_neox", True)],
+    ids=["gpt_neox", "llama", "gemma2", "gpt_neox-processed"],
+)
+def test_bridge_tails_equal_its_full_passes_and_a_hooked_hf_forward(checkpoints, backends, tokens, family, processed):
+    from sae_acceptance.sources.backends.bridge import BridgeBackend
+
+    tail = (
+        _load(checkpoints[family], "transformer_lens", PROCESSING)
+        if processed
+        else backends[(family, "transformer_lens")]
+    )
+    full = BridgeBackend.wrap(tail.model, tail.tokenizer, full_passes=True)
+    counted = counted_mask(tokens, tail.special_token_ids())
+    head_sae = random_topk_sae(d=8, d_sae=32, k=2, seed=5)
+    head_sae.hook_head_index = 1
+    by_hook = {
+        "blocks.1.hook_resid_post": {"s": random_topk_sae(k=4, seed=1)},
+        "blocks.1.hook_mlp_out": {"s": random_topk_sae(k=4, seed=2)},
+        "blocks.2.attn.hook_z": {"s": head_sae},
+    }
+    pair = {
+        "blocks.0.hook_mlp_out": random_topk_sae(k=8, seed=3),
+        "blocks.1.hook_resid_post": random_topk_sae(k=8, seed=4),
+    }
+    a = run_model(tail, by_hook, tokens, counted, 5, False, splices={"pair": pair})
+    b = run_model(full, by_hook, tokens, counted, 5, False, splices={"pair": pair})
+    assert (a.backend, a.tail_only, b.tail_only) == ("transformer_lens_4", True, False)
+    for hook in by_hook:
+        for key, values in a.hooks[hook].sums["s"].scalars.items():
+            np.testing.assert_array_equal(values, b.hooks[hook].sums["s"].scalars[key], err_msg=f"{hook} {key}")
+    for key, values in a.splices["pair"].scalars.items():
+        np.testing.assert_array_equal(values, b.splices["pair"].scalars[key], err_msg=f"splice {key}")
+
+    hf_model = tail.model.original_model  # its decoder layers are the bridge's blocks, processed or not
+    for hook, saes in by_hook.items():
+        want = _plain_ce_sums(hf_model, family, tokens, counted, {hook: saes["s"]})
+        np.testing.assert_allclose(a.hooks[hook].sums["s"].scalars["ce_recon"], want, rtol=1e-5, err_msg=hook)
+    want = _plain_ce_sums(hf_model, family, tokens, counted, pair)
+    np.testing.assert_allclose(a.splices["pair"].scalars["ce_recon"], want, rtol=1e-5)
+    if processed:  # centred writing weights: the residual has mean 0 over d_model, as it has not unprocessed
+        resid = {
+            kind: backend.forward(tokens[:2], ["blocks.1.hook_resid_post"]).acts["blocks.1.hook_resid_post"].mean(-1)
+            for kind, backend in (("processed", tail), ("raw", backends[(family, "transformer_lens")]))
+        }
+        assert resid["processed"].abs().max() < 1e-5 < resid["raw"].abs().max()
+
+
+@bridge_only
+def test_bridge_tail_runs_only_the_blocks_after_the_hook(backends, tokens):
+    bridge = backends[("gpt_neox", "transformer_lens")]
+    ran: list[int] = []
+    handles = [
+        block.register_forward_pre_hook(lambda m, args, i=i: ran.append(i))
+        for i, block in enumerate(bridge.model.blocks)
+    ]
+    try:
+        with torch.inference_mode():
+            original = bridge.forward(tokens[:2], ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
+            assert ran == [0, 1, 2]
+            for hook, blocks in (("blocks.1.hook_resid_post", [2]), ("blocks.1.hook_mlp_out", [1, 2])):
+                ran.clear()
+                bridge.patched(original, [(hook, torch.zeros_like(original.acts[hook]))])
+                assert ran == blocks, hook
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def build_gptj_checkpoint(out: Path) -> Path:
+    """GPT-J: an architecture the bridge boots but the family table does not know."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(4)
+    config = GPTJConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=32, bos_token_id=0, eos_token_id=1
+    )
+    GPTJForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@bridge_only
+def test_bridge_outside_the_family_table_runs_full_passes(tmp_path, tokens):
+    path = build_gptj_checkpoint(tmp_path / "gptj")
+    bridge, hf = _load(path, "transformer_lens"), _load(path, "hf")
+    assert not bridge.tail_only and not hf.tail_only
+    counted = counted_mask(tokens, bridge.special_token_ids())
+    sae = random_topk_sae(k=8, seed=6)
+    on_bridge = run_model(bridge, {"blocks.1.hook_resid_post": {"s": sae}}, tokens, counted, 5, False)
+    on_hf = run_model(hf, {"transformer.h.1": {"s": sae}}, tokens, counted, 5, False)
+    assert not on_bridge.tail_only
+    a, b = on_bridge.hooks["blocks.1.hook_resid_post"].sums["s"], on_hf.hooks["transformer.h.1"].sums["s"]
+    for key, values in a.scalars.items():  # KL sums are differences of losses: their error is absolute
+        np.testing.assert_allclose(values, b.scalars[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(a.fired, b.fired)

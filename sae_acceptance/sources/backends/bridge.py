@@ -2,13 +2,19 @@
 
 The bridge's compatibility mode gives the 3.x hook names (`blocks.L.hook_resid_post`,
 `blocks.L.attn.hook_z`, ...); it is switched on without weight processing unless the
-SAE recorded processing. Its `start_at_layer` still runs the earlier blocks, so every
-patched variant here is a full forward (the report says so); the `hf` backend has
-tails on the same checkpoints.
+SAE recorded processing. The bridge puts its components into the Hugging Face model in
+place of the modules they wrap, and weight processing rewrites those same components:
+the model's decoder layers *are* the bridge's blocks, processed or not. Its own
+`start_at_layer` still runs the earlier blocks, so a tail here calls the layers from the
+patched one on as the `hf` backend does (the arguments the original forward gave them,
+then the final norm and the head), with the hooks on the bridge's hook points. Where the
+family table does not know the architecture, or the layers are not the bridge's blocks,
+every patched variant is a full forward (the report says so).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,8 @@ from sae_acceptance.sources.backends.checkpoint import (
     has_tokenizer,
     quiet_transformers,
 )
+from sae_acceptance.sources.backends.families import family_of
+from sae_acceptance.sources.backends.hf import HFBackend
 from sae_acceptance.sources.backends.transformer_lens import (
     _replace,
     _store,
@@ -36,13 +44,15 @@ from sae_acceptance.sources.backends.transformer_lens import (
 @dataclass
 class BridgeBackend(Backend):
     kind = "transformer_lens_4"
+    hf: HFBackend | None = None  # the Hugging Face model under the bridge, where tails run (None: full passes)
+    full_passes: bool = False  # force full passes (tests compare them with tails)
 
     @property
     def tail_only(self) -> bool:
-        return False
+        return self.hf is not None and not self.full_passes
 
     @classmethod
-    def wrap(cls, bridge: Any, tokenizer: Any = "bridge") -> BridgeBackend:
+    def wrap(cls, bridge: Any, tokenizer: Any = "bridge", full_passes: bool = False) -> BridgeBackend:
         """`tokenizer="bridge"` keeps the bridge's own; None where the checkpoint has none."""
         cfg = bridge.cfg
         hf_config = bridge.original_model.config
@@ -54,6 +64,8 @@ class BridgeBackend(Backend):
             tokenizer=bridge.tokenizer if tokenizer == "bridge" else tokenizer,
             device=next(bridge.original_model.parameters()).device,
             config_special_ids=checkpoint_special_ids(hf_config),
+            hf=_tail_runner(bridge),
+            full_passes=full_passes,
         )
         backend.placement = {str(d): "<model>" for d in {p.device for p in bridge.original_model.parameters()}}
         return backend
@@ -68,16 +80,35 @@ class BridgeBackend(Backend):
 
     def _run(self, tokens, sites, entries):
         acts: dict[str, torch.Tensor] = {}
-        with self.model.hooks(fwd_hooks=[(s.name, _store(acts, hook)) for hook, s in sites.items()]):
-            logits = self.model(tokens)
-        return logits, acts, {}, None
+        recording = self.hf.recording(entries) if entries else nullcontext(({}, {}))
+        with (
+            self.model.hooks(fwd_hooks=[(s.name, _store(acts, hook)) for hook, s in sites.items()]),
+            recording as (entry_acts, layer_args),
+        ):
+            logits = self.model(tokens, use_cache=False)  # a cache among the layers' arguments would grow in tails
+        return logits, acts, entry_acts, layer_args
 
     def _tail(self, start: int, x: torch.Tensor, hooked: list[tuple[Site, Patch]], original: Pass) -> torch.Tensor:
-        raise NotImplementedError("the bridge runs full passes")
+        with self.model.hooks(fwd_hooks=[(s.name, _replace(patch)) for s, patch in hooked]):
+            return self.hf.tail_from(start, x, original.state)
 
     def _full(self, tokens: torch.Tensor, hooked: list[tuple[Site, Patch]]) -> torch.Tensor:
         with self.model.hooks(fwd_hooks=[(s.name, _replace(patch)) for s, patch in hooked]):
-            return self.model(tokens)
+            return self.model(tokens, use_cache=False)
+
+
+def _tail_runner(bridge: Any) -> HFBackend | None:
+    """The Hugging Face backend over the bridge's model, where its family is known and its
+    decoder layers are the bridge's blocks (the modules whose weights processing rewrote)."""
+    model = bridge.original_model
+    architecture = (getattr(model.config, "architectures", None) or [None])[0]
+    if family_of(architecture) is None and family_of(type(model).__name__) is None:  # as HFBackend.wrap finds it
+        return None
+    hf = HFBackend.wrap(model)
+    layers, blocks = list(model.get_submodule(hf.layers_path)), list(getattr(bridge, "blocks", None) or [])
+    if len(layers) != len(blocks) or any(a is not b for a, b in zip(layers, blocks, strict=True)):
+        return None
+    return hf
 
 
 def load(

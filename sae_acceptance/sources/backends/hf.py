@@ -11,6 +11,8 @@ variant is a full forward.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,9 +122,30 @@ class HFBackend(Backend):
 
     def _run(self, tokens, sites, entries):
         acts: dict[str, torch.Tensor] = {}
+        handles = [_attach(s, _store(acts, hook)) for hook, s in sites.items()]
+        try:
+            with self.recording(entries) as (entry_acts, layer_args):
+                logits = self.model(input_ids=tokens, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, acts, entry_acts, layer_args
+
+    def _tail(self, start: int, x: torch.Tensor, hooked: list[tuple[Site, Patch]], original: Pass) -> torch.Tensor:
+        handles = [_attach(s, _replace(patch)) for s, patch in hooked]
+        try:
+            return self.tail_from(start, x, original.state)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def recording(self, entries: set[int]) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, tuple[tuple, dict]]]]:
+        """Within it, a forward fills (the residual entering each block of `entries`, what it
+        passed each layer from the first of them on beside the residual): `tail_from`'s state."""
         entry_acts: dict[int, torch.Tensor] = {}
         layer_args: dict[int, tuple[tuple, dict]] = {}
-        handles = [_attach(s, _store(acts, hook)) for hook, s in sites.items()]
+        handles = []
         if entries:
             layers = self._layers()
             for i in range(min(entries), self.n_layers):
@@ -136,24 +159,20 @@ class HFBackend(Backend):
                     )
                 )
         try:
-            logits = self.model(input_ids=tokens, use_cache=False).logits
+            yield entry_acts, layer_args
         finally:
             for handle in handles:
                 handle.remove()
-        return logits, acts, entry_acts, layer_args
 
-    def _tail(self, start: int, x: torch.Tensor, hooked: list[tuple[Site, Patch]], original: Pass) -> torch.Tensor:
-        handles = [_attach(s, _replace(patch)) for s, patch in hooked]
-        try:
-            layers = self._layers()
-            for i in range(start, self.n_layers):
-                args, kwargs = original.state[i]
-                out = layers[i](x, *args, **kwargs)
-                x = out[0] if isinstance(out, tuple) else out
-            return self._head(self._final_norm()(x))
-        finally:
-            for handle in handles:
-                handle.remove()
+    def tail_from(self, start: int, x: torch.Tensor, layer_args: dict[int, tuple[tuple, dict]]) -> torch.Tensor:
+        """Logits from residual `x` entering layer `start`: the layers from there with the
+        arguments `recording` kept, the final norm, the head."""
+        layers = self._layers()
+        for i in range(start, self.n_layers):
+            args, kwargs = layer_args[i]
+            out = layers[i](x, *args, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        return self._head(self._final_norm()(x))
 
     def _full(self, tokens: torch.Tensor, hooked: list[tuple[Site, Patch]]) -> torch.Tensor:
         handles = [_attach(s, _replace(patch)) for s, patch in hooked]
