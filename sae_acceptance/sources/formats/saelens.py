@@ -107,13 +107,18 @@ def from_config(
     norm = _normalization(setting(cfg, "normalize_activations"), norm_scaling_factor, where)
     hf_in = first("hf_hook_name", "hf_hook_point_in")
     hf_out = first("hf_hook_name_out", "hf_hook_point_out") if transcoder else None
+    k = whole_number(_k(cfg) if legacy else setting(cfg, "k"), "k", where) if rule == "topk" else None
+    if k is not None and cfg.get("k") is None and not legacy and k > tensors["W_enc"].shape[-1]:
+        raise SAEFormatError(
+            f"{where}: topk config without k, and SAELens's default k = {k} is above d_sae = {tensors['W_enc'].shape[-1]}"
+        )
     sae = SAE(
         W_enc=tensors["W_enc"],
         b_enc=tensors["b_enc"],
         W_dec=tensors["W_dec"],
         b_dec=tensors["b_dec"],
         architecture=rule,
-        k=whole_number(_k(cfg) if legacy else setting(cfg, "k"), "k", where) if rule == "topk" else None,
+        k=k,
         threshold=threshold if rule == "jumprelu" else None,
         apply_b_dec_to_input=False if transcoder else bool(setting(cfg, "apply_b_dec_to_input")),
         hook_name=hf_in or first("hook_name", "hook_point"),
