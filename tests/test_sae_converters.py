@@ -206,16 +206,33 @@ def write_gemma_2_embedding(hub) -> str:
     return hub.release("gemma_2", "google/gemma-scope-2b-pt-res", folder, {"d_in": D, "d_sae": F})
 
 
-def write_gemma_3(affine: bool) -> Callable:
+# Gemma Scope 2 folder kind -> the Hugging Face points its config.json names (layer L)
+GEMMA_3_SITES = {
+    "resid_post_all": ("model.layers.{L}.output", None),
+    "mlp_out_all": ("model.layers.{L}.post_feedforward_layernorm.output", None),
+    "transcoder_all": (
+        "model.layers.{L}.pre_feedforward_layernorm.output",
+        "model.layers.{L}.post_feedforward_layernorm.output",
+    ),
+}
+
+
+def write_gemma_3(kind: str, affine: bool = False, config: bool = True, layer: int = 2, seed: int = 30) -> Callable:
+    """A Gemma Scope 2 folder (`params.safetensors`, and `config.json` as the real ones are, with its
+    Hugging Face points; without it SAELens infers them from the folder name)."""
+
     def write(hub) -> str:
-        kind = "transcoder_all" if affine else "resid_post"
-        folder = f"{kind}/layer_2_width_16k_l0_small{'_affine' if affine else ''}"
-        raw = {k: v for k, v in gemma_npz(30).items()}
+        folder = f"{kind}/layer_{layer}_width_16k_l0_small{'_affine' if affine else ''}"
+        raw = gemma_npz(seed)
         if affine:
-            raw["affine_skip_connection"] = rand(D, D, seed=36, scale=0.1)
+            raw["affine_skip_connection"] = rand(D, D, seed=seed + 6, scale=0.1)
         save_file(raw, str(hub("google/gemma-scope-2-1b-pt", f"{folder}/params.safetensors")))
-        cfg = {"architecture": "jump_relu", "model_name": "gemma-v3-1b-pt", "affine_connection": affine}
-        hub("google/gemma-scope-2-1b-pt", f"{folder}/config.json").write_text(json.dumps(cfg))
+        if config:
+            hook_in, hook_out = (None if h is None else h.format(L=layer) for h in GEMMA_3_SITES[kind])
+            cfg = {"architecture": "jump_relu", "model_name": "gemma-v3-1b-pt", "hf_hook_point_in": hook_in}
+            if hook_out is not None:
+                cfg |= {"hf_hook_point_out": hook_out, "affine_connection": affine}
+            hub("google/gemma-scope-2-1b-pt", f"{folder}/config.json").write_text(json.dumps(cfg))
         return hub.release("gemma_3", "google/gemma-scope-2-1b-pt", folder)
 
     return write
@@ -325,15 +342,33 @@ CASES: dict[str, tuple[Callable, tuple]] = {
     "sae_lens-gated": (write_sae_lens, ("gated", False, "blocks.3.hook_resid_post", None)),
     "gemma_2": (write_gemma_2, ("jumprelu", False, "blocks.3.hook_resid_post", None)),
     "gemma_2-embedding": (write_gemma_2_embedding, ("jumprelu", False, "hook_embed", None)),
-    "gemma_3-resid": (write_gemma_3(False), ("jumprelu", False, "blocks.2.hook_resid_post", None)),
+    "gemma_3-resid": (write_gemma_3("resid_post_all"), ("jumprelu", False, "model.layers.2.output", None)),
+    "gemma_3-mlp_out-inferred": (  # no config.json: SAELens infers the points from the folder name
+        write_gemma_3("mlp_out_all", config=False),
+        ("jumprelu", False, "model.layers.2.post_feedforward_layernorm.output", None),
+    ),
+    "gemma_3-transcoder": (
+        write_gemma_3("transcoder_all"),
+        (
+            "jumprelu",
+            True,
+            "model.layers.2.pre_feedforward_layernorm.output",
+            "model.layers.2.post_feedforward_layernorm.output",
+        ),
+    ),
     "gemma_3-skip_transcoder": (
-        write_gemma_3(True),
-        ("jumprelu", True, "blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out"),
+        write_gemma_3("transcoder_all", affine=True),
+        (
+            "jumprelu",
+            True,
+            "model.layers.2.pre_feedforward_layernorm.output",
+            "model.layers.2.post_feedforward_layernorm.output",
+        ),
     ),
     "llama_scope": (write_llama_scope, ("jumprelu", False, "blocks.3.hook_resid_post", None)),
     "llama_scope_r1_distill": (write_llama_scope_r1, ("jumprelu", False, "blocks.3.hook_resid_post", None)),
     "deepseek_r1": (write_deepseek, ("standard", False, "blocks.19.hook_resid_post", None)),
-    "qwen_scope": (write_qwen, ("topk", False, "blocks.3.hook_resid_post", None)),
+    "qwen_scope": (write_qwen, ("topk", False, "model.layers.3", None)),  # Qwen Scope names its HF point
     "goodfire": (write_goodfire, ("standard", False, "blocks.19.hook_resid_post", None)),
     "connor_rob_hook_z": (write_connor, ("standard", False, "blocks.3.attn.hook_z", None)),
     "gemma_2_transcoder": (
@@ -355,21 +390,38 @@ CASES: dict[str, tuple[Callable, tuple]] = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_converted_release_matches_saelens_from_pretrained(hub, case):
-    writer, (architecture, transcoder, hook, hook_out) = CASES[case]
-    release = writer(hub)
-    ours = load_sae(f"sae-lens://{release}/sae")  # in its own dtype; SAELens is asked for the same one
+def from_pretrained(release: str, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = sae_lens.SAE.from_pretrained(release, "sae", dtype=str(ours.dtype).removeprefix("torch."))
+        return sae_lens.SAE.from_pretrained(release, "sae", dtype=str(dtype).removeprefix("torch."))
+
+
+# our tensor -> SAELens's parameter of the same meaning
+THEIR_NAMES = {"b_enc": ("b_enc", "b_gate")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES)
+def test_converted_release_is_saelens_from_pretrained_bit_for_bit(hub, case, dtype):
+    """Every tensor as `SAE.from_pretrained(dtype=...)` gives it, bit for bit; then the same latents and outputs."""
+    writer, (architecture, transcoder, hook, hook_out) = CASES[case]
+    release = writer(hub)
+    ours = load_sae(f"sae-lens://{release}/sae", dtype=dtype)
+    theirs = from_pretrained(release, dtype)
     assert (ours.architecture, ours.transcoder, ours.hook_name, ours.hook_name_out) == (
         architecture,
         transcoder,
         hook,
         hook_out,
     )
-    x = (torch.randn(300, ours.d_in, generator=g(7)) * 2).to(ours.dtype)
+    params = dict(theirs.named_parameters())
+    for name, tensor in ours.tensors().items():
+        their = next(params[n] for n in THEIR_NAMES.get(name, (name,)) if n in params)
+        assert tensor.dtype == their.dtype == dtype, name
+        assert torch.equal(tensor, their.detach()), f"{name} differs from SAELens's"
+    if dtype != torch.float32:
+        return  # same tensors; bfloat16 forwards differ in the order of rounding only
+    x = torch.randn(300, ours.d_in, generator=g(7)) * 2
     with torch.no_grad():
         their_in = x.unflatten(-1, (HEADS, -1)) if hook.endswith("hook_z") else x  # SAELens reshapes hook_z itself
         their_latents = theirs.encode(their_in)
@@ -377,15 +429,19 @@ def test_converted_release_matches_saelens_from_pretrained(hub, case):
     out, code = ours.reconstruct(x)
     latents = code.dense(ours.d_sae)
     assert bool((latents != 0).any()) and bool((latents == 0).any())  # the encoder really selects
-    torch.testing.assert_close(latents.float(), their_latents.float(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out.float(), their_out.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(latents, their_latents, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, their_out, rtol=1e-6, atol=1e-5)
 
 
-def test_the_sae_keeps_its_own_dtype(hub):
+def test_a_release_comes_out_in_float32_unless_asked(hub):
+    """Llama Scope ships bfloat16: read in float32, its norm factor folds in float32 (SAELens's
+    from_pretrained default), not rounded to bfloat16 first."""
     release = write_llama_scope(hub)
-    assert load_sae(f"sae-lens://{release}/sae").dtype == torch.bfloat16  # Llama Scope ships bfloat16
-    release = write_gemma_2(hub)
-    assert load_sae(f"sae-lens://{release}/sae").dtype == torch.float32  # Gemma Scope float32, for a bf16 model
+    sae = load_sae(f"sae-lens://{release}/sae")
+    assert sae.dtype == torch.float32
+    rounded = load_sae(f"sae-lens://{release}/sae", dtype=torch.bfloat16)
+    assert not torch.equal(sae.W_enc, rounded.W_enc.float())  # the fold's own rounding: gone in float32
+    assert load_sae(f"sae-lens://{write_gemma_2(hub)}/sae", dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_refused_conversion_functions_say_which_and_why(hub):

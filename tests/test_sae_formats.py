@@ -186,7 +186,7 @@ def test_bad_directories_are_one_clear_error(tmp_path):
         SAEFormatError, match=r"gated/sae_weights\.safetensors: missing tensor\(s\) b_gate, b_mag, r_mag"
     ):
         load_sae(write_saelens(tmp_path / "gated", architecture="gated"))
-    with pytest.raises(SAEFormatError, match="topk SAE needs 0 < k <= d_sae, got k=None"):
+    with pytest.raises(SAEFormatError, match="topk config without k, and SAELens's default k = 100 is above d_sae"):
         load_sae(write_saelens(tmp_path / "nok", architecture="topk"))
     broken = write_saelens(tmp_path / "json")
     (broken / "cfg.json").write_text('{\n  "d_in": 16,\n  oops\n}')

@@ -1,7 +1,8 @@
 """Load an SAE from wherever it is named (a directory, ``hf://``, ``sae-lens://``); save one in SAELens's layout.
 
-Loading keeps the SAE's own dtype unless `dtype` is given. Saving writes the
-SAELens v6 layout, so that SAELens and this loader both read what we train.
+A directory keeps the SAE's own dtype unless `dtype` is given; a SAELens release
+comes out in `dtype`, float32 by default, as `SAE.from_pretrained` gives it. Saving
+writes the SAELens v6 layout, so that SAELens and this loader both read what we train.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ SAELENS_VERSION_WRITTEN = "6.54.12"
 def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SAE:
     """Load an SAE: a local directory in any layout `formats/layouts.py` reads, an
     ``hf://owner/repo[@revision]/folder`` (fetched into the hub cache first), or a
-    ``sae-lens://release/sae_id`` (SAELens's converter for that release).
-    `dtype=None` keeps the SAE's own dtype."""
+    ``sae-lens://release/sae_id`` (SAELens's converter for that release, called with `dtype`).
+    `dtype=None` keeps a directory's own dtype and reads a release in float32."""
     text = str(path)
     if text.startswith(SAELENS_PREFIX):
-        sae = load_release(text)
+        sae = load_release(text, dtype)
     elif is_remote(text):
         local = locate_sae(text)  # its errors name the spec already
         try:

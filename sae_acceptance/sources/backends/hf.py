@@ -29,7 +29,7 @@ from sae_acceptance.sources.backends.checkpoint import (
     has_tokenizer,
     quiet_transformers,
 )
-from sae_acceptance.sources.backends.families import Family, family_of
+from sae_acceptance.sources.backends.families import Family, backends_for, family_of
 
 _SUFFIXES = (".input", ".output")
 
@@ -85,10 +85,14 @@ class HFBackend(Backend):
             path = self.family.module_path(point.layer, point.kind) if self.family else None
             if path is None:
                 known = ", ".join(self.family.kinds) if self.family else "none (unknown architecture)"
-                raise SourceError(
-                    f"hook {hook!r} has no module path on {type(self.model).__name__}; TransformerLens kinds "
-                    f"mapped: {known}; name a module path instead (e.g. {self.layers_path}.{point.layer})"
+                why = (
+                    "no module's output or input is this TransformerLens point; "
+                    'evaluate it with backend = "transformer_lens"'
+                    if backends_for(hook) == ("transformer_lens",)
+                    else f"TransformerLens kinds mapped: {known}; name a module path instead "
+                    f"(e.g. {self.layers_path}.{point.layer})"
                 )
+                raise SourceError(f"hook {hook!r} has no module path on {type(self.model).__name__}; {why}")
             return path
         if self.layers_path and not _has_module(self.model, _strip(hook)[0]):
             container = self.layers_path.rsplit(".", 1)[-1]

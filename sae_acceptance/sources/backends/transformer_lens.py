@@ -2,7 +2,8 @@
 
 `start_at_layer` takes the residual entering a block and really runs only the later
 blocks, so a tail costs only what follows the patched point. A module path on a
-family the table knows is accepted and translated to the TransformerLens name.
+family the table knows is accepted and translated to the TransformerLens name that
+is exactly that activation; one with no such name is refused, naming the hf backend.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ from sae_acceptance.sources.backends.checkpoint import (
     has_tokenizer,
     quiet_transformers,
 )
-from sae_acceptance.sources.backends.families import family_of
+from sae_acceptance.sources.backends.families import family_of, inside_layer, is_module_point
 
 
 def tl_site(hook: str, hook_names, n_layers: int, architecture: str | None) -> Site:
     """`hook` as a Site on a model with TransformerLens hook names (module paths translated)."""
     name = hook if hook in hook_names else from_module_path(hook, architecture)
+    if name is None and is_module_point(hook):
+        raise SourceError(
+            f"hook {hook!r}: no TransformerLens hook of {architecture or 'this model'} is exactly this "
+            'Hugging Face module point; evaluate it with backend = "hf"'
+        )
     if name is None or name not in hook_names:
         close = difflib.get_close_matches(hook, list(hook_names), n=3, cutoff=0.5)
         hint = f"; closest valid hooks: {', '.join(close)}" if close else ""
@@ -48,16 +54,9 @@ def tl_site(hook: str, hook_names, n_layers: int, architecture: str | None) -> S
 def from_module_path(path: str, architecture: str | None) -> str | None:
     """`gpt_neox.layers.3.mlp` (or sparsify's `layers.3.mlp`) -> `blocks.3.hook_mlp_out`."""
     family = family_of(architecture)
-    if family is None:
-        return None
-    path = path.removesuffix(".output")
-    container = family.layers.rsplit(".", 1)[-1]
-    for prefix in (family.layers + ".", container + "."):
-        if path.startswith(prefix):
-            head, _, inner = path[len(prefix) :].partition(".")
-            kind = family.tl_kind(inner) if head.isdigit() else None
-            return None if kind is None else str(HookPoint.at(int(head), kind))
-    return None
+    at = inside_layer(path, family) if family else None
+    kind = family.tl_kind(at[1]) if at else None
+    return None if kind is None else str(HookPoint.at(at[0], kind))
 
 
 @dataclass

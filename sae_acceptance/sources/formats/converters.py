@@ -6,6 +6,10 @@ dict and a state dict in SAELens's names; `saelens.from_config` maps those onto
 the project's `SAE`. No SAELens model class is built. While a loader runs,
 `torch.load` reads tensors only, and safetensors headers come from the cache
 instead of an HTTP range request, so a warm cache works offline.
+
+A loader is called with the dtype asked for (float32 unless asked otherwise, as
+`SAE.from_pretrained`), so it reads, folds and rounds in that dtype only: the
+tensors are SAELens's own for that dtype, bit for bit.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ def refusal(conversion_func: str, folder: str) -> str | None:
     return None
 
 
-def load_release(spec: str) -> SAE:
-    """The SAE that SAELens's directory entry `spec` names, through SAELens's own converter."""
+def load_release(spec: str, dtype: torch.dtype | None = None) -> SAE:
+    """The SAE that SAELens's directory entry `spec` names, through SAELens's own converter, in
+    `dtype` (None: float32, `SAE.from_pretrained`'s default)."""
+    dtype = dtype or torch.float32
     lookup, release, sae_id = saelens_entry(spec)
     func = lookup.conversion_func or "sae_lens"
     folder = lookup.saes_map[sae_id]
@@ -53,7 +59,7 @@ def load_release(spec: str) -> SAE:
     if why is not None:
         raise SAEFormatError(f"{spec}: SAELens conversion function {func!r} is refused: {why}")
     if func == "sparsify":  # our reader: SAELens's maps sparsify onto a SAELens TopK, losing transcode/skip/groupmax
-        return _read_fetched(spec, fetch_folder(spec, lookup.repo_id, None, folder))
+        return _read_fetched(spec, fetch_folder(spec, lookup.repo_id, None, folder)).to(dtype=dtype)
     # lazy on purpose: sae-lens is optional (saelens_entry has checked it is installed)
     from sae_lens.loading import pretrained_sae_loaders as loaders
     from sae_lens.loading.pretrained_saes_directory import get_config_overrides
@@ -69,7 +75,7 @@ def load_release(spec: str) -> SAE:
                 folder_name=folder,
                 device="cpu",
                 force_download=False,
-                cfg_overrides=get_config_overrides(release, sae_id),
+                cfg_overrides={**get_config_overrides(release, sae_id), "dtype": str(dtype).removeprefix("torch.")},
             )
     except SAEFormatError as err:
         raise SAEFormatError(f"{spec}: {err}") from None
@@ -77,7 +83,8 @@ def load_release(spec: str) -> SAE:
         first = (str(err).strip().splitlines() or [""])[0]
         raise SAEFormatError(f"{spec}: SAELens's {func!r} loader failed ({type(err).__name__}: {first})") from err
     factors = lookup.norm_scaling_factor or {}
-    return saelens.from_config(cfg, state, where=f"{spec} ({func})", norm_scaling_factor=factors.get(sae_id))
+    where = f"{spec} ({func})"
+    return saelens.from_config(cfg, state, where=where, norm_scaling_factor=factors.get(sae_id), dtype=dtype)
 
 
 def _read_fetched(spec: str, path: Path) -> SAE:

@@ -3,6 +3,10 @@
 The same mapping serves a SAELens directory on disk and the (config, state
 dict) pair that SAELens's converters return for releases stored in other
 formats (`converters.py`), so every SAELens architecture is read in one place.
+A key the config leaves out means what SAELens makes of it (`SAELENS_DEFAULTS`).
+Where the config names the Hugging Face points its trainer read and wrote
+(`hf_hook_name`, `hf_hook_name_out`; Gemma Scope 2's `hf_hook_point_in/out`),
+the SAE is placed there rather than at SAELens's TransformerLens names.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ from sae_acceptance.sources.formats.tensors import (
 from sae_acceptance.sources.sae import SAE, fold_decoder_norm_rescale, fold_input_scale
 
 WEIGHTS = "sae_weights.safetensors"
+
+# SAELens's dataclass defaults (`SAEConfig`, `TopKSAEConfig`) for keys a config may leave out;
+# tests/test_sae_defaults.py holds them against the installed SAELens.
+SAELENS_DEFAULTS: dict[str, Any] = {
+    "apply_b_dec_to_input": True,
+    "normalize_activations": "none",
+    "dtype": "float32",
+    "k": 100,
+    "rescale_acts_by_decoder_norm": False,
+}
 
 # SAELens architecture -> (encoder rule, transcoder?)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -48,6 +62,12 @@ def read_directory(path: Path) -> SAE:
     return from_config(cfg, read_safetensors(file), where=cfg_file, weights=file, path=path)
 
 
+def setting(cfg: dict[str, Any], key: str) -> Any:
+    """`cfg[key]`, or SAELens's default where the config leaves it out (or null)."""
+    value = cfg.get(key)
+    return SAELENS_DEFAULTS[key] if value is None else value
+
+
 def from_config(
     cfg: dict[str, Any],
     tensors: dict[str, torch.Tensor],
@@ -56,8 +76,12 @@ def from_config(
     weights: Path | str | None = None,
     path: Path | None = None,
     norm_scaling_factor: float | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SAE:
-    """One SAELens config and its tensors -> `SAE`; `where`/`weights` name the config and tensor sources in errors."""
+    """One SAELens config and its tensors -> `SAE`; `where`/`weights` name the config and tensor sources in errors.
+
+    Folds happen in the tensors' own dtype and the result is cast last, to `dtype` (else the
+    config's), in SAELens's order: a converter called with the asked dtype gives SAELens's tensors."""
     weights = weights if weights is not None else where
     legacy = not (cfg.get("metadata") or {}).get("sae_lens_version") and not cfg.get("sae_lens_version")
     meta = {**cfg, **(cfg.get("metadata") or {})} if legacy else dict(cfg.get("metadata") or {})
@@ -80,26 +104,31 @@ def from_config(
     if rule == "jumprelu" and threshold is not None and threshold.ndim == 0:
         threshold = threshold.expand(tensors["W_enc"].shape[-1]).clone()
     first = lambda *keys: next((v for k in keys if (v := cfg.get(k, meta.get(k))) is not None), None)  # noqa: E731
-    norm = _normalization(cfg.get("normalize_activations"), norm_scaling_factor, where)
+    norm = _normalization(setting(cfg, "normalize_activations"), norm_scaling_factor, where)
+    hf_in = first("hf_hook_name", "hf_hook_point_in")
+    hf_out = first("hf_hook_name_out", "hf_hook_point_out") if transcoder else None
+    k = whole_number(_k(cfg) if legacy else setting(cfg, "k"), "k", where) if rule == "topk" else None
+    if k is not None and cfg.get("k") is None and not legacy and k > tensors["W_enc"].shape[-1]:
+        raise SAEFormatError(
+            f"{where}: topk config without k, and SAELens's default k = {k} is above d_sae = {tensors['W_enc'].shape[-1]}"
+        )
     sae = SAE(
         W_enc=tensors["W_enc"],
         b_enc=tensors["b_enc"],
         W_dec=tensors["W_dec"],
         b_dec=tensors["b_dec"],
         architecture=rule,
-        k=whole_number(_k(cfg), "k", where) if rule == "topk" else None,
+        k=k,
         threshold=threshold if rule == "jumprelu" else None,
-        apply_b_dec_to_input=False
-        if transcoder
-        else bool(cfg.get("apply_b_dec_to_input", legacy or rule != "jumprelu")),
-        hook_name=first("hook_name", "hook_point"),
+        apply_b_dec_to_input=False if transcoder else bool(setting(cfg, "apply_b_dec_to_input")),
+        hook_name=hf_in or first("hook_name", "hook_point"),
         model_name=first("model_name"),
         metadata=meta,
         path=path,
         b_mag=tensors.get("b_mag") if rule == "gated" else None,
         r_mag=tensors.get("r_mag") if rule == "gated" else None,
         W_skip=tensors.get("W_skip") if name.endswith("skip_transcoder") else None,
-        hook_name_out=first("hook_name_out"),
+        hook_name_out=hf_out or first("hook_name_out"),
         hook_head_index=whole_number(first("hook_head_index", "hook_point_head_index"), "hook_head_index", where),
         normalize_activations=norm if isinstance(norm, str) else "none",
         transcoder=transcoder,
@@ -109,10 +138,12 @@ def from_config(
         raise SAEFormatError(f"{weights}: {name} without a W_skip tensor")
     if isinstance(norm, float):
         sae = fold_input_scale(sae, norm)
-    if rule == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+    if rule == "topk" and setting(cfg, "rescale_acts_by_decoder_norm"):
         sae = fold_decoder_norm_rescale(sae)
-    dtype = getattr(torch, str(cfg.get("dtype") or "float32").removeprefix("torch."), None)
-    return sae.to(dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    if dtype is None:
+        named = getattr(torch, str(setting(cfg, "dtype")).removeprefix("torch."), None)
+        dtype = named if isinstance(named, torch.dtype) else None
+    return sae.to(dtype=dtype)
 
 
 def _check_widths(cfg: dict[str, Any], sae: SAE, where: Path | str) -> None:
