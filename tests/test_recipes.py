@@ -77,10 +77,12 @@ def failing_checkout(tmp_path_factory) -> Path:
 
 def run_env() -> dict[str, str]:
     """This interpreter and this checkout for every process the recipes start (sbatch passes the
-    environment on to the jobs)."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PATH": path, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    environment on to the jobs); none of the Actions or Slurm variables of a CI job that runs
+    these tests, which would give the runs its run id and step summary."""
+    outer = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "SLURM_", "SBATCH_"))}
+    path = os.pathsep.join([str(Path(sys.executable).parent), outer.get("PATH", "")])
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), str(REPO / "plugins"), outer.get("PYTHONPATH")]))
+    return {**outer, "PATH": path, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def submit(env: dict[str, str], cwd: Path, root: Path, baseline: Path, *args: st
 
 def squeue_ids(env: dict[str, str], name: str) -> list[str]:
     done = subprocess.run(
-        ["squeue", "-h", "--name", name, "-o", "%i"], env={**os.environ, **env}, capture_output=True, text=True
+        ["squeue", "-h", "--name", name, "-o", "%i"], env={**run_env(), **env}, capture_output=True, text=True
     )
     return done.stdout.split()
 
@@ -228,7 +230,7 @@ def test_slurm_recipe_gives_the_single_runs_report_and_exit_status(slurm, tmp_pa
     while not squeue_ids(slurm, "sae-gate-merge") and time.monotonic() < deadline and running.poll() is None:
         time.sleep(0.2)
     for name in ("sae-gate-merge", "sae-gate"):  # the merge first: afterany would start it
-        subprocess.run(["scancel", "--name", name], env={**os.environ, **slurm}, check=True)
+        subprocess.run(["scancel", "--name", name], env={**run_env(), **slurm}, check=True)
     output, _ = running.communicate(timeout=300)
     assert running.returncode == 2 and "ended without writing" in output, output
 
