@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import time
 import zipfile
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.errors import BaselineError
-from sae_acceptance.io import OutputError, locked, read_json, remove_lock, write_atomic
+from sae_acceptance.io import OutputError, locked, read_json, remove_lock, signals_held, write_atomic
 from sae_acceptance.metrics import METRICS
 from sae_acceptance.sources.identity import model_identity
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
@@ -256,20 +257,22 @@ def update_baseline(path: Path, entries: Mapping[str, BaselineEntry], force: boo
     unknown version, a sidecar that does not match) is an error unless `force`, which replaces it.
     """
     path = Path(path)
-    with locked(path):
-        stored: dict[str, BaselineEntry] = {}
-        if path.exists():
-            try:
-                stored = load_baseline(path).entries
-            except BaselineError as err:
-                if not force:
-                    raise BaselineError(f"{err} (not overwritten)", remedy="force") from None
-        for name, entry in entries.items():
-            if name not in stored or _moved(stored[name], entry):
-                stored[name] = entry
-        written = write_baseline(path, stored)
-    remove_lock(path)
-    return written
+    with signals_held():  # an interrupt waits for the files and the lock to be whole again
+        try:
+            with locked(path):
+                stored: dict[str, BaselineEntry] = {}
+                if path.exists():
+                    try:
+                        stored = load_baseline(path).entries
+                    except BaselineError as err:
+                        if not force:
+                            raise BaselineError(f"{err} (not overwritten)", remedy="force") from None
+                for name, entry in entries.items():
+                    if name not in stored or _moved(stored[name], entry):
+                        stored[name] = entry
+                return write_baseline(path, stored)
+        finally:
+            remove_lock(path)
 
 
 def write_baseline(path: Path, entries: Mapping[str, BaselineEntry]) -> Path:
@@ -291,13 +294,20 @@ def write_baseline(path: Path, entries: Mapping[str, BaselineEntry]) -> Path:
         metrics = {metric: {"value": value} for metric, value in entry.metrics.items()}
         blocks[name] = {"fingerprint": entry.fingerprint, "metrics": metrics, "sums": meta}
     previous = previous_sidecar(path)
-    try:
-        if sidecar.exists():
+    head = {"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}
+    with signals_held():
+        kept = sidecar.exists()
+        if kept:
             write_atomic(previous, sidecar.read_bytes())
-        write_atomic(sidecar, _npz_bytes(arrays))
-        head = {"format": FORMAT, "version": FORMAT_VERSION, "sidecar": sidecar.name}
-        written = write_atomic(path, _render(head, blocks))
-    finally:
+        try:
+            write_atomic(sidecar, _npz_bytes(arrays))
+            written = write_atomic(path, _render(head, blocks))
+        except BaseException:  # the previous pair again (a reader may still open it), nothing extra left
+            if kept:
+                os.replace(previous, sidecar)
+            elif not path.exists():
+                sidecar.unlink(missing_ok=True)
+            raise
         previous.unlink(missing_ok=True)
     return written
 

@@ -14,7 +14,7 @@ import re
 import sys
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -90,6 +90,8 @@ Gate = Annotated[dict[str, Bound], AfterValidator(_check_gate), Field(default_fa
 
 
 DType = Literal["float32", "float16", "bfloat16"]
+BackendName = Literal["auto", "transformer_lens", "hf"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)  # `auto` first: the rest are the libraries that run a model
 
 
 class EvalSettings(StrictModel):
@@ -111,8 +113,10 @@ class EvalSettings(StrictModel):
         None, description='place the model across GPUs: a count, or a list such as ["cuda:0", "cuda:1"]'
     )
     dtype: DType = Field("float32", description="the model's dtype (sums stay float64)")
-    sae_dtype: DType | None = Field(None, description="the SAEs' dtype (default: each SAE's own)")
-    backend: Literal["auto", "transformer_lens", "hf"] = Field(
+    sae_dtype: DType | None = Field(
+        None, description="the SAEs' dtype (default: each SAE's own; float32 for sae-lens:// releases)"
+    )
+    backend: BackendName = Field(
         "auto", description="how the model runs: TransformerLens where it can load it, else Hugging Face"
     )
     exclude_special_tokens: bool | list[int] = Field(

@@ -35,6 +35,7 @@ from sae_acceptance.metrics import (
 )
 from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, Source, SpliceResult
 from sae_acceptance.sources.backends import Backend
+from sae_acceptance.sources.backends.families import backend_for
 from sae_acceptance.sources.model import (
     ModelCache,
     processing_kwargs,
@@ -47,8 +48,8 @@ from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
 from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_context
 
-# A model is loaded once per name and processing: (name, sorted processing kwargs).
-ModelKey = tuple[str | None, tuple[tuple[str, Any], ...]]
+# A model is loaded once per name, processing and backend: (name, sorted processing kwargs, backend).
+ModelKey = tuple[str | None, tuple[tuple[str, Any], ...], str]
 
 
 @dataclass
@@ -101,16 +102,15 @@ def evaluate(
     for req in requests:
         if req.result.error is None and req.sae is not None:
             kwargs = processing_kwargs(req.sae.metadata.get("model_from_pretrained_kwargs"))
-            groups[(req.result.model, tuple(sorted(kwargs.items())))].append(req)
+            kind = backend_for(settings.backend, req.result.hook, req.sae.hook_name_out)
+            groups[(req.result.model, tuple(sorted(kwargs.items())), kind)].append(req)
 
     eval_info: dict[str, Any] = {}
     timing = {"eval_s": 0.0, "n_tokens": 0}
     start = time.perf_counter()
-    for (model_name, kwargs), group in groups.items():
+    for (model_name, kwargs, kind), group in groups.items():
         try:
-            backend = models.backend(
-                model_name, dict(kwargs), device, settings.dtype, settings.backend, settings.devices
-            )
+            backend = models.backend(model_name, dict(kwargs), device, settings.dtype, kind, settings.devices)
             tokens, counted, excluded = _eval_tokens(loaded, backend)
         except SAEAcceptanceError as err:
             for req in group:
@@ -133,7 +133,8 @@ def evaluate(
         model_run = run_model(backend, saes, tokens, counted, settings.batch_size, progress, splices=spliced)
         timing["eval_s"] += model_run.eval_s
         timing["n_tokens"] += model_run.n_positions
-        eval_info.setdefault("models", {})[model_name] = {
+        shown = model_name if kind == settings.backend else f"{model_name} ({kind})"
+        eval_info.setdefault("models", {})[shown] = {
             "backend": model_run.backend,
             "patched_passes": "tail from the hook" if model_run.tail_only else "full forward",
             "placement": backend.placement,
@@ -214,8 +215,9 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry, index: int) -> _Request:
     result = SAEResult(
         name=entry.key, path=path, expect_fail=list(entry.expect_fail), source=_source(loaded, "sae", index)
     )
+    dtype = loaded.config.eval.sae_dtype
     try:
-        sae = load_sae(path)
+        sae = load_sae(path, dtype=None if dtype is None else resolve_dtype(dtype))
     except SAEAcceptanceError as err:
         result.error = str(err)
         return _Request(entry, result)

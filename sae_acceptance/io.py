@@ -33,32 +33,40 @@ class OutputError(SAEAcceptanceError):
     """A report, baseline or cache file cannot be written where asked."""
 
 
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _interrupt_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends: an interrupt between creating a temporary file and
-    naming it for cleanup would leave it behind. Only the main thread can do this."""
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them: an interrupt between
+    creating a temporary file and naming it for cleanup, or between the two files of a
+    baseline, would leave a file behind or a pair torn. Blocks nest (the outer one delivers);
+    only the main thread can do this."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    frames: list[FrameType | None] = []
-    previous = signal.signal(signal.SIGINT, lambda _signum, frame: frames.append(frame))
+    caught: list[tuple[int, FrameType | None]] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append((signum, frame))) for sig in HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if frames:
-            if callable(previous):
-                previous(signal.SIGINT, frames[0])
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signal.SIGINT)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Replace `path` with `data` in one step (text or bytes)."""
+    """Replace `path` with `data` in one step (text or bytes); a write the system refuses (a full
+    disk, a read-only folder) is one `OutputError` naming the file, and leaves nothing behind."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise OutputError(f"{path}: is a directory, expected a file path")
-    with _interrupt_deferred():
+    with signals_held():
         return _write_replacing(path, data)
 
 
@@ -77,6 +85,9 @@ def _write_replacing(path: Path, data: str | bytes) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # a normal file, not mkstemp's private 0600
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -21,7 +21,7 @@ import torch
 from conftest import random_topk_sae
 
 from sae_acceptance.baseline import BaselineEntry, load_baseline, update_baseline
-from sae_acceptance.io import locked, write_atomic
+from sae_acceptance.io import locked, remove_lock, write_atomic
 from sae_acceptance.sources.sae_io import load_sae, save_sae
 from sae_acceptance.stats import SequenceSums
 
@@ -96,7 +96,7 @@ def _run_writer(write: Callable[[Path, int], None], target: Path, ready: Path) -
         os._exit(status)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("what", list(WRITERS))
 def test_a_killed_writer_leaves_the_previous_file_and_no_blocking_lock(tmp_path, what, sig):
     write, check, where = WRITERS[what]
@@ -113,16 +113,20 @@ def test_a_killed_writer_leaves_the_previous_file_and_no_blocking_lock(tmp_path,
         time.sleep(delay)
         os.kill(pid, sig)
         _, status = os.waitpid(pid, 0)
-        if sig == signal.SIGINT:
-            assert os.waitstatus_to_exitcode(status) == 130
+        if sig != signal.SIGKILL:  # held until the write is whole, then delivered
+            assert os.waitstatus_to_exitcode(status) == (130 if sig == signal.SIGINT else -signal.SIGTERM)
         check(target)  # the last complete version, whole
+        if sig != signal.SIGKILL:  # an interrupted write leaves no temporary file, previous sidecar or lock
+            left = [p.name for p in tmp_path.rglob("*") if p.suffix == ".tmp" or p.name.endswith(".prev.npz")]
+            if what == "baseline":
+                left += [p.name for p in tmp_path.rglob("*.lock")]
+            assert not left
         start = time.monotonic()
         lock_of = target.parent if what == "sweep-cache" else target
         with locked(lock_of, timeout=5):
             pass
+        remove_lock(lock_of)
         assert time.monotonic() - start < 1.0, "a stale lock held up the next run"
-    if sig == signal.SIGINT:  # an interrupted write cleans up its temporary file
-        assert not [p.name for p in tmp_path.rglob("*.tmp")]
 
 
 def test_a_baseline_interrupted_between_its_two_files_stays_readable(tmp_path, monkeypatch):

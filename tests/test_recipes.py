@@ -107,7 +107,7 @@ def single_run(tmp_path_factory):
             )
             assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-3000:]
             report = json.loads((out / "report.json").read_text())
-            runs[config] = (done.returncode, report, load_baseline(out / "part.baseline.json").saes)
+            runs[config] = (done.returncode, report, load_baseline(out / "part.baseline.json").entries)
         return runs[config]
 
     return run
@@ -136,9 +136,9 @@ def checked_out(report: dict, checkouts: tuple[Path, ...]) -> dict:
 def assert_same_baseline(merged: dict, single: dict) -> None:
     assert set(merged) == set(single)
     for name, entry in single.items():
-        assert np.array_equal(merged[name]["sums"]["fired"], entry["sums"]["fired"]), name
-        for key, value in entry["sums"]["scalars"].items():
-            assert np.array_equal(merged[name]["sums"]["scalars"][key], value), (name, key)
+        assert np.array_equal(merged[name].sums.fired, entry.sums.fired), name
+        for key, value in entry.sums.scalars.items():
+            assert np.array_equal(merged[name].sums.scalars[key], value), (name, key)
 
 
 # Slurm ------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_slurm_recipe_gives_the_single_runs_report_and_exit_status(slurm, tmp_pa
     single_status, single, single_parts = single_run(REPO / "thresholds.toml")
     assert status == single_status == 0, output
     assert_same_results(json.loads((first / "report.json").read_text()), single)
-    assert_same_baseline(load_baseline(tmp_path / "passing.baseline.json").saes, single_parts)
+    assert_same_baseline(load_baseline(tmp_path / "passing.baseline.json").entries, single_parts)
     assert sorted(p.name for p in first.glob("shard-*.json")) == [f"shard-{i}.json" for i in (1, 2, 3, 4)]
     assert "gate exit status: 0" in output
 
@@ -202,7 +202,7 @@ def test_slurm_recipe_gives_the_single_runs_report_and_exit_status(slurm, tmp_pa
     assert_same_results(merged, single)
     assert not merged["saes"]["L0-k32"]["verdicts"]["cosine"]["passed"]
     assert "FAIL  L0-k32: cosine" in output  # the merge's log, shown by submit.sh
-    assert_same_baseline(load_baseline(tmp_path / "failing.baseline.json").saes, single_parts)
+    assert_same_baseline(load_baseline(tmp_path / "failing.baseline.json").entries, single_parts)
     # Each shard did its share: the layer-0 and layer-2 groups on different shards.
     shares = [json.loads((second / f"shard-{i}.json").read_text())["shard"]["saes"] for i in (1, 2)]
     assert sorted(map(sorted, shares)) == [["L0-k32", "L0-k4"], ["L2-k32", "L2-k4"]]
@@ -344,4 +344,4 @@ def test_actions_workflow_simulated_gives_the_single_runs_report_and_exit_status
         assert (report / "report.html").stat().st_size > 0
     baseline = artifacts / "baseline"
     assert {p.name for p in baseline.iterdir()} >= {"thresholds.baseline.json", "thresholds.baseline.npz"}
-    assert_same_baseline(load_baseline(baseline / "thresholds.baseline.json").saes, single_parts)
+    assert_same_baseline(load_baseline(baseline / "thresholds.baseline.json").entries, single_parts)

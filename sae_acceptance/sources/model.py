@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sae_acceptance.config import BACKENDS
 from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import hook_layer  # noqa: F401  (callers import it from here)
 from sae_acceptance.sources.backends import Backend, as_backend
@@ -52,7 +53,6 @@ def processing_kwargs(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     return {**NO_PROCESSING, **(recorded or {})}
 
 
-BACKENDS = ("auto", "transformer_lens", "hf")
 Devices = int | Sequence[str | int] | None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sae_acceptance.config import BACKENDS
 from sae_acceptance.hooks import HookPoint
 
 LAYER_OUTPUT, LAYER_INPUT = "", "input"
@@ -97,7 +98,7 @@ FAMILIES = (
     Family("gemma2", ("Gemma2ForCausalLM",), "model.layers", "model.norm", _GEMMA_KINDS),
     Family("gemma3", ("Gemma3ForCausalLM",), "model.layers", "model.norm", _GEMMA_KINDS),
 )
-BACKENDS = ("transformer_lens", "hf")
+LIBRARIES = tuple(name for name in BACKENDS if name != "auto")  # the backends that run a model
 
 
 def family_of(architecture: str | None) -> Family | None:
@@ -134,10 +135,10 @@ def tl_equivalent(path: str) -> str | None:
 
 
 def backends_for(*hooks: str | None) -> tuple[str, ...]:
-    """The backends (`BACKENDS`) that can read and write exactly at every one of `hooks`: a module
+    """The backends (`LIBRARIES`) that can read and write exactly at every one of `hooks`: a module
     point needs an exactly equal TransformerLens hook for TransformerLens; a TransformerLens point
     inside a block needs a module some family maps it to for Hugging Face."""
-    able = dict.fromkeys(BACKENDS, True)
+    able = dict.fromkeys(LIBRARIES, True)
     for hook in filter(None, hooks):
         point = HookPoint.parse(hook)
         if point.in_block:
