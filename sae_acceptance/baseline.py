@@ -17,6 +17,7 @@ whole one, so a gate reading while another process refreshes never fails.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -36,7 +37,7 @@ from sae_acceptance.errors import BaselineError
 from sae_acceptance.io import OutputError, locked, read_json, remove_lock, signals_held, write_atomic
 from sae_acceptance.metrics import METRICS
 from sae_acceptance.sources.identity import model_identity
-from sae_acceptance.stats import BootstrapSettings, SequenceSums, paired_changes
+from sae_acceptance.stats import SequenceSums, paired_changes
 from sae_acceptance.verdict import RegressionCheck, Status, regression_check
 
 if TYPE_CHECKING:
@@ -101,11 +102,7 @@ def run_identity(result: EntryResult, settings: EvalSettings) -> dict[str, Any]:
         "excluded_ids": result.excluded_ids,
         "n_sequences": settings.n_sequences,
         "context_size": settings.context_size,
-        "bootstrap": {
-            "resamples": settings.bootstrap_resamples,
-            "confidence": settings.confidence,
-            "seed": settings.seed,
-        },
+        "bootstrap": dataclasses.asdict(settings.bootstrap),
         "project_version": PROJECT_VERSION,
     }
 
@@ -430,7 +427,7 @@ def compare_entry(
         raise BaselineError(f"{where}: {result.key} was measured on something else ({detail})", remedy="refresh")
     if result.sums is None:
         raise ValueError(f"{result.key}: no per-sequence sums to compare")
-    bootstrap = BootstrapSettings(settings.bootstrap_resamples, settings.confidence, settings.seed)
+    bootstrap = settings.bootstrap
     paired = {}
     if any(METRICS[m].has_ci for m in tolerances):
         paired = paired_changes(result.sums, entry.sums, bootstrap)

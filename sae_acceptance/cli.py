@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same, replacing a baseline that cannot be read",
     )
     ev.add_argument("--baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
-    ev.add_argument("--shard", metavar="I/N", help="evaluate share I of N of the SAEs (groups kept whole); see `merge`")
+    ev.add_argument("--shard", metavar="I/N", help="evaluate shard I of N of the SAEs (units kept whole); see `merge`")
     ev.add_argument(
         "--baseline-part",
         type=Path,
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache/sae-acceptance/sweeps)"
     )
     add_fields(sw, EvalSettings, ("device",))
-    sw.add_argument("--shard", metavar="I/N", help="train and gate share I of N of the profile's (model, hook) grids")
+    sw.add_argument("--shard", metavar="I/N", help="train and gate shard I of N of the sweep profile's (model, hook) grids")
     sw.add_argument("--no-progress", action="store_true")
 
     tr = sub.add_parser("train", help="train TopK SAEs (a k grid from one data pass) at one hookpoint")

@@ -30,6 +30,7 @@ from sae_acceptance.errors import ConfigError, SAEFormatError
 from sae_acceptance.io import write_atomic
 from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS
 from sae_acceptance.sources.spec import check_spec, default_name, is_remote
+from sae_acceptance.stats import BootstrapSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,6 +126,11 @@ class EvalSettings(StrictModel):
     dense_threshold: float = Field(
         0.1, gt=0, lt=1, description="dense_frac counts latents firing on more than this share of counted tokens"
     )
+
+    @property
+    def bootstrap(self) -> BootstrapSettings:
+        """How every interval of this eval is drawn."""
+        return BootstrapSettings(self.bootstrap_resamples, self.confidence, self.seed)
 
 
 def eval_default(name: str) -> Any:

@@ -342,7 +342,7 @@ def run_model(
     by_hook: Mapping[str, Mapping[str, SAE]],
     tokens: torch.Tensor,
     counted: torch.Tensor,
-    batch_size: int = 8,
+    batch_size: int,
     progress: bool = True,
     splices: Mapping[str, Mapping[str, SAE]] | None = None,
 ) -> ModelRun:
@@ -377,7 +377,7 @@ def run_hook(
     saes: Mapping[str, SAE],
     tokens: torch.Tensor,
     counted: torch.Tensor,
-    batch_size: int = 8,
+    batch_size: int,
     progress: bool = True,
 ) -> HookRun:
     """Every SAE in `saes` at `hook_name`: `run_model` with one hook."""

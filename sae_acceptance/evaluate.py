@@ -8,6 +8,7 @@ the hook, NaN weights) become that SAE's error, so the rest still run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -77,7 +78,7 @@ def evaluate(
     settings = config.eval
     models = models or ModelCache()
     device = str(resolve_device(device or settings.device))
-    bootstrap = BootstrapSettings(settings.bootstrap_resamples, settings.confidence, settings.seed)
+    bootstrap = settings.bootstrap
     wanted = None if names is None else set(names)
     splice_entries = [
         s
@@ -166,7 +167,7 @@ def evaluate(
         settings={
             **settings.model_dump(),
             "device": device,
-            "bootstrap": {"resamples": bootstrap.resamples, "confidence": bootstrap.confidence, "seed": bootstrap.seed},
+            "bootstrap": dataclasses.asdict(bootstrap),
             "canyon": config.canyon.model_dump(),
             **eval_info,
         },

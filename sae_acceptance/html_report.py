@@ -133,7 +133,7 @@ def _eval_line(settings: dict[str, Any]) -> str:
         parts.append(f"{tokens.get('n_counted')} counted (excluded: {tokens.get('rule')})")
     if boot:
         parts.append(
-            f"{boot.get('confidence', 0) * 100:g}% intervals from {boot.get('resamples')} sequence-bootstrap resamples"
+            f"{boot['confidence'] * 100:g}% intervals from {boot['resamples']} sequence-bootstrap resamples"
         )
     parts.append(f"device {settings.get('device')}, {settings.get('dtype')}")
     return "; ".join(parts)

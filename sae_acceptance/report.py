@@ -57,7 +57,7 @@ def _add_timing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def merge_shards(shards: list[tuple[str, EvalReport]]) -> EvalReport:
     """Shard reports ((where, report)) as the one report a single run writes. Every shard of the
-    count must be there once, each with a result for every SAE of its share; otherwise one
+    count must be there once, each with a result for every SAE it was given; otherwise one
     error naming the shard."""
     count = None
     by_index: dict[int, tuple[str, EvalReport]] = {}

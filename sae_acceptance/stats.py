@@ -23,11 +23,6 @@ class BootstrapSettings:
     confidence: float
     seed: int
 
-    @classmethod
-    def from_report(cls, settings: dict) -> BootstrapSettings:
-        """The settings a report (or a baseline's fingerprint) recorded under `bootstrap`."""
-        boot = settings["bootstrap"]
-        return cls(int(boot["resamples"]), float(boot["confidence"]), int(boot["seed"]))
 
 
 @dataclass

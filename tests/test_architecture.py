@@ -119,3 +119,68 @@ def test_the_plugin_is_inert_in_an_unrelated_suite(pytester, monkeypatch, tmp_pa
     result.assert_outcomes(passed=4)
     seen = {p.read_text() for p in out.iterdir()}
     assert seen == {"5,7 False no"}  # a worker's own dist is "no"; nothing of ours changed it
+
+
+def _settings_defaults() -> dict[str, object]:
+    """Every settings field's default, by field name (the one home of each default)."""
+    from sae_acceptance.config import CanyonSettings, EvalSettings
+    from sae_acceptance.train.settings import TrainSettings
+
+    found: dict[str, object] = {}
+    for model in (EvalSettings, CanyonSettings, TrainSettings):
+        for name, info in model.model_fields.items():
+            if not info.is_required() and info.default is not None and not isinstance(info.default, bool):
+                found.setdefault(name, info.default)
+    return found
+
+
+# A parameter may share a setting's name and its neutral value: skipping 0 sequences is not the setting restated.
+NEUTRAL = {("skip", 0)}
+
+
+def _restated(tree: ast.AST, defaults: dict[str, object]) -> list[tuple[int, str]]:
+    """Where a settings default is written again: a parameter of the setting's name defaulting to
+    it, `.get("<setting>", <it>)`, or `add_argument("--<setting>", default=<it>)`."""
+    found = []
+
+    def literal(node: ast.AST | None) -> object:
+        return node.value if isinstance(node, ast.Constant) else None
+
+    def check(name: str, node: ast.AST | None, line: int) -> None:
+        value = literal(node)
+        if name in defaults and value is not None and value == defaults[name] and (name, value) not in NEUTRAL:
+            found.append((line, f"{name} = {value!r}"))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            for arg, default in zip(positional[len(positional) - len(args.defaults) :], args.defaults, strict=True):
+                check(arg.arg, default, node.lineno)
+            for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+                check(arg.arg, default, node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr == "get" and len(node.args) == 2 and isinstance(literal(node.args[0]), str):
+                check(str(literal(node.args[0])), node.args[1], node.lineno)
+            if node.func.attr == "add_argument" and node.args and isinstance(literal(node.args[0]), str):
+                flag = str(literal(node.args[0])).removeprefix("--").replace("-", "_")
+                for keyword in node.keywords:
+                    if keyword.arg == "default":
+                        check(flag, keyword.value, node.lineno)
+    return found
+
+
+def test_no_settings_default_is_written_outside_its_settings_model():
+    """Eval, canyon and training defaults live in their settings models alone; code that needs
+    one asks for it (`config.eval_default`) or takes it from the caller."""
+    defaults = _settings_defaults()
+    homes = {REPO / "sae_acceptance" / "config.py", REPO / "sae_acceptance" / "train" / "settings.py"}
+    restated = [
+        f"{file.relative_to(REPO)}:{line}: {what}"
+        for file in _modules().values()
+        if file not in homes
+        for line, what in _restated(ast.parse(file.read_text()), defaults)
+    ]
+    assert restated == []
+    planted = ast.parse("def run(batch_size=8, device='cpu'):\n    return {}.get('dense_threshold', 0.1)\n")
+    assert [what for _, what in _restated(planted, defaults)] == ["batch_size = 8", "dense_threshold = 0.1"]

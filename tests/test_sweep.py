@@ -117,9 +117,9 @@ def test_sweep_shards_merged_are_the_single_run(monkeypatch, tmp_path, capsys):
         return real(model, name, tokens, hook, *args, **kwargs)
 
     monkeypatch.setattr(sweeps, "train_at_hook", counting)
-    sweeps.run_sweep(profile, tmp_path / "worker1", tmp_path / "cache", "cpu", False, spread=(1, 2))
+    sweeps.run_sweep(profile, tmp_path / "worker1", tmp_path / "cache", "cpu", False, worker=(1, 2))
     hooks = [f"blocks.{layer}.hook_resid_post" for _, _, layer in sweeps.grids(profile)]
-    first = sweeps.grid_shares(profile, 2)[1][0]
+    first = sweeps.grid_runs(profile, 2)[1][0]
     assert trained == hooks[first:] + hooks[:first]  # its own share first, then the others', each once
 
     def sweep(out: str, *extra: str) -> int:

@@ -451,6 +451,6 @@ def test_activation_buffer_stops_at_the_hook_layer_and_feeds_the_trainer(tiny_ho
     assert sae.hook_name == hook and sae.model_name == "tiny"
     assert sae.metadata["training_tokens"] == 128
     with pytest.raises(ValueError, match="no hook"):
-        ActivationBuffer(tiny_hooked, tokens, "blocks.7.hook_resid_post")
+        ActivationBuffer(tiny_hooked, tokens, "blocks.7.hook_resid_post", 32, seed=0)
     with pytest.raises(ValueError, match="no counted"):
-        ActivationBuffer(tiny_hooked, tokens, hook, counted=torch.zeros_like(tokens, dtype=torch.bool))
+        ActivationBuffer(tiny_hooked, tokens, hook, 32, seed=0, counted=torch.zeros_like(tokens, dtype=torch.bool))

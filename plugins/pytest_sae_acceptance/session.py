@@ -153,12 +153,12 @@ class SAESession:
         """The `sae_sweep` fixture's value: the `--sae-sweep` profile trained (or loaded), gated, tabulated."""
         cache = Path(self.config.getoption("--sae-sweep-cache") or default_cache()).expanduser()
         profile = load_profile(self.config.getoption("--sae-sweep") or DEFAULT_PROFILE)
-        spread = None
-        if is_xdist_worker(self.config):  # worker i starts on its own share of the grids
-            worker = self.config.workerinput
-            spread = (int(worker["workerid"].removeprefix("gw")), int(worker["workercount"]))
+        worker = None
+        if is_xdist_worker(self.config):  # worker i starts on its own run of the grids
+            given = self.config.workerinput
+            worker = (int(given["workerid"].removeprefix("gw")), int(given["workercount"]))
         progress = not self.config.getoption("--sae-no-progress")
-        report, points = run_sweep(profile, out, cache, self.device or eval_default("device"), progress, spread=spread)
+        report, points = run_sweep(profile, out, cache, self.device or eval_default("device"), progress, worker=worker)
         write_analysis(points, out)
         return report, points, out
 

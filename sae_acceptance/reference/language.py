@@ -20,7 +20,7 @@ SUCCESSOR_PROBS = np.array([0.6, 0.3, 0.1])
 
 
 class TopicLanguage:
-    def __init__(self, vocab_size: int = 256, n_topics: int = 8, seed: int = 0):
+    def __init__(self, vocab_size: int, n_topics: int = 8, *, seed: int):
         rng = np.random.default_rng(seed)
         self.vocab_size = vocab_size
         first_word = len(SPECIAL_TOKENS)

@@ -8,7 +8,6 @@ that default.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sae_acceptance.config import BACKENDS
+from sae_acceptance.config import BACKENDS, eval_default
 from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import hook_layer  # noqa: F401  (callers import it from here)
 from sae_acceptance.sources.backends import Backend, as_backend
@@ -58,22 +57,23 @@ Devices = int | Sequence[str | int] | None
 
 def load_model(
     name_or_path: str | Path,
-    device: str = "auto",
-    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
     from_pretrained_kwargs: dict[str, Any] | None = None,
     devices: Devices = None,
-):
+) -> Any:
     """The TransformerLens model, in eval mode: a `HookedTransformer` on TransformerLens 3,
-    a `TransformerBridge` on 4. `as_backend(model)` is its backend."""
+    a `TransformerBridge` on 4. `as_backend(model)` is its backend. Device and dtype default to
+    `[eval]`'s."""
     return load_backend(name_or_path, device, dtype, from_pretrained_kwargs, "transformer_lens", devices).model
 
 
 def load_backend(
     name_or_path: str | Path,
-    device: str = "auto",
-    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
     from_pretrained_kwargs: dict[str, Any] | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
     devices: Devices = None,
 ) -> Backend:
     """A model behind the engine's interface, from a hub name or a local checkpoint directory.
@@ -83,10 +83,12 @@ def load_backend(
     `auto` (TransformerLens where it can load the model, else Hugging Face).
     `devices` (a count, or a list of CUDA devices) places the model across GPUs.
     """
+    backend = backend or eval_default("backend")
     if backend not in BACKENDS:
         raise SourceError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     kwargs = processing_kwargs(from_pretrained_kwargs)
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    torch_device = resolve_device(device or eval_default("device"))
+    torch_dtype = resolve_dtype(dtype or eval_default("dtype"))
     placement = _device_list(devices, torch_device)
     name = str(name_or_path)
     path = Path(name).expanduser()
@@ -197,9 +199,11 @@ class ModelCache:
         self._backends: dict[tuple, Backend] = {}
 
     def backend(
-        self, name: str, kwargs: dict[str, Any], device: str, dtype: str, backend: str = "auto", devices: Devices = None
+        self, name: str, kwargs: dict[str, Any], device: str, dtype: str, backend: str, devices: Devices = None
     ) -> Backend:
-        key = (name, json.dumps(kwargs, sort_keys=True), device, dtype, backend, json.dumps(devices))
+        """The model behind its backend, loaded on the first ask."""
+        placed = devices if devices is None or isinstance(devices, int) else tuple(devices)
+        key = (name, tuple(sorted(kwargs.items())), device, dtype, backend, placed)
         if key not in self._backends:
             self._backends[key] = load_backend(name, device, dtype, kwargs, backend, devices)
         return self._backends[key]

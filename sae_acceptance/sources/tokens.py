@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from sae_acceptance.config import eval_default
 from sae_acceptance.errors import SourceError
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
@@ -26,11 +28,12 @@ def load_tokens(
     n_sequences: int,
     context_size: int,
     skip: int = 0,
-    tokenizer=None,
+    tokenizer: Any = None,
     column: str | None = None,
-    split: str = "train",
+    split: str | None = None,
 ) -> torch.Tensor:
-    """[n_sequences, context_size] int64 tokens from `data`, or one clear error."""
+    """[n_sequences, context_size] int64 tokens from `data`, or one clear error (a dataset's
+    `split` defaults to `[eval]`'s)."""
     path = Path(data).expanduser()
     if path.suffix == ".npy":
         if not path.is_file():
@@ -40,7 +43,7 @@ def load_tokens(
         return _from_npy(path, n_sequences, context_size, skip)
     if path.exists() and not path.is_dir():
         raise SourceError(f"{path}: not a token file; expected a .npy array or a dataset directory")
-    rows = _dataset_rows(str(data), split, column, tokenizer)
+    rows = _dataset_rows(str(data), split or eval_default("split"), column, tokenizer)
     return _take(_chunk(rows, context_size), n_sequences, skip, str(data), context_size)
 
 

@@ -32,9 +32,10 @@ class ActivationBuffer:
         model,
         tokens: torch.Tensor,
         hook_name: str,
-        batch_size: int = 4096,
+        batch_size: int,
         buffer_tokens: int = 262_144,
-        seed: int = 0,
+        *,
+        seed: int,
         counted: torch.Tensor | None = None,
         total_tokens: int | None = None,
         model_batch: int = 32,
@@ -126,7 +127,7 @@ class ActivationBuffer:
 
 
 def activation_batches_from_tensor(
-    acts: torch.Tensor, batch_size: int, seed: int = 0, total_tokens: int | None = None
+    acts: torch.Tensor, batch_size: int, seed: int, total_tokens: int | None = None
 ) -> Iterator[torch.Tensor]:
     """Cached activations ``[N, d]`` in shuffled batches: one pass, or `total_tokens`
     tokens with a fresh seeded permutation for every further pass."""

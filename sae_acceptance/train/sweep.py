@@ -104,8 +104,8 @@ def grids(profile: Profile) -> list[tuple[Any, str, int]]:
     return [(spec, depth, layer) for spec in profile.model for depth, layer in spec.layers.items()]
 
 
-def grid_shares(profile: Profile, count: int) -> list[list[int]]:
-    """The profile's grids cut into `count` contiguous shares balanced by cost (`shard.partition`)."""
+def grid_runs(profile: Profile, count: int) -> list[list[int]]:
+    """The profile's grids cut into `count` contiguous runs balanced by cost (`shard.partition`)."""
     all_grids = grids(profile)
     return partition([group_cost(len(profile.ks))] * len(all_grids), [{spec.name} for spec, _, _ in all_grids], count)
 
@@ -117,12 +117,12 @@ def run_sweep(
     device: str | None = None,
     progress: bool = True,
     shard: Shard | None = None,
-    spread: tuple[int, int] | None = None,
+    worker: tuple[int, int] | None = None,
 ) -> tuple[EvalReport, list[dict[str, Any]]]:
     """Train (or load) every SAE of the profile, gate them; writes report.json and points.json.
 
-    `shard`: only that share of the grids (the report records it, for `merge`). `spread`
-    (worker i of n): start with share i of n and pass over grids another process is
+    `shard`: only that shard of the grids (the report records it, for `merge`). `worker`
+    (xdist worker i of n): start with run i of n and pass over grids another process is
     training, coming back to them at the end, so workers train different grids at once.
     """
     models = ModelCache()
@@ -131,15 +131,15 @@ def run_sweep(
     all_grids = grids(profile)
     chosen = list(range(len(all_grids)))
     if shard is not None:
-        chosen = grid_shares(profile, shard.count)[shard.index - 1]
+        chosen = grid_runs(profile, shard.count)[shard.index - 1]
         if not chosen:
             print(shard.empty_note())
     order = chosen
-    if spread is not None:
-        first = next(iter(grid_shares(profile, spread[1])[spread[0]]), 0)
+    if worker is not None:
+        first = next(iter(grid_runs(profile, worker[1])[worker[0]]), 0)
         order = [i for i in chosen if i >= first] + [i for i in chosen if i < first]
     trained: dict[int, dict[int, Path]] = {}
-    for wait in (spread is None, True):
+    for wait in (worker is None, True):
         for i in order:
             if i not in trained:
                 spec, _, layer = all_grids[i]
