@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", type=Path, default=None, help="trained-SAE cache (default: ~/.cache/sae-acceptance/sweeps)"
     )
     add_fields(sw, EvalSettings, ("device",))
-    sw.add_argument("--shard", metavar="I/N", help="train and gate shard I of N of the sweep profile's (model, hook) grids")
+    sw.add_argument(
+        "--shard", metavar="I/N", help="train and gate shard I of N of the sweep profile's (model, hook) grids"
+    )
     sw.add_argument("--no-progress", action="store_true")
 
     tr = sub.add_parser("train", help="train TopK SAEs (a k grid from one data pass) at one hookpoint")

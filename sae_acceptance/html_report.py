@@ -132,9 +132,7 @@ def _eval_line(settings: dict[str, Any]) -> str:
     if tokens:
         parts.append(f"{tokens.get('n_counted')} counted (excluded: {tokens.get('rule')})")
     if boot:
-        parts.append(
-            f"{boot['confidence'] * 100:g}% intervals from {boot['resamples']} sequence-bootstrap resamples"
-        )
+        parts.append(f"{boot['confidence'] * 100:g}% intervals from {boot['resamples']} sequence-bootstrap resamples")
     parts.append(f"device {settings.get('device')}, {settings.get('dtype')}")
     return "; ".join(parts)
 

@@ -24,7 +24,6 @@ class BootstrapSettings:
     seed: int
 
 
-
 @dataclass
 class SequenceSums:
     """Per-sequence float64 sums of one SAE over the eval set: all any metric needs.

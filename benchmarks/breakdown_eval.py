@@ -4,7 +4,7 @@ Runs the engine on a few batches of the bench_eval setup with `record_function`
 ranges around its stages (patched in from outside: nothing in the package is
 changed) and prints the profiler's operator table and the time per stage.
 
-    python benchmarks/profile_eval.py --n-saes 6 --n-batches 4
+    python benchmarks/breakdown_eval.py --n-saes 6 --n-batches 4
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     from sae_acceptance.engine import run_model
     from sae_acceptance.sources.sae_io import load_sae
 
-    with tempfile.TemporaryDirectory(prefix="profile_eval_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="breakdown_eval_") as tmp:
         workdir = Path(tmp)
         bench_eval.prepare(args, workdir)
         model = common.load_bench_backend(workdir / "model", args.device, args.dtype, args.backend)

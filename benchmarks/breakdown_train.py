@@ -11,8 +11,8 @@ It also times the encoder product alone (the one dense ``[n, d_in] x [d_in,
 d_sae]`` product of a step): the SAE step cannot cost less than that, which
 bounds ``r`` and so the speedup for any implementation of the same training.
 
-    python benchmarks/profile_train.py
-    python benchmarks/profile_train.py --optimizer signum --grid-tokens 65536
+    python benchmarks/breakdown_train.py
+    python benchmarks/breakdown_train.py --optimizer signum --grid-tokens 65536
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
 
     from sae_acceptance.train.topk import train_topk_grid
 
-    with tempfile.TemporaryDirectory(prefix="profile_train_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="breakdown_train_") as tmp:
         workdir = Path(tmp)
         common.build_checkpoint(workdir / "model", size, args.ctx, args.seed)
         model = common.load_bench_model(workdir / "model", args.device, args.dtype)
