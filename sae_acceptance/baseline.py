@@ -34,7 +34,7 @@ import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.errors import BaselineError
-from sae_acceptance.io import OutputError, locked, read_json, remove_lock, signals_held, write_atomic
+from sae_acceptance.io import REPORT_LIMIT, OutputError, locked, read_json, remove_lock, signals_held, write_atomic
 from sae_acceptance.metrics import METRICS
 from sae_acceptance.sources.identity import model_identity
 from sae_acceptance.stats import SequenceSums, paired_changes
@@ -157,7 +157,7 @@ def _read(path: Path) -> Baseline:
     if not path.exists():
         raise BaselineError(f"{path}: no such baseline", remedy="refresh")
     try:
-        payload = read_json(path, "a sae-acceptance baseline")
+        payload = read_json(path, "a sae-acceptance baseline", limit=REPORT_LIMIT)
     except OutputError as err:
         raise BaselineError(str(err), remedy="force") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

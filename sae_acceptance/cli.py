@@ -23,6 +23,7 @@ from sae_acceptance.baseline import (
     check_refreshable,
     load_baseline,
     remedy,
+    sidecar_path,
 )
 from sae_acceptance.config import (
     CanyonSettings,
@@ -33,9 +34,9 @@ from sae_acceptance.config import (
     thresholds_from_mapping,
     write_json_schema,
 )
-from sae_acceptance.errors import BaselineError, ConfigError, SAEAcceptanceError
+from sae_acceptance.errors import BaselineError, ConfigError, ReportError, SAEAcceptanceError
 from sae_acceptance.gate import Outputs, exit_status, run_gate, write_outputs
-from sae_acceptance.io import read_json, write_json
+from sae_acceptance.io import REPORT_LIMIT, read_json, write_json
 from sae_acceptance.pr_profile import (
     HOOK_TYPE,
     format_profile_table,
@@ -45,8 +46,8 @@ from sae_acceptance.pr_profile import (
 )
 from sae_acceptance.reference.build import build_reference
 from sae_acceptance.report import format_report, merge_shards, read_densities
-from sae_acceptance.results import EvalReport, ShardRecord
-from sae_acceptance.shard import Shard, shard_members
+from sae_acceptance.results import EvalReport, ShardRecord, unknown_fields
+from sae_acceptance.shard import RUN_ID_VARIABLES, Shard, run_fingerprint, run_id, shard_members
 from sae_acceptance.sources.model import hook_width, load_model, special_token_ids
 from sae_acceptance.sources.tokens import counted_mask, load_tokens
 from sae_acceptance.train import builtin_profiles
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
     ev.add_argument("--shard", metavar="I/N", help="evaluate shard I of N of the SAEs (units kept whole); see `merge`")
     ev.add_argument(
+        "--run-id",
+        metavar="ID",
+        help=f"the run this shard belongs to, for `merge` (default: ${' or $'.join(RUN_ID_VARIABLES)})",
+    )
+    ev.add_argument(
         "--baseline-part",
         type=Path,
         metavar="OUT.json",
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--json", type=Path, metavar="OUT", help="write the merged JSON report here")
     mg.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
+    mg.add_argument("--run-id", metavar="ID", help="refuse shards of any other run (their recorded run id)")
     mg.add_argument(
         "--baseline-part",
         type=Path,
@@ -261,7 +268,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     baseline, target = _baselines(loaded, args)
     report = run_gate(loaded, baseline, CLI_FLAGS, args.baseline_strict, names=names, progress=not args.no_progress)
     if shard is not None:
-        report.shard = ShardRecord(shard.index, shard.count, list(names or []))
+        inputs = [] if baseline is None else [baseline.path, sidecar_path(baseline.path)]
+        fingerprint = run_fingerprint([loaded], shard.count, inputs)
+        report.shard = ShardRecord(shard.index, shard.count, list(names or []), run_id(args.run_id), fingerprint)
     print(format_report(report))
     for result in report.entries:  # also on stderr, where a CI log shows a tool's errors
         for message in (result.error, result.baseline_error):
@@ -299,12 +308,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     shards, points = [], []
     for given in args.shards:
         path = Path(given) / "report.json" if Path(given).is_dir() else Path(given)
-        report = EvalReport.from_dict(read_json(path, "a shard's JSON report"))
-        read_densities(path, report)
+        report = _read_report(path)
         shards.append((str(path), report))
         if args.sweep_out is not None:
             points += read_json(path.parent / "points.json", "a sweep shard's points")
-    merged = merge_shards(shards)
+    merged = merge_shards(shards, args.run_id)
     print(format_report(merged))
     refresh = {}
     if args.update_baseline is not None:
@@ -326,6 +334,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         write_analysis(points, args.sweep_out)
         print(f"report, points, tables and plots written to {args.sweep_out}")
     return exit_status(merged)
+
+
+def _read_report(path: Path) -> EvalReport:
+    """A shard's JSON report and its densities; fields of a newer version are ignored, with a note."""
+    data = read_json(path, "a shard's JSON report", limit=REPORT_LIMIT)
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON report (an object), got {type(data).__name__}")
+    try:
+        report = EvalReport.from_dict(data)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ReportError(f"{path}: not a readable report ({type(err).__name__}: {err})") from None
+    unknown = unknown_fields(data)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        print(f"note: {path}: ignored fields this version does not read ({shown}); written by a newer version?")
+    read_densities(path, report)
+    return report
 
 
 def _cmd_pr_profile(args: argparse.Namespace) -> int:

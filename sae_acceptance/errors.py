@@ -27,6 +27,11 @@ class SourceError(SAEAcceptanceError):
     """A model, hook or token source does not fit what was asked."""
 
 
+class ReportError(SAEAcceptanceError):
+    """A report that cannot be read or merged: not a shard's, missing, repeated, cut short, or
+    from another run."""
+
+
 class BaselineError(SAEAcceptanceError):
     """A regression baseline is corrupt, foreign or measured on something else.
 

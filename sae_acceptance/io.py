@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,10 @@ from filelock import FileLock, Timeout
 from sae_acceptance.errors import SAEAcceptanceError
 
 LOCK_TIMEOUT_S = 120.0
+# The most a file read as configuration (thresholds.toml, cfg.json, a checkpoint's config.json)
+# or as a report or baseline may hold: refused unread above this, whatever is in it.
+CONFIG_LIMIT = 64 << 20
+REPORT_LIMIT = 1 << 30
 
 
 class OutputError(SAEAcceptanceError):
@@ -108,15 +113,52 @@ def write_json(path: str | Path, payload: Any, indent: int | None = 2) -> Path:
     return write_atomic(path, to_json(payload, indent))
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file, or one error naming the file, the line and `what` it should be."""
+def regular_file(path: str | Path, what: str, error: type[SAEAcceptanceError] = OutputError) -> os.stat_result:
+    """The status of `path`, which must be a regular file (a symlink to one is fine): a FIFO
+    would hang a reader and a device (`/dev/zero`) never ends, so neither is opened."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        status = path.stat()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file, expected {what}") from None
     except OSError as err:
-        raise OutputError(f"{path}: cannot read {what} ({err.strerror})") from None
+        raise error(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise error(f"{path}: {kind}, expected {what}")
+    return status
+
+
+def read_text(
+    path: str | Path, what: str, limit: int = CONFIG_LIMIT, error: type[SAEAcceptanceError] = OutputError
+) -> str:
+    """A regular file of at most `limit` bytes, as UTF-8 text; anything else is one `error` naming
+    the file and what it should have been."""
+    path = Path(path)
+    size = regular_file(path, what, error).st_size
+    if size > limit:
+        raise error(f"{path}: {size:,} bytes, above the {limit:,}-byte limit for {what}; refused unread")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start}), expected {what}") from None
+
+
+def read_json(
+    path: str | Path, what: str, limit: int = CONFIG_LIMIT, error: type[SAEAcceptanceError] = OutputError
+) -> Any:
+    """Parse a JSON file, or one error naming the file, the line and `what` it should be."""
+    text = read_text(path, what, limit, error)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise OutputError(f"{path}:{err.lineno}: not valid JSON, expected {what} ({err.msg})") from None
+        raise error(f"{path}:{err.lineno}: not valid JSON, expected {what} ({err.msg})") from None
+    except RecursionError:
+        raise error(f"{path}: nested deeper than any {what} is; refused") from None
 
 
 @contextlib.contextmanager

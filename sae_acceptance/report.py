@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from sae_acceptance.errors import SAEAcceptanceError
+from sae_acceptance.errors import ReportError
 from sae_acceptance.io import write_atomic
 from sae_acceptance.render import format_table
 from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
@@ -21,10 +21,6 @@ SUMMARY_HEADER = ("sae", "hook", *SUMMARY_METRICS, "pr_ratio", "canyon", "verdic
 REGRESSION_HEADER = ("entry", "metric", "change [paired CI] vs baseline", "verdict")
 SPLICE_METRICS_SHOWN = ("ce_rec", "ce_loss_score", "kl_div")
 SPLICE_HEADER = ("splice", "saes", *SPLICE_METRICS_SHOWN, "verdict")
-
-
-class ReportError(SAEAcceptanceError):
-    """Reports that cannot be merged: a shard missing, repeated, cut short, or not of this run."""
 
 
 def merge_reports(reports: Iterable[EvalReport]) -> EvalReport | None:
@@ -55,34 +51,57 @@ def _add_timing(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def merge_shards(shards: list[tuple[str, EvalReport]]) -> EvalReport:
+def merge_shards(shards: list[tuple[str, EvalReport]], run: str | None = None) -> EvalReport:
     """Shard reports ((where, report)) as the one report a single run writes. Every shard of the
-    count must be there once, each with a result for every SAE it was given; otherwise one
-    error naming the shard."""
-    count = None
+    count must be there once, each with a result for every SAE it was given, and all of one run:
+    the same run id (`run`, when given), the same fingerprint, the same token data. Otherwise
+    one error naming the offending file."""
+    first: dict[str, tuple[str, object]] = {}
     by_index: dict[int, tuple[str, EvalReport]] = {}
+
+    def same(what: str, value: object, where: str, explain: str) -> None:
+        seen = first.setdefault(what, (where, value))
+        if seen[1] != value:
+            raise ReportError(f"{where}: {explain} than {seen[0]} ({what} {value!r}, there {seen[1]!r}); refused")
+
+    if run is not None:
+        first["run"] = ("--run-id", run)
     for where, report in shards:
         shard = report.shard
         if shard is None:
             raise ReportError(
                 f'{where}: not a shard\'s report (no "shard": {{index, count, saes}}; run with --shard I/N)'
             )
-        if count is not None and shard.count != count:
-            raise ReportError(f"{where}: shard {shard.index}/{shard.count}, the others are of {count}")
-        count = shard.count
+        same("run", shard.run, where, "belongs to another run (a file left from an earlier run?)")
+        same(
+            "fingerprint", shard.fingerprint, where, "ran another gate (thresholds file, baseline, settings or version)"
+        )
+        same("count", shard.count, where, f"is shard {shard.index}/{shard.count}, of another count")
+        tokens = report.settings.get("tokens", {}).get("fingerprint")
+        if tokens is not None:
+            same("token data", tokens, where, "evaluated other token data")
         if shard.index in by_index:
-            raise ReportError(f"{where}: shard {shard.index}/{count} again (also {by_index[shard.index][0]})")
+            raise ReportError(f"{where}: shard {shard.index}/{shard.count} again (also {by_index[shard.index][0]})")
         missing = [name for name in shard.saes if name not in report.saes]
         if missing:
             raise ReportError(
-                f"{where}: shard {shard.index}/{count} failed or was cut short: no result for {', '.join(missing)}"
+                f"{where}: shard {shard.index}/{shard.count} failed or was cut short: no result for {', '.join(missing)}"
             )
         by_index[shard.index] = (where, report)
-    absent = [f"{i}/{count}" for i in range(1, (count or 0) + 1) if i not in by_index]
-    if absent:
-        raise ReportError(f"shard {', '.join(absent)} missing (got {', '.join(w for w, _ in by_index.values())})")
+    count = int(first["count"][1]) if "count" in first else 0  # type-checked by ShardRecord
+    if len(by_index) < count:
+        absent = []
+        for i in range(1, count + 1):  # the first few, without sizing anything from the count
+            if i not in by_index:
+                absent.append(f"{i}/{count}")
+            if len(absent) == 3:
+                break
+        more = count - len(by_index) - len(absent)
+        listed = ", ".join(absent) + (f" and {more} more" if more > 0 else "")
+        raise ReportError(f"shard {listed} missing (got {', '.join(w for w, _ in by_index.values())})")
     merged = merge_reports(report for _, (_, report) in sorted(by_index.items()))
-    assert merged is not None  # at least one shard: count >= 1
+    if merged is None:
+        raise ReportError("no shard reports given")
     return merged
 
 

@@ -221,14 +221,36 @@ class SpliceResult(EntryResult):
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """What a shard's report says of itself, so `merge` can tell a missing, partial or foreign shard."""
+    """What a shard's report says of itself, so `merge` can tell a missing, partial or foreign
+    shard: its index and count, its members, the run it belongs to (`run`: `--run-id`, else the
+    CI system's run id) and a fingerprint of what it ran on (`shard.run_fingerprint`)."""
 
     index: int
     count: int
     saes: list[str]
+    run: str | None = None
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ShardRecord:
+        """Back from `to_dict`, checked before anything is sized from it (a ValueError says what
+        is wrong)."""
+        if not isinstance(data, Mapping):
+            raise ValueError('"shard" is not an object')
+        index, count, saes = data.get("index"), data.get("count"), data.get("saes")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (index, count)):
+            raise ValueError(f'"shard": index and count must be whole numbers, got {index!r} and {count!r}')
+        if not 1 <= index <= count:
+            raise ValueError(f'"shard": expected 1 <= index <= count, got {index}/{count}')
+        if not isinstance(saes, list) or not all(isinstance(s, str) for s in saes):
+            raise ValueError('"shard": "saes" must be a list of names')
+        run, fingerprint = data.get("run"), data.get("fingerprint")
+        return cls(
+            index, count, saes, None if run is None else str(run), None if fingerprint is None else str(fingerprint)
+        )
 
 
 @dataclass
@@ -282,10 +304,26 @@ class EvalReport:
             timing=dict(data.get("timing") or {}),
             saes={name: SAEResult.from_dict(name, r) for name, r in (data.get("saes") or {}).items()},
             splices={name: SpliceResult.from_dict(name, r) for name, r in (data.get("splices") or {}).items()},
-            shard=None if shard is None else ShardRecord(int(shard["index"]), int(shard["count"]), list(shard["saes"])),
+            shard=None if shard is None else ShardRecord.from_dict(shard),
         )
 
 
 def _plain(value: Any) -> Any:
     """A field's JSON form: objects with `to_dict` through it, the rest as they are."""
     return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+REPORT_KEYS = ("eval", "timing", "saes", "splices", "shard")
+
+
+def unknown_fields(data: Mapping[str, Any]) -> list[str]:
+    """Keys of a JSON report this version does not read (a newer version wrote it): `from_dict`
+    ignores them, and a reader says so."""
+    found = [key for key in data if key not in REPORT_KEYS]
+    for section, kind in (("saes", SAEResult), ("splices", SpliceResult)):
+        known = {f.name for f in dataclasses.fields(kind)} | set(kind.head) | set(kind.tail)
+        known |= {"regressions", "baseline_error", "source", "sums"}
+        for name, entry in (data.get(section) or {}).items():
+            if isinstance(entry, Mapping):
+                found += [f"{section}.{name}.{key}" for key in entry if key not in known]
+    return found

@@ -16,12 +16,16 @@ entry or, read lightly, its directory's `cfg.json`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.config import LoadedThresholds, SAEEntry
 from sae_acceptance.errors import ConfigError
 from sae_acceptance.sources.spec import is_remote
@@ -65,6 +69,29 @@ class Shard:
             f"shard {self}: no SAEs in this shard (fewer units than shards, or splitting a model "
             f"further would repeat its passes beyond the {SHARD_SPLIT_BUDGET:.0%} budget); nothing to do"
         )
+
+
+# Where a run id comes from when none is given: GitHub Actions' run (the same across its
+# re-run attempts, whose shards belong together), then a Slurm job array's job.
+RUN_ID_VARIABLES = ("GITHUB_RUN_ID", "SLURM_ARRAY_JOB_ID")
+
+
+def run_id(given: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The run a shard belongs to: `given` (`--run-id`), else the CI system's run id, else none."""
+    return given or next((environ[name] for name in RUN_ID_VARIABLES if environ.get(name)), None)
+
+
+def run_fingerprint(files: Iterable[LoadedThresholds], count: int, inputs: Iterable[Path] = ()) -> str:
+    """What a shard ran on, so `merge` joins only shards of one gate: the thresholds files'
+    content and eval settings, the shard count, this project's version, and the bytes of other
+    `inputs` (the baseline compared against)."""
+    digest = hashlib.sha256(f"{PROJECT_VERSION}\n{count}\n".encode())
+    for loaded in sorted(files, key=lambda f: str(f.path)):
+        digest.update((loaded.text or loaded.config.model_dump_json()).encode())
+        digest.update(loaded.config.eval.model_dump_json().encode())
+    for path in inputs:
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    return digest.hexdigest()[:16]
 
 
 def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:

@@ -12,6 +12,11 @@ from pathlib import Path
 # No test may reach a hub: set before the Hugging Face libraries read their configuration.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Hermetic against the CI that runs the suite: no outer run id, step summary or Actions switch leaks in.
+os.environ.pop("GITHUB_ACTIONS", None)
+os.environ.pop("GITHUB_STEP_SUMMARY", None)
+os.environ.pop("GITHUB_RUN_ID", None)
+os.environ.pop("SLURM_ARRAY_JOB_ID", None)
 
 import datasets  # noqa: F401  imported once here: pytester's in-process runs must not re-register its Arrow types
 import numpy as np

@@ -287,25 +287,14 @@ def test_actions_workflow_has_what_a_sharded_gate_needs():
     assert "densities.npz" in uploads[0]["with"]["path"]
 
 
-def merged_report_html_supported() -> bool:
-    done = subprocess.run(
-        ["sae-acceptance", "merge", "--help"], env=run_env(), capture_output=True, text=True, timeout=300
-    )
-    return "--html" in done.stdout
-
-
 def test_actions_workflow_simulated_gives_the_single_runs_report_and_exit_status(
     tmp_path, failing_checkout, single_run
 ):
     """The workflow's jobs run here: three shard jobs side by side, their artifacts downloaded by
     the merge job, which fails with the single run's status and uploads its report and the
     refreshed baseline. `pip install` steps are left out (this environment has the package)."""
-    workflow = WORKFLOW
-    if not merged_report_html_supported():  # CLI-PENDING (issue 22): merge --html
-        workflow = tmp_path / WORKFLOW.name
-        workflow.write_text(WORKFLOW.read_text().replace(" --html report.html", ""))
     jobs = simulate_workflow(
-        workflow,
+        WORKFLOW,
         failing_checkout,
         tmp_path / "runner",
         inputs={"update-baseline": True},
@@ -340,8 +329,7 @@ def test_actions_workflow_simulated_gives_the_single_runs_report_and_exit_status
     checkouts = (failing_checkout, *(tmp_path / "runner").glob("*/workspace"))
     assert_same_results(json.loads((report / "report.json").read_text()), single, checkouts)
     assert sorted(p.name for p in (report / "shards").glob("shard-*.json")) == [f"shard-{i}.json" for i in (1, 2, 3)]
-    if workflow == WORKFLOW:
-        assert (report / "report.html").stat().st_size > 0
+    assert (report / "report.html").stat().st_size > 0
     baseline = artifacts / "baseline"
     assert {p.name for p in baseline.iterdir()} >= {"thresholds.baseline.json", "thresholds.baseline.npz"}
     assert_same_baseline(load_baseline(baseline / "thresholds.baseline.json").entries, single_parts)

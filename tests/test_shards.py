@@ -237,7 +237,14 @@ def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_
     assert merged["eval"]["tokens"] == one["eval"]["tokens"] and "shard" not in merged
     assert {json.loads((tmp_path / f"s{i}.json").read_text())["shard"]["count"] for i in (1, 2, 3)} == {3}
     empty = json.loads((tmp_path / "s3.json").read_text())
-    assert empty["saes"] == {} and empty["shard"] == {"index": 3, "count": 3, "saes": []}
+    assert empty["saes"] == {} and empty["shard"] | {"fingerprint": None} == {
+        "index": 3,
+        "count": 3,
+        "saes": [],
+        "run": None,
+        "fingerprint": None,
+    }
+    assert len({json.loads((tmp_path / f"s{i}.json").read_text())["shard"]["fingerprint"] for i in (1, 2, 3)}) == 1
     assert load_baseline(tmp_path / "part3.json").entries == {}
     assert "shard 3/3: no SAEs in this shard" in shards[2].stdout.read()
     # the folded baseline parts hold the single run's sums
@@ -260,7 +267,7 @@ def test_three_shards_merged_are_the_single_run_bit_for_bit(two_model_grid, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "s2.json: shard 2/3 failed or was cut short: no result for " + dropped in err[0], err
     assert main(["merge", str(tmp_path / "s1.json"), str(tmp_path / "absent.json")]) == 2
-    assert "absent.json: cannot read a shard's JSON report" in capsys.readouterr().err
+    assert "absent.json: no such file, expected a shard's JSON report" in capsys.readouterr().err
 
 
 def share_names(grid: Path, index: int) -> list[str]:
@@ -288,7 +295,8 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
     assert mine and others
     assert outcomes["deselected"] == 2 * len(others) + ("h1-k1" in others)  # rel_error and r2 (and one ce_rec)
     report = json.loads((pytester.path / "s1.json").read_text())
-    assert list(report["saes"]) == mine and report["shard"] == {"index": 1, "count": 3, "saes": mine}
+    assert list(report["saes"]) == mine and report["shard"]["saes"] == mine
+    assert (report["shard"]["index"], report["shard"]["count"]) == (1, 3) and report["shard"]["fingerprint"]
     # the empty third share passes and still writes its report and baseline part, under xdist too
     assert share_names(grid, 3) == []
     for workers in ("0", "2"):
@@ -312,12 +320,13 @@ def test_pytest_shards_deselect_the_rest(pytester, tiny_checkpoint, tiny_tokens_
             ["*sae-acceptance: shard 3/3: no SAEs in this shard*beyond the 5% budget); nothing to do*"]
         )
         report = json.loads((pytester.path / f"s3-{workers}.json").read_text())
+        assert report["shard"].pop("fingerprint")
         assert report == {
             "eval": {},
             "timing": {},
             "saes": {},
             "splices": {},
-            "shard": {"index": 3, "count": 3, "saes": []},
+            "shard": {"index": 3, "count": 3, "saes": [], "run": None},
         }
         assert load_baseline(pytester.path / f"part3-{workers}.json").entries == {}
     bad = pytester.runpytest("thresholds.toml", "-p", "no:cacheprovider", "--sae-shard", "4/3")

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sae_acceptance.selection import Part, baseline_target
-from sae_acceptance.baseline import BaselineEntry, baseline_entries
+from pytest_sae_acceptance.selection import Part, baseline_path, baseline_target
+from sae_acceptance.baseline import BaselineEntry, baseline_entries, sidecar_path
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.gate import Outputs, exit_status, write_outputs
 from sae_acceptance.report import merge_reports, tables
 from sae_acceptance.results import EvalReport, ShardRecord
-from sae_acceptance.shard import Shard
+from sae_acceptance.shard import Shard, run_fingerprint, run_id
 
 
 @dataclass
@@ -49,7 +49,13 @@ class RunOutcome:
         shard = config.getoption("--sae-shard")
         if shard is not None:
             selected = list(dict.fromkeys(name for part in parts for name in part.selected))
-            report.shard = ShardRecord(shard.index, shard.count, selected)
+            files = [load_thresholds(path) for path in by_file]
+            compared = [path for loaded in files if (path := baseline_path(config, loaded)) is not None]
+            inputs = [file for path in compared for file in (path, sidecar_path(path))]
+            run = run_id(config.getoption("--sae-run-id"))
+            report.shard = ShardRecord(
+                shard.index, shard.count, selected, run, run_fingerprint(files, shard.count, inputs)
+            )
         outcome = cls(report, shard, empty_shard=any(p.empty_shard for p in parts) and not report.entries)
         json_path, html_path = config.getoption("--sae-json"), config.getoption("--sae-html")
         update = config.getoption("--sae-update-baseline")

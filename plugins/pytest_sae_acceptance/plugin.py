@@ -29,7 +29,7 @@ from pytest_sae_acceptance.selection import (
 )
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import EXIT_ERROR, SAEAcceptanceError
-from sae_acceptance.shard import Shard, shard_members
+from sae_acceptance.shard import RUN_ID_VARIABLES, Shard, shard_members
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.sweep_profile import DEFAULT_PROFILE
 
@@ -82,6 +82,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sae-html", metavar="PATH", help="write the self-contained HTML report here")
     group.addoption(
         "--sae-shard", metavar="I/N", help="run shard I of N of the SAEs (units kept whole); the rest are deselected"
+    )
+    group.addoption(
+        "--sae-run-id",
+        metavar="ID",
+        help=f"the run a shard belongs to, for `merge` (default: ${' or $'.join(RUN_ID_VARIABLES)})",
     )
     parser.addini("sae_thresholds", "thresholds file for the sae_eval fixture", default="thresholds.toml")
     parser.addini("sae_thresholds_pattern", "file names collected as thresholds files", default="thresholds*.toml")

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.config import eval_default, thresholds_from_mapping
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.gate import Outputs, exit_status, write_outputs
@@ -21,7 +22,7 @@ from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import OutputError, locked, write_json
 from sae_acceptance.report import format_report
 from sae_acceptance.results import EvalReport, ShardRecord
-from sae_acceptance.shard import Shard, group_cost, partition
+from sae_acceptance.shard import Shard, group_cost, partition, run_id
 from sae_acceptance.sources.identity import model_identity
 from sae_acceptance.sources.model import ModelCache
 from sae_acceptance.sources.tokens import fingerprint as tokens_fingerprint
@@ -174,7 +175,8 @@ def run_sweep(
     )
     points = [where[name] | _scores(result.metrics) for name, result in report.saes.items()]
     if shard is not None:
-        report.shard = ShardRecord(shard.index, shard.count, list(where))
+        fingerprint = hashlib.sha256(f"{PROJECT_VERSION}\n{shard.count}\n{profile.model_dump_json()}".encode())
+        report.shard = ShardRecord(shard.index, shard.count, list(where), run_id(None), fingerprint.hexdigest()[:16])
     write_outputs(report, Outputs(json=out / "report.json", actions=False))
     write_json(out / "points.json", points)
     return report, points
