@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(ev, EvalSettings, EVAL_SET + EVAL_RUN, defaults=False)  # thresholds.toml's defaults apply
     ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
     ev.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
+    ev.add_argument("--saebench-json", type=Path, metavar="DIR", help="write each SAE's SAEBench core result here")
     ev.add_argument(
         "--baseline",
         type=Path,
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--json", type=Path, metavar="OUT", help="write the merged JSON report here")
     mg.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
+    mg.add_argument("--saebench-json", type=Path, metavar="DIR", help="write each SAE's SAEBench core result here")
     mg.add_argument("--run-id", metavar="ID", help="refuse shards of any other run (their recorded run id)")
     mg.add_argument(
         "--baseline-part",
@@ -280,6 +282,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     outputs = Outputs(
         json=args.json,
         html=args.html,
+        saebench=args.saebench_json,
         baseline_part=None if args.baseline_part is None else (args.baseline_part, entries),
         refresh={target: entries} if target is not None else {},
         force=args.update_baseline == "force",
@@ -325,7 +328,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         refresh = {args.update_baseline: entries}
     elif args.baseline_part:
         raise SAEAcceptanceError("merge --baseline-part needs --update-baseline BASELINE.json")
-    outputs = Outputs(json=args.json, html=args.html, refresh=refresh, force=args.force)
+    outputs = Outputs(json=args.json, html=args.html, saebench=args.saebench_json, refresh=refresh, force=args.force)
     for line in write_outputs(merged, outputs):
         print(line)
     if args.sweep_out is not None:

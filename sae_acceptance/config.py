@@ -28,7 +28,7 @@ from pydantic import (
 
 from sae_acceptance.errors import ConfigError, SAEFormatError
 from sae_acceptance.io import write_atomic
-from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS
+from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS, VARIANCE_NORMALISED
 from sae_acceptance.sources.spec import check_spec, default_name, is_remote
 from sae_acceptance.stats import BootstrapSettings
 
@@ -69,8 +69,8 @@ class Bound(StrictModel):
 def _check_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
     """Metric-level checks; messages start with `<metric>:` so errors can point at its line."""
     for name, bound in gate.items():
-        if name == "r2":
-            raise ValueError(f"r2: {R2_REFUSAL}")
+        if name in VARIANCE_NORMALISED:
+            raise ValueError(f"{name}: {name} {R2_REFUSAL}")
         spec = METRICS.get(name)
         if spec is None:
             close = difflib.get_close_matches(name, gateable_metrics(), n=3)
@@ -91,6 +91,8 @@ Gate = Annotated[dict[str, Bound], AfterValidator(_check_gate), Field(default_fa
 
 
 DType = Literal["float32", "float16", "bfloat16"]
+DiagnosticPart = Literal["random", "gradient", "worst", "propagation", "saebench"]
+DIAGNOSTIC_PARTS: tuple[str, ...] = get_args(DiagnosticPart)
 BackendName = Literal["auto", "transformer_lens", "hf"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)  # `auto` first: the rest are the libraries that run a model
 
@@ -126,6 +128,19 @@ class EvalSettings(StrictModel):
     dense_threshold: float = Field(
         0.1, gt=0, lt=1, description="dense_frac counts latents firing on more than this share of counted tokens"
     )
+    diagnostics: bool | list[DiagnosticPart] = Field(
+        True,
+        description="why an SAE fails: true (every part), false, or the parts to run: "
+        "random (error against a random direction), gradient (the loss gradient at the hook), "
+        "worst (the contexts hurt most), propagation (the error through later blocks), saebench (SAEBench's core)",
+    )
+    worst_n: int = Field(16, ge=0, description="worst contexts kept per SAE (the diagnostics' `worst` part)")
+
+    def parts(self) -> tuple[str, ...]:
+        """The diagnostic parts this eval runs."""
+        if self.diagnostics is True:
+            return DIAGNOSTIC_PARTS
+        return tuple(self.diagnostics) if self.diagnostics else ()
 
     @property
     def bootstrap(self) -> BootstrapSettings:
@@ -376,6 +391,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
     loaded = LoadedThresholds(config=config, path=path, text=text)
     _check_paths(loaded, where)
     _check_splices(loaded, where)
+    _check_measured(loaded, where)
     return loaded
 
 
@@ -405,6 +421,18 @@ def _check_paths(loaded: LoadedThresholds, where: str) -> None:
     data = loaded.config.eval.data
     if _looks_local(data) and not Path(loaded.resolve(data)).exists():
         raise ConfigError(f"{at('eval', 'data')}: eval.data: no such file or directory {data!r}")
+
+
+def _check_measured(loaded: LoadedThresholds, where: str) -> None:
+    """Every gated metric is measured: one a diagnostic part gives needs that part switched on."""
+    config, parts = loaded.config, loaded.config.eval.parts()
+    for loc, gate in [(("gate",), config.gate), *((("sae", i, "gate"), e.gate) for i, e in enumerate(config.sae))]:
+        for name in gate:
+            part = METRICS[name].part
+            if part is not None and part not in parts:
+                line = f":{loaded.line_of(*loc, name)}" if loaded.text else ""
+                field = ".".join(map(str, (*loc, name)))
+                raise ConfigError(f"{where}{line}: {field}: needs [eval] diagnostics' {part!r} part, which is off")
 
 
 def _check_splices(loaded: LoadedThresholds, where: str) -> None:

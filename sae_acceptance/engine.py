@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_acceptance.covariance import CovarianceAccumulator
+from sae_acceptance.diagnostics import Diagnostics, WorstContexts, random_generator, random_unit
 from sae_acceptance.sources.backends import Backend, as_backend
 from sae_acceptance.sources.backends.base import Pass, Patch
 from sae_acceptance.sources.sae import SAE
@@ -26,12 +27,31 @@ from sae_acceptance.stats import SequenceSums
 
 
 @dataclass
+class Propagation:
+    """How an SAE's error grows through the later blocks of its reconstruction pass: per sequence,
+    Σ_t ‖r_patched − r_orig‖² (`error`) and Σ_t ‖r_orig‖² (`scale`) at each block output."""
+
+    layers: list[int]
+    error: np.ndarray  # [n_seq, len(layers)]
+    scale: np.ndarray
+
+    def ratios(self) -> list[float]:
+        """The pooled ratio at each layer (NaN where the residual is zero)."""
+        error, scale = self.error.sum(0), self.scale.sum(0)
+        return [float(e / s) if s > 0 else float("nan") for e, s in zip(error, scale, strict=True)]
+
+
+@dataclass
 class HookRun:
-    """What one pass over the eval set at one hookpoint produced."""
+    """What one pass over the eval set at one hookpoint produced: per SAE its sums, and what the
+    diagnostic passes kept (worst contexts, propagation, sequences each latent fired in)."""
 
     sums: dict[str, SequenceSums]
     covariance: CovarianceAccumulator
     eval_s: float
+    worst: dict[str, list[dict]] = field(default_factory=dict)
+    propagation: dict[str, Propagation] = field(default_factory=dict)
+    fired_sequences: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,8 +160,13 @@ class _Batch:
 
     def loss_sums(self, loss_terms: _LossTerms, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence Σ CE and Σ KL(p_orig ‖ p_variant) of a variant's logits."""
+        _, ce, kl = self.variant(loss_terms, logits)
+        return ce, kl
+
+    def variant(self, loss_terms: _LossTerms, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A variant's per-position CE, and its per-sequence Σ CE and Σ KL(p_orig ‖ p_variant)."""
         ce, cross = loss_terms(logits)
-        return _per_sequence(ce, self.loss_mask), _per_sequence(self.cross_orig - cross, self.mask)
+        return ce, _per_sequence(ce, self.loss_mask), _per_sequence(self.cross_orig - cross, self.mask)
 
 
 @dataclass
@@ -151,13 +176,15 @@ class _TargetSums:
     shift: torch.Tensor | None = None
     shift_sums: list[torch.Tensor] = field(default_factory=list)
     batch: dict[str, torch.Tensor] | None = None
+    gradient: torch.Tensor | None = None  # this batch's ∂L/∂(activation at the target's hook)
 
 
 class _Evaluation:
     """The state of one `run_model` call, batch by batch."""
 
-    def __init__(self, backend: Backend, by_hook, splices) -> None:
-        self.backend, self.by_hook, self.splices = backend, by_hook, splices
+    def __init__(self, backend: Backend, by_hook, splices, tokens: torch.Tensor, diagnostics: Diagnostics) -> None:
+        self.backend, self.by_hook, self.splices, self.diagnostics = backend, by_hook, splices, diagnostics
+        self.tokens = tokens
         self.loss_terms = _LossTerms()
         self.targets = {
             (hook, name): _Target.of(hook, sae) for hook, saes in by_hook.items() for name, sae in saes.items()
@@ -172,12 +199,29 @@ class _Evaluation:
         }
         self.splice_scalars: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in splices}
         self.hook_s = dict.fromkeys(by_hook, 0.0)
+        self.first_sequence = 0
+        self.generators = {key: random_generator(diagnostics.seed, key[1]) for key in self.targets}
+        self.worst = {key: WorstContexts(diagnostics.worst_n) for key in self.targets}
+        self.fired_sequences = {key: torch.zeros_like(count) for key, count in self.fired.items()}
+        self.later_blocks = {
+            target: self._later_blocks(target) if diagnostics.propagation else [] for target in self.targets.values()
+        }
+        self.propagation: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {
+            key: [] for key in self.targets
+        }
         self.reads = sorted(
             set(by_hook)
             | {t.hook for t in self.targets.values()}
+            | {backend.block_output(layer) for layers in self.later_blocks.values() for layer in layers}
             | {h for members in splices.values() for h in members}
             | {_Target.of(h, sae).hook for members in splices.values() for h, sae in members.items()}
         )
+
+    def _later_blocks(self, target: _Target) -> list[int]:
+        """The blocks whose output follows `target`'s hook: from its own block when the hook is
+        inside it or its input, from the next when it is the block's output."""
+        site = self.backend.site(target.hook)
+        return list(range(site.layer + 1 if site.position == "out" else site.layer, self.backend.n_layers))
 
     def batch(self, tok: torch.Tensor, mask: torch.Tensor) -> None:
         original = self.backend.forward(tok, self.reads)
@@ -191,7 +235,8 @@ class _Evaluation:
         for name in self.splices:
             self._splice(b, name)
         for sums in self.target_sums.values():
-            sums.batch = None
+            sums.batch, sums.gradient = None, None
+        self.first_sequence += tok.shape[0]
 
     def _shared(self, b: _Batch, target: _Target) -> dict[str, torch.Tensor]:
         """The sums every SAE replacing `target` shares: original and ablated CE/KL, Σ‖a − c‖²."""
@@ -219,6 +264,29 @@ class _Evaluation:
         }
         return sums.batch
 
+    def _gradient(self, b: _Batch, target: _Target) -> torch.Tensor:
+        """∂L/∂a at the target's hook, L the batch's Σ of counted next-token CE terms (sequences
+        stay independent): one backward of the tail, shared by every SAE replacing that hook."""
+        sums = self.target_sums[target]
+        if sums.gradient is None:
+            full = b.original.acts[target.hook]
+            params = [p for p in self.backend.model.parameters() if p.requires_grad]
+            leaf = full.detach().clone().requires_grad_(True)
+            try:
+                for p in params:  # the activation's gradient only, not the weights'
+                    p.requires_grad_(False)
+                with torch.enable_grad():
+                    logits = self.backend.patched(b.original, [(target.hook, leaf)])
+                    log_p = torch.log_softmax(logits.float(), -1)
+                    ce = -log_p[:, :-1].gather(-1, self.loss_terms.targets).squeeze(-1)
+                    loss = torch.where(b.loss_mask.to(ce.device), ce, 0.0).sum()
+                    (gradient,) = torch.autograd.grad(loss, leaf)
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+            sums.gradient = gradient.float()
+        return target.view(sums.gradient)
+
     def _hook(self, b: _Batch, hook: str) -> None:
         act = b.original.acts[hook]
         mask = b.mask
@@ -234,7 +302,11 @@ class _Evaluation:
             a_in = act if target.hook != hook else a_out
             recon, code = _reconstruct(sae, a_in)
             patch = torch.where(keep, target.put(full, recon), full)
-            ce_recon, kl_recon = b.loss_sums(self.loss_terms, self.backend.patched(b.original, [(target.hook, patch)]))
+            key = (hook, name)
+            observers = self._observers(b, target, key)
+            logits = self.backend.patched(b.original, [(target.hook, patch), *observers])
+            ce_pos, ce_recon, kl_recon = b.variant(self.loss_terms, logits)
+            self.worst[key].update(self.first_sequence, b.ce_orig, ce_pos, b.loss_mask.to(ce_pos.device))
 
             a, r = a_out.float(), recon.float()
             a_norm, r_norm = a.norm(dim=-1), r.norm(dim=-1)
@@ -242,20 +314,57 @@ class _Evaluation:
             dot = (a * r).sum(-1)
             cos = torch.where(r_norm > 0, dot / (a_norm * r_norm).clamp(min=1e-30), 0.0).clamp(-1, 1)
             l0 = code.l0().reshape(mask.shape)
+            l1 = code.values.float().sum(-1).reshape(mask.shape)
             code.values = code.values * mask.reshape(-1, 1).to(code.values)
-            self.fired[(hook, name)] += code.fired(sae.d_sae).to(self.fired[(hook, name)].device)
-            self.scalars[(hook, name)].append(
-                {
-                    **shared,
-                    "ce_recon": ce_recon,
-                    "kl_recon": kl_recon,
-                    "cos": _per_sequence(cos, mask),
-                    "rel_err": _per_sequence(err.sqrt() / a_norm, mask),
-                    "sq_err": _per_sequence(err, mask),
-                    "l2_ratio": _per_sequence(r_norm / a_norm, mask),
-                    "l0": _per_sequence(l0, mask),
-                }
-            )
+            self.fired[key] += code.fired(sae.d_sae).to(self.fired[key].device)
+            sums = {
+                **shared,
+                "ce_recon": ce_recon,
+                "kl_recon": kl_recon,
+                "cos": _per_sequence(cos, mask),
+                "rel_err": _per_sequence(err.sqrt() / a_norm, mask),
+                "sq_err": _per_sequence(err, mask),
+                "l2_ratio": _per_sequence(r_norm / a_norm, mask),
+                "l0": _per_sequence(l0, mask),
+            }
+            delta = r - a
+            if self.diagnostics.saebench:
+                sums |= _saebench_sums(a, r, err, dot, l1, mask)
+                self.fired_sequences[key] += code.fired_sequences(sae.d_sae, mask.shape[0]).to(self.fired[key].device)
+            if self.diagnostics.random:
+                step = delta.norm(dim=-1, keepdim=True) * random_unit(a.shape, self.generators[key], a.device)
+                noisy = torch.where(keep, target.put(full, (a + step).to(a_out.dtype)), full)
+                _, sums["ce_random"], sums["kl_random"] = b.variant(
+                    self.loss_terms, self.backend.patched(b.original, [(target.hook, noisy)])
+                )
+            if self.diagnostics.gradient:
+                gradient = self._gradient(b, target).to(delta.device)
+                along = (gradient * delta).sum(-1)
+                sums["g_delta"] = _per_sequence(along, mask)
+                sums["ga_num"] = _per_sequence(along.pow(2), mask)
+                sums["ga_den"] = _per_sequence(gradient.pow(2).sum(-1) * delta.pow(2).sum(-1), mask)
+            self.scalars[key].append(sums)
+
+    def _observers(self, b: _Batch, target: _Target, key: tuple[str, str]) -> list[tuple[str, Patch]]:
+        """Hooks that leave each later block's output as it is and keep, per sequence, how far it
+        moved from the original pass (the error's propagation) and its original size."""
+        layers = self.later_blocks[target]
+        if not layers:
+            return []
+        moved = torch.zeros(b.mask.shape[0], len(layers), dtype=torch.float64, device=b.mask.device)
+        size = torch.zeros_like(moved)
+        self.propagation[key].append((moved, size))  # filled by the observers as the pass runs
+
+        def observe(i: int, name: str) -> Patch:
+            def keep(act: torch.Tensor) -> torch.Tensor:
+                original = b.original.acts[name].float()
+                moved[:, i] = _per_sequence((act.float() - original).pow(2).sum(-1), b.mask)
+                size[:, i] = _per_sequence(original.pow(2).sum(-1), b.mask)
+                return act
+
+            return keep
+
+        return [(name, observe(i, name)) for i, name in enumerate(map(self.backend.block_output, layers))]
 
     def _splice(self, b: _Batch, name: str) -> None:
         """All members patched in one forward, each reconstructing the activation that forward
@@ -302,12 +411,46 @@ class _Evaluation:
                 sums=sums,
                 covariance=self.covariance[hook],
                 eval_s=self.hook_s[hook] + per_hook_shared,
+                worst={name: self.worst[(hook, name)].records(self.tokens) for name in saes},
+                propagation={
+                    name: Propagation(self.later_blocks[self.targets[(hook, name)]], *_stacked(batches))
+                    for name in saes
+                    if (batches := self.propagation[(hook, name)])
+                },
+                fired_sequences={name: self.fired_sequences[(hook, name)].cpu().numpy() for name in saes},
             )
         splices = {
             name: SequenceSums(scalars=_concat(batches), fired=np.zeros(0, dtype=np.int64), d_in=1)
             for name, batches in self.splice_scalars.items()
         }
         return ModelRun(hooks, splices, eval_s, n_seq * ctx, self.backend.kind, self.backend.tail_only)
+
+
+def _stacked(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch ([B, L] error, [B, L] scale) propagation sums as [n_seq, L] arrays."""
+    error = torch.cat([moved for moved, _ in batches]).cpu().numpy()
+    scale = torch.cat([size for _, size in batches]).cpu().numpy()
+    return error, scale
+
+
+def _saebench_sums(
+    a: torch.Tensor, r: torch.Tensor, err: torch.Tensor, dot: torch.Tensor, l1: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The per-sequence sums of SAEBench's core numbers: ‖x‖², ‖x̂‖², Σ latents, and the legacy
+    explained variance, per token centred on the batch's counted mean as SAEBench centres it."""
+    keep = mask.to(a.device)
+    centre = (a * keep.unsqueeze(-1)).sum((0, 1)) / keep.sum().clamp(min=1)
+    spread = (a - centre).pow(2).sum(-1)
+    legacy = 1.0 - err / torch.where(spread > 0, spread, torch.nan)
+    return {
+        "x_sq": _per_sequence(a.pow(2).sum(-1), mask),
+        "x_norm": _per_sequence(a.norm(dim=-1), mask),
+        "recon_norm": _per_sequence(r.norm(dim=-1), mask),
+        "recon_sq": _per_sequence(r.pow(2).sum(-1), mask),
+        "dot": _per_sequence(dot, mask),
+        "l1": _per_sequence(l1, mask),
+        "ev_legacy": _per_sequence(legacy, mask),
+    }
 
 
 def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -345,6 +488,7 @@ def run_model(
     batch_size: int,
     progress: bool = True,
     splices: Mapping[str, Mapping[str, SAE]] | None = None,
+    diagnostics: Diagnostics | None = None,
 ) -> ModelRun:
     """Evaluate every SAE of `by_hook` ({hook: {name: SAE}}) and every splice ({name: {hook: SAE}})
     over `tokens` ([n_seq, ctx]) with one original forward per batch.
@@ -358,11 +502,11 @@ def run_model(
     by_hook = {hook: dict(saes) for hook, saes in by_hook.items() if saes}
     splices = {name: dict(members) for name, members in (splices or {}).items() if members}
     n_seq, ctx = tokens.shape
-    state = _Evaluation(backend, by_hook, splices)
+    state = _Evaluation(backend, by_hook, splices, tokens, diagnostics or Diagnostics.off())
     label = ", ".join(by_hook) if len(by_hook) == 1 else f"{len(by_hook)} hooks"
     bar = tqdm(range(0, n_seq, batch_size), desc=f"eval {label}", unit="batch", disable=not progress)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: the gradient diagnostic differentiates through a tail
         for begin in bar:
             tok = tokens[begin : begin + batch_size].to(backend.device)
             mask = counted[begin : begin + batch_size].to(backend.device)

@@ -17,21 +17,35 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from sae_acceptance.config import Bound, CanyonSettings, LoadedThresholds, SAEEntry, SpliceEntry, same_hook
+from sae_acceptance.config import (
+    Bound,
+    CanyonSettings,
+    EvalSettings,
+    LoadedThresholds,
+    SAEEntry,
+    SpliceEntry,
+    same_hook,
+)
+from sae_acceptance.diagnostics import Diagnostics
 from sae_acceptance.engine import HookRun, check_finite, run_model
 from sae_acceptance.errors import HookOverrideWarning, SAEAcceptanceError, SourceError
 from sae_acceptance.geometry import LayerGeometry
 from sae_acceptance.hooks import hook_layer
-from sae_acceptance.io import workspace_path
+from sae_acceptance.io import finite_or_none, workspace_path
 from sae_acceptance.metrics import (
+    DUPLICATE_COSINE,
     METRICS,
     SPLICE_METRICS,
     alive_fraction,
     dead_fraction,
     dense_fraction,
+    freq_over,
+    interval_metrics,
     is_loss_metric,
+    normalized_freq_over,
     rate_bits,
 )
 from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, Source, SpliceResult
@@ -48,6 +62,7 @@ from sae_acceptance.sources.sae_io import load_sae
 from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
 from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
 from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_context
+from sae_acceptance.weights import latent_weights
 
 # A model is loaded once per name, processing and backend: (name, sorted processing kwargs, backend).
 ModelKey = tuple[str | None, tuple[tuple[str, Any], ...], str]
@@ -131,7 +146,9 @@ def evaluate(
             for hook, reqs in by_hook.items()
         }
         spliced = _splices_of(loaded, splice_entries, joint, by_name, group, saes)
-        model_run = run_model(backend, saes, tokens, counted, settings.batch_size, progress, splices=spliced)
+        model_run = run_model(
+            backend, saes, tokens, counted, settings.batch_size, progress, spliced, diagnostics_of(settings)
+        )
         timing["eval_s"] += model_run.eval_s
         timing["n_tokens"] += model_run.n_positions
         shown = model_name if kind == settings.backend else f"{model_name} ({kind})"
@@ -147,7 +164,7 @@ def evaluate(
             for req in hook_requests:
                 req.result.layer = backend.hook_layer(hook)
                 req.result.tokens_fingerprint, req.result.excluded_ids = tokens_fingerprint, excluded
-                _measure_sae(req, loaded, run, geometry, bootstrap)
+                _measure_sae(req, loaded, run, geometry, bootstrap, saes[hook][req.result.name], backend.tokenizer)
         for name, sums in model_run.splices.items():
             splice = joint[name]
             splice.tokens_fingerprint, splice.excluded_ids = tokens_fingerprint, excluded
@@ -203,6 +220,19 @@ def _splices_of(
         elif all(m.error is None for m in members):
             runnable[entry.name] = {m.hook: saes[m.hook][m.name] for m in members}
     return runnable
+
+
+def diagnostics_of(settings: EvalSettings) -> Diagnostics:
+    """The engine's diagnostic switches from `[eval] diagnostics` and `worst_n`."""
+    parts = settings.parts()
+    return Diagnostics(
+        random="random" in parts,
+        gradient="gradient" in parts,
+        worst_n=settings.worst_n if "worst" in parts else 0,
+        propagation="propagation" in parts,
+        saebench="saebench" in parts,
+        seed=settings.seed,
+    )
 
 
 def _source(loaded: LoadedThresholds, table: str, index: int) -> Source | None:
@@ -358,23 +388,48 @@ def _measure(
 
 
 def _measure_sae(
-    req: _Request, loaded: LoadedThresholds, run: HookRun, geometry: LayerGeometry, bootstrap: BootstrapSettings
+    req: _Request,
+    loaded: LoadedThresholds,
+    run: HookRun,
+    geometry: LayerGeometry,
+    bootstrap: BootstrapSettings,
+    sae: SAE,
+    tokenizer: Any,
 ) -> None:
-    """An SAE's metrics and verdicts, its latents, its layer's geometry and the R² warning."""
+    """An SAE's metrics and verdicts, its latents, its layer's geometry, the R² warning, and what
+    the diagnostics found (worst contexts, propagation, weight statistics)."""
     result = req.result
     sums = run.sums[result.name]
     n_counted = float(sums.scalars["n_tokens"].sum())
     settings = loaded.config.eval
+    fired = sums.fired
     latent = {
-        "alive_frac": alive_fraction(sums.fired),
-        "rate_bits": rate_bits(sums.fired, n_counted),
-        "dead_frac": dead_fraction(sums.fired),
-        "dense_frac": dense_fraction(sums.fired, n_counted, settings.dense_threshold),
+        "alive_frac": alive_fraction(fired),
+        "rate_bits": rate_bits(fired, n_counted),
+        "dead_frac": dead_fraction(fired),
+        "dense_frac": dense_fraction(fired, n_counted, settings.dense_threshold),
     }
+    result.latents = Latents(fired, n_counted, run.fired_sequences.get(result.name))
+    if "saebench" in settings.parts():
+        for percent in (1, 10):
+            latent[f"freq_over_{percent}_percent"] = freq_over(fired, n_counted, percent / 100)
+            latent[f"normalized_freq_over_{percent}_percent"] = normalized_freq_over(fired, n_counted, percent / 100)
+        result.latents.weights = latent_weights(sae)
+        decoder = result.latents.weights["max_decoder_cosine"]
+        latent["max_decoder_cosine"] = float(np.nanmean(decoder)) if decoder.size > 1 else math.nan
+        latent["max_encoder_cosine"] = _mean(result.latents.weights["max_encoder_cosine"])
+        latent["duplicate_frac"] = float((decoder > DUPLICATE_COSINE).mean()) if decoder.size > 1 else math.nan
     extra = {name: MetricValue(value) for name, value in latent.items()}
     bounds = loaded.config.gate_for(req.entry)
-    _measure(result, result.path, bounds, sums, bootstrap, sums.metrics().keys(), extra)
-    result.geometry, result.latents = geometry, Latents(sums.fired, n_counted)
+    _measure(result, result.path, bounds, sums, bootstrap, interval_metrics(set(sums.scalars)), extra)
+    result.geometry = geometry
+    result.worst_contexts = [_decoded(record, tokenizer) for record in run.worst.get(result.name, [])]
+    propagation = run.propagation.get(result.name)
+    if propagation is not None:
+        ratios = propagation.ratios()
+        result.propagation = [
+            {"layer": layer, "ratio": finite_or_none(r)} for layer, r in zip(propagation.layers, ratios, strict=True)
+        ]
     if geometry.canyon:
         result.r2_warning = canyon_warning(
             result.name,
@@ -383,6 +438,18 @@ def _measure_sae(
             geometry.pr,
             geometry.pr_ratio,
             loaded.config.canyon.threshold,
+            result.metrics,
         )
     if not math.isfinite(result.metrics["r2"].value) and result.error is None:
         result.error = f"{result.path}: r2 is not finite (the eval set has no variance?)"
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if values.size > 1 else math.nan
+
+
+def _decoded(record: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """A worst context with its window and target as text, where the model has a tokenizer."""
+    if tokenizer is None:
+        return record
+    return {**record, "text": tokenizer.decode(record["window"]), "target_text": tokenizer.decode([record["target"]])}

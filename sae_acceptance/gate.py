@@ -33,6 +33,7 @@ from sae_acceptance.html_report import write_html
 from sae_acceptance.io import write_json
 from sae_acceptance.report import write_densities
 from sae_acceptance.results import EntryResult, EvalReport
+from sae_acceptance.saebench import write_saebench
 from sae_acceptance.sources.model import ModelCache
 
 
@@ -92,6 +93,7 @@ class Outputs:
 
     json: Path | None = None
     html: Path | None = None
+    saebench: Path | None = None
     baseline_part: tuple[Path, Mapping[str, BaselineEntry]] | None = None
     refresh: Mapping[Path, Mapping[str, BaselineEntry]] = field(default_factory=dict)
     force: bool = False
@@ -110,6 +112,9 @@ def write_outputs(report: EvalReport, outputs: Outputs) -> list[str]:
     if outputs.html is not None:
         write_html(outputs.html, report)
         lines.append(f"HTML report written to {outputs.html}")
+    if outputs.saebench is not None:
+        written = write_saebench(outputs.saebench, report)
+        lines.append(f"{len(written)} SAEBench core file(s) written to {outputs.saebench}")
     if outputs.actions:
         lines += publish(report)
     if outputs.baseline_part is not None:

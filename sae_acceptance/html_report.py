@@ -20,7 +20,7 @@ import numpy as np
 from sae_acceptance.config import CanyonSettings
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import write_atomic
-from sae_acceptance.plots import Bars, Figure, Panel, Series, colours, png
+from sae_acceptance.plots import Bars, Figure, Panel, Scatter, Series, colours, png
 from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
 from sae_acceptance.verdict import EntryStatus, MetricValue, Status, loss_context
 
@@ -62,6 +62,15 @@ def render_html(report: EvalReport) -> str:
     overview = _overview_figure(report)
     if overview:
         body += ["<h3>Loss recovered against L0</h3>", _img(overview, "loss recovered against L0, every SAE")]
+    proxy = _proxy_figure(report)
+    if proxy:
+        body += [
+            "<h3>R² against behaviour</h3>",
+            "<p>Each SAE's R² against its patched-loss score, coloured by how much more its error costs "
+            "than a random error of the same size (<code>error_kl_ratio</code>): a high R² with a low "
+            "<code>ce_rec</code> is the proxy gap.</p>",
+            _img(proxy, "R² against ce_rec, coloured by error_kl_ratio, every SAE"),
+        ]
     for result in report.saes.values():
         body.append(_sae_section(result, report))
     for splice in report.splices.values():
@@ -248,8 +257,96 @@ def _sae_section(result: SAEResult, report: EvalReport) -> str:
     if profile:
         figures.append(_img(profile, f"{result.name}: PR profile"))
     parts.append(f'<div class="figures">{"".join(figures)}</div>')
+    parts.append(_why_section(result))
     parts.append(_regression_table(result))
     return "\n".join(parts)
+
+
+def _value(result: EntryResult, metric: str) -> str:
+    measured = result.metrics.get(metric)
+    return "-" if measured is None else _fmt(measured.value) + (f" {_interval(measured)}" if measured.ci else "")
+
+
+def _why_section(result: SAEResult) -> str:
+    """Why the SAE costs what it costs: its error against a random error of the same size, its
+    alignment with the loss gradient, its growth through later blocks, the contexts hurt most."""
+    m = result.metrics
+    parts = []
+    if "error_kl_ratio" in m:
+        parts.append(
+            f"<p><b>Error against a random direction</b>: KL {_e(_value(result, 'kl_div'))} with the SAE's error, "
+            f"{_e(_value(result, 'kl_random'))} with a random error of the same size at each token: "
+            f"<code>error_kl_ratio</code> {_e(_value(result, 'error_kl_ratio'))} (1: the error is no worse than "
+            "noise of its size; above 1: it lands where the model is sensitive).</p>"
+        )
+    if "grad_alignment" in m:
+        parts.append(
+            f"<p><b>Against the loss gradient</b>: <code>grad_alignment</code> {_e(_value(result, 'grad_alignment'))} "
+            "(1 for an error blind to the gradient); the loss change its first-order term predicts, "
+            f"<code>delta_ce_linear</code> {_e(_value(result, 'delta_ce_linear'))}, against the measured "
+            f"<code>delta_ce</code> {_e(_value(result, 'delta_ce'))} nats.</p>"
+        )
+    figure = _propagation_figure(result)
+    if figure:
+        parts.append(_img(figure, f"{result.name}: the error through later blocks"))
+    if result.worst_contexts:
+        rows = [
+            "<table><tr><th>#</th><th>sequence</th><th>position</th><th>context</th><th>next</th>"
+            "<th>CE before</th><th>CE after</th><th>increase</th></tr>"
+        ]
+        for i, w in enumerate(result.worst_contexts, 1):
+            context = w.get("text") or " ".join(map(str, w["window"]))
+            target = w.get("target_text") or str(w["target"])
+            rows.append(
+                f'<tr><td>{i}</td><td class="num">{w["sequence"]}</td><td class="num">{w["position"]}</td>'
+                f"<td><code>{_e(context)}</code></td><td><code>{_e(target)}</code></td>"
+                f'<td class="num">{_fmt(w["ce_orig"])}</td><td class="num">{_fmt(w["ce_recon"])}</td>'
+                f'<td class="num">{_fmt(w["increase"])}</td></tr>'
+            )
+        rows.append("</table>")
+        parts += ["<h4>The contexts the reconstruction hurts most</h4>", "\n".join(rows)]
+    return "<h3>Why</h3>\n" + "\n".join(parts) if parts else ""
+
+
+def _propagation_figure(result: SAEResult) -> bytes | None:
+    """The error's relative size at every block output after the hook, over depth."""
+    points = [(p["layer"], p["ratio"]) for p in result.propagation if p["ratio"] is not None]
+    if not points:
+        return None
+    layers, ratios = zip(*points, strict=True)
+    panel = Panel(
+        [Series(layers, ratios, "‖r_patched − r_orig‖² / ‖r_orig‖²", "tab:purple", "o-")],
+        title="the reconstruction error through later blocks",
+        xlabel="block output",
+        ylabel="relative squared error",
+        xticks=layers,
+        legend="upper left",
+    )
+    return png(Figure([panel], width=5.2, height=3.4))
+
+
+def _proxy_figure(report: EvalReport) -> bytes | None:
+    """R² against ce_rec over every SAE, coloured by error_kl_ratio."""
+    measured = [
+        r for r in report.saes.values() if r.error is None and {"r2", "ce_rec", "error_kl_ratio"} <= set(r.metrics)
+    ]
+    if not measured:
+        return None
+    panel = Panel(
+        [
+            Scatter(
+                [r.metrics["r2"].value for r in measured],
+                [r.metrics["ce_rec"].value for r in measured],
+                [r.metrics["error_kl_ratio"].value for r in measured],
+                "error_kl_ratio",
+                labels=[r.name for r in measured],
+            )
+        ],
+        title="R² against the patched-loss score",
+        xlabel="r2 (variance explained)",
+        ylabel="ce_rec (1: loss unchanged)",
+    )
+    return png(Figure([panel], width=6.4, height=4.4))
 
 
 def _splice_section(splice: SpliceResult) -> str:

@@ -50,13 +50,24 @@ class Bars:
 
 
 @dataclass(frozen=True)
+class Scatter:
+    """Points coloured by `values` on a colour scale, with a colour bar named `name`."""
+
+    x: Sequence[float]
+    y: Sequence[float]
+    values: Sequence[float]
+    name: str = ""
+    labels: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
 class Panel:
     """One set of axes. `log_x`/`log_y`: the axis' log base. `xticks`: ticks labelled with their
     values. `shade`: a labelled horizontal band (low, high, name) with a dotted line at its top.
     `guides`: dotted grey horizontal lines. `right_axis`: (name, factor) for a second y scale,
     the first times `factor`."""
 
-    series: Sequence[Series | Bars]
+    series: Sequence[Series | Bars | Scatter]
     title: str = ""
     xlabel: str = ""
     ylabel: str = ""
@@ -157,6 +168,11 @@ def _draw(ax, panel: Panel, legend_size: str) -> None:
     for s in panel.series:
         if isinstance(s, Bars):
             ax.hist(list(s.values), bins=s.bins, color=s.colour, alpha=0.8, label=s.name or None)
+        elif isinstance(s, Scatter):
+            points = ax.scatter(list(s.x), list(s.y), c=list(s.values), cmap="viridis", s=40, edgecolors="black")
+            ax.figure.colorbar(points, ax=ax, label=s.name)
+            for x, y, text in zip(s.x, s.y, s.labels or (), strict=False):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         else:
             _draw_series(ax, s)
     if panel.log_x is not None:
@@ -175,7 +191,8 @@ def _draw(ax, panel: Panel, legend_size: str) -> None:
         ax.secondary_yaxis("right", functions=(lambda y: y * factor, lambda r: r / factor)).set_ylabel(name)
     ax.grid(True, alpha=panel.grid_alpha)
     ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
-    if panel.legend is not None and (any(s.name for s in panel.series) or any(name for _, name in panel.marks)):
+    named = any(s.name for s in panel.series if not isinstance(s, Scatter))
+    if panel.legend is not None and (named or any(name for _, name in panel.marks)):
         ax.legend(loc=panel.legend, fontsize=legend_size)
 
 

@@ -14,9 +14,20 @@ from sae_acceptance.errors import ReportError
 from sae_acceptance.io import write_atomic
 from sae_acceptance.render import format_table
 from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
-from sae_acceptance.verdict import Status
+from sae_acceptance.verdict import EntryStatus, Status
 
-SUMMARY_METRICS = ("ce_rec", "ce_loss_score", "kl_div", "cosine", "rel_error", "r2", "l0", "alive_frac")
+SUMMARY_METRICS = (
+    "ce_rec",
+    "ce_loss_score",
+    "kl_div",
+    "cosine",
+    "rel_error",
+    "r2",
+    "l0",
+    "alive_frac",
+    "error_kl_ratio",
+    "grad_alignment",
+)
 SUMMARY_HEADER = ("sae", "hook", *SUMMARY_METRICS, "pr_ratio", "canyon", "verdict")
 REGRESSION_HEADER = ("entry", "metric", "change [paired CI] vs baseline", "verdict")
 SPLICE_METRICS_SHOWN = ("ce_rec", "ce_loss_score", "kl_div")
@@ -189,6 +200,27 @@ def problems(result: EntryResult) -> list[tuple[str, str, str]]:
     return found
 
 
+def worst_lines(report: EvalReport) -> list[str]:
+    """For each SAE that failed a check (a caught control too), the context its reconstruction
+    hurts most: the text before it, the token it should predict, the CE before and after."""
+    lines = []
+    for r in report.saes.values():
+        if r.error is None and r.worst_contexts and r.status in (EntryStatus.FAIL, EntryStatus.CONTROL):
+            w = r.worst_contexts[0]
+            context = w.get("text") or " ".join(map(str, w["window"]))
+            target = w.get("target_text") or str(w["target"])
+            lines.append(
+                f"WORST {r.name}: {_clip(context)!r} -> {target!r}: CE {w['ce_orig']:.2f} -> {w['ce_recon']:.2f} nats "
+                f"(sequence {w['sequence']}, position {w['position']})"
+            )
+    return lines
+
+
+def _clip(text: str, keep: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= keep else "…" + text[-keep:]
+
+
 def format_report(report: EvalReport) -> str:
     """The CLI's view: the tables, then each error, failure, caught control and warning on its
     own line."""
@@ -196,6 +228,7 @@ def format_report(report: EvalReport) -> str:
     for result in report.entries:
         for kind, _, message in problems(result):
             lines.append(f"WARN  {message}" if kind == "WARN" else f"{kind:<5} {result.label}: {message}")
+    lines += worst_lines(report)
     tokens = report.settings.get("tokens", {})
     if tokens:
         rate = report.timing.get("tokens_per_s")
@@ -213,7 +246,8 @@ def densities_path(json_path: Path, sae: str) -> Path:
 
 def write_densities(json_path: Path, report: EvalReport) -> list[Path]:
     """Per SAE with latents, a compressed npz beside the JSON report: `density` (firing share of
-    counted tokens, per latent), `fired` (counts), `n_tokens`, `dense_threshold`."""
+    counted tokens, per latent), `fired` (counts), `n_tokens`, `dense_threshold`, and where the
+    diagnostics ran `fired_sequences` and the weight statistics (`max_decoder_cosine`, ...)."""
     written = []
     threshold = np.float64(report.settings.get("dense_threshold", np.nan))
     for name, result in report.saes.items():
@@ -224,9 +258,9 @@ def write_densities(json_path: Path, report: EvalReport) -> list[Path]:
         np.savez_compressed(
             buffer,
             density=latents.density,
-            fired=latents.fired.astype(np.int64),
             n_tokens=np.float64(latents.n_tokens),
             dense_threshold=threshold,
+            **latents.arrays(),
         )
         written.append(write_atomic(densities_path(json_path, name), buffer.getvalue()))
     return written
@@ -239,4 +273,6 @@ def read_densities(json_path: Path, report: EvalReport) -> None:
         path = densities_path(json_path, name)
         if result.error is None and path.is_file():
             with np.load(path, allow_pickle=False) as stored:
-                result.latents = Latents(np.asarray(stored["fired"], dtype=np.int64), float(stored["n_tokens"]))
+                result.latents = Latents.from_arrays(
+                    {key: stored[key] for key in stored.files}, float(stored["n_tokens"])
+                )

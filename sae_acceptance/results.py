@@ -35,10 +35,33 @@ from sae_acceptance.verdict import (
 
 @dataclass
 class Latents:
-    """Per-latent firing counts over the counted tokens: what densities and histograms read."""
+    """Per-latent statistics: firing counts over the counted tokens (what densities and histograms
+    read), the sequences each latent fired in, and the weight statistics of `weights.latent_weights`."""
 
     fired: np.ndarray  # [d_sae] int64: tokens each latent fired on
     n_tokens: float  # counted tokens
+    fired_sequences: np.ndarray | None = None  # [d_sae] int64: sequences each latent fired in
+    weights: dict[str, np.ndarray] = field(default_factory=dict)  # per-latent weight statistics, [d_sae] each
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every per-latent array by name (what the densities file holds beside `density`)."""
+        out = {"fired": self.fired.astype(np.int64), **self.weights}
+        if self.fired_sequences is not None:
+            out["fired_sequences"] = self.fired_sequences.astype(np.int64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], n_tokens: float) -> Latents:
+        """Back from `arrays` (a densities file, or a worker's wire form)."""
+        known = ("fired", "fired_sequences", "density", "n_tokens", "dense_threshold")
+        weights = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items() if k not in known}
+        sequences = arrays.get("fired_sequences")
+        return cls(
+            np.asarray(arrays["fired"], dtype=np.int64),
+            float(n_tokens),
+            None if sequences is None else np.asarray(sequences, dtype=np.int64),
+            weights,
+        )
 
     @property
     def density(self) -> np.ndarray:
@@ -177,19 +200,30 @@ class SAEResult(EntryResult):
     k: int | None = None
     geometry: LayerGeometry | None = None
     r2_warning: str | None = None
+    worst_contexts: list[dict[str, Any]] = field(default_factory=list)  # `diagnostics.WorstContexts.records`
+    propagation: list[dict[str, Any]] = field(default_factory=list)  # {"layer", "ratio"} per later block
     latents: Latents | None = None
 
     kind: ClassVar[str] = "sae"
     head: ClassVar[tuple[str, ...]] = ("model", "hook", "layer", "path", "architecture", "d_in", "d_sae", "k")
-    tail: ClassVar[tuple[str, ...]] = ("geometry", "r2_warning")
+    tail: ClassVar[tuple[str, ...]] = ("geometry", "r2_warning", "worst_contexts", "propagation")
 
     def __post_init__(self) -> None:
         if self.latents is None and self.sums is not None and self.sums.fired.size:
             self.latents = Latents(self.sums.fired, float(self.sums.scalars["n_tokens"].sum()))
 
+    def to_dict(self, sums: bool = False) -> dict[str, Any]:
+        out = super().to_dict(sums)
+        if sums and self.latents is not None:
+            arrays = {name: values.tolist() for name, values in self.latents.arrays().items()}
+            out["latents"] = {"n_tokens": self.latents.n_tokens, **arrays}
+        return out
+
     @classmethod
     def _read_own(cls, fields: dict[str, Any]) -> dict[str, Any]:
-        fields.pop("latents", None)
+        stored = fields.pop("latents", None)
+        if stored is not None:
+            fields["latents"] = Latents.from_arrays(stored, stored["n_tokens"])
         if "geometry" in fields:
             fields["geometry"] = LayerGeometry.from_dict(fields["geometry"])
         return fields

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sae_acceptance.metrics import pooled_metrics
+from sae_acceptance.metrics import interval_metrics, pooled_metrics
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ class SequenceSums:
         else:
             shift_total = weights @ self.shift_sums
             shift_sum_sq = np.einsum("...d,...d->...", shift_total, shift_total)
-        return pooled_metrics(totals, shift_sum_sq, self.d_in)
+        computed = pooled_metrics(totals, shift_sum_sq, self.d_in)
+        return {name: computed[name] for name in interval_metrics(set(self.scalars))}
 
 
 def resample_counts(n: int, settings: BootstrapSettings) -> np.ndarray:
@@ -112,4 +113,5 @@ def paired_changes(
             percentile_interval(dist_c[name] - dist_b[name], settings.confidence),
         )
         for name in point_c
+        if name in point_b  # a baseline written before a diagnostic existed lacks its sums
     }

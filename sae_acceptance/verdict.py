@@ -289,12 +289,32 @@ def entry_status(
     return EntryStatus.CONTROL if control else EntryStatus.PASS
 
 
-def canyon_warning(sae: str, r2: float, hook: str, pr: float, pr_ratio: float, threshold: float) -> str:
-    """The R² warning where the PR canyon flags the SAE's layer (callers check the flag)."""
+def canyon_warning(
+    sae: str,
+    r2: float,
+    hook: str,
+    pr: float,
+    pr_ratio: float,
+    threshold: float,
+    metrics: Mapping[str, MetricValue] | None = None,
+) -> str:
+    """The R² warning where the PR canyon flags the SAE's layer (callers check the flag), citing
+    the diagnostics' evidence where they ran: how much more the SAE's error costs than a random
+    error of its size, and how far it leans into the loss gradient."""
+    evidence = []
+    measured = metrics or {}
+    ratio, alignment = measured.get("error_kl_ratio"), measured.get("grad_alignment")
+    if ratio is not None and math.isfinite(ratio.value):
+        evidence.append(
+            f"error_kl_ratio = {ratio.value:.2f} (its error costs {ratio.value:.2f}x the KL of a random one)"
+        )
+    if alignment is not None and math.isfinite(alignment.value):
+        evidence.append(f"grad_alignment = {alignment.value:.2f} (1 for an error blind to the loss gradient)")
+    cited = f"; evidence: {'; '.join(evidence)}" if evidence else ""
     return (
         f"{sae}: r2 = {r2:.3f} at {hook}, a layer the PR canyon flags "
         f"(pr = {pr:.3g}, pr_ratio = {pr_ratio:.4f} < {threshold}): "
-        "R² is variance-normalised and likely inflated here; judge by ce_rec, cosine and rel_error"
+        f"R² is variance-normalised and likely inflated here; judge by ce_rec, cosine and rel_error{cited}"
     )
 
 

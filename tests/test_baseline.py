@@ -154,12 +154,12 @@ def test_a_baseline_entry_gives_back_every_regressable_metric(tmp_path):
     """Stored sums round-trip through the files: every metric a regression item can check comes back
     exactly (mse_mean included, which divides by d_in); r2 needs the activation sums, not stored."""
     from sae_acceptance.baseline import entry_for, load_baseline, write_baseline
-    from sae_acceptance.metrics import METRICS, SUM_NAMES
+    from sae_acceptance.metrics import DIAGNOSTIC_SUMS, METRICS, SUM_NAMES
     from sae_acceptance.results import SAEResult
 
     rng = np.random.default_rng(3)
     n, d_in = 12, 48
-    scalars = {name: rng.uniform(1.0, 50.0, n) for name in SUM_NAMES}
+    scalars = {name: rng.uniform(1.0, 50.0, n) for name in (*SUM_NAMES, *DIAGNOSTIC_SUMS)}
     sums = SequenceSums(scalars, rng.integers(0, 9, 64), d_in, rng.normal(size=(n, d_in)))
     path = write_baseline(tmp_path / "b.json", {"x": entry_for(SAEResult(name="x", path="x", sums=sums), _settings())})
     back = load_baseline(path).entries["x"].sums.metrics()

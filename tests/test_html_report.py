@@ -101,9 +101,10 @@ def test_the_page_parses_with_a_section_per_sae_and_splice(page):
         assert f">{metric}<" in text
     assert "Against the baseline" in text and "paired interval" in text
     assert parser.scripts == 0 and parser.urls == []  # nothing to run, nothing fetched
-    # per SAE: a figure per gated metric (2, 3, 2), the density histogram, the PR profile; the overview;
-    # the splice's gated metric
-    assert len(parser.images) == 1 + (2 + 3 + 2) + 3 * 2 + 1
+    # per SAE: a figure per gated metric (2, 3, 2), the density histogram, the PR profile, the error's
+    # propagation; the overview and the R² scatter; the splice's gated metric
+    assert len(parser.images) == 2 + (2 + 3 + 2) + 3 * 3 + 1
+    assert "<h3>Why</h3>" in text and "error_kl_ratio" in text and "The contexts the reconstruction hurts most" in text
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))

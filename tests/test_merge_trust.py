@@ -77,7 +77,9 @@ def test_a_release_that_only_regressed_fails_after_merge_as_in_a_single_run(regr
     page = summary.read_text()
     assert "## SAE acceptance: failed" in page and "REGRESSED" in page and "regression_rel_error" in page
     line = next(i for i, text in enumerate(regressed.read_text().splitlines(), 1) if 'name = "h0-k0"' in text) - 1
-    assert f"::error file=thresholds.toml,line={line},title=thresholds.toml%3A%3Ah0-k0%3A%3Aregression_rel_error::" in out
+    assert (
+        f"::error file=thresholds.toml,line={line},title=thresholds.toml%3A%3Ah0-k0%3A%3Aregression_rel_error::" in out
+    )
     html = (root / "merged.html").read_text()
     assert '<td class="failed">REGRESSED</td>' in html and "regression rel_error: REGRESSED" in html
     assert (root / "merged.h0-k0.densities.npz").exists()  # the shards' densities carried over

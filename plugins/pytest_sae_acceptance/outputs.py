@@ -16,7 +16,7 @@ from sae_acceptance.baseline import BaselineEntry, baseline_entries, sidecar_pat
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.gate import Outputs, exit_status, write_outputs
-from sae_acceptance.report import merge_reports, tables
+from sae_acceptance.report import merge_reports, tables, worst_lines
 from sae_acceptance.results import EvalReport, ShardRecord
 from sae_acceptance.shard import Shard, run_fingerprint, run_id
 
@@ -58,12 +58,14 @@ class RunOutcome:
             )
         outcome = cls(report, shard, empty_shard=any(p.empty_shard for p in parts) and not report.entries)
         json_path, html_path = config.getoption("--sae-json"), config.getoption("--sae-html")
+        saebench = config.getoption("--sae-saebench-json")
         update = config.getoption("--sae-update-baseline")
         try:
             refresh = {} if interrupted or not update else _refreshed(config, per_file)
             outputs = Outputs(
                 json=None if json_path is None else Path(json_path).expanduser(),
                 html=None if html_path is None else Path(html_path).expanduser(),
+                saebench=None if saebench is None else Path(saebench).expanduser(),
                 refresh=refresh,
                 force=update == "force",
             )
@@ -82,6 +84,8 @@ class RunOutcome:
         if shown:
             terminalreporter.section("SAE acceptance")
             terminalreporter.write_line("\n\n".join(table for _, table in shown))
+        for line in worst_lines(self.report):
+            terminalreporter.write_line(line)
         for line in self.lines:
             terminalreporter.write_line(line)
         if self.error is not None:

@@ -43,6 +43,7 @@ ACTIVATING_OPTIONS = (
     "--sae-sweep",
     "--sae-shard",
     "--sae-html",
+    "--sae-saebench-json",
 )
 
 
@@ -80,6 +81,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--sae-no-progress", action="store_true", help="hide the evaluations' progress")
     group.addoption("--sae-html", metavar="PATH", help="write the self-contained HTML report here")
+    group.addoption("--sae-saebench-json", metavar="DIR", help="write each SAE's SAEBench core result here")
     group.addoption(
         "--sae-shard", metavar="I/N", help="run shard I of N of the SAEs (units kept whole); the rest are deselected"
     )

@@ -54,6 +54,16 @@ class SparseCode:
         counts = torch.zeros(d_sae, dtype=torch.int64, device=self.values.device)
         return counts.scatter_add_(0, self.indices.reshape(-1), active.reshape(-1))
 
+    def fired_sequences(self, d_sae: int, n_sequences: int) -> torch.Tensor:
+        """How many of the batch's sequences (its rows, in order, `n_sequences` of them) each
+        latent fired in, [d_sae] int64."""
+        active = (self.values != 0).reshape(n_sequences, -1, self.values.shape[-1])
+        if self.indices is None:
+            return active.any(1).sum(0).to(torch.int64)
+        counts = torch.zeros(n_sequences, d_sae, dtype=torch.int64, device=self.values.device)
+        counts.scatter_add_(1, self.indices.reshape(n_sequences, -1), active.reshape(n_sequences, -1).to(torch.int64))
+        return (counts > 0).sum(0)
+
     def dense(self, d_sae: int) -> torch.Tensor:
         """[n, d_sae] latents (for callers that need every latent, e.g. tests and analysis)."""
         if self.indices is None:

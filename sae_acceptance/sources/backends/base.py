@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from sae_acceptance.errors import SourceError
+from sae_acceptance.hooks import HookPoint
 
 Patch = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 """A hook's new activation, flat [batch, pos, width]: a tensor computed beforehand, or a
@@ -118,6 +119,10 @@ class Backend(ABC):
     def hook_device(self, hook: str) -> torch.device:
         """Where the activation at `hook` lives (its SAE goes there)."""
         return self.device
+
+    def block_output(self, layer: int) -> str:
+        """The hook of block `layer`'s output (the residual stream after it), in this backend's names."""
+        return str(HookPoint.at(layer))
 
     def special_token_ids(self) -> list[int]:
         """The tokenizer's BOS/EOS/PAD ids, else the checkpoint config's."""

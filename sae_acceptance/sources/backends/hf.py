@@ -122,6 +122,9 @@ class HFBackend(Backend):
         param = next(module.parameters(), None)
         return param.device if param is not None else self.device
 
+    def block_output(self, layer: int) -> str:
+        return f"{self.layers_path}.{layer}"
+
     # ------------------------------------------------------------------ passes
 
     def _run(self, tokens, sites, entries):
