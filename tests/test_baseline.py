@@ -325,3 +325,31 @@ def test_a_corrupt_sidecar_is_one_line_and_a_corrupt_baseline_is_replaced_only_w
     assert refused.value.remedy == "force"
     update_baseline(path, _entries(), force=True)
     assert sorted(load_baseline(path).entries) == ["a", "b"]
+
+
+def test_a_baseline_is_checked_before_anything_is_evaluated_and_refusals_name_the_caller_s_flag(
+    pytester,
+    gate,  # noqa: F811
+    capsys,
+):
+    """An unreadable baseline stops the run at collection, once, before any model loads: under
+    pytest with pytest's flag, under the CLI with the CLI's. pytest says where a refresh wrote,
+    and a refused refresh is the closing line's error, not a pass with exit status 2."""
+    from sae_acceptance.cli import main
+
+    gate()
+    (pytester.path / "corrupt.json").write_text("{not json")
+    result = pytester.runpytest(*RUN, "--sae-baseline", "corrupt.json")
+    assert result.ret == 2 and "evaluating" not in result.stdout.str()
+    assert result.stdout.str().count("corrupt.json:1: not valid JSON") == 1  # once, for the whole file
+    result.stdout.fnmatch_lines(["*--sae-update-baseline=force replaces it*", "*1 error*"])
+    refused = pytester.runpytest(*RUN, "--sae-update-baseline", "--sae-baseline", "corrupt.json")
+    assert refused.ret == 2 and "passed" not in refused.stdout.lines[-1]
+    refused.stdout.fnmatch_lines(["*corrupt.json:1: not valid JSON*", "*1 error*"])
+    written = pytester.runpytest(*RUN, "--sae-update-baseline")
+    written.stdout.fnmatch_lines(["*baseline written to *thresholds.baseline.json (2 entries refreshed)*"])
+    capsys.readouterr()
+    toml = pytester.path / "thresholds.toml"
+    assert main(["eval", "--config", str(toml), "--baseline", str(pytester.path / "corrupt.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--update-baseline=force replaces it" in err[0] and "--sae-" not in err[0], err
