@@ -320,6 +320,8 @@ def _propagation_figure(result: SAEResult) -> bytes | None:
         xlabel="block output",
         ylabel="relative squared error",
         xticks=layers,
+        ylim=(0.0, 1.25 * max(ratios)),
+        xlim=(min(layers) - 0.5, max(layers) + 0.5),
         legend="upper left",
     )
     return png(Figure([panel], width=5.2, height=3.4))
