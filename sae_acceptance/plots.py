@@ -12,9 +12,13 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sae_acceptance.io import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure as MplFigure
 
 DPI = 120
 
@@ -137,7 +141,7 @@ def histogram(
     return _save(fig, path)
 
 
-def _canvas(width: float, height: float):
+def _canvas(width: float, height: float) -> MplFigure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional dependency: plots only
     from matplotlib.figure import Figure as MplFigure
 
@@ -146,17 +150,17 @@ def _canvas(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig: MplFigure, path: str | Path) -> Path:
     return write_atomic(path, _png_bytes(fig))
 
 
-def _png_bytes(fig) -> bytes:
+def _png_bytes(fig: MplFigure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
 
 
-def _draw(ax, panel: Panel, legend_size: str) -> None:
+def _draw(ax: Axes, panel: Panel, legend_size: str) -> None:
     if panel.shade is not None:
         low, high, name = panel.shade
         ax.axhspan(low, high, color="tab:red", alpha=0.12, lw=0, label=name)
@@ -188,15 +192,16 @@ def _draw(ax, panel: Panel, legend_size: str) -> None:
         ax.set_xlim(*panel.xlim)
     if panel.right_axis is not None:
         name, factor = panel.right_axis
-        ax.secondary_yaxis("right", functions=(lambda y: y * factor, lambda r: r / factor)).set_ylabel(name)
+        scale = (lambda y: y * factor, lambda r: r / factor)  # matplotlib passes arrays
+        ax.secondary_yaxis("right", functions=scale).set_ylabel(name)
     ax.grid(True, alpha=panel.grid_alpha)
     ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
     named = any(s.name for s in panel.series if not isinstance(s, Scatter))
     if panel.legend is not None and (named or any(name for _, name in panel.marks)):
-        ax.legend(loc=panel.legend, fontsize=legend_size)
+        ax.legend(loc=panel.legend, fontsize=legend_size)  # type: ignore[call-overload]  # the stub lists loc's names as a Literal
 
 
-def _draw_series(ax, s: Series) -> None:
+def _draw_series(ax: Axes, s: Series) -> None:
     kwargs: dict[str, Any] = {"color": s.colour, "alpha": s.alpha, "label": s.name or None}
     if s.marker_size is not None:
         kwargs["markersize"] = s.marker_size

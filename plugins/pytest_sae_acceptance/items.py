@@ -11,6 +11,9 @@ baseline is read when the file is collected, before anything is evaluated.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,8 +24,13 @@ from sae_acceptance.errors import BaselineError, ConfigError, R2ProxyWarning, SA
 from sae_acceptance.results import EntryResult, SAEResult
 from sae_acceptance.verdict import Status
 
+if TYPE_CHECKING:
+    from _pytest._code.code import TerminalRepr, TracebackStyle
 
-def sae_session(config: pytest.Config):
+    from pytest_sae_acceptance.session import SAESession
+
+
+def sae_session(config: pytest.Config) -> SAESession:
     """The run's `SAESession`, made when the first SAE item (or fixture) needs it.
 
     Imported here, not at the top: it loads torch and the models' libraries, which a
@@ -40,7 +48,7 @@ def sae_session(config: pytest.Config):
 class ThresholdsFile(pytest.File):
     """A thresholds file: one collector per `[[sae]]` and `[[splice]]`."""
 
-    def collect(self):
+    def collect(self) -> Iterator[_Collector]:
         try:
             loaded = load_thresholds(self.path)
         except ConfigError as err:
@@ -64,21 +72,22 @@ class _Collector(pytest.Collector):
 
     metric_item: type[pytest.Item]
     regression_item: type[pytest.Item]
-    reported = ()  # ungated metrics that still get an item (an SAE's r2)
+    entry: SAEEntry | SpliceEntry
+    reported: tuple[str, ...] = ()  # ungated metrics that still get an item (an SAE's r2)
 
-    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry, line: int, **kwargs):
+    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry, line: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.loaded, self.entry, self.line = loaded, entry, line
         self.add_marker("sae")
 
-    def collect(self):
+    def collect(self) -> Iterator[pytest.Item]:
         for metric in [*self.loaded.config.gate_for(self.entry), *self.reported]:
             yield self.metric_item.from_parent(self, name=metric, metric=metric)
         if baseline_path(self.config, self.loaded) is not None:
             for metric in self.loaded.config.regressed_for(self.entry):
                 yield self.regression_item.from_parent(self, name=f"regression_{metric}", metric=metric)
 
-    def reportinfo(self):
+    def reportinfo(self) -> tuple[Path, int, str]:
         return self.path, self.line - 1, self.name
 
     def evaluate_entry(self) -> EntryResult:
@@ -89,6 +98,7 @@ class _Collector(pytest.Collector):
 class SAECollector(_Collector):
     """An `[[sae]]`: its gated metrics, its `r2`, its regression checks."""
 
+    entry: SAEEntry
     reported = ("r2",)
 
     def evaluate_entry(self) -> EntryResult:
@@ -97,6 +107,8 @@ class SAECollector(_Collector):
 
 class SpliceCollector(_Collector):
     """A `[[splice]]`: its gated joint metrics and their regression checks."""
+
+    entry: SpliceEntry
 
     def evaluate_entry(self) -> EntryResult:
         return sae_session(self.config).splice(self.loaded, self.entry.name)
@@ -112,7 +124,9 @@ class SAECheckFailed(Exception):
 class _CheckItem(pytest.Item):
     """One check of an entry; the entry is the parent collector."""
 
-    def __init__(self, *, metric: str, **kwargs):
+    parent: _Collector
+
+    def __init__(self, *, metric: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.metric = metric
 
@@ -133,12 +147,14 @@ class _CheckItem(pytest.Item):
         self.user_properties.append((INPUT_ERROR_PROPERTY, message))
         return SAECheckFailed(message)
 
-    def repr_failure(self, excinfo, style=None):
+    def repr_failure(
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: TracebackStyle | None = None
+    ) -> str | TerminalRepr:
         if isinstance(excinfo.value, SAECheckFailed | SAEAcceptanceError | R2ProxyWarning):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style=style)
 
-    def reportinfo(self):
+    def reportinfo(self) -> tuple[Path, int, str]:
         return self.path, self.parent.line - 1, f"{self.parent.name}::{self.name}"
 
 
@@ -192,6 +208,8 @@ def _conclude(status: Status, message: str) -> None:
 class _SAEItem(_CheckItem):
     """An item of one `[[sae]]` (what selection, sharding and xdist groups count)."""
 
+    parent: SAECollector
+
     @property
     def sae(self) -> SAECollector:
         return self.parent
@@ -207,6 +225,8 @@ class RegressionItem(_SAEItem, _RegressionCheck):
 
 class _SpliceItem(_CheckItem):
     """An item of one `[[splice]]`: `thresholds.toml::splice:<name>::<metric>`."""
+
+    parent: SpliceCollector
 
     @property
     def splice(self) -> SpliceCollector:

@@ -50,7 +50,7 @@ class RunOutcome:
         if shard is not None:
             selected = list(dict.fromkeys(name for part in parts for name in part.selected))
             files = [load_thresholds(path) for path in by_file]
-            compared = [path for loaded in files if (path := baseline_path(config, loaded)) is not None]
+            compared = [given for loaded in files if (given := baseline_path(config, loaded)) is not None]
             inputs = [file for path in compared for file in (path, sidecar_path(path))]
             run = run_id(config.getoption("--sae-run-id"))
             report.shard = ShardRecord(
@@ -76,7 +76,7 @@ class RunOutcome:
             outcome.error = f"{err.filename or 'output'}: cannot write ({err.strerror or err})"
         return outcome
 
-    def show(self, terminalreporter) -> None:
+    def show(self, terminalreporter: pytest.TerminalReporter) -> None:
         """The run's tables, where each output went, the annotations, and a failed write."""
         if self.shard is not None and self.empty_shard:
             terminalreporter.write_line(f"sae-acceptance: {self.shard.empty_note()}")

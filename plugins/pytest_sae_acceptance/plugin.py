@@ -13,7 +13,9 @@ model, imports no torch and changes no environment variable.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -32,6 +34,14 @@ from sae_acceptance.errors import EXIT_ERROR, SAEAcceptanceError
 from sae_acceptance.shard import RUN_ID_VARIABLES, Shard, shard_members
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.sweep_profile import DEFAULT_PROFILE
+
+if TYPE_CHECKING:
+    from xdist.remote import Producer
+    from xdist.workermanage import WorkerController
+
+    from pytest_sae_acceptance.outputs import RunOutcome  # noqa: F401  # OUTCOME_KEY names it
+    from pytest_sae_acceptance.scheduling import SAEGroupScheduling
+    from sae_acceptance.results import EvalReport, SAEResult
 
 PARTS_KEY = pytest.StashKey[list[Part]]()
 OUTCOME_KEY = pytest.StashKey["RunOutcome"]()
@@ -119,7 +129,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> SAEGroupScheduling | None:
     """Under the default `--dist load`, a run that collects thresholds files keeps each SAE
     group (one model and hook) on one worker; every other test is spread one by one."""
     if config.getoption("dist") != "load" or not asked_for(config):
@@ -138,7 +148,7 @@ def named_toml(config: pytest.Config) -> set[Path]:
     return {path.resolve() for path in given if path.suffix == ".toml" and path.is_file()}
 
 
-def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> ThresholdsFile | None:
     pattern = parent.config.getini("sae_thresholds_pattern")
     if fnmatch.fnmatch(file_path.name, pattern) or (
         file_path.suffix == ".toml" and file_path.resolve() in named_toml(parent.config)
@@ -148,7 +158,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 
 
 @pytest.fixture(scope="session")
-def sae_eval(request: pytest.FixtureRequest):
+def sae_eval(request: pytest.FixtureRequest) -> Callable[[str], SAEResult]:
     """`sae_eval("name")` -> that SAE's `sae_acceptance.SAEResult` (evaluated once per run).
 
     The thresholds file is `--sae-thresholds`, else the `sae_thresholds` ini value,
@@ -162,7 +172,9 @@ def sae_eval(request: pytest.FixtureRequest):
 
 
 @pytest.fixture(scope="session")
-def sae_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def sae_sweep(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[EvalReport, list[dict[str, Any]], Path]:
     """The SAEs of the `--sae-sweep` profile, trained or loaded from the cache, gated and tabulated.
 
     Returns `(report, points, out_dir)`: the `EvalReport`, the sweep points, and the
@@ -177,8 +189,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     shard = config.getoption("--sae-shard")
     if shard is None:
         return
-    members, sharded = {}, config.stash.setdefault(SHARDED_KEY, {})
-    keep, dropped = [], []
+    members: dict[Path, set[str]] = {}
+    sharded = config.stash.setdefault(SHARDED_KEY, {})
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         if isinstance(item, _SAEItem | _SpliceItem):
             loaded = item.parent.loaded
@@ -217,7 +231,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash.get(SESSION_KEY, None)
     mine = state.part() if state is not None else process_part(config, {}) if SHARDED_KEY in config.stash else None
     if is_xdist_worker(config):
-        config.workeroutput["sae_parts"] = [] if mine is None else [mine.to_wire()]
+        config.workeroutput["sae_parts"] = [] if mine is None else [mine.to_wire()]  # type: ignore[attr-defined]  # xdist sets it on workers
         return
     parts = ([] if mine is None else [mine]) + config.stash.get(PARTS_KEY, [])
     if not parts:
@@ -234,13 +248,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error) -> None:
+def pytest_testnodedown(node: WorkerController, error: object) -> None:
     """xdist controller: gather each worker's part."""
     received = getattr(node, "workeroutput", {}).get("sae_parts", [])
     node.config.stash.setdefault(PARTS_KEY, []).extend(Part.from_wire(part) for part in received)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: pytest.ExitCode, config: pytest.Config
+) -> None:
     outcome = config.stash.get(OUTCOME_KEY, None)
     if outcome is not None:
         outcome.show(terminalreporter)

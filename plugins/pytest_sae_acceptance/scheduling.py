@@ -16,6 +16,7 @@ built on; it hands the largest runs out first.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from xdist.scheduler import LoadScopeScheduling
@@ -24,9 +25,12 @@ from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import SAEAcceptanceError
 from sae_acceptance.shard import xdist_runs
 
+if TYPE_CHECKING:
+    from xdist.remote import Producer
+
 
 class SAEGroupScheduling(LoadScopeScheduling):
-    def __init__(self, config: pytest.Config, log=None):
+    def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
         super().__init__(config, log)
         self._runs: dict[str, dict[str, str] | None] = {}
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from sae_acceptance.baseline import Baseline, RefreshFlags, check_refreshable, load_baseline
 from sae_acceptance.config import LoadedThresholds
 from sae_acceptance.results import EvalReport
+
+if TYPE_CHECKING:
+    from pytest_sae_acceptance.session import SAESession  # noqa: F401  # SESSION_KEY names it
 
 PYTEST_FLAGS = RefreshFlags(refresh="--sae-update-baseline", force="--sae-update-baseline=force")
 

@@ -61,7 +61,7 @@ class SAESession:
             n for n in selected_splices(self.config).get(loaded.path, []) if (loaded.path, n) not in self.splices
         ]
         if is_xdist_worker(self.config):
-            run = xdist_runs(loaded, int(self.config.workerinput["workercount"]))
+            run = xdist_runs(loaded, int(self.config.workerinput["workercount"]))  # type: ignore[attr-defined]  # set by xdist
             saes = [n for n in saes if run[n] == run[key]]
             splices = [n for n in splices if run[splice_key(n)] == run[key]]
         return saes, splices
@@ -155,7 +155,7 @@ class SAESession:
         profile = load_profile(self.config.getoption("--sae-sweep") or DEFAULT_PROFILE)
         worker = None
         if is_xdist_worker(self.config):  # worker i starts on its own run of the grids
-            given = self.config.workerinput
+            given = self.config.workerinput  # type: ignore[attr-defined]  # set by xdist
             worker = (int(given["workerid"].removeprefix("gw")), int(given["workercount"]))
         progress = not self.config.getoption("--sae-no-progress")
         report, points = run_sweep(profile, out, cache, self.device or eval_default("device"), progress, worker=worker)
@@ -171,5 +171,5 @@ def worker_device(config: pytest.Config) -> str | None:
     """
     if not is_xdist_worker(config) or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         return None
-    index = int(config.workerinput["workerid"].removeprefix("gw"))
+    index = int(config.workerinput["workerid"].removeprefix("gw"))  # type: ignore[attr-defined]  # set by xdist
     return f"cuda:{index % torch.cuda.device_count()}"
