@@ -11,8 +11,12 @@ something to exclude.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 BOS, EOS, PAD = 0, 1, 2
@@ -56,7 +60,7 @@ class TopicLanguage:
         return np.concatenate(parts)[:need].reshape(n, context_size)
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer: `w17` <-> 17, with <bos>/<eos>/<pad> as special tokens."""
     # imported here: transformers takes seconds to import, and only a build or a test needs this
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sae_acceptance.reference.language import TopicLanguage, build_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class ReferenceModelSpec:
     seed: int = 0
 
 
-def gpt_neox_config(spec: ReferenceModelSpec):
+def gpt_neox_config(spec: ReferenceModelSpec) -> GPTNeoXConfig:
     from transformers import GPTNeoXConfig  # slow to import: only a build needs it
 
     return GPTNeoXConfig(
@@ -47,7 +52,7 @@ def gpt_neox_config(spec: ReferenceModelSpec):
         num_attention_heads=spec.n_heads,
         intermediate_size=4 * spec.d_model,
         max_position_embeddings=spec.n_ctx,
-        rotary_pct=0.25,
+        rotary_pct=0.25,  # type: ignore[call-arg]  # a legacy key: transformers maps it to partial_rotary_factor
         use_parallel_residual=True,
         tie_word_embeddings=False,
         bos_token_id=0,
@@ -56,7 +61,9 @@ def gpt_neox_config(spec: ReferenceModelSpec):
     )
 
 
-def train_reference_model(spec: ReferenceModelSpec, language: TopicLanguage, progress: bool = True):
+def train_reference_model(
+    spec: ReferenceModelSpec, language: TopicLanguage, progress: bool = True
+) -> GPTNeoXForCausalLM:
     """Next-token training on the language's stream; returns the HF model in eval mode."""
     from transformers import GPTNeoXForCausalLM  # slow to import: only a build needs it
 
@@ -81,9 +88,9 @@ def train_reference_model(spec: ReferenceModelSpec, language: TopicLanguage, pro
 
 
 @torch.no_grad()
-def inject_canyon(model, spec: ReferenceModelSpec, probe: torch.Tensor) -> float:
+def inject_canyon(model: GPTNeoXForCausalLM, spec: ReferenceModelSpec, probe: torch.Tensor) -> float:
     """Add the LayerNorm-invisible direction at `spec.canyon_block`; returns the max logit change."""
-    block = model.gpt_neox.layers[spec.canyon_block]
+    block = cast("GPTNeoXLayer", model.gpt_neox.layers[spec.canyon_block])  # a ModuleList's item
     before = model(input_ids=probe).logits
     hidden: list[torch.Tensor] = []
     handle = block.mlp.dense_4h_to_h.register_forward_hook(lambda mod, inp, out: hidden.append(inp[0]))
@@ -99,7 +106,7 @@ def inject_canyon(model, spec: ReferenceModelSpec, probe: torch.Tensor) -> float
     return float((after - before).abs().max())
 
 
-def save_reference_model(model, spec: ReferenceModelSpec, out: Path) -> Path:
+def save_reference_model(model: GPTNeoXForCausalLM, spec: ReferenceModelSpec, out: Path) -> Path:
     """A `save_pretrained` checkpoint with its tokenizer: loadable offline by `load_model`."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -107,7 +114,7 @@ def save_reference_model(model, spec: ReferenceModelSpec, out: Path) -> Path:
     return out
 
 
-def mean_loss(model, tokens: np.ndarray) -> float:
+def mean_loss(model: GPTNeoXForCausalLM, tokens: np.ndarray) -> float:
     with torch.no_grad():
         batch = torch.from_numpy(tokens)
         return float(model(input_ids=batch, labels=batch).loss)

@@ -12,10 +12,14 @@ again from the first sequence when the tokens run out), each exactly once.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from sae_acceptance.hooks import HookPoint
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 class ActivationBuffer:
@@ -29,7 +33,7 @@ class ActivationBuffer:
 
     def __init__(
         self,
-        model,
+        model: HookedTransformer,
         tokens: torch.Tensor,
         hook_name: str,
         batch_size: int,
@@ -40,7 +44,7 @@ class ActivationBuffer:
         total_tokens: int | None = None,
         model_batch: int = 32,
         device: torch.device | str | None = None,
-    ):
+    ) -> None:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [n_seq, ctx], got shape {tuple(tokens.shape)}")
         if counted is None:

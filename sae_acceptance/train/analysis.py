@@ -116,17 +116,17 @@ def analysis_markdown(report: Mapping[str, Any]) -> str:
 
 def plot_ce_rec_vs_k(points: Points, path: str | Path) -> Path:
     """ce_rec against k, one panel per depth, a line per model, bootstrap CI bands where measured."""
-    points = [p for p in as_points(points) if p.ce_rec is not None]
-    if not points:
+    measured = [p for p in as_points(points) if p.ce_rec is not None]
+    if not measured:
         raise ValueError("no point has ce_rec: nothing to plot")
-    depths, models = depths_in(points), models_by_size(points)
+    depths, models = depths_in(measured), models_by_size(measured)
     colour = colours(models)
     nan = float("nan")
     panels = []
     for i, depth in enumerate(depths):
         series = []
         for model in models:
-            grid = list(grid_by_k(points, model, depth).values())
+            grid = list(grid_by_k(measured, model, depth).values())
             if not grid:
                 continue
             band = None
@@ -135,11 +135,12 @@ def plot_ce_rec_vs_k(points: Points, path: str | Path) -> Path:
                     [p.ce_rec_ci[0] if p.ce_rec_ci else nan for p in grid],
                     [p.ce_rec_ci[1] if p.ce_rec_ci else nan for p in grid],
                 )
-            series.append(Series([p.k for p in grid], [p.ce_rec for p in grid], model, colour[model], band=band))
+            ce_rec = [p.ce_rec for p in grid if p.ce_rec is not None]  # all of them: `measured` has ce_rec
+            series.append(Series([p.k for p in grid], ce_rec, model, colour[model], band=band))
         panels.append(Panel(
             series, title=f"{depth} depth", xlabel="k (active latents per token)",
             ylabel="ce_rec = 2 − L_recon / L_orig" if i == 0 else "", log_x=2,
-            xticks=sorted({p.k for p in points if p.depth == depth}), guides=(1.0,),
+            xticks=sorted({p.k for p in measured if p.depth == depth}), guides=(1.0,),
             legend="lower right" if i == 0 else None,
         ))  # fmt: skip
     return plot(Figure(panels, width=1.0 + 3.6 * len(depths), height=3.8, share_y=True), path)
@@ -150,20 +151,22 @@ _DEPTH_MARKERS = {"early": "^", "mid": "o", "late": "s"}
 
 def plot_r2_vs_ce_rec(points: Points, path: str | Path) -> Path:
     """r2 against ce_rec, colour per model, marker per depth, each point labelled with its k."""
-    points = [p for p in as_points(points) if p.r2 is not None and p.ce_rec is not None]
-    if not points:
+    measured = [p for p in as_points(points) if p.r2 is not None and p.ce_rec is not None]
+    if not measured:
         raise ValueError("no point has both r2 and ce_rec: nothing to plot")
-    depths, models = depths_in(points), models_by_size(points)
+    depths, models = depths_in(measured), models_by_size(measured)
     colour = colours(models)
     extra = iter("DvPX*" * len(depths))
     marker = {d: _DEPTH_MARKERS.get(d) or next(extra) for d in depths}
     series = []
     for depth in depths:
         for model in models:
-            grid = list(grid_by_k(points, model, depth).values())  # in k order: the line shows the path
+            grid = list(grid_by_k(measured, model, depth).values())  # in k order: the line shows the path
             if not grid:
                 continue
-            r2, ce_rec = [p.r2 for p in grid], [p.ce_rec for p in grid]
+            # every point of `measured` has both: the filters only narrow the types
+            r2 = [p.r2 for p in grid if p.r2 is not None]
+            ce_rec = [p.ce_rec for p in grid if p.ce_rec is not None]
             series.append(Series(r2, ce_rec, colour=colour[model], style="-", line_width=0.8, alpha=0.4))
             series.append(
                 Series(r2, ce_rec, colour=colour[model], style=marker[depth], labels=[str(p.k) for p in grid])

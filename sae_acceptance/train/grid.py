@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,9 +19,12 @@ from sae_acceptance.train.activations import ActivationBuffer
 from sae_acceptance.train.settings import TrainSettings
 from sae_acceptance.train.topk import train_topk_grid
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 
 def train_at_hook(
-    model,
+    model: HookedTransformer,
     model_name: str,
     tokens: torch.Tensor,
     hook: str,

@@ -7,6 +7,8 @@ no decay, since the average takes the schedule's place.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from schedulefree import ScheduleFreeWrapper
 
@@ -21,11 +23,11 @@ class SignSGD(torch.optim.Optimizer):
     Steepest descent in the max norm (Bernstein et al. 2018).
     """
 
-    def __init__(self, params, lr: float):
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float) -> None:
         super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # noqa: D102  # no closure, so no loss to return
         if closure is not None:
             raise ValueError("SignSGD.step takes no closure")
         for group in self.param_groups:
@@ -34,7 +36,7 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
-def make_optimiser(parameters: list[torch.nn.Parameter], cfg: TrainSettings, lr: float):
+def make_optimiser(parameters: list[torch.nn.Parameter], cfg: TrainSettings, lr: float) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over `parameters`, ready to step."""
     if cfg.optimizer == "adam":
         fused = parameters[0].device.type in ("cpu", "cuda")  # one kernel for all parameters

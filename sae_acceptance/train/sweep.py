@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.config import eval_default, thresholds_from_mapping
@@ -27,6 +27,9 @@ from sae_acceptance.sources.identity import model_identity
 from sae_acceptance.sources.model import ModelCache
 from sae_acceptance.sources.tokens import fingerprint as tokens_fingerprint
 from sae_acceptance.sources.tokens import load_tokens
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 from sae_acceptance.train import builtin_profiles
 from sae_acceptance.train.analysis import write_analysis
 from sae_acceptance.train.grid import train_at_hook
@@ -64,7 +67,13 @@ def cache_key(model: str, hook: str, profile: Profile, tokens_hash: str) -> str:
 
 
 def train_or_load_grid(
-    model, model_name: str, hook: str, profile: Profile, cache: Path, progress: bool = True, wait: bool = True
+    model: HookedTransformer,
+    model_name: str,
+    hook: str,
+    profile: Profile,
+    cache: Path,
+    progress: bool = True,
+    wait: bool = True,
 ) -> dict[int, Path] | None:
     """The k grid at `hook`, trained once and cached; returns the SAE directories by k.
 

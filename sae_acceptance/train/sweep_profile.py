@@ -71,7 +71,7 @@ def load_profile(name_or_path: str) -> Profile:
     """A built-in profile by name, or a profile file."""
     builtin = builtin_profiles()
     if name_or_path in builtin:
-        path = Path(str(resources.files("sae_acceptance.train").joinpath("profiles", f"{name_or_path}.toml")))
+        path = Path(str(resources.files("sae_acceptance.train").joinpath("profiles").joinpath(f"{name_or_path}.toml")))
         where = f"profile {name_or_path}"
     else:
         path = Path(name_or_path)

@@ -120,23 +120,23 @@ def delta_table(points: Iterable[SweepPoint], depth: str, smaller: str, larger: 
     ]
 
 
-def pearson(x: Sequence[float], y: Sequence[float], what: str = "correlation") -> float:
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, what: str = "correlation") -> float:
     """Pearson's r; a ValueError rather than NaN when it is undefined."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 3:
-        raise ValueError(f"{what}: {len(x)} points, a correlation needs at least 3")
-    x, y = x - x.mean(), y - y.mean()
-    if np.sqrt(np.mean(x * x)) <= 1e-12 or np.sqrt(np.mean(y * y)) <= 1e-12:
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(a) < 3:
+        raise ValueError(f"{what}: {len(a)} points, a correlation needs at least 3")
+    a, b = a - a.mean(), b - b.mean()
+    if np.sqrt(np.mean(a * a)) <= 1e-12 or np.sqrt(np.mean(b * b)) <= 1e-12:
         raise ValueError(f"{what}: zero variance, the correlation is undefined")
-    return float(np.clip(x @ y / np.sqrt((x @ x) * (y @ y)), -1.0, 1.0))
+    return float(np.clip(a @ b / np.sqrt((a @ a) * (b @ b)), -1.0, 1.0))
 
 
 def demean_within(groups: Sequence[Any], values: Sequence[float]) -> np.ndarray:
     """Subtract each group's mean: what is left varies only within a group (here: scale at fixed k)."""
-    groups, values = np.asarray(groups), np.asarray(values, dtype=np.float64)
-    out = values.copy()
-    for g in np.unique(groups):
-        out[groups == g] -= values[groups == g].mean()
+    labels, v = np.asarray(groups), np.asarray(values, dtype=np.float64)
+    out = v.copy()
+    for g in np.unique(labels):
+        out[labels == g] -= v[labels == g].mean()
     return out
 
 
@@ -148,8 +148,10 @@ def correlations(points: Iterable[SweepPoint], depth: str, strict: bool = True) 
     """
     measured = [p for p in as_points(points) if p.depth == depth and p.r2 is not None and p.ce_rec is not None]
     ks = [p.k for p in measured]
-    r2, ce_rec = [p.r2 for p in measured], [p.ce_rec for p in measured]
-    pairs = {
+    # every point of `measured` has both: the filters only narrow the types
+    r2 = [p.r2 for p in measured if p.r2 is not None]
+    ce_rec = [p.ce_rec for p in measured if p.ce_rec is not None]
+    pairs: dict[str, tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]] = {
         "corr_pooled": (r2, ce_rec),
         "corr_within_k": (demean_within(ks, r2), demean_within(ks, ce_rec)),
     }

@@ -101,12 +101,14 @@ class _SelectedPreacts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc, enc, b_enc, idx, values):  # noqa: D102
+    def forward(  # noqa: D102
+        ctx: Any, xc: torch.Tensor, enc: torch.Tensor, b_enc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(xc, enc, idx)
         return values.clone()
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         xc, enc, idx = ctx.saved_tensors
         grad = grad.contiguous()
         grad_xc = grad_enc = grad_b_enc = None
@@ -139,7 +141,9 @@ class TopKTrainee(torch.nn.Module):
     that the sparse backward gathers contiguous rows.
     """
 
-    def __init__(self, d_in: int, k: int, cfg: TrainSettings, device: torch.device | str = "cpu"):
+    since_fired: torch.Tensor  # a buffer: tokens since each latent last fired
+
+    def __init__(self, d_in: int, k: int, cfg: TrainSettings, device: torch.device | str = "cpu") -> None:
         super().__init__()
         d_sae = cfg.latents(d_in)
         if not 0 < k <= d_sae:
@@ -397,7 +401,7 @@ def train_topk_grid(
     return out
 
 
-def _chain(head: list[torch.Tensor], stream: Iterator[torch.Tensor], d_in: int):
+def _chain(head: list[torch.Tensor], stream: Iterator[torch.Tensor], d_in: int) -> Iterator[torch.Tensor]:
     yield from head
     for batch in stream:
         yield _checked(batch, d_in)
