@@ -41,7 +41,9 @@ def failures_of(report: EvalReport) -> list[Failure]:
         prefix = f"{Path(source.file).name}::" if source else ""
         for kind, node, message in problems(result):
             if kind in ("ERROR", "FAIL"):
-                found.append(Failure(source and source.file, source and source.line, prefix + node, message))
+                found.append(
+                    Failure(source.file if source else None, source.line if source else None, prefix + node, message)
+                )
     return found
 
 

@@ -155,7 +155,7 @@ def _summary_table(report: EvalReport) -> str:
         else:
             checks = []
             for metric in result.verdicts:
-                status = result.outcome(metric).status
+                status: Status | EntryStatus = result.outcome(metric).status
                 checks.append(_badge(status, f"{metric} {_fmt(result.metrics[metric].value)}: {status.word}"))
             for check in result.regressions.values():
                 if not check.skipped:
@@ -181,7 +181,7 @@ def _overview_figure(report: EvalReport) -> bytes | None:
     measured = [r for r in report.saes.values() if r.error is None and "l0" in r.metrics]
     if not measured:
         return None
-    hooks = sorted({r.hook for r in measured})
+    hooks = sorted({r.hook for r in measured if r.hook is not None})  # an SAE always has one
     colour = colours(hooks)
     panels = []
     for metric in ("ce_rec", "ce_loss_score"):
@@ -461,7 +461,7 @@ def _density_figure(latents: Latents, threshold: float) -> bytes:
 def _profile_figure(result: SAEResult, report: EvalReport) -> bytes | None:
     """PR / d_model over the layers this report measured on the SAE's model, its layer marked, the
     canyon band shaded (no model is run: the report's own geometry)."""
-    if result.geometry is None:
+    if result.geometry is None or result.hook is None or result.layer is None:
         return None
     canyon = report.settings.get("canyon") or CanyonSettings().model_dump()
     deflated = canyon.get("use") == "deflated"

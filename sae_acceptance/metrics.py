@@ -130,19 +130,19 @@ def is_loss_metric(name: str) -> bool:
     return name.startswith(("ce_", "delta_ce", "kl_"))
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
     """num/den with NaN (not an exception, not a made-up number) where den is 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
 
 
-def pooled_metrics(totals: dict[str, np.ndarray], shift_sum_sq: np.ndarray, d_in: int) -> dict[str, np.ndarray]:
+def pooled_metrics(totals: dict[str, np.ndarray | float], shift_sum_sq: np.ndarray, d_in: int) -> dict[str, np.ndarray]:
     """Totals (point: [()], bootstrap: [B]) -> every metric with an interval.
 
     `shift_sum_sq` is ‖Σ(a − c)‖², so SST = Σ‖a − c‖² − ‖Σ(a − c)‖²/N: mean-centred
     over the whole (resampled) set, and stable because c is near the mean.
     """
-    totals = {name: np.nan for name in (*SUM_NAMES, *DIAGNOSTIC_SUMS)} | totals  # only the sums that ran
+    totals = {**dict.fromkeys((*SUM_NAMES, *DIAGNOSTIC_SUMS), np.nan), **totals}  # only the sums that ran
     n, n_loss = totals["n_tokens"], totals["n_loss"]
     ce_orig = _ratio(totals["ce_orig"], n_loss)
     ce_recon = _ratio(totals["ce_recon"], n_loss)

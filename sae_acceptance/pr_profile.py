@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,13 +21,16 @@ from sae_acceptance.hooks import HookPoint
 from sae_acceptance.plots import Figure, Panel, Series, plot
 from sae_acceptance.render import format_table
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 __all__ = ["HOOK_TYPE", "format_profile_table", "plot_pr_profile", "pr_profile", "profile_to_json"]
 
 HOOK_TYPE = "resid_post"  # the residual stream after each block: where the canyon was seen
 
 
 def pr_profile(
-    model,
+    model: HookedTransformer,
     tokens: torch.Tensor,
     counted: torch.Tensor | None = None,
     *,
@@ -86,7 +89,7 @@ def pr_profile(
     ]
 
 
-def _hook_type_hint(model, hook_type: str) -> str:
+def _hook_type_hint(model: HookedTransformer, hook_type: str) -> str:
     """The closest block-level hook types (`resid_post`, `mlp_out`, ...) the model has."""
     kinds = {HookPoint.parse(h) for h in model.hook_dict}
     valid = sorted(h.kind.removeprefix("hook_") for h in kinds if h.layer == 0 and "." not in h.kind)

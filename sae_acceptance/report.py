@@ -67,7 +67,7 @@ def merge_shards(shards: list[tuple[str, EvalReport]], run: str | None = None) -
     count must be there once, each with a result for every SAE it was given, and all of one run:
     the same run id (`run`, when given), the same fingerprint, the same token data. Otherwise
     one error naming the offending file."""
-    first: dict[str, tuple[str, object]] = {}
+    first: dict[str, tuple[str, Any]] = {}
     by_index: dict[int, tuple[str, EvalReport]] = {}
 
     def same(what: str, value: object, where: str, explain: str) -> None:
@@ -260,7 +260,7 @@ def write_densities(json_path: Path, report: EvalReport) -> list[Path]:
             density=latents.density,
             n_tokens=np.float64(latents.n_tokens),
             dense_threshold=threshold,
-            **latents.arrays(),
+            **latents.arrays(),  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle's bool
         )
         written.append(write_atomic(densities_path(json_path, name), buffer.getvalue()))
     return written

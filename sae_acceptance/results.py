@@ -275,7 +275,11 @@ class ShardRecord:
         if not isinstance(data, Mapping):
             raise ValueError('"shard" is not an object')
         index, count, saes = data.get("index"), data.get("count"), data.get("saes")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (index, count)):
+        if (
+            not (isinstance(index, int) and isinstance(count, int))
+            or isinstance(index, bool)
+            or isinstance(count, bool)
+        ):
             raise ValueError(f'"shard": index and count must be whole numbers, got {index!r} and {count!r}')
         if not 1 <= index <= count:
             raise ValueError(f'"shard": expected 1 <= index <= count, got {index}/{count}')

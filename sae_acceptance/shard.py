@@ -105,7 +105,7 @@ def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:
         return {}
     if not isinstance(cfg, dict):
         return {}
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     found = {}
     for key, names in (("hook", ("hook_name", "hook_point")), ("model", ("model_name",))):
         value = next((v for name in names for v in (meta.get(name), cfg.get(name)) if isinstance(v, str) and v), None)
@@ -205,7 +205,7 @@ def partition(costs: list[int], models: list[set[str]], count: int, budget: floa
     n = len(costs)
     cost = np.zeros((n + 1, n + 1))  # [k, i]: units k..i-1 as one run; 0 when empty
     for k in range(n):
-        tails, seen = 0, set()
+        tails, seen = 0, set[str]()
         for i in range(k + 1, n + 1):
             tails, seen = tails + costs[i - 1], seen | models[i - 1]
             cost[k, i] = tails + ORIGINAL_PASS * len(seen)
