@@ -65,7 +65,7 @@ from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_cont
 from sae_acceptance.weights import latent_weights
 
 # A model is loaded once per name, processing and backend: (name, sorted processing kwargs, backend).
-ModelKey = tuple[str | None, tuple[tuple[str, Any], ...], str]
+ModelKey = tuple[str, tuple[tuple[str, Any], ...], str]
 
 
 @dataclass
@@ -73,6 +73,12 @@ class _Request:
     entry: SAEEntry
     result: SAEResult
     sae: SAE | None = None
+
+    @property
+    def loaded_sae(self) -> SAE:
+        """The SAE of a request `_prepare` found no problem with (only those reach a model)."""
+        assert self.sae is not None, f"{self.result.name}: the SAE was not loaded"
+        return self.sae
 
 
 def evaluate(
@@ -119,14 +125,15 @@ def evaluate(
         if req.result.error is None and req.sae is not None:
             kwargs = processing_kwargs(req.sae.metadata.get("model_from_pretrained_kwargs"))
             kind = backend_for(settings.backend, req.result.hook, req.sae.hook_name_out)
+            assert req.result.model is not None  # _prepare: no error means a model and a hook
             groups[(req.result.model, tuple(sorted(kwargs.items())), kind)].append(req)
 
     eval_info: dict[str, Any] = {}
-    timing = {"eval_s": 0.0, "n_tokens": 0}
+    timing: dict[str, Any] = {"eval_s": 0.0, "n_tokens": 0}
     start = time.perf_counter()
-    for (model_name, kwargs, kind), group in groups.items():
+    for (model_name, kwarg_items, kind), group in groups.items():
         try:
-            backend = models.backend(model_name, dict(kwargs), device, settings.dtype, kind, settings.devices)
+            backend = models.backend(model_name, dict(kwarg_items), device, settings.dtype, kind, settings.devices)
             tokens, counted, excluded = _eval_tokens(loaded, backend)
         except SAEAcceptanceError as err:
             for req in group:
@@ -137,12 +144,15 @@ def evaluate(
         for req in group:
             if _check_fits(backend, req):
                 _warn_if_overridden(req)
+                assert req.result.hook is not None  # _prepare: no error means a model and a hook
                 by_hook[req.result.hook].append(req)
         if not by_hook:
             continue
         sae_dtype = None if settings.sae_dtype is None else resolve_dtype(settings.sae_dtype)
         saes = {
-            hook: {req.result.name: req.sae.to(device=backend.hook_device(hook), dtype=sae_dtype) for req in reqs}
+            hook: {
+                req.result.name: req.loaded_sae.to(device=backend.hook_device(hook), dtype=sae_dtype) for req in reqs
+            }
             for hook, reqs in by_hook.items()
         }
         spliced = _splices_of(loaded, splice_entries, joint, by_name, group, saes)
@@ -213,12 +223,12 @@ def _splices_of(
         result = joint[entry.name]
         result.model, result.hooks = members[0].model, [str(m.hook) for m in members]
         result.hook = " + ".join(result.hooks)
-        clash = same_hook([(m.name, m.hook) for m in members])
+        clash = same_hook([(m.name, hook) for m, hook in zip(members, result.hooks, strict=True)])
         if clash:
             where = f"{loaded.path}:{loaded.line_of('splice', i, 'saes')}" if loaded.text else str(loaded.path)
             result.error = f"{where}: splice.{i}.saes: {clash}"
         elif all(m.error is None for m in members):
-            runnable[entry.name] = {m.hook: saes[m.hook][m.name] for m in members}
+            runnable[entry.name] = {hook: saes[hook][m.name] for m, hook in zip(members, result.hooks, strict=True)}
     return runnable
 
 
@@ -310,7 +320,9 @@ def _ids(ids: list[int], shown: int = 8) -> str:
     return f"ids {head}" if len(ids) <= shown else f"{len(ids)} ids: {head}, …"
 
 
-def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int], rule) -> dict[str, Any]:
+def _token_info(
+    tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int], rule: bool | list[int]
+) -> dict[str, Any]:
     return {
         "fingerprint": fingerprint(tokens),
         "n_tokens": int(tokens.numel()),
@@ -322,7 +334,7 @@ def _token_info(tokens: torch.Tensor, counted: torch.Tensor, excluded: list[int]
 
 def _warn_if_overridden(req: _Request) -> None:
     """A `hook` that differs from the one the SAE records: legal, and almost always a mistake."""
-    given, own = req.entry.hook, req.sae.hook_name
+    given, own = req.entry.hook, req.loaded_sae.hook_name
     if given and own and given != own:
         warnings.warn(
             HookOverrideWarning(
@@ -335,7 +347,8 @@ def _warn_if_overridden(req: _Request) -> None:
 
 def _check_fits(model: Backend, req: _Request) -> bool:
     """The SAE's hooks exist on the model, inside its blocks, with the widths the SAE reads and writes."""
-    sae, hook = req.sae, req.result.hook
+    sae, hook = req.loaded_sae, req.result.hook
+    assert hook is not None  # _prepare: no error means a model and a hook
     hook_out = getattr(sae, "hook_name_out", None)
     head = getattr(sae, "hook_head_index", None)
     try:
