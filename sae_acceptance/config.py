@@ -41,17 +41,21 @@ SCHEMA_FILE = "thresholds.schema.json"
 
 
 class StrictModel(BaseModel):
-    """Settings: unknown keys are errors, values frozen once validated."""
+    """Settings: unknown keys are errors, values frozen once validated. A field's docstring is its
+    description (the JSON schema's and the CLI's help)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class Bound(StrictModel):
     """`min`/`max` on a metric, checked on the point estimate or on an interval end."""
 
     min: float | None = None
+    """the lowest passing value"""
     max: float | None = None
+    """the highest passing value"""
     on: Literal["point", "ci_low", "ci_high"] = "point"
+    """what is checked: the point estimate, or the low or high end of its interval"""
 
     @model_validator(mode="after")
     def _one_side_at_least(self) -> Bound:
@@ -179,13 +183,16 @@ class SAEEntry(StrictModel):
         description="SAE directory relative to this file, hf://owner/repo[@revision]/folder, or sae-lens://release/sae_id"
     )
     name: str | None = None
+    """the entry's name in item ids and reports (default: the SAE's directory or hub folder name)"""
     model: str | None = None
+    """the model to patch, hub name or local dir (default: [eval] model, else the SAE's cfg.json's)"""
     hook: str | None = Field(None, description="hookpoint the SAE reads (default: its cfg.json's)")
     hook_out: str | None = Field(
         None,
         description="a transcoder's output hook, where its output replaces the activation (default: its cfg.json's)",
     )
     gate: Gate
+    """this SAE's own bounds, overriding [gate]'s metric by metric"""
     expect_fail: list[str] = Field(
         default_factory=list,
         description="negative control: these gated metrics must fail (xfail when they do, fail when they pass)",
@@ -244,6 +251,7 @@ class SpliceEntry(StrictModel):
     name: str = Field(description="the group's name: items are thresholds.toml::splice:<name>::<metric>")
     saes: list[str] = Field(min_length=1, description="names of [[sae]] entries of this file, one per hook")
     gate: Annotated[Gate, AfterValidator(_check_splice_gate)]
+    """the bounds on the joint metrics (a splice has no default bounds)"""
     expect_fail: list[str] = Field(default_factory=list, description="negative control: these gated metrics must fail")
 
     @field_validator("name")
@@ -258,12 +266,18 @@ class SpliceEntry(StrictModel):
 
 class Thresholds(StrictModel):
     eval: EvalSettings
+    """`[eval]`: the model, data and passes every entry is measured with"""
     gate: Gate
+    """`[gate]`: the default bounds of every `[[sae]]`"""
     canyon: CanyonSettings = CanyonSettings()
+    """`[canyon]`: where the PR canyon turns R² into a warning"""
     regression: dict[str, Tolerance] = Field(default_factory=dict)
+    """`[regression]`: per metric, how much worse than the baseline still passes"""
     baseline: str | None = Field(None, description="regression baseline JSON, relative to this file")
     sae: list[SAEEntry] = Field(min_length=1)
+    """`[[sae]]`: the SAEs to gate"""
     splice: list[SpliceEntry] = Field(default_factory=list)
+    """`[[splice]]`: SAEs patched in together, gated on the joint metrics"""
 
     @field_validator("regression")
     @classmethod

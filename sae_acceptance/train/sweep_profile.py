@@ -21,10 +21,16 @@ DEFAULT_PROFILE = "tiny"  # what `--sae-sweep` runs when no profile is named: CP
 
 
 class DataSpec(StrictModel):
+    """A profile's training stream."""
+
     dataset: str
+    """hub dataset name or local path of the token stream"""
     column: str | None = None
+    """the column read: token ids or text (default: tokens, input_ids or text, the first present)"""
     context_size: int = Field(gt=1)
+    """tokens per sequence"""
     train_tokens: int = Field(gt=0)
+    """tokens each SAE trains on"""
 
 
 class EvalSpec(StrictModel):
@@ -32,13 +38,20 @@ class EvalSpec(StrictModel):
 
     dataset: str | None = Field(None, description="default: the training stream, skipped ahead")
     n_sequences: int = Field(EvalSettings.model_fields["n_sequences"].default, gt=0)
+    """sequences in the eval set"""
     skip: int = Field(EvalSettings.model_fields["skip"].default, ge=0)
+    """sequences skipped first (held out from training)"""
     batch_size: int = Field(EvalSettings.model_fields["batch_size"].default, gt=0)
+    """sequences per forward pass"""
 
 
 class ModelSpec(StrictModel):
+    """A model of the sweep and the layers its SAEs train at."""
+
     name: str
+    """hub name or local dir of the model"""
     layers: dict[str, int]
+    """depth name (early, mid, late, ...) -> layer; an SAE grid trains at each"""
     label: str | None = Field(None, description="in SAE names, tables and plots; default: the name's last part")
 
     @property
@@ -47,13 +60,22 @@ class ModelSpec(StrictModel):
 
 
 class Profile(StrictModel):
+    """A sweep profile: the SAEs to train (models x layers x k), their data, and how they are gated."""
+
     name: str
+    """the profile's name, in the sweep's outputs"""
     ks: list[PositiveInt] = Field(min_length=1)
+    """the TopK k grid trained at each layer"""
     data: DataSpec
+    """the training stream"""
     eval: EvalSpec = EvalSpec()
+    """the eval set"""
     train: TrainSettings = TrainSettings()
+    """the trainer's settings"""
     model: list[ModelSpec] = Field(min_length=1)
+    """the models and their layers"""
     gate: dict[str, Bound] = Field(default_factory=dict)
+    """bounds on the trained SAEs' metrics"""
 
     @field_validator("train")
     @classmethod
