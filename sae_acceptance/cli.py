@@ -93,6 +93,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `sae-acceptance` command line: one subcommand per task, each with its options."""
     parser = _Parser(prog="sae-acceptance", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -175,10 +175,14 @@ class CanyonSettings(StrictModel):
 
 
 class Tolerance(StrictModel):
+    """`[regression] <metric>`: how much worse than the baseline a metric may get and still pass."""
+
     tolerance: float = Field(ge=0, description="allowed worsening, in the metric's units")
 
 
 class SAEEntry(StrictModel):
+    """`[[sae]]`: one SAE to gate, where to find it, and what to patch it into."""
+
     path: str = Field(
         description="SAE directory relative to this file, hf://owner/repo[@revision]/folder, or sae-lens://release/sae_id"
     )
@@ -261,10 +265,13 @@ class SpliceEntry(StrictModel):
 
     @property
     def key(self) -> str:
+        """The splice's key in item ids and runs (`splice:<name>`), apart from any SAE's name."""
         return splice_key(self.name)
 
 
 class Thresholds(StrictModel):
+    """A whole thresholds file: the eval settings, the bounds, and the entries they apply to."""
+
     eval: EvalSettings
     """`[eval]`: the model, data and passes every entry is measured with"""
     gate: Gate
@@ -327,11 +334,13 @@ class Thresholds(StrictModel):
         return {**{e.key: e for e in self.sae}, **{s.key: s for s in self.splice}}
 
     def splice_members(self, splice: SpliceEntry) -> list[SAEEntry]:
+        """The `[[sae]]` entries a splice patches in, in the splice's order."""
         entries = {entry.display_name: entry for entry in self.sae}
         return [entries[name] for name in splice.saes]
 
 
 def gateable_metrics() -> list[str]:
+    """Names of the metrics a bound may be put on."""
     return [name for name, spec in METRICS.items() if spec.gateable]
 
 
@@ -366,6 +375,7 @@ class LoadedThresholds(BaseModel):
         return self.baseline_file(override) if override or self.config.baseline else None
 
     def line_of(self, *loc: str | int) -> int:
+        """The file's line of a key path such as ("sae", 2, "gate"): errors and items point there."""
         return locate(self.text, loc)
 
 
@@ -535,4 +545,5 @@ def json_schema() -> dict[str, Any]:
 
 
 def write_json_schema(path: str | Path) -> None:
+    """Write the thresholds file's JSON Schema to `path`, atomically."""
     write_atomic(path, json.dumps(json_schema(), indent=2) + "\n")

@@ -24,6 +24,7 @@ class HookPoint:
 
     @classmethod
     def parse(cls, name: str) -> HookPoint:
+        """A hook name split into its block and kind (`blocks.3.hook_resid_post`); a name outside the blocks has no layer."""
         match = _BLOCK.match(name)
         if match is None:
             return cls(name, None, name)
@@ -36,14 +37,17 @@ class HookPoint:
 
     @property
     def in_block(self) -> bool:
+        """Whether the hook is inside a numbered block."""
         return self.layer is not None
 
     @property
     def is_resid_pre(self) -> bool:
+        """Whether this is a block's residual stream input."""
         return self.kind == "hook_resid_pre"
 
     @property
     def is_resid_post(self) -> bool:
+        """Whether this is a block's residual stream output."""
         return self.kind == "hook_resid_post"
 
     @property

@@ -110,6 +110,7 @@ def to_json(payload: Any, indent: int | None = 2) -> str:
 
 
 def write_json(path: str | Path, payload: Any, indent: int | None = 2) -> Path:
+    """Write `payload` as JSON (`to_json`: NaN refused) to `path`, atomically."""
     return write_atomic(path, to_json(payload, indent))
 
 

@@ -91,6 +91,8 @@ class Panel:
 
 @dataclass(frozen=True)
 class Figure:
+    """Panels drawn side by side, and the image's size in inches."""
+
     panels: Sequence[Panel]
     width: float = 6.4
     height: float = 4.6

@@ -80,6 +80,7 @@ class Source:
     line: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The location as JSON."""
         return {"file": self.file, "line": self.line}
 
 
@@ -121,6 +122,7 @@ class EntryResult:
         return outcome(self.verdicts[metric], metric in self.expect_fail)
 
     def as_expected(self, metric: str) -> bool:
+        """Whether `metric`'s check came out as the entry expects (passed, or failed for a control)."""
         return self.outcome(metric).as_expected
 
     @property
@@ -266,6 +268,7 @@ class ShardRecord:
     fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as JSON."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -316,6 +319,7 @@ class EvalReport:
 
     @property
     def passed(self) -> bool:
+        """Whether every entry came out as expected."""
         return all(r.passed for r in self.entries)
 
     def to_dict(self, sums: bool = False) -> dict[str, Any]:
@@ -331,6 +335,7 @@ class EvalReport:
         return out
 
     def to_json(self) -> str:
+        """The JSON report's text (no sums)."""
         return to_json(self.to_dict())
 
     @classmethod

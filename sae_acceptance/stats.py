@@ -42,6 +42,7 @@ class SequenceSums:
 
     @property
     def n_sequences(self) -> int:
+        """Number of sequences summed."""
         return len(self.scalars["n_tokens"])
 
     def metrics(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:

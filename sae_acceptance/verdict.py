@@ -129,6 +129,7 @@ class Outcome:
 
     @property
     def as_expected(self) -> bool:
+        """Whether the check came out as the entry expects."""
         return self.status.as_expected
 
 
@@ -208,6 +209,7 @@ class RegressionCheck:
 
     @property
     def passed(self) -> bool:
+        """Whether the metric is within its tolerance of the baseline (or has no baseline)."""
         return self.status.as_expected
 
     @property

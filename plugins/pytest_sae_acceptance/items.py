@@ -216,10 +216,14 @@ class _SAEItem(_CheckItem):
 
 
 class MetricItem(_SAEItem, _MetricCheck):
+    """`thresholds.toml::<sae>::<metric>`: one gated metric of an SAE (or its `r2`)."""
+
     pass
 
 
 class RegressionItem(_SAEItem, _RegressionCheck):
+    """`thresholds.toml::<sae>::regression_<metric>`: an SAE's metric against the baseline."""
+
     pass
 
 
@@ -234,10 +238,14 @@ class _SpliceItem(_CheckItem):
 
 
 class SpliceMetricItem(_SpliceItem, _MetricCheck):
+    """`thresholds.toml::splice:<name>::<metric>`: one gated joint metric of a splice."""
+
     pass
 
 
 class SpliceRegressionItem(_SpliceItem, _RegressionCheck):
+    """`thresholds.toml::splice:<name>::regression_<metric>`: a splice's metric against the baseline."""
+
     pass
 
 

@@ -33,6 +33,7 @@ class RunOutcome:
 
     @property
     def exit_status(self) -> int:
+        """The gate's exit status for this run's report (`gate.exit_status`)."""
         return exit_status(self.report)
 
     @classmethod

@@ -58,6 +58,7 @@ ACTIVATING_OPTIONS = (
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """The `--sae-*` options and the ini values naming thresholds files."""
     group = parser.getgroup("sae-acceptance", "SAE acceptance gate")
     group.addoption("--sae-json", metavar="PATH", help="write the full JSON report here")
     group.addoption("--sae-baseline", metavar="PATH", help="compare against this regression baseline")
@@ -120,6 +121,7 @@ def asked_for(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the `sae` marker; parse `--sae-shard` once, a bad value a usage error."""
     config.addinivalue_line("markers", "sae: an SAE acceptance check from a thresholds file")
     if isinstance(config.option.sae_shard, str):
         try:
@@ -149,6 +151,7 @@ def named_toml(config: pytest.Config) -> set[Path]:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> ThresholdsFile | None:
+    """A thresholds file (by the ini pattern, or any `.toml` named on the command line) as a test file."""
     pattern = parent.config.getini("sae_thresholds_pattern")
     if fnmatch.fnmatch(file_path.name, pattern) or (
         file_path.suffix == ".toml" and file_path.resolve() in named_toml(parent.config)
@@ -209,6 +212,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    """Record which SAEs and splices have a selected item, per file: only those are evaluated."""
     items = session.items
     saes = [(i.sae.loaded.path, i.sae.entry.key) for i in items if isinstance(i, _SAEItem)]
     splices = [(i.splice.loaded.path, i.splice.entry.name) for i in items if isinstance(i, _SpliceItem)]
@@ -257,6 +261,7 @@ def pytest_testnodedown(node: WorkerController, error: object) -> None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: pytest.ExitCode, config: pytest.Config
 ) -> None:
+    """The gate's tables, where its outputs went, and a failed write, after pytest's own summary."""
     outcome = config.stash.get(OUTCOME_KEY, None)
     if outcome is not None:
         outcome.show(terminalreporter)

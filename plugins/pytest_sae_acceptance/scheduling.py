@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 
 class SAEGroupScheduling(LoadScopeScheduling):
+    """xdist's scope scheduling, with a thresholds file's runs of SAEs as the scopes."""
+
     def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
         super().__init__(config, log)
         self._runs: dict[str, dict[str, str] | None] = {}

@@ -67,6 +67,7 @@ def read_baseline(config: pytest.Config, loaded: LoadedThresholds) -> Baseline |
 
 
 def is_xdist_worker(config: pytest.Config) -> bool:
+    """Whether this process is an xdist worker (not the controller, not a plain run)."""
     return hasattr(config, "workerinput")
 
 

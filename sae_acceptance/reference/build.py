@@ -37,6 +37,7 @@ SAE_SETTINGS_PROFILE = "tiny"  # the SAEs train as the tiny sweep does: its [tra
 
 
 def reference_sae_name(layer: int, k: int) -> str:
+    """The name of the embedded reference SAE at `layer` with TopK `k`."""
     return f"L{layer}-k{k}"
 
 

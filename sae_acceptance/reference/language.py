@@ -24,6 +24,9 @@ SUCCESSOR_PROBS = np.array([0.6, 0.3, 0.1])
 
 
 class TopicLanguage:
+    """A synthetic language: each document follows one topic's table of likely next words, so a
+    small model learns structure an SAE can find, with no data to download."""
+
     def __init__(self, vocab_size: int, n_topics: int = 8, *, seed: int):
         rng = np.random.default_rng(seed)
         self.vocab_size = vocab_size
@@ -35,6 +38,7 @@ class TopicLanguage:
         self.n_topics = n_topics
 
     def document(self, rng: np.random.Generator, min_len: int = 24, max_len: int = 160) -> np.ndarray:
+        """One document: BOS, a random topic's chain of words of random length, EOS."""
         topic = rng.integers(self.n_topics)
         length = rng.integers(min_len, max_len)
         doc = [BOS, int(rng.choice(self.starts[topic]))]
@@ -45,6 +49,7 @@ class TopicLanguage:
         return np.asarray(doc, dtype=np.int64)
 
     def stream(self, seed: int) -> Iterator[np.ndarray]:
+        """Documents without end, reproducible from `seed`."""
         rng = np.random.default_rng(seed)
         while True:
             yield self.document(rng)

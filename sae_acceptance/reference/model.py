@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ReferenceModelSpec:
+    """The embedded reference model's size, training and canyon: every number its build depends on."""
+
     vocab_size: int = 256
     d_model: int = 64
     n_layers: int = 4
@@ -43,6 +45,7 @@ class ReferenceModelSpec:
 
 
 def gpt_neox_config(spec: ReferenceModelSpec) -> GPTNeoXConfig:
+    """The Hugging Face config of the reference model."""
     from transformers import GPTNeoXConfig  # slow to import: only a build needs it
 
     return GPTNeoXConfig(
@@ -115,6 +118,7 @@ def save_reference_model(model: GPTNeoXForCausalLM, spec: ReferenceModelSpec, ou
 
 
 def mean_loss(model: GPTNeoXForCausalLM, tokens: np.ndarray) -> float:
+    """The model's mean next-token loss on `tokens` ([n, ctx])."""
     with torch.no_grad():
         batch = torch.from_numpy(tokens)
         return float(model(input_ids=batch, labels=batch).loss)

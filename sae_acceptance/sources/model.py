@@ -40,6 +40,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype a settings name (`float32`, `bfloat16`, ...) stands for."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -142,6 +143,8 @@ def transformer_lens_major() -> int:
 def load_hf(
     source: str | Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], devices: list[torch.device]
 ) -> Backend:
+    """A Hugging Face model as a backend; refused for an SAE trained on TransformerLens-processed
+    weights (this backend runs the raw ones)."""
     # transformers' model classes, imported only when a model runs on this backend
     from sae_acceptance.sources.backends.hf import load
 

@@ -152,21 +152,26 @@ class SAE:
 
     @property
     def d_in(self) -> int:
+        """Width of the activation the SAE reads."""
         return self.W_enc.shape[0]
 
     @property
     def d_sae(self) -> int:
+        """Number of latents."""
         return self.W_enc.shape[1]
 
     @property
     def d_out(self) -> int:
+        """Width of the activation the SAE writes (d_in, except for a transcoder)."""
         return self.W_dec.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
         return self.W_enc.dtype
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The weight tensors the SAE has, by field name."""
         return {name: t for name in _TENSORS if (t := getattr(self, name)) is not None}
 
     def nonfinite_tensors(self) -> list[str]:
@@ -174,6 +179,7 @@ class SAE:
         return [name for name, t in self.tensors().items() if not torch.isfinite(t).all()]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
+        """A copy with every weight tensor moved to `device` and cast to `dtype`."""
         moved = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors().items()}
         return dataclasses.replace(self, **moved)
 

@@ -59,15 +59,19 @@ class TrainSettings(StrictModel):
     )
 
     def latents(self, d_in: int) -> int:
+        """d_sae for an input of width `d_in`: `d_sae` if set, else `expansion_factor` x d_in."""
         return self.d_sae or self.expansion_factor * d_in
 
     def learning_rate(self, d_in: int) -> float:
+        """`lr` if set, else the optimiser's base rate scaled by 1/sqrt(d_sae / 2^14)."""
         if self.lr is not None:
             return self.lr
         return BASE_LR[self.optimizer] / math.sqrt(self.latents(d_in) / 2**14)
 
     def decay(self) -> float:
+        """Fraction of the tokens over which the learning rate decays to 0 (the optimiser's default if unset)."""
         return BASE_DECAY[self.optimizer] if self.decay_fraction is None else self.decay_fraction
 
     def aux_latents(self, d_in: int) -> int:
+        """Dead latents the AuxK loss uses: `auxk_k` if set, else d_in / 2."""
         return self.auxk_k or max(1, d_in // 2)

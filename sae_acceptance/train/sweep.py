@@ -45,10 +45,12 @@ TRAINING_LOCK_TIMEOUT_S = math.inf
 
 
 def sweep_sae_name(model: str, depth: str, k: int) -> str:
+    """The name of a sweep's SAE of `model` at `depth` with TopK `k`."""
     return f"{model}-{depth}-k{k}"
 
 
 def default_cache() -> Path:
+    """Where trained sweep SAEs are kept between runs."""
     return Path.home() / ".cache" / "sae-acceptance" / "sweeps"
 
 

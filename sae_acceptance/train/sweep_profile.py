@@ -56,6 +56,7 @@ class ModelSpec(StrictModel):
 
     @property
     def shown(self) -> str:
+        """The model's name as SAE names, tables and plots show it."""
         return self.label or Path(self.name).name
 
 

@@ -129,6 +129,8 @@ class _SelectedPreacts(torch.autograd.Function):
 
 @dataclass
 class StepStats:
+    """One training step's losses, for the progress bar and the finite check."""
+
     loss: torch.Tensor  # detached scalars
     fvu: torch.Tensor
     auxk: torch.Tensor
@@ -163,6 +165,7 @@ class TopKTrainee(torch.nn.Module):
 
     @property
     def d_sae(self) -> int:
+        """Number of latents."""
         return self.W_dec.shape[0]
 
     def initialise(self, init: _Init) -> None:
@@ -174,9 +177,11 @@ class TopKTrainee(torch.nn.Module):
         self.variance = init.variance
 
     def dead_mask(self) -> torch.Tensor:
+        """Latents that have not fired for `dead_tokens` tokens."""
         return self.since_fired > self.dead_tokens
 
     def dead_fraction(self) -> float:
+        """Fraction of the latents that are dead."""
         return float(self.dead_mask().float().mean())
 
     def step_loss(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, StepStats]:
@@ -242,6 +247,7 @@ class TopKTrainee(torch.nn.Module):
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
+        """Scale every decoder row to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12))
 
     def to_sae(self, metadata: dict[str, Any]) -> SAE:

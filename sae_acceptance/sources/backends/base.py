@@ -97,6 +97,7 @@ class Backend(ABC):
         """`hook` (this backend's name, or the other naming where a mapping exists) as a Site."""
 
     def site(self, hook: str) -> Site:
+        """Where `hook` is on this model, resolved once and remembered."""
         if hook not in self._sites:
             self._sites[hook] = self._resolve(hook)
         return self._sites[hook]

@@ -43,6 +43,9 @@ from sae_acceptance.sources.backends.transformer_lens import (
 
 @dataclass
 class BridgeBackend(Backend):
+    """A TransformerLens 4 `TransformerBridge`: hooks by TransformerLens names, tails run on the
+    Hugging Face model under it."""
+
     kind = "transformer_lens_4"
     hf: HFBackend | None = None  # the Hugging Face model under the bridge, where tails run (None: full passes)
     full_passes: bool = False  # force full passes (tests compare them with tails)

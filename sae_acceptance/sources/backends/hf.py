@@ -44,6 +44,8 @@ class HFSite(Site):
 
 @dataclass
 class HFBackend(Backend):
+    """A Hugging Face causal LM, hooked by module path; tails run from a layer's recorded inputs."""
+
     kind = "hf"
     family: Family | None = None
     layers_path: str | None = None
@@ -51,6 +53,7 @@ class HFBackend(Backend):
 
     @classmethod
     def wrap(cls, model: Any, tokenizer: Any = None, full_passes: bool = False) -> HFBackend:
+        """A backend around a loaded model: its sizes, family and layers read from its config."""
         config = model.config
         architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         family = family_of(architecture) or family_of(type(model).__name__)

@@ -61,10 +61,13 @@ def from_module_path(path: str, architecture: str | None) -> str | None:
 
 @dataclass
 class TransformerLensBackend(Backend):
+    """A TransformerLens `HookedTransformer`, hooked by its own hook names."""
+
     kind = "transformer_lens"
 
     @classmethod
     def wrap(cls, model: Any, config_special_ids: list[int] | None = None) -> TransformerLensBackend:
+        """A backend around a loaded model: its sizes read from its config."""
         cfg = model.cfg
         backend = cls(
             model=model,

@@ -93,6 +93,7 @@ CLASSES: dict[str, tuple[tuple[str, ...], Any]] = {
 
 
 def read_directory(path: Path) -> SAE:
+    """The SAE in a dictionary_learning directory (ae.pt and config.json), by its trainer's dict_class."""
     cfg_file = path / CONFIG
     if not cfg_file.exists():
         raise SAEFormatError(f"{path}: {WEIGHTS} without {CONFIG} (dictionary_learning writes both)")

@@ -17,6 +17,7 @@ WEIGHTS = "params.npz"
 
 
 def read_directory(path: Path) -> SAE:
+    """The JumpReLU SAE in a Gemma Scope directory (params.npz), its hook read off the path."""
     file = path / WEIGHTS
     tensors = read_npz(file)
     require(tensors, ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"), file)

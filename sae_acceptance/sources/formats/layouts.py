@@ -26,6 +26,7 @@ EXPECTED = "; ".join(f"{' + '.join(files)} ({name})" for name, _, files, _ in LA
 
 
 def has_sae_files(path: Path) -> bool:
+    """Whether `path` holds the weights file of any known layout."""
     return any((path / weights).is_file() for _, weights, _, _ in LAYOUTS)
 
 

@@ -56,6 +56,7 @@ REFUSED_ARCHITECTURES = {
 
 
 def read_directory(path: Path) -> SAE:
+    """The SAE in a sae-lens directory (cfg.json and its safetensors)."""
     cfg_file = path / "cfg.json"
     cfg = read_json_object(cfg_file)
     file = path / WEIGHTS

@@ -24,6 +24,7 @@ ACTIVATIONS = ("topk", "groupmax")
 
 
 def read_directory(path: Path) -> SAE:
+    """The TopK SAE in an EleutherAI sparsify directory (cfg.json and sae.safetensors)."""
     cfg_file = path / "cfg.json"
     cfg = read_json_object(cfg_file)
     file = path / WEIGHTS

@@ -17,6 +17,7 @@ _TORCH_LOAD = torch.load  # the real one: `converters` swaps torch.load for `ten
 
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an unreadable file is a format error naming it."""
     try:
         return load_file(str(file))
     except Exception as err:  # safetensors raises its own error types
@@ -58,6 +59,7 @@ def read_torch(file: Path) -> dict[str, torch.Tensor]:
 
 
 def require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], file: Path | str) -> None:
+    """A format error naming the file and the missing tensors, unless all `names` are there."""
     missing = [n for n in names if n not in tensors]
     if missing:
         raise SAEFormatError(f"{file}: missing tensor(s) {', '.join(missing)} (has {', '.join(sorted(tensors))})")
@@ -79,6 +81,7 @@ def read_json_object(file: Path) -> dict[str, Any]:
 
 
 def whole_number(value: Any, what: str, where: Path | str) -> int | None:
+    """`value` as an int (a one-element tensor or an integral float accepted); None stays None."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
