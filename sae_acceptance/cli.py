@@ -238,7 +238,14 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: typing.TextIO | None = None,
+    line: str | None = None,
+) -> None:
     print(f"sae-acceptance: warning: {message}", file=sys.stderr)
 
 

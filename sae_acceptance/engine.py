@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from sae_acceptance.covariance import CovarianceAccumulator
 from sae_acceptance.diagnostics import Diagnostics, WorstContexts, random_generator, random_unit
 from sae_acceptance.sources.backends import Backend, as_backend
 from sae_acceptance.sources.backends.base import Pass, Patch
-from sae_acceptance.sources.sae import SAE
+from sae_acceptance.sources.sae import SAE, SparseCode
 from sae_acceptance.stats import SequenceSums
 
 
@@ -83,13 +84,13 @@ class _Target:
         return cls(out, head, sae.d_in if head is not None else None)
 
     def view(self, act: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
+        if self.head is None or self.width is None:  # `of` sets both or neither
             return act
         return act[..., self.head * self.width : (self.head + 1) * self.width]
 
     def put(self, act: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         """`act` with `part` in place of the view."""
-        if self.head is None:
+        if self.head is None or self.width is None:  # `of` sets both or neither
             return part
         out = act.clone()
         out[..., self.head * self.width : (self.head + 1) * self.width] = part
@@ -136,7 +137,7 @@ def _per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values.to(mask.device).double(), 0.0).sum(1)
 
 
-def _reconstruct(sae: SAE, act: torch.Tensor):
+def _reconstruct(sae: SAE, act: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
     """The SAE's reconstruction of flat [B, T, d] `act`, in `act`'s shape, dtype and device; and its code."""
     recon, code = sae.reconstruct(act.reshape(-1, act.shape[-1]).to(sae.dtype))
     return recon.reshape(act.shape).to(device=act.device, dtype=act.dtype), code
@@ -182,7 +183,14 @@ class _TargetSums:
 class _Evaluation:
     """The state of one `run_model` call, batch by batch."""
 
-    def __init__(self, backend: Backend, by_hook, splices, tokens: torch.Tensor, diagnostics: Diagnostics) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        by_hook: Mapping[str, Mapping[str, SAE]],
+        splices: Mapping[str, Mapping[str, SAE]],
+        tokens: torch.Tensor,
+        diagnostics: Diagnostics,
+    ) -> None:
         self.backend, self.by_hook, self.splices, self.diagnostics = backend, by_hook, splices, diagnostics
         self.tokens = tokens
         self.loss_terms = _LossTerms()
@@ -225,6 +233,7 @@ class _Evaluation:
 
     def batch(self, tok: torch.Tensor, mask: torch.Tensor) -> None:
         original = self.backend.forward(tok, self.reads)
+        assert original.logits is not None  # a forward's pass has its logits until they are dropped below
         ce_orig, cross_orig = self.loss_terms.original(tok, original.logits)
         original.logits = None  # one batch of logits per variant: the original's go now
         b = _Batch(original, mask, ce_orig, cross_orig)
@@ -481,7 +490,7 @@ def _ablation_patch(b: _Batch, target: _Target) -> Patch:
 
 
 def run_model(
-    model,
+    model: Any,
     by_hook: Mapping[str, Mapping[str, SAE]],
     tokens: torch.Tensor,
     counted: torch.Tensor,
@@ -516,7 +525,7 @@ def run_model(
 
 
 def run_hook(
-    model,
+    model: Any,
     hook_name: str,
     saes: Mapping[str, SAE],
     tokens: torch.Tensor,
