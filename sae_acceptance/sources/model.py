@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import hook_layer  # noqa: F401  (callers import it from here)
 from sae_acceptance.sources.backends import Backend, as_backend
 from sae_acceptance.sources.backends.checkpoint import NotForTransformerLens
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 NO_PROCESSING = {
     "fold_ln": False,
@@ -128,9 +131,9 @@ def load_transformer_lens(
         from sae_acceptance.sources.backends.transformer_lens import load
 
         return load(source, device, dtype, kwargs, devices)
-    from sae_acceptance.sources.backends.bridge import load
+    from sae_acceptance.sources.backends.bridge import load as load_bridge
 
-    return load(source, device, dtype, kwargs, devices)
+    return load_bridge(source, device, dtype, kwargs, devices)
 
 
 def transformer_lens_major() -> int:
@@ -185,12 +188,12 @@ def _device_list(devices: Devices, device: torch.device) -> list[torch.device]:
     return listed
 
 
-def hook_width(model, hook_name: str) -> int:
+def hook_width(model: Any, hook_name: str) -> int:
     """Width of the (flat) activation at `hook_name`, or a clear error naming the closest valid hooks."""
     return as_backend(model).hook_width(hook_name)
 
 
-def special_token_ids(model) -> list[int]:
+def special_token_ids(model: Any) -> list[int]:
     """The tokenizer's BOS/EOS/PAD ids; without a tokenizer, the checkpoint config's."""
     return as_backend(model).special_token_ids()
 
@@ -211,6 +214,6 @@ class ModelCache:
             self._backends[key] = load_backend(name, device, dtype, kwargs, backend, devices)
         return self._backends[key]
 
-    def get(self, name: str, kwargs: dict[str, Any], device: str, dtype: str):
+    def get(self, name: str, kwargs: dict[str, Any], device: str, dtype: str) -> HookedTransformer:
         """The TransformerLens model itself (training and the PR profiler run it directly)."""
         return self.backend(name, kwargs, device, dtype, "transformer_lens").model

@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from sae_acceptance.config import eval_default
 from sae_acceptance.errors import SourceError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 
@@ -85,7 +88,9 @@ def _npy_problem(path: Path, err: Exception) -> str:
     )
 
 
-def _dataset_rows(name: str, split: str, column: str | None, tokenizer) -> Iterator[np.ndarray]:
+def _dataset_rows(
+    name: str, split: str, column: str | None, tokenizer: PreTrainedTokenizerBase | None
+) -> Iterator[np.ndarray]:
     """Token rows of a dataset, streamed: a local `save_to_disk` folder, local files, or the hub."""
     import datasets
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sae_acceptance.errors import SourceError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 
 class NotForTransformerLens(SourceError):
@@ -21,7 +26,7 @@ def has_tokenizer(path: Path) -> bool:
     )
 
 
-def checkpoint_special_ids(config) -> list[int]:
+def checkpoint_special_ids(config: PretrainedConfig) -> list[int]:
     """BOS/EOS/PAD ids a Hugging Face config names (the special tokens without a tokenizer)."""
     ids: set[int] = set()
     for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -31,7 +36,7 @@ def checkpoint_special_ids(config) -> list[int]:
 
 
 @contextmanager
-def quiet_transformers():
+def quiet_transformers() -> Iterator[None]:
     """No "Loading weights" bar for a local checkpoint: it takes seconds, and logs read better without."""
     from transformers.utils import logging as hf_logging
 
@@ -57,7 +62,7 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def dtype_kwarg(dtype) -> dict:
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """`from_pretrained`'s dtype argument: `dtype` from transformers 4.56 on, `torch_dtype` before."""
     import transformers
     from packaging.version import Version

@@ -98,7 +98,7 @@ def _read_fetched(spec: str, path: Path) -> SAE:
 def _guarded(loaders: Any) -> Iterator[None]:
     """Tensors-only `torch.load` and cache-served safetensors headers while a SAELens loader runs."""
     saved = torch.load, loaders.get_safetensors_tensor_shapes
-    torch.load, loaders.get_safetensors_tensor_shapes = tensors_only_load, _tensor_shapes
+    torch.load, loaders.get_safetensors_tensor_shapes = tensors_only_load, _tensor_shapes  # type: ignore[assignment]  # a narrower load, while the loader runs
     try:
         yield
     finally:
