@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ class SAE:
                 raise SAEFormatError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {shapes[name]}")
         if self.architecture in ("topk", "groupmax") and (self.k is None or not 0 < self.k <= self.d_sae):
             raise SAEFormatError(f"{where}: {self.architecture} SAE needs 0 < k <= d_sae, got k={self.k}")
-        if self.architecture == "groupmax" and self.d_sae % self.k:
+        if self.architecture == "groupmax" and self.k is not None and self.d_sae % self.k:
             raise SAEFormatError(f"{where}: groupmax needs d_sae divisible by k, got {self.d_sae} and k={self.k}")
         if self.apply_b_dec_to_input and self.d_out != self.d_in:
             raise SAEFormatError(
@@ -180,7 +181,7 @@ class SAE:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         """A copy with every weight tensor moved to `device` and cast to `dtype`."""
-        moved = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors().items()}
+        moved: dict[str, Any] = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors().items()}
         return dataclasses.replace(self, **moved)
 
     # ------------------------------------------------------------------ forward
@@ -189,16 +190,21 @@ class SAE:
         """x [n, d_in] (already normalised, see `reconstruct`) -> latents."""
         sae_in = x - self.b_dec if self.apply_b_dec_to_input else x
         pre = sae_in @ self.W_enc + self.b_enc
+        # `__post_init__` checked that each architecture has what it reads (k, threshold, b_mag, r_mag)
         if self.architecture == "topk":
+            assert self.k is not None
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
             return SparseCode(F.relu(values), indices)
         if self.architecture == "groupmax":  # sparsify: the largest ReLU'd latent of each of k groups
+            assert self.k is not None
             values, local = F.relu(pre).unflatten(-1, (self.k, -1)).max(dim=-1)
             offsets = torch.arange(0, self.d_sae, self.d_sae // self.k, device=pre.device)
             return SparseCode(values, local + offsets)
         if self.architecture == "jumprelu":
+            assert self.threshold is not None
             return SparseCode(F.relu(pre) * (pre > self.threshold), None)
         if self.architecture == "gated":  # b_enc is the gate bias
+            assert self.r_mag is not None and self.b_mag is not None
             magnitude = F.relu((sae_in @ self.W_enc) * self.r_mag.exp() + self.b_mag)
             return SparseCode(magnitude * (pre > 0), None)
         return SparseCode(F.relu(pre), None)
@@ -219,7 +225,7 @@ class SAE:
             out = out + x @ self.W_skip.T
         return out, code
 
-    def _normalise(self, x: torch.Tensor):
+    def _normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """Per-token input normalisation and the map that undoes it on the output (SAELens's run-time modes)."""
         if self.normalize_activations == "constant_norm_rescale":
             coeff = math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True)
