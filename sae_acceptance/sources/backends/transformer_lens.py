@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import difflib
 import tempfile
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -31,8 +32,12 @@ from sae_acceptance.sources.backends.checkpoint import (
 )
 from sae_acceptance.sources.backends.families import family_of, inside_layer, is_module_point
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.hook_points import HookPoint as TLHookPoint
 
-def tl_site(hook: str, hook_names, n_layers: int, architecture: str | None) -> Site:
+
+def tl_site(hook: str, hook_names: Collection[str], n_layers: int, architecture: str | None) -> Site:
     """`hook` as a Site on a model with TransformerLens hook names (module paths translated)."""
     name = hook if hook in hook_names else from_module_path(hook, architecture)
     if name is None and is_module_point(hook):
@@ -47,7 +52,9 @@ def tl_site(hook: str, hook_names, n_layers: int, architecture: str | None) -> S
     point = HookPoint.parse(name)
     if point.layer is None or point.layer >= n_layers:
         raise SourceError(f"hook {hook!r} is outside the blocks; only hooks inside them (blocks.L.…) can be patched")
-    position = "out" if point.is_resid_post else "in" if point.is_resid_pre else "inside"
+    position: Literal["in", "out", "inside"] = (
+        "out" if point.is_resid_post else "in" if point.is_resid_pre else "inside"
+    )
     return Site(name, point.layer, position)
 
 
@@ -55,8 +62,8 @@ def from_module_path(path: str, architecture: str | None) -> str | None:
     """`gpt_neox.layers.3.mlp` (or sparsify's `layers.3.mlp`) -> `blocks.3.hook_mlp_out`."""
     family = family_of(architecture)
     at = inside_layer(path, family) if family else None
-    kind = family.tl_kind(at[1]) if at else None
-    return None if kind is None else str(HookPoint.at(at[0], kind))
+    kind = family.tl_kind(at[1]) if family and at else None
+    return None if kind is None or at is None else str(HookPoint.at(at[0], kind))
 
 
 @dataclass
@@ -94,7 +101,9 @@ class TransformerLensBackend(Backend):
             return str(HookPoint.at(start, "hook_resid_pre"))
         return str(HookPoint.at(self.n_layers - 1, "hook_resid_post"))
 
-    def _run(self, tokens, sites, entries):
+    def _run(
+        self, tokens: torch.Tensor, sites: dict[str, Site], entries: set[int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[int, torch.Tensor], Any]:
         acts: dict[str, torch.Tensor] = {}
         entry_acts: dict[int, torch.Tensor] = {}
         fwd_hooks = [(s.name, _store(acts, hook)) for hook, s in sites.items()]
@@ -109,21 +118,21 @@ class TransformerLensBackend(Backend):
             return self.model(x, start_at_layer=start)
 
 
-def _store(into: dict, key):
-    def hook(act, hook):
+def _store(into: dict[Any, torch.Tensor], key: Any) -> Callable[[torch.Tensor, TLHookPoint], None]:
+    def hook(act: torch.Tensor, hook: TLHookPoint) -> None:
         into[key] = act
 
     return hook
 
 
-def _replace(patch: Patch):
-    def hook(act, hook):
+def _replace(patch: Patch) -> Callable[[torch.Tensor, TLHookPoint], torch.Tensor]:
+    def hook(act: torch.Tensor, hook: TLHookPoint) -> torch.Tensor:
         return apply(patch, act)
 
     return hook
 
 
-def _placement(model) -> dict[str, str]:
+def _placement(model: HookedTransformer) -> dict[str, str]:
     """Which device holds which blocks (TransformerLens splits blocks evenly over n_devices)."""
     from transformer_lens.utilities import get_device_for_block_index
 
@@ -154,7 +163,7 @@ def load(
     else:
         model.move_model_modules_to_device()
     backend = TransformerLensBackend.wrap(model, ids)
-    model._sae_acceptance_backend = backend
+    model._sae_acceptance_backend = backend  # type: ignore[assignment]  # torch types a module's attributes as tensors or modules
     return backend
 
 
@@ -176,7 +185,9 @@ def unknown_name(name: str) -> str:
     )
 
 
-def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int):
+def _load_hub(
+    name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int
+) -> HookedTransformer:
     from transformer_lens import HookedTransformer
 
     if not is_known_name(name):
@@ -187,7 +198,9 @@ def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[
         raise SourceError(f"model {name!r}: cannot download it from the hub ({first_line(err)})") from None
 
 
-def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int):
+def _load_local(
+    path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int
+) -> tuple[HookedTransformer, list[int]]:
     """Offline: a `save_pretrained` directory through TransformerLens' own converters; its config's
     special-token ids beside it (the special tokens where it ships no tokenizer)."""
     from transformer_lens import HookedTransformer, loading
@@ -223,7 +236,7 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_device
 
 
 @contextmanager
-def _neutral_name(path: Path):
+def _neutral_name(path: Path) -> Iterator[str]:
     """The directory under a name with no model family in it: TransformerLens 3 reads a local
     path containing `llama` or `gemma` as a hub name and guesses the configuration from it."""
     with tempfile.TemporaryDirectory() as tmp:
