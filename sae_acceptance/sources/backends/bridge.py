@@ -14,10 +14,10 @@ every patched variant is a full forward (the report says so).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from sae_acceptance.sources.backends.transformer_lens import (
     tl_site,
     unknown_name,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 @dataclass
@@ -81,9 +84,14 @@ class BridgeBackend(Backend):
         param = next(self.model.blocks[self.site(hook).layer].parameters(), None)
         return param.device if param is not None else self.device
 
-    def _run(self, tokens, sites, entries):
+    def _run(
+        self, tokens: torch.Tensor, sites: dict[str, Site], entries: set[int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[int, torch.Tensor], Any]:
         acts: dict[str, torch.Tensor] = {}
-        recording = self.hf.recording(entries) if entries else nullcontext(({}, {}))
+        assert self.hf is not None or not entries  # entries are asked for only where tails run, on `hf`
+        recording: AbstractContextManager[tuple[dict[int, torch.Tensor], dict[int, tuple[tuple, dict]]]] = (
+            self.hf.recording(entries) if entries and self.hf is not None else nullcontext(({}, {}))
+        )
         with (
             self.model.hooks(fwd_hooks=[(s.name, _store(acts, hook)) for hook, s in sites.items()]),
             recording as (entry_acts, layer_args),
@@ -92,6 +100,7 @@ class BridgeBackend(Backend):
         return logits, acts, entry_acts, layer_args
 
     def _tail(self, start: int, x: torch.Tensor, hooked: list[tuple[Site, Patch]], original: Pass) -> torch.Tensor:
+        assert self.hf is not None  # tails run only where the bridge has the HF model under it
         with self.model.hooks(fwd_hooks=[(s.name, _replace(patch)) for s, patch in hooked]):
             return self.hf.tail_from(start, x, original.state)
 
@@ -151,7 +160,7 @@ def load(
     return backend
 
 
-def _stand_in_tokenizer():
+def _stand_in_tokenizer() -> PreTrainedTokenizerFast:
     """A one-word tokenizer for booting a checkpoint that ships none; the backend reports None."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -11,11 +11,11 @@ variant is a full forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -31,6 +31,9 @@ from sae_acceptance.sources.backends.checkpoint import (
 )
 from sae_acceptance.sources.backends.families import Family, backends_for, family_of
 
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
 _SUFFIXES = (".input", ".output")
 
 
@@ -38,7 +41,7 @@ _SUFFIXES = (".input", ".output")
 class HFSite(Site):
     """A Site on a Hugging Face model: the module and whether its input or output is meant."""
 
-    module: torch.nn.Module | None = None
+    module: torch.nn.Module
     io: str = "output"
 
 
@@ -59,7 +62,7 @@ class HFBackend(Backend):
         family = family_of(architecture) or family_of(type(model).__name__)
         backend = cls(
             model=model,
-            n_ctx=int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)),
+            n_ctx=int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0)),
             d_vocab=int(config.vocab_size),
             n_layers=int(config.num_hidden_layers),
             tokenizer=tokenizer,
@@ -117,11 +120,13 @@ class HFBackend(Backend):
                 f"hook {hook!r} is outside the decoder layers ({self.layers_path}.L…); only hooks inside them can be patched"
             )
         layer = int(head)
-        position = "inside" if inner else ("in" if io == "input" else "out")
+        position: Literal["in", "out", "inside"] = "inside" if inner else ("in" if io == "input" else "out")
         return HFSite(path + (".input" if io == "input" else ""), layer, position, self.model.get_submodule(path), io)
 
     def hook_device(self, hook: str) -> torch.device:
-        module = self.site(hook).module
+        site = self.site(hook)
+        assert isinstance(site, HFSite)  # this backend resolves every hook to one
+        module = site.module
         param = next(module.parameters(), None)
         return param.device if param is not None else self.device
 
@@ -130,7 +135,9 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ passes
 
-    def _run(self, tokens, sites, entries):
+    def _run(
+        self, tokens: torch.Tensor, sites: dict[str, Site], entries: set[int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[int, torch.Tensor], Any]:
         acts: dict[str, torch.Tensor] = {}
         handles = [_attach(s, _store(acts, hook)) for hook, s in sites.items()]
         try:
@@ -193,6 +200,7 @@ class HFBackend(Backend):
                 handle.remove()
 
     def _final_norm(self) -> torch.nn.Module:
+        assert self.family is not None  # tails run only on a model of a known family
         return self.model.get_submodule(self.family.final_norm)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -227,11 +235,14 @@ def _find_layers(model: torch.nn.Module, n_layers: int) -> str | None:
     return None
 
 
-def _attach(site: HFSite, fn):
+def _attach(site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
     """A hook on `site` calling fn(activation) -> replacement or None."""
+    assert isinstance(site, HFSite)  # this backend resolves every hook to one
     if site.io == "input":
 
-        def pre(module, args, kwargs):
+        def pre(
+            module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             if args:
                 new = fn(args[0])
                 return None if new is None else ((new, *args[1:]), kwargs)
@@ -240,7 +251,7 @@ def _attach(site: HFSite, fn):
 
         return site.module.register_forward_pre_hook(pre, with_kwargs=True)
 
-    def post(module, args, output):
+    def post(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         act = output[0] if isinstance(output, tuple) else output
         new = fn(act)
         if new is None:
@@ -250,21 +261,23 @@ def _attach(site: HFSite, fn):
     return site.module.register_forward_hook(post)
 
 
-def _store(into: dict, key):
-    def fn(act):
+def _store(into: dict[str, torch.Tensor], key: str) -> Callable[[torch.Tensor], None]:
+    def fn(act: torch.Tensor) -> None:
         into[key] = act
 
     return fn
 
 
-def _replace(patch: Patch):
+def _replace(patch: Patch) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda act: apply(patch, act)
 
 
-def _record(layer_args: dict, entries: dict, index: int):
+def _record(
+    layer_args: dict[int, tuple[tuple, dict]], entries: dict[int, torch.Tensor], index: int
+) -> Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], None]:
     """Keep what the original forward passed to layer `index` (beside the residual)."""
 
-    def pre(module, args, kwargs):
+    def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         entries[index] = hidden
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -273,7 +286,7 @@ def _record(layer_args: dict, entries: dict, index: int):
     return pre
 
 
-def _placement(model) -> dict[str, str]:
+def _placement(model: torch.nn.Module) -> dict[str, str]:
     """Which device holds which modules: accelerate's `hf_device_map` where it placed them."""
     device_map = getattr(model, "hf_device_map", None)
     if device_map:
@@ -313,5 +326,5 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: 
             tokenizer = None
     model.eval()
     if not devices:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' stub of `to` takes the model as its first argument
     return HFBackend.wrap(model, tokenizer)
