@@ -46,11 +46,23 @@ def _project_imports(module: str, file: Path) -> tuple[set[str], set[str]]:
         else:
             continue
         targets = {n for n in names if n in known and n != module}
+        if _for_type_checking(node, parents):
+            continue  # never runs: annotations only
         owner = parents.get(node)
         while owner is not None and not isinstance(owner, ast.FunctionDef | ast.AsyncFunctionDef):
             owner = parents.get(owner)
         (nested if owner is not None else top).update(targets)
     return top, nested
+
+
+def _for_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Whether `node` sits under `if TYPE_CHECKING:`."""
+    owner = parents.get(node)
+    while owner is not None:
+        if isinstance(owner, ast.If) and isinstance(owner.test, ast.Name) and owner.test.id == "TYPE_CHECKING":
+            return True
+        owner = parents.get(owner)
+    return False
 
 
 def test_importing_the_config_and_errors_loads_neither_torch_nor_pytest():
