@@ -27,7 +27,7 @@ class SignSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]  # noqa: D102  # no closure, so no loss to return
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # noqa: D102  # torch overloads step for a closure this one refuses
         if closure is not None:
             raise ValueError("SignSGD.step takes no closure")
         for group in self.param_groups:
