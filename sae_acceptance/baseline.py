@@ -25,7 +25,7 @@ import math
 import os
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,28 @@ class RefreshFlags:
 
     refresh: str
     force: str
+    strict: str
+
+
+def add_refresh_options(add_option: Callable[..., Any], flags: RefreshFlags, dest: str) -> None:
+    """Declare the refresh pair and the strict flag with ``add_option``: argparse's ``add_argument`` or a pytest option group's
+    ``addoption``, which take the same arguments, so the CLI and the plugin offer the same two choices."""
+    add_option(
+        flags.refresh,
+        action="store_const",
+        const="refresh",
+        dest=dest,
+        default=None,
+        help="write (or refresh) the regression baseline instead of comparing",
+    )
+    add_option(
+        flags.force,
+        action="store_const",
+        const="force",
+        dest=dest,
+        help="the same, replacing a baseline that cannot be read",
+    )
+    add_option(flags.strict, action="store_true", help="fail SAEs that have no baseline entry")
 
 
 def remedy(err: BaselineError, flags: RefreshFlags) -> str:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from sae_acceptance.baseline import (
     Baseline,
     RefreshFlags,
+    add_refresh_options,
     baseline_entries,
     check_refreshable,
     load_baseline,
@@ -59,7 +60,7 @@ from sae_acceptance.train.sweep import sweep
 EVAL_SET = ("data", "n_sequences", "context_size", "skip", "batch_size", "device", "dtype")
 EVAL_RUN = ("sae_dtype", "backend", "bootstrap_resamples", "seed")
 TRAIN_OPTIONS = ("expansion_factor", "d_sae", "batch_size", "lr", "optimizer", "warmup_steps", "dead_tokens", "seed")
-CLI_FLAGS = RefreshFlags(refresh="--update-baseline", force="--update-baseline=force")
+CLI_FLAGS = RefreshFlags(refresh="--update-baseline", force="--update-baseline=force", strict="--baseline-strict")
 
 
 def add_fields(
@@ -92,6 +93,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def add_report_outputs(parser: argparse.ArgumentParser) -> None:
+    """The report files that `eval` and `merge` both write (merge's are the whole run's)."""
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
+    parser.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
+    parser.add_argument("--saebench-json", type=Path, metavar="DIR", help="write each SAE's SAEBench core result here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sae-acceptance` command line: one subcommand per task, each with its options."""
     parser = _Parser(prog="sae-acceptance", description=__doc__.splitlines()[0])
@@ -109,30 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="SAE directory, hf://owner/repo/folder or sae-lens://release/sae_id (repeatable)",
     )
     add_fields(ev, EvalSettings, EVAL_SET + EVAL_RUN, defaults=False)  # thresholds.toml's defaults apply
-    ev.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
-    ev.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
-    ev.add_argument("--saebench-json", type=Path, metavar="DIR", help="write each SAE's SAEBench core result here")
+    add_report_outputs(ev)
     ev.add_argument(
         "--baseline",
         type=Path,
         metavar="PATH",
         help="compare against this regression baseline (default: the thresholds file's `baseline =`)",
     )
-    ev.add_argument(
-        "--update-baseline",
-        action="store_const",
-        const="refresh",
-        dest="update_baseline",
-        help="write (or refresh) the baseline instead of comparing",
-    )
-    ev.add_argument(
-        "--update-baseline=force",
-        action="store_const",
-        const="force",
-        dest="update_baseline",
-        help="the same, replacing a baseline that cannot be read",
-    )
-    ev.add_argument("--baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
+    add_refresh_options(ev.add_argument, CLI_FLAGS, "update_baseline")
     ev.add_argument("--shard", metavar="I/N", help="evaluate shard I of N of the SAEs (units kept whole); see `merge`")
     ev.add_argument(
         "--run-id",
@@ -151,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument(
         "shards", nargs="+", metavar="SHARD", help="a shard's JSON report, or a `sweep --shard` output folder"
     )
-    mg.add_argument("--json", type=Path, metavar="OUT", help="write the merged JSON report here")
-    mg.add_argument("--html", type=Path, metavar="OUT", help="write the self-contained HTML report here")
-    mg.add_argument("--saebench-json", type=Path, metavar="DIR", help="write each SAE's SAEBench core result here")
+    add_report_outputs(mg)
     mg.add_argument("--run-id", metavar="ID", help="refuse shards of any other run (their recorded run id)")
     mg.add_argument(
         "--baseline-part",
@@ -165,12 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--update-baseline", type=Path, metavar="BASELINE.json", help="fold the parts into this baseline")
     mg.add_argument("--force", action="store_true", help="replace a baseline that cannot be read")
-    mg.add_argument(
-        "--sweep-out",
-        type=Path,
-        metavar="DIR",
-        help="sweep shards: write report.json, points.json and the analysis tables here",
-    )
+    sweep_out_help = "sweep shards: write report.json, points.json and the analysis tables here"
+    mg.add_argument("--sweep-out", type=Path, metavar="DIR", help=sweep_out_help)
 
     pr = sub.add_parser("pr-profile", help="participation ratio per layer, and the canyon rule")
     pr.add_argument("--model", required=True)

@@ -21,6 +21,7 @@ import pytest
 
 from pytest_sae_acceptance.items import ThresholdsFile, _SAEItem, _SpliceItem, sae_session
 from pytest_sae_acceptance.selection import (
+    PYTEST_FLAGS,
     SELECTED_KEY,
     SESSION_KEY,
     SHARDED_KEY,
@@ -29,6 +30,7 @@ from pytest_sae_acceptance.selection import (
     is_xdist_worker,
     process_part,
 )
+from sae_acceptance.baseline import add_refresh_options
 from sae_acceptance.config import load_thresholds
 from sae_acceptance.errors import EXIT_ERROR, SAEAcceptanceError
 from sae_acceptance.shard import RUN_ID_VARIABLES, Shard, shard_members
@@ -63,22 +65,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sae-json", metavar="PATH", help="write the full JSON report here")
     group.addoption("--sae-baseline", metavar="PATH", help="compare against this regression baseline")
     # Two flags, not one with an optional value: an optional value would swallow the path after it.
-    group.addoption(
-        "--sae-update-baseline",
-        action="store_const",
-        const="refresh",
-        dest="sae_update_baseline",
-        default=None,
-        help="write (or refresh) the regression baseline",
-    )
-    group.addoption(
-        "--sae-update-baseline=force",
-        action="store_const",
-        const="force",
-        dest="sae_update_baseline",
-        help="the same, replacing a baseline that cannot be read",
-    )
-    group.addoption("--sae-baseline-strict", action="store_true", help="fail SAEs that have no baseline entry")
+    add_refresh_options(group.addoption, PYTEST_FLAGS, "sae_update_baseline")
     group.addoption("--sae-thresholds", metavar="PATH", help="thresholds file for the sae_eval fixture")
     group.addoption(
         "--sae-sweep",

@@ -19,7 +19,9 @@ from sae_acceptance.results import EvalReport
 if TYPE_CHECKING:
     from pytest_sae_acceptance.session import SAESession  # noqa: F401  # SESSION_KEY names it
 
-PYTEST_FLAGS = RefreshFlags(refresh="--sae-update-baseline", force="--sae-update-baseline=force")
+PYTEST_FLAGS = RefreshFlags(
+    refresh="--sae-update-baseline", force="--sae-update-baseline=force", strict="--sae-baseline-strict"
+)
 
 SESSION_KEY = pytest.StashKey["SAESession"]()
 SELECTED_KEY = pytest.StashKey[dict[Path, list[str]]]()
