@@ -36,7 +36,7 @@ from sae_acceptance.config import (
 )
 from sae_acceptance.errors import BaselineError, ConfigError, ReportError, SAEAcceptanceError
 from sae_acceptance.gate import Outputs, exit_status, run_gate, write_outputs
-from sae_acceptance.io import REPORT_LIMIT, read_json, write_json
+from sae_acceptance.io import REPORT_LIMIT, read_json, stdin_empty, write_json
 from sae_acceptance.pr_profile import (
     HOOK_TYPE,
     format_profile_table,
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     regression failed, 2 bad input or an error of the tool) and at most one line on stderr."""
     try:
         args = build_parser().parse_args(argv)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), stdin_empty():
             warnings.showwarning = _one_line_warning
             return COMMANDS[args.command](args)
     except SAEAcceptanceError as err:

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -63,6 +64,28 @@ def signals_held() -> Iterator[None]:
                 handler(signum, frame)
             elif handler == signal.SIG_DFL:
                 os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def stdin_empty() -> Iterator[None]:
+    """Standard input reads as empty (end of file) while the block runs, for Python code and for
+    any child process alike: nothing the tool calls can prompt (transformers asks there before
+    running a checkpoint's code) or wait on a terminal."""
+    saved, saved_fd = sys.stdin, None
+    with open(os.devnull) as empty:
+        try:
+            saved_fd = os.dup(0)
+            os.dup2(empty.fileno(), 0)
+        except OSError:  # no descriptor 0 to replace: nothing can read it either
+            saved_fd = None
+        sys.stdin = empty
+        try:
+            yield
+        finally:
+            sys.stdin = saved
+            if saved_fd is not None:
+                os.dup2(saved_fd, 0)
+                os.close(saved_fd)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

@@ -9,8 +9,11 @@ and no temporary or lock file left behind (nor a target half-written).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,11 +88,19 @@ def ws(tmp_path, pristine, tiny_checkpoint) -> Workspace:
 
 
 def no_leftovers(*roots: Path) -> None:
-    """No temporary file of an atomic write, and no lock file, anywhere under `roots`."""
+    """No temporary file of an atomic write, no lock file and no kept previous version anywhere
+    under `roots`, and no marker file a hostile payload writes when it runs."""
     for root in roots:
         if root.is_dir():
-            left = [p.name for p in root.rglob("*") if p.name.endswith((".tmp", ".lock"))]
+            left = [
+                p.name for p in root.rglob("*") if p.name.endswith((".tmp", ".lock", ".prev.npz")) or p.name == MARKER
+            ]
             assert not left, left
+
+
+# A file that code shipped in a hostile input writes when it runs: never there after a run.
+MARKER = "RAN-FOREIGN-CODE"
+PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
 
 def one_line(err: str, *named: str) -> str:
@@ -161,6 +172,34 @@ def _train(ws: Workspace, *flags: str) -> list[str]:
     }
     given = dict(zip(flags[::2], flags[1::2], strict=True))
     return ["train", *[x for flag, value in {**base, **given}.items() for x in (flag, value)], "--no-progress"]
+
+
+def _checkpoint(ws: Workspace) -> Path:
+    """A copy of the tiny checkpoint inside the workspace, named by the thresholds file."""
+    copy = ws.root / "model"
+    shutil.copytree(ws.model, copy)
+    ws.edit(f'model = "{ws.model}"', 'model = "./model"')
+    return copy
+
+
+def _remote_code(ws: Workspace, model_type: str = "evil") -> list[str]:
+    """A checkpoint whose config.json maps its classes to a module it ships, which writes the marker."""
+    copy = _checkpoint(ws)
+    config = json.loads((copy / "config.json").read_text())
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    config.update(model_type=model_type, auto_map=auto_map)
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "evil.py").write_text(PAYLOAD.format(marker=str(ws.root / MARKER)))
+    return ws.config_argv()
+
+
+def _remote_tokenizer(ws: Workspace) -> list[str]:
+    copy = _checkpoint(ws)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    (copy / "evil.py").write_text(PAYLOAD.format(marker=str(ws.root / MARKER)))
+    return ws.config_argv()
 
 
 CASES: list[Case] = [
@@ -321,6 +360,8 @@ CASES: list[Case] = [
         2,
         ("empty",),
     ),
+    ("model-auto-map", _remote_code, 2, ("config.json", "auto_map", "never runs")),
+    ("model-tokenizer-auto-map", _remote_tokenizer, 2, ("tokenizer_config.json", "auto_map", "never runs")),
     (
         "model-context-beyond-n_ctx",
         lambda ws: (ws.edit("context_size = 16", "context_size = 64"), ws.config_argv())[1],
@@ -443,15 +484,37 @@ CASES: list[Case] = [
 
 
 @pytest.mark.parametrize(("mistake", "expected", "named"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_cli_mistake_is_one_line_and_status_2(ws, capsys, mistake, expected, named):
+def test_cli_mistake_is_one_line_and_status_2(ws, capsys, monkeypatch, mistake, expected, named):
     argv = mistake(ws)
     capsys.readouterr()
+    answers = io.StringIO("y\n" * 8)  # what a prompt would read: nothing may
+    monkeypatch.setattr(sys, "stdin", answers)
     status = main(argv)
     captured = capsys.readouterr()
+    assert answers.tell() == 0, "read standard input"
     assert status == expected, captured.err + captured.out
     one_line(captured.err, *named)
     assert "allow_pickle" not in captured.err and "Traceback" not in captured.out
     assert " 0 tokens/s" not in captured.out
+    no_leftovers(ws.root)
+
+
+@pytest.mark.parametrize("model_type", ["evil", "gpt_neox"])
+def test_remote_code_never_runs_nor_asks_on_a_terminal(ws, model_type):
+    """The real CLI with a pipe answering "y" on standard input: a checkpoint that needs its own
+    code is refused in one line; one whose model_type transformers has built in loads without it."""
+    _remote_code(ws, model_type)
+    code = "import sys; from sae_acceptance.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *ws.config_argv()], input="y\n" * 8, capture_output=True, text=True, timeout=300
+    )
+    assert not (ws.root / MARKER).exists()
+    if model_type == "evil":
+        assert done.returncode == 2, done.stderr
+        one_line(done.stderr, "config.json", "auto_map")
+    else:
+        assert done.returncode == 0, done.stderr
+    assert "[y/N]" not in done.stdout + done.stderr
     no_leftovers(ws.root)
 
 

@@ -29,6 +29,7 @@ from sae_acceptance.sources.backends.checkpoint import (
     first_line,
     has_tokenizer,
     quiet_transformers,
+    refuse_remote_code,
 )
 from sae_acceptance.sources.backends.families import family_of
 from sae_acceptance.sources.backends.hf import HFBackend
@@ -117,6 +118,8 @@ def load(
     """`TransformerBridge.boot_transformers`, then compatibility mode with the SAE's processing."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    if isinstance(source, Path):
+        refuse_remote_code(source)
     placement: dict[str, Any] = {"n_devices": len(devices)} if devices else {"device": device}
     without_tokenizer = isinstance(source, Path) and not has_tokenizer(source)
     if without_tokenizer:  # else the bridge asks AutoTokenizer for files the directory does not have

@@ -8,6 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sae_acceptance.errors import SourceError
+from sae_acceptance.io import read_json
+
+# Every transformers loader gets this: a checkpoint's own code (`auto_map`) is never run, and
+# never asked about on standard input.
+NO_REMOTE_CODE = {"trust_remote_code": False}
 
 
 class NotForTransformerLens(SourceError):
@@ -19,6 +24,35 @@ def has_tokenizer(path: Path) -> bool:
     return any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     )
+
+
+def refuse_remote_code(path: Path) -> None:
+    """Refuse, before transformers opens it, a local checkpoint that could only load by running
+    code it ships (`auto_map` naming a model or tokenizer class transformers does not have).
+    Where transformers has the class built in, `NO_REMOTE_CODE` loads that one instead."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    checks = (
+        ("config.json", "model_type", lambda name: isinstance(name, str) and name in CONFIG_MAPPING),
+        (
+            "tokenizer_config.json",
+            "tokenizer_class",
+            lambda name: isinstance(name, str) and bool(tokenizer_class_from_name(name)),
+        ),
+    )
+    for file_name, field, built_in in checks:
+        file = path / file_name
+        if file_name != "config.json" and not file.exists():
+            continue
+        config = read_json(file, f"a checkpoint's {file_name}", error=SourceError)
+        if not isinstance(config, dict):
+            raise SourceError(f"{file}: expected a JSON object, got {type(config).__name__}")
+        if config.get("auto_map") and not built_in(config.get(field)):
+            raise SourceError(
+                f"{file}: auto_map asks to run the checkpoint's own code for {field} {config.get(field)!r} "
+                "(not built into transformers); the gate never runs a checkpoint's code"
+            )
 
 
 def checkpoint_special_ids(config) -> list[int]:

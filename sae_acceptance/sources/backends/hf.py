@@ -23,11 +23,13 @@ from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
+    NO_REMOTE_CODE,
     checkpoint_special_ids,
     dtype_kwarg,
     first_line,
     has_tokenizer,
     quiet_transformers,
+    refuse_remote_code,
 )
 from sae_acceptance.sources.backends.families import Family, backends_for, family_of
 
@@ -286,7 +288,9 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shown = repr(str(source))
-    kwargs: dict[str, Any] = dtype_kwarg(dtype)
+    if isinstance(source, Path):
+        refuse_remote_code(source)
+    kwargs: dict[str, Any] = {**dtype_kwarg(dtype), **NO_REMOTE_CODE}
     if devices:
         memory = {d.index or 0: torch.cuda.get_device_properties(d).total_memory for d in devices}
         kwargs.update(device_map="auto", max_memory=memory)
@@ -302,10 +306,10 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: 
         raise SourceError(f"model {shown}: {where} ({first_line(err)})") from None
     tokenizer = None
     if isinstance(source, Path):
-        tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer(source) else None
+        tokenizer = AutoTokenizer.from_pretrained(source, **NO_REMOTE_CODE) if has_tokenizer(source) else None
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **NO_REMOTE_CODE)
         except (OSError, ValueError):
             tokenizer = None
     model.eval()

@@ -21,6 +21,7 @@ from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
+    NO_REMOTE_CODE,
     NotForTransformerLens,
     checkpoint_special_ids,
     closest_names,
@@ -28,6 +29,7 @@ from sae_acceptance.sources.backends.checkpoint import (
     first_line,
     has_tokenizer,
     quiet_transformers,
+    refuse_remote_code,
 )
 from sae_acceptance.sources.backends.families import family_of, inside_layer, is_module_point
 
@@ -174,10 +176,14 @@ def unknown_name(name: str) -> str:
 
 
 def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int):
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer, loading
 
     if not is_known_name(name):
         raise NotForTransformerLens(unknown_name(name))
+    if loading.get_official_model_name(name).startswith(loading.NEED_REMOTE_CODE_MODELS):
+        raise SourceError(
+            f"model {name!r}: TransformerLens loads it by running its repository's code, which the gate never does"
+        )
     try:
         return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, n_devices=n_devices, **kwargs)
     except OSError as err:  # hub unreachable, or the repository is missing
@@ -190,9 +196,10 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_device
     from transformer_lens import HookedTransformer, loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    refuse_remote_code(path)
     try:
         with quiet_transformers():
-            hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32))
+            hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32), **NO_REMOTE_CODE)
     except (OSError, ValueError, KeyError) as err:
         raise SourceError(f"model {str(path)!r}: cannot load as a local checkpoint ({first_line(err)})") from None
     with _neutral_name(path) as neutral:
@@ -205,7 +212,7 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_device
                 f"model {str(path)!r}: TransformerLens cannot convert a {type(hf_model).__name__} ({first_line(err)})"
             ) from None
         state = loading.get_pretrained_state_dict(neutral, cfg, hf_model)
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+    tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE) if has_tokenizer(path) else None
     if tokenizer is None:
         cfg.tokenizer_name = None  # else HookedTransformer asks AutoTokenizer for the directory's files
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
