@@ -34,7 +34,16 @@ import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.errors import BaselineError
-from sae_acceptance.io import REPORT_LIMIT, OutputError, locked, read_json, remove_lock, signals_held, write_atomic
+from sae_acceptance.io import (
+    REPORT_LIMIT,
+    OutputError,
+    locked,
+    read_json,
+    regular_file,
+    remove_lock,
+    signals_held,
+    write_atomic,
+)
 from sae_acceptance.metrics import METRICS
 from sae_acceptance.sources.identity import model_identity
 from sae_acceptance.stats import SequenceSums, paired_changes
@@ -213,6 +222,8 @@ def _with_sidecar(path: Path, blocks: dict[str, Any]) -> dict[str, BaselineEntry
 
 
 def _with_sidecar_sums(path: Path, blocks: dict[str, Any], sidecar: Path) -> dict[str, BaselineEntry]:
+    if sidecar.exists():
+        regular_file(sidecar, "a baseline sidecar (.npz)", BaselineError)
     try:
         with np.load(sidecar, allow_pickle=False) as archive:
             stored = {key: archive[key] for key in archive.files}

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from sae_acceptance.errors import ConfigError, SAEFormatError
-from sae_acceptance.io import write_atomic
+from sae_acceptance.io import read_text, write_atomic
 from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS, VARIANCE_NORMALISED
 from sae_acceptance.sources.spec import check_spec, default_name, is_remote
 from sae_acceptance.stats import BootstrapSettings
@@ -368,14 +368,13 @@ def load_thresholds(path: str | Path) -> LoadedThresholds:
 
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     """A TOML file's tables and its text (for line numbers), or one ConfigError."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    text = read_text(path, "a TOML file", error=ConfigError)
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested deeper than any TOML setting is; refused") from None
 
 
 def thresholds_from_mapping(raw: dict[str, Any], source: str, base: Path | None = None) -> LoadedThresholds:

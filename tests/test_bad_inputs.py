@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,12 @@ def _baseline(ws: Workspace, text: str) -> list[str]:
     return ws.config_argv()
 
 
+def _fifo_baseline(ws: Workspace) -> list[str]:
+    ws.toml.write_text('baseline = "base.json"\n' + ws.toml.read_text())
+    _fifo(ws.root / "base.json")
+    return ws.config_argv()
+
+
 def _other_tokens_baseline(ws: Workspace) -> list[str]:
     """A baseline written on other tokens: compared, it is refused with what differs."""
     ws.toml.write_text('baseline = "base.json"\n' + ws.toml.read_text())
@@ -202,14 +209,30 @@ def _remote_tokenizer(ws: Workspace) -> list[str]:
     return ws.config_argv()
 
 
+def _fifo(path: Path) -> Path:
+    """`path` replaced by a named pipe nothing writes to: a reader that opens it waits forever."""
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def _endless(path: Path) -> Path:
+    """`path` replaced by a symlink to /dev/zero: a reader that reads it to the end never stops."""
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/zero")
+    return path
+
+
 CASES: list[Case] = [
     # thresholds.toml
     (
         "toml-missing",
         lambda ws: ["eval", "--config", str(ws.root / "nothing.toml")],
         2,
-        ("nothing.toml", "cannot read"),
+        ("nothing.toml", "no such file"),
     ),
+    ("toml-fifo", lambda ws: (_fifo(ws.toml), ws.config_argv())[1], 2, ("thresholds.toml", "not a regular file")),
+    ("toml-dev-zero", lambda ws: (_endless(ws.toml), ws.config_argv())[1], 2, ("thresholds.toml", "not a regular")),
     ("toml-syntax", lambda ws: (ws.append("[gate\n"), ws.config_argv())[1], 2, ("thresholds.toml", "not valid TOML")),
     (
         "toml-negative",
@@ -308,6 +331,30 @@ CASES: list[Case] = [
         2,
         ("sae_weights.safetensors",),
     ),
+    (
+        "sae-cfg-fifo",
+        lambda ws: (_fifo(ws.root / "good" / "cfg.json"), ws.config_argv())[1],
+        2,
+        ("good/cfg.json", "not a regular file"),
+    ),
+    (
+        "sae-cfg-dev-zero",
+        lambda ws: (_endless(ws.root / "good" / "cfg.json"), ws.config_argv())[1],
+        2,
+        ("good/cfg.json", "not a regular file"),
+    ),
+    (
+        "sae-weights-fifo",
+        lambda ws: (_fifo(ws.root / "good" / "sae_weights.safetensors"), ws.config_argv())[1],
+        2,
+        ("good/sae_weights.safetensors", "not a regular file"),
+    ),
+    (
+        "sae-weights-dev-zero",
+        lambda ws: (_endless(ws.root / "good" / "sae_weights.safetensors"), ws.config_argv())[1],
+        2,
+        ("good/sae_weights.safetensors", "not a regular file"),
+    ),
     ("sae-nan", _nan_sae, 2, ("good", "NaN", "W_dec")),
     ("sae-width", _sae_with_d_in_16, 2, ("d_in = 16", "width 32")),
     ("sae-cfg-d_in", _cfg_d_in, 2, ("cfg.json", "d_in")),
@@ -360,6 +407,24 @@ CASES: list[Case] = [
         2,
         ("empty",),
     ),
+    (
+        "model-config-fifo",
+        lambda ws: (_fifo(_checkpoint(ws) / "config.json"), ws.config_argv())[1],
+        2,
+        ("model/config.json", "not a regular file"),
+    ),
+    (
+        "model-weights-dev-zero",
+        lambda ws: (_endless(_checkpoint(ws) / "model.safetensors"), ws.config_argv())[1],
+        2,
+        ("model/model.safetensors", "not a regular file"),
+    ),
+    (
+        "model-tokenizer-fifo",
+        lambda ws: (_fifo(_checkpoint(ws) / "tokenizer.json"), ws.config_argv())[1],
+        2,
+        ("model/tokenizer.json", "not a regular file"),
+    ),
     ("model-auto-map", _remote_code, 2, ("config.json", "auto_map", "never runs")),
     ("model-tokenizer-auto-map", _remote_tokenizer, 2, ("tokenizer_config.json", "auto_map", "never runs")),
     (
@@ -370,6 +435,12 @@ CASES: list[Case] = [
     ),
     # token files
     ("tokens-garbage", lambda ws: (_garbage(ws.root / "tokens.npy"), ws.config_argv())[1], 2, ("tokens.npy", ".npy")),
+    (
+        "tokens-fifo",
+        lambda ws: (_fifo(ws.root / "tokens.npy"), ws.config_argv())[1],
+        2,
+        ("tokens.npy", "not a regular"),
+    ),
     ("tokens-float", lambda ws: _tokens(ws, np.zeros((64, 16))), 2, ("tokens.npy", "float64")),
     (
         "tokens-too-few",
@@ -399,6 +470,12 @@ CASES: list[Case] = [
         ("dir.npy", "directory"),
     ),
     # baselines
+    (
+        "baseline-fifo",
+        _fifo_baseline,
+        2,
+        ("base.json", "not a regular file"),
+    ),
     ("baseline-not-json", lambda ws: _baseline(ws, "{ not json"), 2, ("base.json", "not valid JSON")),
     (
         "baseline-foreign",

@@ -19,6 +19,7 @@ import torch
 
 from sae_acceptance.config import eval_default
 from sae_acceptance.errors import SourceError
+from sae_acceptance.io import regular_file
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 
@@ -36,10 +37,9 @@ def load_tokens(
     `split` defaults to `[eval]`'s)."""
     path = Path(data).expanduser()
     if path.suffix == ".npy":
-        if not path.is_file():
-            raise SourceError(
-                f"{path}: {'is a directory' if path.is_dir() else 'no such token file'}, expected a .npy file"
-            )
+        if not path.exists():
+            raise SourceError(f"{path}: no such token file, expected a .npy file")
+        regular_file(path, "a .npy file", SourceError)
         return _from_npy(path, n_sequences, context_size, skip)
     if path.exists() and not path.is_dir():
         raise SourceError(f"{path}: not a token file; expected a .npy array or a dataset directory")

@@ -25,11 +25,11 @@ from sae_acceptance.errors import SourceError
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site
 from sae_acceptance.sources.backends.checkpoint import (
     NotForTransformerLens,
+    check_checkpoint,
     checkpoint_special_ids,
     first_line,
     has_tokenizer,
     quiet_transformers,
-    refuse_remote_code,
 )
 from sae_acceptance.sources.backends.families import family_of
 from sae_acceptance.sources.backends.hf import HFBackend
@@ -119,7 +119,7 @@ def load(
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(source, Path):
-        refuse_remote_code(source)
+        check_checkpoint(source)
     placement: dict[str, Any] = {"n_devices": len(devices)} if devices else {"device": device}
     without_tokenizer = isinstance(source, Path) and not has_tokenizer(source)
     if without_tokenizer:  # else the bridge asks AutoTokenizer for files the directory does not have

@@ -8,11 +8,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sae_acceptance.errors import SourceError
-from sae_acceptance.io import read_json
+from sae_acceptance.io import read_json, regular_file
 
 # Every transformers loader gets this: a checkpoint's own code (`auto_map`) is never run, and
 # never asked about on standard input.
 NO_REMOTE_CODE = {"trust_remote_code": False}
+# What transformers reads from a checkpoint folder: configs, weights, tokenizer files.
+CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".pt")
 
 
 class NotForTransformerLens(SourceError):
@@ -26,10 +28,11 @@ def has_tokenizer(path: Path) -> bool:
     )
 
 
-def refuse_remote_code(path: Path) -> None:
-    """Refuse, before transformers opens it, a local checkpoint that could only load by running
-    code it ships (`auto_map` naming a model or tokenizer class transformers does not have).
-    Where transformers has the class built in, `NO_REMOTE_CODE` loads that one instead."""
+def check_checkpoint(path: Path) -> None:
+    """Refuse, before transformers opens it, a local checkpoint with a file it would read that is
+    not a regular file (a FIFO hangs a reader, `/dev/zero` never ends), or that could only load
+    by running code it ships (`auto_map` naming a model or tokenizer class transformers does not
+    have). Where transformers has the class built in, `NO_REMOTE_CODE` loads that one instead."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
@@ -41,6 +44,9 @@ def refuse_remote_code(path: Path) -> None:
             lambda name: isinstance(name, str) and bool(tokenizer_class_from_name(name)),
         ),
     )
+    for file in path.iterdir():
+        if file.suffix in CHECKPOINT_SUFFIXES and not file.is_dir():
+            regular_file(file, f"a checkpoint's {file.suffix} file", SourceError)
     for file_name, field, built_in in checks:
         file = path / file_name
         if file_name != "config.json" and not file.exists():

@@ -24,12 +24,12 @@ from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
     NO_REMOTE_CODE,
+    check_checkpoint,
     checkpoint_special_ids,
     dtype_kwarg,
     first_line,
     has_tokenizer,
     quiet_transformers,
-    refuse_remote_code,
 )
 from sae_acceptance.sources.backends.families import Family, backends_for, family_of
 
@@ -289,7 +289,7 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: 
 
     shown = repr(str(source))
     if isinstance(source, Path):
-        refuse_remote_code(source)
+        check_checkpoint(source)
     kwargs: dict[str, Any] = {**dtype_kwarg(dtype), **NO_REMOTE_CODE}
     if devices:
         memory = {d.index or 0: torch.cuda.get_device_properties(d).total_memory for d in devices}

@@ -23,13 +23,13 @@ from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, app
 from sae_acceptance.sources.backends.checkpoint import (
     NO_REMOTE_CODE,
     NotForTransformerLens,
+    check_checkpoint,
     checkpoint_special_ids,
     closest_names,
     dtype_kwarg,
     first_line,
     has_tokenizer,
     quiet_transformers,
-    refuse_remote_code,
 )
 from sae_acceptance.sources.backends.families import family_of, inside_layer, is_module_point
 
@@ -196,7 +196,7 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_device
     from transformer_lens import HookedTransformer, loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    refuse_remote_code(path)
+    check_checkpoint(path)
     try:
         with quiet_transformers():
             hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32), **NO_REMOTE_CODE)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,19 @@ import torch
 from safetensors.torch import load_file
 
 from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.io import read_json, regular_file
 
 _TORCH_LOAD = torch.load  # the real one: `converters` swaps torch.load for `tensors_only_load` while SAELens runs
 
 
+def weights_file(file: Path) -> Path:
+    """`file`, which must be a regular file: a FIFO would hang the reader, a device never ends."""
+    regular_file(file, "a weights file", SAEFormatError)
+    return file
+
+
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    weights_file(file)
     try:
         return load_file(str(file))
     except Exception as err:  # safetensors raises its own error types
@@ -25,6 +32,7 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def read_npz(file: Path) -> dict[str, torch.Tensor]:
     """An .npz of plain arrays; object arrays would need unpickling and are refused."""
+    weights_file(file)
     try:
         with np.load(file, allow_pickle=False) as data:
             return {name: torch.from_numpy(np.array(data[name])) for name in data.files}
@@ -49,7 +57,7 @@ def tensors_only_load(file: Any, map_location: Any = None, **_: Any) -> Any:
 
 def read_torch(file: Path) -> dict[str, torch.Tensor]:
     """A torch-saved state dict (name -> tensor), read with `weights_only=True`."""
-    state = tensors_only_load(file, map_location="cpu")
+    state = tensors_only_load(weights_file(file), map_location="cpu")
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -67,12 +75,7 @@ def read_json_object(file: Path) -> dict[str, Any]:
     """A JSON object from `file`, or one SAEFormatError naming the file (and line)."""
     if not file.exists():
         raise SAEFormatError(f"{file.parent}: no {file.name} in the SAE directory")
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SAEFormatError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
-    except UnicodeDecodeError:
-        raise SAEFormatError(f"{file}: not UTF-8 text") from None
+    value = read_json(file, "an SAE config", error=SAEFormatError)
     if not isinstance(value, dict):
         raise SAEFormatError(f"{file}: expected a JSON object, got {type(value).__name__}")
     return value
