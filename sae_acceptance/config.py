@@ -136,6 +136,15 @@ class EvalSettings(StrictModel):
     )
     worst_n: int = Field(16, ge=0, description="worst contexts kept per SAE (the diagnostics' `worst` part)")
 
+    @field_validator("exclude_special_tokens")
+    @classmethod
+    def _token_ids(cls, ids: bool | list[int]) -> bool | list[int]:
+        """Token ids are int64 tensors' entries: an id outside [0, 2**63) is no token."""
+        outside = [i for i in ids if not 0 <= i < 2**63] if isinstance(ids, list) else []
+        if outside:
+            raise ValueError(f"token id {outside[0]} is not a token id (0 to 2**63 - 1)")
+        return ids
+
     def parts(self) -> tuple[str, ...]:
         """The diagnostic parts this eval runs."""
         if self.diagnostics is True:
@@ -374,7 +383,7 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     except RecursionError:
-        raise ConfigError(f"{path}: nested deeper than any TOML setting is; refused") from None
+        raise ConfigError(f"{path}: nested too deeply to read as a TOML file; refused") from None
 
 
 def thresholds_from_mapping(raw: dict[str, Any], source: str, base: Path | None = None) -> LoadedThresholds:

@@ -181,7 +181,7 @@ def read_json(
     except json.JSONDecodeError as err:
         raise error(f"{path}:{err.lineno}: not valid JSON, expected {what} ({err.msg})") from None
     except RecursionError:
-        raise error(f"{path}: nested deeper than any {what} is; refused") from None
+        raise error(f"{path}: nested too deeply to read as {what}; refused") from None
 
 
 @contextlib.contextmanager

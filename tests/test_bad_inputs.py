@@ -223,6 +223,63 @@ def _endless(path: Path) -> Path:
     return path
 
 
+class _Payload:
+    """Unpickled, it runs `PAYLOAD`: what a code-running pickle in a weights file does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (PAYLOAD.format(marker=str(self.marker)),))
+
+
+def _pickle_checkpoint(ws: Workspace) -> list[str]:
+    """The checkpoint's weights as a pytorch_model.bin holding a code-running pickle."""
+    import torch
+
+    copy = _checkpoint(ws)
+    (copy / "model.safetensors").unlink()
+    torch.save({"gpt_neox.embed_in.weight": _Payload(ws.root / MARKER)}, copy / "pytorch_model.bin")
+    return ws.config_argv()
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _cfg(ws: Workspace, **fields) -> list[str]:
+    cfg_file = ws.root / "good" / "cfg.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), **fields}))
+    return ws.config_argv()
+
+
+def _deep(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _dictionary_learning(ws: Workspace, layer: object) -> list[str]:
+    """A dictionary_learning AutoEncoder folder whose config records `layer`."""
+    import torch
+
+    folder = ws.root / "dl"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    d, f = 32, 64
+    tensors = {
+        "encoder.weight": torch.randn(f, d, generator=g),
+        "encoder.bias": torch.zeros(f),
+        "decoder.weight": torch.randn(d, f, generator=g),
+        "bias": torch.zeros(d),
+    }
+    torch.save(tensors, folder / "ae.pt")
+    trainer = {"dict_class": "AutoEncoder", "activation_dim": d, "dict_size": f, "layer": layer}
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer}))
+    ws.edit('path = "good"', f'path = "good"\n\n[[sae]]\nname = "dl"\npath = "dl"\nhook = "{HOOK}"')
+    return ws.config_argv()
+
+
 CASES: list[Case] = [
     # thresholds.toml
     (
@@ -233,6 +290,18 @@ CASES: list[Case] = [
     ),
     ("toml-fifo", lambda ws: (_fifo(ws.toml), ws.config_argv())[1], 2, ("thresholds.toml", "not a regular file")),
     ("toml-dev-zero", lambda ws: (_endless(ws.toml), ws.config_argv())[1], 2, ("thresholds.toml", "not a regular")),
+    (
+        "toml-not-utf8",
+        lambda ws: (_garbage(ws.toml, b"\xff\xfe" + ws.toml.read_bytes()), ws.config_argv())[1],
+        2,
+        ("thresholds.toml", "not UTF-8"),
+    ),
+    (
+        "toml-deep-array",
+        lambda ws: (ws.append(f"deep = {_deep()}\n"), ws.config_argv())[1],
+        2,
+        ("thresholds.toml", "nested too deeply"),
+    ),
     ("toml-syntax", lambda ws: (ws.append("[gate\n"), ws.config_argv())[1], 2, ("thresholds.toml", "not valid TOML")),
     (
         "toml-negative",
@@ -355,6 +424,15 @@ CASES: list[Case] = [
         2,
         ("good/sae_weights.safetensors", "not a regular file"),
     ),
+    (
+        "sae-cfg-deep",
+        lambda ws: (_garbage(ws.root / "good" / "cfg.json", _deep().encode()), ws.config_argv())[1],
+        2,
+        ("good/cfg.json", "nested too deeply"),
+    ),
+    ("sae-cfg-dtype-int8", lambda ws: _cfg(ws, dtype="int8"), 2, ("good/cfg.json", "dtype", "int8")),
+    ("sae-cfg-head-negative", lambda ws: _cfg(ws, hook_head_index=-1), 2, ("good/cfg.json", "hook_head_index")),
+    ("dl-layer-not-a-number", lambda ws: _dictionary_learning(ws, "three"), 2, ("dl/config.json", "layer", "three")),
     ("sae-nan", _nan_sae, 2, ("good", "NaN", "W_dec")),
     ("sae-width", _sae_with_d_in_16, 2, ("d_in = 16", "width 32")),
     ("sae-cfg-d_in", _cfg_d_in, 2, ("cfg.json", "d_in")),
@@ -425,6 +503,13 @@ CASES: list[Case] = [
         2,
         ("model/tokenizer.json", "not a regular file"),
     ),
+    ("model-pickle-bin", _pickle_checkpoint, 2, ("model/pytorch_model.bin",)),
+    (
+        "model-safetensors-truncated",
+        lambda ws: (_truncated(_checkpoint(ws) / "model.safetensors"), ws.config_argv())[1],
+        2,
+        ("model/model.safetensors",),
+    ),
     ("model-auto-map", _remote_code, 2, ("config.json", "auto_map", "never runs")),
     ("model-tokenizer-auto-map", _remote_tokenizer, 2, ("tokenizer_config.json", "auto_map", "never runs")),
     (
@@ -462,6 +547,15 @@ CASES: list[Case] = [
         )[1],
         2,
         ("exclude_special_tokens", "every token"),
+    ),
+    (
+        "tokens-exclude-beyond-int64",
+        lambda ws: (
+            ws.edit("batch_size = 8", "batch_size = 8\nexclude_special_tokens = [1, 99999999999999999999]"),
+            ws.config_argv(),
+        )[1],
+        2,
+        ("exclude_special_tokens", "99999999999999999999"),
     ),
     (
         "tokens-directory",
@@ -572,6 +666,7 @@ def test_cli_mistake_is_one_line_and_status_2(ws, capsys, monkeypatch, mistake, 
     assert status == expected, captured.err + captured.out
     one_line(captured.err, *named)
     assert "allow_pickle" not in captured.err and "Traceback" not in captured.out
+    assert "weights_only=False" not in captured.err  # never the unsafe fix
     assert " 0 tokens/s" not in captured.out
     no_leftovers(ws.root)
 

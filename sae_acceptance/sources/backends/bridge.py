@@ -24,12 +24,14 @@ import torch
 from sae_acceptance.errors import SourceError
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site
 from sae_acceptance.sources.backends.checkpoint import (
+    UNREADABLE_WEIGHTS,
     NotForTransformerLens,
     check_checkpoint,
     checkpoint_special_ids,
     first_line,
     has_tokenizer,
     quiet_transformers,
+    weights_refused,
 )
 from sae_acceptance.sources.backends.families import family_of
 from sae_acceptance.sources.backends.hf import HFBackend
@@ -127,6 +129,8 @@ def load(
     try:
         with quiet_transformers():
             bridge = TransformerBridge.boot_transformers(str(source), dtype=dtype, **placement)
+    except UNREADABLE_WEIGHTS as err:
+        raise weights_refused(source, err) from None
     except (OSError, ValueError, KeyError, NotImplementedError, AttributeError) as err:
         if not isinstance(source, Path) and not is_known_name(source):
             raise NotForTransformerLens(unknown_name(source)) from None

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import difflib
+import pickle
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from sae_acceptance.errors import SourceError
 from sae_acceptance.io import read_json, regular_file
+from sae_acceptance.sources.formats.tensors import pickle_refused
 
 # Every transformers loader gets this: a checkpoint's own code (`auto_map`) is never run, and
 # never asked about on standard input.
 NO_REMOTE_CODE = {"trust_remote_code": False}
+# What transformers raises for weights it refuses to unpickle, or a damaged safetensors file.
+UNREADABLE_WEIGHTS = (pickle.UnpicklingError, SafetensorError)
 # What transformers reads from a checkpoint folder: configs, weights, tokenizer files.
 CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".pt")
 
@@ -59,6 +65,17 @@ def check_checkpoint(path: Path) -> None:
                 f"{file}: auto_map asks to run the checkpoint's own code for {field} {config.get(field)!r} "
                 "(not built into transformers); the gate never runs a checkpoint's code"
             )
+
+
+def weights_refused(source: str | Path, err: Exception) -> SourceError:
+    """The one line for checkpoint weights transformers could not read safely (`UNREADABLE_WEIGHTS`):
+    a pickle holding more than tensors, or a damaged safetensors file."""
+    suffixes = (".bin", ".pt") if isinstance(err, pickle.UnpicklingError) else (".safetensors",)
+    files = sorted(f for f in Path(source).iterdir() if f.suffix in suffixes) if isinstance(source, Path) else []
+    where = str(files[0]) if len(files) == 1 else f"model {str(source)!r}"
+    if isinstance(err, pickle.UnpicklingError):
+        return pickle_refused(where, err, SourceError)
+    return SourceError(f"{where}: not a readable safetensors file ({first_line(err)})")
 
 
 def checkpoint_special_ids(config) -> list[int]:

@@ -24,12 +24,14 @@ from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
     NO_REMOTE_CODE,
+    UNREADABLE_WEIGHTS,
     check_checkpoint,
     checkpoint_special_ids,
     dtype_kwarg,
     first_line,
     has_tokenizer,
     quiet_transformers,
+    weights_refused,
 )
 from sae_acceptance.sources.backends.families import Family, backends_for, family_of
 
@@ -297,6 +299,8 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: 
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except UNREADABLE_WEIGHTS as err:
+        raise weights_refused(source, err) from None
     except (OSError, ValueError, KeyError) as err:
         where = (
             "cannot load as a Hugging Face causal LM"

@@ -22,6 +22,7 @@ from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
     NO_REMOTE_CODE,
+    UNREADABLE_WEIGHTS,
     NotForTransformerLens,
     check_checkpoint,
     checkpoint_special_ids,
@@ -30,6 +31,7 @@ from sae_acceptance.sources.backends.checkpoint import (
     first_line,
     has_tokenizer,
     quiet_transformers,
+    weights_refused,
 )
 from sae_acceptance.sources.backends.families import family_of, inside_layer, is_module_point
 
@@ -200,6 +202,8 @@ def _load_local(path: Path, dtype: torch.dtype, kwargs: dict[str, Any], n_device
     try:
         with quiet_transformers():
             hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32), **NO_REMOTE_CODE)
+    except UNREADABLE_WEIGHTS as err:
+        raise weights_refused(path, err) from None
     except (OSError, ValueError, KeyError) as err:
         raise SourceError(f"model {str(path)!r}: cannot load as a local checkpoint ({first_line(err)})") from None
     with _neutral_name(path) as neutral:

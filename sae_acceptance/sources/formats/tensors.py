@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.errors import SAEAcceptanceError, SAEFormatError
 from sae_acceptance.io import read_json, regular_file
 
 _TORCH_LOAD = torch.load  # the real one: `converters` swaps torch.load for `tensors_only_load` while SAELens runs
@@ -47,12 +48,19 @@ def tensors_only_load(file: Any, map_location: Any = None, **_: Any) -> Any:
     try:
         return _TORCH_LOAD(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SAEFormatError(
-            f"{file}: holds Python objects other than tensors; refused without running it ({first})"
-        ) from None
+        raise pickle_refused(file, err) from None
     except Exception as err:  # not a torch file at all
         raise SAEFormatError(f"{file}: not a readable torch file ({type(err).__name__}: {err})") from None
+
+
+def pickle_refused(
+    file: Path | str, err: pickle.UnpicklingError, error: type[SAEAcceptanceError] = SAEFormatError
+) -> SAEAcceptanceError:
+    """The one line for a pickle that `weights_only=True` refused: what it names, and never
+    torch's advice (retry with `weights_only=False`, or allow-list the global), which runs it."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    named = f" (it names {found.group(1)})" if found else ""
+    return error(f"{file}: holds Python objects other than tensors; refused without running it{named}")
 
 
 def read_torch(file: Path) -> dict[str, torch.Tensor]:
