@@ -376,6 +376,12 @@ CASES: list[Case] = [
         ("sae.0.path",),
     ),
     (
+        "toml-bootstrap-beyond-memory",
+        lambda ws: (ws.edit("bootstrap_resamples = 100", "bootstrap_resamples = 1e12"), ws.config_argv())[1],
+        2,
+        ("thresholds.toml", "[eval] bootstrap_resamples = 1,000,000,000,000", "memory"),
+    ),
+    (
         "toml-regression-direction",
         lambda ws: (ws.edit("[[sae]]", "[regression]\nl0 = { tolerance = 1 }\n\n[[sae]]"), ws.config_argv())[1],
         2,
