@@ -382,6 +382,14 @@ CASES: list[Case] = [
         ("thresholds.toml", "[eval] bootstrap_resamples = 1,000,000,000,000", "memory"),
     ),
     (
+        "toml-hub-revision-escapes",
+        lambda ws: (ws.edit('path = "good"', 'path = "hf://owner/repo@..%2F..%2F..%2Fevilref/sae"'), ws.config_argv())[
+            1
+        ],
+        2,
+        ("sae.0.path", "revision", "'..'", "percent-decoded"),
+    ),
+    (
         "toml-regression-direction",
         lambda ws: (ws.edit("[[sae]]", "[regression]\nl0 = { tolerance = 1 }\n\n[[sae]]"), ws.config_argv())[1],
         2,
