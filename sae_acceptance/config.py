@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import unicodedata
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -400,6 +401,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
     _check_paths(loaded, where)
     _check_splices(loaded, where)
     _check_measured(loaded, where)
+    _check_names(loaded, where)
     return loaded
 
 
@@ -441,6 +443,34 @@ def _check_measured(loaded: LoadedThresholds, where: str) -> None:
                 line = f":{loaded.line_of(*loc, name)}" if loaded.text else ""
                 field = ".".join(map(str, (*loc, name)))
                 raise ConfigError(f"{where}{line}: {field}: needs [eval] diagnostics' {part!r} part, which is off")
+
+
+# A run writes files named after each SAE: `<report>.<name>.densities.npz` beside the JSON report
+# and `<thresholds>_<name>_eval_results.json` for SAEBench. File names hold at most 255 bytes; a
+# name leaves room for the longer suffix and a stem of 64 bytes.
+NAME_STEM_ROOM = 64
+NAME_BYTES = 255 - NAME_STEM_ROOM - len("__eval_results.json")
+
+
+def _check_names(loaded: LoadedThresholds, where: str) -> None:
+    """Each [[sae]] name (given, or taken from its path) fits every file a run writes for it and
+    holds no control character (NUL ends a C string; a newline splits a report line): refused
+    here, before anything is evaluated, not when the first file is written."""
+    for i, entry in enumerate(loaded.config.sae):
+        key = "name" if entry.name else "path"
+        name, size = entry.display_name, len(entry.display_name.encode())
+        control = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+        if control is not None:
+            problem = f"the name {name!r} holds the control character {control!r}"
+        elif size > NAME_BYTES:
+            problem = (
+                f"the name {name[:24]!r}... is {size} bytes; the files a run writes for it "
+                f"(<report>.<name>.densities.npz) leave {NAME_BYTES} bytes for a name"
+            )
+        else:
+            continue
+        line = f":{loaded.line_of('sae', i, key)}" if loaded.text else ""
+        raise ConfigError(f"{where}{line}: sae.{i}.{key}: {problem}")
 
 
 def _check_splices(loaded: LoadedThresholds, where: str) -> None:

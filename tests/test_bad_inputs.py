@@ -390,6 +390,28 @@ CASES: list[Case] = [
         ("sae.0.path", "revision", "'..'", "percent-decoded"),
     ),
     (
+        "toml-sae-name-too-long",
+        lambda ws: (ws.edit('name = "good"', f'name = "{"n" * 230}"'), ws.config_argv())[1],
+        2,
+        ("thresholds.toml:14", "sae.0.name", "230 bytes"),
+    ),
+    (
+        "toml-sae-name-nul",
+        lambda ws: (ws.edit('name = "good"', 'name = "go\\u0000od"'), ws.config_argv())[1],
+        2,
+        ("thresholds.toml:14", "sae.0.name", "control character"),
+    ),
+    (
+        "toml-sae-dir-name-too-long",
+        lambda ws: (
+            (ws.root / "good").rename(ws.root / ("d" * 230)),
+            ws.edit('name = "good"\npath = "good"', f'path = "{"d" * 230}"'),
+            ws.config_argv(),
+        )[2],
+        2,
+        ("thresholds.toml:14", "sae.0.path", "230 bytes"),
+    ),
+    (
         "toml-regression-direction",
         lambda ws: (ws.edit("[[sae]]", "[regression]\nl0 = { tolerance = 1 }\n\n[[sae]]"), ws.config_argv())[1],
         2,
