@@ -19,6 +19,7 @@ import stat
 import sys
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -182,6 +183,26 @@ def read_json(
         raise error(f"{path}:{err.lineno}: not valid JSON, expected {what} ({err.msg})") from None
     except RecursionError:
         raise error(f"{path}: nested too deeply to read as {what}; refused") from None
+
+
+def npz_within(
+    path: str | Path, what: str, limit: int = REPORT_LIMIT, error: type[SAEAcceptanceError] = OutputError
+) -> None:
+    """Refuse, before numpy unpacks it, an .npz whose members add up to more than `limit` bytes:
+    a compressed member's size is whatever its header says, a few bytes can claim gigabytes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):  # the reader says what is wrong with it
+        return
+    if total > limit:
+        raise error(f"{path}: its arrays unpack to {total:,} bytes, above the {limit:,}-byte limit for {what}; refused")
+
+
+def ignored_fields_note(path: str | Path, unknown: list[str]) -> str:
+    """The note for fields a reader skipped: written by a newer version, most likely."""
+    shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+    return f"{path}: ignored fields this version does not read ({shown}); written by a newer version?"
 
 
 @contextlib.contextmanager

@@ -280,6 +280,42 @@ def _dictionary_learning(ws: Workspace, layer: object) -> list[str]:
     return ws.config_argv()
 
 
+def _shard_report(ws: Workspace, edit: Callable[[dict], object] | None = None) -> Path:
+    """The one shard report of a 1-shard run (and its densities), `edit`ed as a newer version or a
+    hostile hand would."""
+    path = ws.root / "shards" / "s1.json"
+    assert main(ws.config_argv("--shard", "1/1", "--json", str(path))) == 0
+    if edit is not None:
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    return path
+
+
+def _claims_gigabytes(path: Path) -> Path:
+    """Rewrite an .npz's central directory so one member claims ~4 GB unpacked: what a
+    decompression bomb's header says, in a few bytes."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    data[at + 24 : at + 28] = (0xFFFFFFF0).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _written_baseline(ws: Workspace) -> Path:
+    ws.toml.write_text('baseline = "base.json"\n' + ws.toml.read_text())
+    assert main(ws.config_argv("--update-baseline")) == 0
+    return ws.root / "base.json"
+
+
+def _baseline_d_in(ws: Workspace) -> list[str]:
+    path = _written_baseline(ws)
+    data = json.loads(path.read_text())
+    data["saes"]["good"]["sums"]["d_in"] = "wide"
+    path.write_text(json.dumps(data))
+    return ws.config_argv()
+
+
 CASES: list[Case] = [
     # thresholds.toml
     (
@@ -620,6 +656,36 @@ CASES: list[Case] = [
         ("gone.json", "no such baseline"),
     ),
     ("baseline-other-tokens", _other_tokens_baseline, 2, ("base.json", "measured on something else", "tokens")),
+    ("baseline-d_in", _baseline_d_in, 2, ("base.json", "saes.good.sums.d_in", "'wide'")),
+    (
+        "baseline-sidecar-bomb",
+        lambda ws: (_claims_gigabytes(_written_baseline(ws).with_suffix(".npz")), ws.config_argv())[1],
+        2,
+        ("base.npz", "unpack to 4,294,9"),
+    ),
+    # merge
+    (
+        "merge-count-billion",
+        lambda ws: ["merge", str(_shard_report(ws, lambda d: d["shard"].update(count=10**9)))],
+        2,
+        ("s1.json", "missing"),
+    ),
+    (
+        "merge-count-float",
+        lambda ws: ["merge", str(_shard_report(ws, lambda d: d["shard"].update(count=1e9)))],
+        2,
+        ("s1.json", "whole numbers"),
+    ),
+    ("merge-report-fifo", lambda ws: ["merge", str(_fifo(_shard_report(ws)))], 2, ("s1.json", "not a regular file")),
+    (
+        "merge-densities-bomb",
+        lambda ws: (
+            _claims_gigabytes(_shard_report(ws).with_name("s1.good.densities.npz")),
+            ["merge", str(ws.root / "shards" / "s1.json")],
+        )[1],
+        2,
+        ("s1.good.densities.npz", "unpack to"),
+    ),
     # outputs
     ("json-into-directory", lambda ws: ws.config_argv("--json", str(ws.root)), 2, ("ws", "is a directory")),
     ("json-into-proc", lambda ws: ws.config_argv("--json", "/proc/r.json"), 2, ("/proc/r.json", "cannot write")),
@@ -723,6 +789,26 @@ def test_remote_code_never_runs_nor_asks_on_a_terminal(ws, model_type):
     else:
         assert done.returncode == 0, done.stderr
     assert "[y/N]" not in done.stdout + done.stderr
+    no_leftovers(ws.root)
+
+
+def test_fields_of_a_newer_version_are_ignored_with_a_note(ws, capsys):
+    """A shard report and a baseline with fields this version does not read: merged and compared
+    as before, each reader saying once what it skipped."""
+    shard = _shard_report(ws, lambda d: (d.update(written_by="v9"), d["saes"]["good"].update(novel=[1, 2])))
+    capsys.readouterr()
+    assert main(["merge", str(shard)]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "ignored fields" in line]
+    assert len(notes) == 1 and "written_by" in notes[0] and "saes.good.novel" in notes[0], out
+    path = _written_baseline(ws)
+    data = json.loads(path.read_text())
+    data["comment"] = "from a newer version"
+    data["saes"]["good"]["novel"] = {"x": 1}
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(ws.config_argv()) == 0
+    one_line(capsys.readouterr().err, "base.json", "ignored fields", "comment", "saes.good.novel")
     no_leftovers(ws.root)
 
 
