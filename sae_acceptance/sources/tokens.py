@@ -98,7 +98,8 @@ def _dataset_rows(name: str, split: str, column: str | None, tokenizer) -> Itera
                     raise SourceError(f"data {name!r}: no split {split!r} (has {', '.join(dataset)})")
                 dataset = dataset[split]
         else:
-            dataset = datasets.load_dataset(name, split=split, streaming=True)
+            # no loading script runs (datasets before 4 ran one, or asked on standard input)
+            dataset = datasets.load_dataset(name, split=split, streaming=True, trust_remote_code=False)
         first = next(iter(dataset), None)  # a streamed dataset opens its files only here
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
         detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
