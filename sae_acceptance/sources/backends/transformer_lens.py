@@ -183,7 +183,8 @@ def _load_hub(name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[
     if not is_known_name(name):
         raise NotForTransformerLens(unknown_name(name))
     if loading.get_official_model_name(name).startswith(loading.NEED_REMOTE_CODE_MODELS):
-        raise SourceError(
+        # TransformerLens sets trust_remote_code for these; `auto` tries transformers' own classes
+        raise NotForTransformerLens(
             f"model {name!r}: TransformerLens loads it by running its repository's code, which the gate never does"
         )
     try:
