@@ -316,6 +316,14 @@ def _baseline_d_in(ws: Workspace) -> list[str]:
     return ws.config_argv()
 
 
+def _above_cap(path: Path) -> Path:
+    """`path` grown (sparse, nothing written) past the size any configuration file may have."""
+    from sae_acceptance.io import CONFIG_LIMIT
+
+    os.truncate(path, CONFIG_LIMIT + 1)
+    return path
+
+
 CASES: list[Case] = [
     # thresholds.toml
     (
@@ -326,6 +334,12 @@ CASES: list[Case] = [
     ),
     ("toml-fifo", lambda ws: (_fifo(ws.toml), ws.config_argv())[1], 2, ("thresholds.toml", "not a regular file")),
     ("toml-dev-zero", lambda ws: (_endless(ws.toml), ws.config_argv())[1], 2, ("thresholds.toml", "not a regular")),
+    (
+        "toml-above-cap",
+        lambda ws: (_above_cap(ws.toml), ws.config_argv())[1],
+        2,
+        ("thresholds.toml", "67,108,865 bytes", "refused unread"),
+    ),
     (
         "toml-not-utf8",
         lambda ws: (_garbage(ws.toml, b"\xff\xfe" + ws.toml.read_bytes()), ws.config_argv())[1],
@@ -495,6 +509,18 @@ CASES: list[Case] = [
         lambda ws: (_endless(ws.root / "good" / "sae_weights.safetensors"), ws.config_argv())[1],
         2,
         ("good/sae_weights.safetensors", "not a regular file"),
+    ),
+    (
+        "sae-cfg-above-cap",
+        lambda ws: (_above_cap(ws.root / "good" / "cfg.json"), ws.config_argv())[1],
+        2,
+        ("good/cfg.json", "refused unread"),
+    ),
+    (
+        "model-config-above-cap",
+        lambda ws: (_above_cap(_checkpoint(ws) / "config.json"), ws.config_argv())[1],
+        2,
+        ("model/config.json", "refused unread"),
     ),
     (
         "sae-cfg-deep",
