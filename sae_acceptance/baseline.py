@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +35,18 @@ import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.errors import BaselineError
-from sae_acceptance.io import REPORT_LIMIT, OutputError, locked, read_json, remove_lock, signals_held, write_atomic
+from sae_acceptance.io import (
+    REPORT_LIMIT,
+    OutputError,
+    ignored_fields_note,
+    locked,
+    npz_within,
+    read_json,
+    regular_file,
+    remove_lock,
+    signals_held,
+    write_atomic,
+)
 from sae_acceptance.metrics import METRICS
 from sae_acceptance.sources.identity import model_identity
 from sae_acceptance.stats import SequenceSums, paired_changes
@@ -171,6 +183,11 @@ def load_baseline(path: Path) -> Baseline:
             time.sleep(0.01)
 
 
+# What a baseline of a format this version reads holds; anything else is ignored, with a note.
+HEAD_KEYS = ("format", "version", "sidecar", "saes")
+BLOCK_KEYS = ("fingerprint", "metrics", "sums")
+
+
 class _TornPair(Exception):
     """The JSON and the sidecar come from different writes: a refresh may be under way."""
 
@@ -193,6 +210,11 @@ def _read(path: Path) -> Baseline:
     blocks = payload.get("saes")
     if not isinstance(blocks, dict) or not all(isinstance(e, dict) for e in blocks.values()):
         raise BaselineError(f'{path}: no "saes" table', remedy="force")
+    unknown = [k for k in payload if k not in HEAD_KEYS] + [
+        f"saes.{name}.{k}" for name, block in blocks.items() for k in block if k not in BLOCK_KEYS
+    ]
+    if unknown:
+        warnings.warn(ignored_fields_note(path, unknown), stacklevel=2)
     if version == 2:
         return Baseline(path, {name: _inline_entry(block, f"{path}: {name}") for name, block in blocks.items()})
     return Baseline(path, _with_sidecar(path, blocks))
@@ -235,6 +257,9 @@ def _with_sidecar(path: Path, blocks: dict[str, Any]) -> dict[str, BaselineEntry
 
 
 def _with_sidecar_sums(path: Path, blocks: dict[str, Any], sidecar: Path) -> dict[str, BaselineEntry]:
+    if sidecar.exists():
+        regular_file(sidecar, "a baseline sidecar (.npz)", BaselineError)
+        npz_within(sidecar, "a baseline sidecar", error=BaselineError)
     try:
         with np.load(sidecar, allow_pickle=False) as archive:
             stored = {key: archive[key] for key in archive.files}
@@ -257,7 +282,10 @@ def _with_sidecar_sums(path: Path, blocks: dict[str, Any], sidecar: Path) -> dic
                 f"{sidecar}: the sums of {name} do not match {path.name} (the two files come from different writes)"
             )
         scalars = {n: arrays[f"scalars.{n}"] for n in names}
-        sums = SequenceSums(scalars=scalars, fired=arrays["fired"], d_in=int(meta.get("d_in") or 0))
+        d_in = meta.get("d_in") or 0
+        if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 0:
+            raise BaselineError(f"{path}: saes.{name}.sums.d_in must be a whole number, got {d_in!r}", remedy="force")
+        sums = SequenceSums(scalars=scalars, fired=arrays["fired"], d_in=d_in)
         out[name] = BaselineEntry(dict(block.get("fingerprint") or {}), _metric_values(block), sums)
     return out
 

@@ -37,7 +37,7 @@ from sae_acceptance.config import (
 )
 from sae_acceptance.errors import BaselineError, ConfigError, ReportError, SAEAcceptanceError
 from sae_acceptance.gate import Outputs, exit_status, run_gate, write_outputs
-from sae_acceptance.io import REPORT_LIMIT, read_json, write_json
+from sae_acceptance.io import REPORT_LIMIT, ignored_fields_note, read_json, stdin_empty, write_json
 from sae_acceptance.pr_profile import (
     HOOK_TYPE,
     format_profile_table,
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     regression failed, 2 bad input or an error of the tool) and at most one line on stderr."""
     try:
         args = build_parser().parse_args(argv)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), stdin_empty():
             warnings.showwarning = _one_line_warning
             return COMMANDS[args.command](args)
     except SAEAcceptanceError as err:
@@ -344,8 +344,7 @@ def _read_report(path: Path) -> EvalReport:
         raise ReportError(f"{path}: not a readable report ({type(err).__name__}: {err})") from None
     unknown = unknown_fields(data)
     if unknown:
-        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        print(f"note: {path}: ignored fields this version does not read ({shown}); written by a newer version?")
+        print(f"note: {ignored_fields_note(path, unknown)}")
     read_densities(path, report)
     return report
 

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import unicodedata
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -27,7 +28,7 @@ from pydantic import (
 )
 
 from sae_acceptance.errors import ConfigError, SAEFormatError
-from sae_acceptance.io import write_atomic
+from sae_acceptance.io import read_text, write_atomic
 from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS, VARIANCE_NORMALISED
 from sae_acceptance.sources.spec import check_spec, default_name, is_remote
 from sae_acceptance.stats import BootstrapSettings
@@ -139,6 +140,15 @@ class EvalSettings(StrictModel):
         "worst (the contexts hurt most), propagation (the error through later blocks), saebench (SAEBench's core)",
     )
     worst_n: int = Field(16, ge=0, description="worst contexts kept per SAE (the diagnostics' `worst` part)")
+
+    @field_validator("exclude_special_tokens")
+    @classmethod
+    def _token_ids(cls, ids: bool | list[int]) -> bool | list[int]:
+        """Token ids are int64 tensors' entries: an id outside [0, 2**63) is no token."""
+        outside = [i for i in ids if not 0 <= i < 2**63] if isinstance(ids, list) else []
+        if outside:
+            raise ValueError(f"token id {outside[0]} is not a token id (0 to 2**63 - 1)")
+        return ids
 
     def parts(self) -> tuple[str, ...]:
         """The diagnostic parts this eval runs."""
@@ -392,14 +402,13 @@ def load_thresholds(path: str | Path) -> LoadedThresholds:
 
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     """A TOML file's tables and its text (for line numbers), or one ConfigError."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    text = read_text(path, "a TOML file", error=ConfigError)
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read as a TOML file; refused") from None
 
 
 def thresholds_from_mapping(raw: dict[str, Any], source: str, base: Path | None = None) -> LoadedThresholds:
@@ -416,6 +425,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
     _check_paths(loaded, where)
     _check_splices(loaded, where)
     _check_measured(loaded, where)
+    _check_names(loaded, where)
     return loaded
 
 
@@ -457,6 +467,34 @@ def _check_measured(loaded: LoadedThresholds, where: str) -> None:
                 line = f":{loaded.line_of(*loc, name)}" if loaded.text else ""
                 field = ".".join(map(str, (*loc, name)))
                 raise ConfigError(f"{where}{line}: {field}: needs [eval] diagnostics' {part!r} part, which is off")
+
+
+# A run writes files named after each SAE: `<report>.<name>.densities.npz` beside the JSON report
+# and `<thresholds>_<name>_eval_results.json` for SAEBench. File names hold at most 255 bytes; a
+# name leaves room for the longer suffix and a stem of 64 bytes.
+NAME_STEM_ROOM = 64
+NAME_BYTES = 255 - NAME_STEM_ROOM - len("__eval_results.json")
+
+
+def _check_names(loaded: LoadedThresholds, where: str) -> None:
+    """Each [[sae]] name (given, or taken from its path) fits every file a run writes for it and
+    holds no control character (NUL ends a C string; a newline splits a report line): refused
+    here, before anything is evaluated, not when the first file is written."""
+    for i, entry in enumerate(loaded.config.sae):
+        key = "name" if entry.name else "path"
+        name, size = entry.display_name, len(entry.display_name.encode())
+        control = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+        if control is not None:
+            problem = f"the name {name!r} holds the control character {control!r}"
+        elif size > NAME_BYTES:
+            problem = (
+                f"the name {name[:24]!r}... is {size} bytes; the files a run writes for it "
+                f"(<report>.<name>.densities.npz) leave {NAME_BYTES} bytes for a name"
+            )
+        else:
+            continue
+        line = f":{loaded.line_of('sae', i, key)}" if loaded.text else ""
+        raise ConfigError(f"{where}{line}: sae.{i}.{key}: {problem}")
 
 
 def _check_splices(loaded: LoadedThresholds, where: str) -> None:

@@ -60,7 +60,7 @@ from sae_acceptance.sources.model import (
 from sae_acceptance.sources.sae import SAE
 from sae_acceptance.sources.sae_io import load_sae
 from sae_acceptance.sources.tokens import counted_mask, fingerprint, load_tokens
-from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals
+from sae_acceptance.stats import BootstrapSettings, SequenceSums, bootstrap_intervals, check_bootstrap_fits
 from sae_acceptance.verdict import MetricValue, canyon_warning, judge, loss_context
 from sae_acceptance.weights import latent_weights
 
@@ -100,6 +100,7 @@ def evaluate(
     models = models or ModelCache()
     device = str(resolve_device(device or settings.device))
     bootstrap = settings.bootstrap
+    check_bootstrap_fits(settings.n_sequences, bootstrap.resamples, str(loaded.path))
     wanted = None if names is None else set(names)
     splice_entries = [
         s

@@ -16,8 +16,10 @@ import math
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -63,6 +65,28 @@ def signals_held() -> Iterator[None]:
                 handler(signum, frame)
             elif handler == signal.SIG_DFL:
                 os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def stdin_empty() -> Iterator[None]:
+    """Standard input reads as empty (end of file) while the block runs, for Python code and for
+    any child process alike: nothing the tool calls can prompt (transformers asks there before
+    running a checkpoint's code) or wait on a terminal."""
+    saved, saved_fd = sys.stdin, None
+    with open(os.devnull) as empty:
+        try:
+            saved_fd = os.dup(0)
+            os.dup2(empty.fileno(), 0)
+        except OSError:  # no descriptor 0 to replace: nothing can read it either
+            saved_fd = None
+        sys.stdin = empty
+        try:
+            yield
+        finally:
+            sys.stdin = saved
+            if saved_fd is not None:
+                os.dup2(saved_fd, 0)
+                os.close(saved_fd)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -159,7 +183,27 @@ def read_json(
     except json.JSONDecodeError as err:
         raise error(f"{path}:{err.lineno}: not valid JSON, expected {what} ({err.msg})") from None
     except RecursionError:
-        raise error(f"{path}: nested deeper than any {what} is; refused") from None
+        raise error(f"{path}: nested too deeply to read as {what}; refused") from None
+
+
+def npz_within(
+    path: str | Path, what: str, limit: int = REPORT_LIMIT, error: type[SAEAcceptanceError] = OutputError
+) -> None:
+    """Refuse, before numpy unpacks it, an .npz whose members add up to more than `limit` bytes:
+    a compressed member's size is whatever its header says, a few bytes can claim gigabytes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):  # the reader says what is wrong with it
+        return
+    if total > limit:
+        raise error(f"{path}: its arrays unpack to {total:,} bytes, above the {limit:,}-byte limit for {what}; refused")
+
+
+def ignored_fields_note(path: str | Path, unknown: list[str]) -> str:
+    """The note for fields a reader skipped: written by a newer version, most likely."""
+    shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+    return f"{path}: ignored fields this version does not read ({shown}); written by a newer version?"
 
 
 @contextlib.contextmanager

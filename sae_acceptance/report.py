@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from sae_acceptance.errors import ReportError
-from sae_acceptance.io import write_atomic
+from sae_acceptance.io import npz_within, write_atomic
 from sae_acceptance.render import format_table
 from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
 from sae_acceptance.verdict import EntryStatus, Status
@@ -272,6 +272,7 @@ def read_densities(json_path: Path, report: EvalReport) -> None:
     for name, result in report.saes.items():
         path = densities_path(json_path, name)
         if result.error is None and path.is_file():
+            npz_within(path, "an SAE's densities", error=ReportError)
             with np.load(path, allow_pickle=False) as stored:
                 result.latents = Latents.from_arrays(
                     {key: stored[key] for key in stored.files}, float(stored["n_tokens"])

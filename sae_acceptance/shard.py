@@ -17,7 +17,6 @@ entry or, read lightly, its directory's `cfg.json`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ import numpy as np
 
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.config import LoadedThresholds, SAEEntry
-from sae_acceptance.errors import ConfigError
+from sae_acceptance.errors import ConfigError, SAEAcceptanceError
+from sae_acceptance.io import read_json
 from sae_acceptance.sources.spec import is_remote
 
 # Cost in tail passes: one for the group's zero-ablation, one per SAE; and per model a run
@@ -100,8 +100,8 @@ def recorded(loaded: LoadedThresholds, entry: SAEEntry) -> dict[str, str]:
     if is_remote(entry.path):
         return {}
     try:
-        cfg = json.loads((Path(loaded.resolve(entry.path)) / "cfg.json").read_text())
-    except (OSError, ValueError):
+        cfg = read_json(Path(loaded.resolve(entry.path)) / "cfg.json", "an SAE config")
+    except SAEAcceptanceError:  # the SAE's reader names what is wrong with it
         return {}
     if not isinstance(cfg, dict):
         return {}

@@ -8,10 +8,12 @@ point estimate. The paired bootstrap applies the same counts to two runs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from sae_acceptance.errors import ConfigError
 from sae_acceptance.metrics import interval_metrics, pooled_metrics
 
 
@@ -57,6 +59,37 @@ class SequenceSums:
             shift_sum_sq = np.einsum("...d,...d->...", shift_total, shift_total)
         computed = pooled_metrics(totals, shift_sum_sq, self.d_in)
         return {name: computed[name] for name in interval_metrics(set(self.scalars))}
+
+
+def bootstrap_bytes(n_sequences: int, resamples: int) -> int:
+    """Peak bytes `resample_counts` allocates: the draws, the draws offset per resample, their
+    counts and the float copy, each [resamples, n_sequences] of 8 bytes."""
+    return 4 * 8 * resamples * n_sequences
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still have (None where the system does not say)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_bootstrap_fits(n_sequences: int, resamples: int, where: str) -> None:
+    """Refuse, before anything is evaluated, a bootstrap whose resample matrix cannot fit in
+    memory: one line naming the setting, not "out of memory" after the evaluation."""
+    needed, available = bootstrap_bytes(n_sequences, resamples), available_memory()
+    if available is not None and needed > available:
+        raise ConfigError(
+            f"{where}: [eval] bootstrap_resamples = {resamples:,} over {n_sequences:,} sequences needs about "
+            f"{needed / 1e9:,.1f} GB, more than the {available / 1e9:,.1f} GB of memory available; lower it"
+        )
 
 
 def resample_counts(n: int, settings: BootstrapSettings) -> np.ndarray:

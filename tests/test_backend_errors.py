@@ -106,3 +106,22 @@ def test_a_checkpoint_without_tokenizer_evaluates(tmp_path, llama, backend):
     model = report.settings["models"][str(llama)]
     assert model["backend"] == ("hf" if backend == "hf" else TL_KIND)
     assert model["patched_passes"] == "tail from the hook"  # TransformerLens 4's bridge included
+
+
+@pytest.mark.skipif(TL_KIND != "transformer_lens", reason="TransformerLens 3's hub loader")
+def test_a_name_transformer_lens_loads_with_repository_code_is_left_to_transformers(monkeypatch):
+    """TransformerLens turns on trust_remote_code for some names (Qwen3, phi-2): refused before
+    anything is fetched, as not TransformerLens's to load, so `auto` tries transformers' own classes."""
+    import torch
+    from transformer_lens import HookedTransformer
+
+    from sae_acceptance.sources.backends import transformer_lens
+    from sae_acceptance.sources.backends.checkpoint import NotForTransformerLens
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("fetched")
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", fetched)
+    with pytest.raises(NotForTransformerLens, match=r"'Qwen/Qwen3-0\.6B': .*running its repository's code") as excinfo:
+        transformer_lens._load_hub("Qwen/Qwen3-0.6B", torch.device("cpu"), torch.float32, {}, 1)
+    _one_line(excinfo)

@@ -141,3 +141,18 @@ def test_r2_is_exact_under_a_large_activation_mean():
     assert float(sst / a.shape[0]) > 1e4
     assert m["r2"] == pytest.approx(float(1 - ((a - r) ** 2).sum() / sst), rel=1e-7)
     assert m["sst_per_token"] == pytest.approx(float(sst / a.shape[0]), rel=1e-7)
+
+
+def test_bootstrap_bytes_bounds_what_the_resample_matrix_allocates():
+    """The up-front memory check counts at least what `resample_counts` holds at its peak."""
+    import tracemalloc
+
+    from sae_acceptance.stats import bootstrap_bytes
+
+    tracemalloc.start()
+    try:
+        resample_counts(50, BootstrapSettings(20_000, 0.95, 0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0.5 * bootstrap_bytes(50, 20_000) < peak <= bootstrap_bytes(50, 20_000)

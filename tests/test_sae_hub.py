@@ -93,6 +93,41 @@ def test_revisions_with_a_slash_are_percent_encoded_and_names_come_from_the_spec
     )
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "hf://acme/saes@..%2F..%2F..%2Fevilref/sae",  # the revision steps out of the cache's refs
+        "hf://acme/saes@refs%2F..%2F..%2Fx/sae",
+        "hf://acme/saes/%2E%2E/other",
+        "hf://acme/saes/layers%2F..%2F..%2Fx",
+        "hf://acme/saes/a%00b",
+        "hf://acme/saes/a%5Cb",
+        "hf://%2E%2E/saes/x",
+        "hf://acme/sa%2Fes/x",
+        "sae-lens://release/..%2F..%2Fx",
+        "sae-lens://re%0Alease/x",
+    ],
+)
+def test_every_part_of_a_hub_name_is_checked_percent_decoded(spec):
+    from sae_acceptance.sources.spec import check_spec
+
+    with pytest.raises(SAEFormatError, match=r"^(hf|sae-lens)://\S+: its .*; refused$"):
+        check_spec(spec)
+
+
+def test_a_ref_that_leads_out_of_the_cache_is_refused(hub_cache, tmp_path):
+    """huggingface_hub follows a ref file wherever the revision points; what it resolves must
+    still be inside the cache, whatever reached it."""
+    from sae_acceptance.sources.hub import fetch_folder
+
+    hub_cache("acme/saes", "sae", random_topk_sae())
+    outside = save_sae(random_topk_sae(), tmp_path / "elsewhere" / "sae")
+    (tmp_path / "evilref").write_text("../../../elsewhere")  # read as refs/../../../evilref
+    with pytest.raises(SAEFormatError, match=r"outside the Hugging Face cache"):
+        fetch_folder("hf://acme/saes@x/sae", "acme/saes", "../../../evilref", "sae")
+    assert outside.is_dir()
+
+
 def test_saelens_release_ids_resolve_through_saelens_directory(hub_cache):
     local = hub_cache(SAELENS_REPO, "0-res-sm", random_topk_sae(hook="blocks.0.hook_resid_post"))
     sae = load_sae("sae-lens://pythia-70m-deduped-res-sm/blocks.0.hook_resid_post")

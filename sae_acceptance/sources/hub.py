@@ -55,7 +55,7 @@ def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> 
         raise SAEFormatError(
             f"{spec}: cannot fetch {at} from the Hugging Face Hub ({type(err).__name__}: {err})"
         ) from err
-    path = Path(root) / folder
+    path = _inside_cache(spec, Path(root) / folder, Path(constants.HF_HUB_CACHE))
     if not has_sae_files(path):
         where = f"folder {folder!r}" if folder else "top level"
         if constants.HF_HUB_OFFLINE:
@@ -64,6 +64,14 @@ def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> 
                 "(HF_HUB_OFFLINE is set: they may be on the hub, not yet downloaded)"
             )
         raise SAEFormatError(f"{spec}: {repo_id} has no SAE files ({', '.join(SAE_FILES)}) at its {where}")
+    return path
+
+
+def _inside_cache(spec: str, path: Path, cache: Path) -> Path:
+    """`path`, which must lie inside the hub cache once resolved: a revision or ref that steps
+    out of it would have the gate read a folder from anywhere on disk."""
+    if not path.resolve().is_relative_to(cache.expanduser().resolve()):
+        raise SAEFormatError(f"{spec}: resolved to {path.resolve()}, outside the Hugging Face cache {cache}; refused")
     return path
 
 

@@ -15,7 +15,7 @@ def model_identity(name_or_path: str | Path | None) -> str | None:
         return None if name_or_path is None else str(name_or_path)
     path = Path(name_or_path).resolve()
     files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
-    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
     return _content_hash(stamps)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from sae_acceptance.config import eval_default
 from sae_acceptance.errors import SourceError
+from sae_acceptance.io import regular_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,10 +40,9 @@ def load_tokens(
     `split` defaults to `[eval]`'s)."""
     path = Path(data).expanduser()
     if path.suffix == ".npy":
-        if not path.is_file():
-            raise SourceError(
-                f"{path}: {'is a directory' if path.is_dir() else 'no such token file'}, expected a .npy file"
-            )
+        if not path.exists():
+            raise SourceError(f"{path}: no such token file, expected a .npy file")
+        regular_file(path, "a .npy file", SourceError)
         return _from_npy(path, n_sequences, context_size, skip)
     if path.exists() and not path.is_dir():
         raise SourceError(f"{path}: not a token file; expected a .npy array or a dataset directory")
@@ -103,7 +103,8 @@ def _dataset_rows(
                     raise SourceError(f"data {name!r}: no split {split!r} (has {', '.join(dataset)})")
                 dataset = dataset[split]
         else:
-            dataset = datasets.load_dataset(name, split=split, streaming=True)
+            # no loading script runs (datasets before 4 ran one, or asked on standard input)
+            dataset = datasets.load_dataset(name, split=split, streaming=True, trust_remote_code=False)
         first = next(iter(dataset), None)  # a streamed dataset opens its files only here
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
         detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import difflib
+import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae_acceptance.errors import SourceError
+from safetensors import SafetensorError
+
+from sae_acceptance.errors import SAEAcceptanceError, SourceError
+from sae_acceptance.io import read_json, regular_file
+from sae_acceptance.sources.formats.tensors import pickle_refused
+
+# Every transformers loader gets this: a checkpoint's own code (`auto_map`) is never run, and
+# never asked about on standard input.
+NO_REMOTE_CODE = {"trust_remote_code": False}
+# What transformers raises for weights it refuses to unpickle, or a damaged safetensors file.
+UNREADABLE_WEIGHTS = (pickle.UnpicklingError, SafetensorError)
+# What transformers reads from a checkpoint folder: configs, weights, tokenizer files.
+CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".pt")
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +37,50 @@ def has_tokenizer(path: Path) -> bool:
     return any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     )
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse, before transformers opens it, a local checkpoint with a file it would read that is
+    not a regular file (a FIFO hangs a reader, `/dev/zero` never ends), or that could only load
+    by running code it ships (`auto_map` naming a model or tokenizer class transformers does not
+    have). Where transformers has the class built in, `NO_REMOTE_CODE` loads that one instead."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    checks = (
+        ("config.json", "model_type", lambda name: isinstance(name, str) and name in CONFIG_MAPPING),
+        (
+            "tokenizer_config.json",
+            "tokenizer_class",
+            lambda name: isinstance(name, str) and bool(tokenizer_class_from_name(name)),
+        ),
+    )
+    for file in path.iterdir():
+        if file.suffix in CHECKPOINT_SUFFIXES and not file.is_dir():
+            regular_file(file, f"a checkpoint's {file.suffix} file", SourceError)
+    for file_name, field, built_in in checks:
+        file = path / file_name
+        if file_name != "config.json" and not file.exists():
+            continue
+        config = read_json(file, f"a checkpoint's {file_name}", error=SourceError)
+        if not isinstance(config, dict):
+            raise SourceError(f"{file}: expected a JSON object, got {type(config).__name__}")
+        if config.get("auto_map") and not built_in(config.get(field)):
+            raise SourceError(
+                f"{file}: auto_map asks to run the checkpoint's own code for {field} {config.get(field)!r} "
+                "(not built into transformers); the gate never runs a checkpoint's code"
+            )
+
+
+def weights_refused(source: str | Path, err: Exception) -> SAEAcceptanceError:
+    """The one line for checkpoint weights transformers could not read safely (`UNREADABLE_WEIGHTS`):
+    a pickle holding more than tensors, or a damaged safetensors file."""
+    suffixes = (".bin", ".pt") if isinstance(err, pickle.UnpicklingError) else (".safetensors",)
+    files = sorted(f for f in Path(source).iterdir() if f.suffix in suffixes) if isinstance(source, Path) else []
+    where = str(files[0]) if len(files) == 1 else f"model {str(source)!r}"
+    if isinstance(err, pickle.UnpicklingError):
+        return pickle_refused(where, err, SourceError)
+    return SourceError(f"{where}: not a readable safetensors file ({first_line(err)})")
 
 
 def checkpoint_special_ids(config: PretrainedConfig) -> list[int]:

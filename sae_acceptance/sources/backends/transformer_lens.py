@@ -22,13 +22,17 @@ from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
+    NO_REMOTE_CODE,
+    UNREADABLE_WEIGHTS,
     NotForTransformerLens,
+    check_checkpoint,
     checkpoint_special_ids,
     closest_names,
     dtype_kwarg,
     first_line,
     has_tokenizer,
     quiet_transformers,
+    weights_refused,
 )
 from sae_acceptance.sources.backends.families import family_of, inside_layer, is_module_point
 
@@ -188,10 +192,15 @@ def unknown_name(name: str) -> str:
 def _load_hub(
     name: str, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any], n_devices: int
 ) -> HookedTransformer:
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer, loading
 
     if not is_known_name(name):
         raise NotForTransformerLens(unknown_name(name))
+    if loading.get_official_model_name(name).startswith(loading.NEED_REMOTE_CODE_MODELS):
+        # TransformerLens sets trust_remote_code for these; `auto` tries transformers' own classes
+        raise NotForTransformerLens(
+            f"model {name!r}: TransformerLens loads it by running its repository's code, which the gate never does"
+        )
     try:
         return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, n_devices=n_devices, **kwargs)
     except OSError as err:  # hub unreachable, or the repository is missing
@@ -206,9 +215,12 @@ def _load_local(
     from transformer_lens import HookedTransformer, loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_checkpoint(path)
     try:
         with quiet_transformers():
-            hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32))
+            hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32), **NO_REMOTE_CODE)
+    except UNREADABLE_WEIGHTS as err:
+        raise weights_refused(path, err) from None
     except (OSError, ValueError, KeyError) as err:
         raise SourceError(f"model {str(path)!r}: cannot load as a local checkpoint ({first_line(err)})") from None
     with _neutral_name(path) as neutral:
@@ -221,7 +233,7 @@ def _load_local(
                 f"model {str(path)!r}: TransformerLens cannot convert a {type(hf_model).__name__} ({first_line(err)})"
             ) from None
         state = loading.get_pretrained_state_dict(neutral, cfg, hf_model)
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+    tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE) if has_tokenizer(path) else None
     if tokenizer is None:
         cfg.tokenizer_name = None  # else HookedTransformer asks AutoTokenizer for the directory's files
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)

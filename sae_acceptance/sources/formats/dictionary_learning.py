@@ -118,17 +118,20 @@ def read_directory(path: Path) -> SAE:
     return SAE(
         **fields,
         k=k,
-        hook_name=_hook(trainer),
+        hook_name=_hook(trainer, cfg_file),
         model_name=str(trainer["lm_name"]).split("/")[-1] if trainer.get("lm_name") else None,
         metadata={"dict_class": dict_class, **{k: v for k, v in trainer.items() if not isinstance(v, dict | list)}},
         path=path,
     )
 
 
-def _hook(trainer: dict[str, Any]) -> str | None:
+def _hook(trainer: dict[str, Any], cfg_file: Path) -> str | None:
     """dictionary_learning records the layer; its SAEBench suites read the residual stream after it."""
     layer = trainer.get("layer")
     submodule = str(trainer.get("submodule_name") or "resid_post")
     if layer is None or "resid_post" not in submodule:
         return None
-    return f"blocks.{int(layer)}.hook_resid_post"
+    index = whole_number(layer, "trainer.layer", cfg_file)
+    if index is None or index < 0:
+        raise SAEFormatError(f"{cfg_file}: trainer.layer must be a layer index (0 or more), got {layer!r}")
+    return f"blocks.{index}.hook_resid_post"

@@ -37,6 +37,6 @@ def read_directory(path: Path) -> SAE:
     if path.is_file():
         raise SAEFormatError(f"{path}: expected a directory holding one of: {EXPECTED}")
     for _, weights, _, reader in LAYOUTS:
-        if (path / weights).is_file():
+        if (path / weights).exists() and not (path / weights).is_dir():  # a pipe or device: refused by name
             return reader(path)
     raise SAEFormatError(f"{path}: no SAE weights; expected one of: {EXPECTED}")

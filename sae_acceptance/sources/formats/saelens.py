@@ -63,6 +63,14 @@ def read_directory(path: Path) -> SAE:
     return from_config(cfg, read_safetensors(file), where=cfg_file, weights=file, path=path)
 
 
+def _head_index(value: Any, where: Path | str) -> int | None:
+    """The attention head an SAE reads, a whole number from 0 (None: every head)."""
+    index = whole_number(value, "hook_head_index", where)
+    if index is not None and index < 0:
+        raise SAEFormatError(f"{where}: hook_head_index must be 0 or more, got {index}")
+    return index
+
+
 def setting(cfg: dict[str, Any], key: str) -> Any:
     """`cfg[key]`, or SAELens's default where the config leaves it out (or null)."""
     value = cfg.get(key)
@@ -130,7 +138,7 @@ def from_config(
         r_mag=tensors.get("r_mag") if rule == "gated" else None,
         W_skip=tensors.get("W_skip") if name.endswith("skip_transcoder") else None,
         hook_name_out=hf_out or first("hook_name_out"),
-        hook_head_index=whole_number(first("hook_head_index", "hook_point_head_index"), "hook_head_index", where),
+        hook_head_index=_head_index(first("hook_head_index", "hook_point_head_index"), where),
         normalize_activations=norm if isinstance(norm, str) else "none",
         transcoder=transcoder,
     )
@@ -144,6 +152,8 @@ def from_config(
     if dtype is None:
         named = getattr(torch, str(setting(cfg, "dtype")).removeprefix("torch."), None)
         dtype = named if isinstance(named, torch.dtype) else None
+        if dtype is not None and not dtype.is_floating_point:
+            raise SAEFormatError(f"{where}: dtype {setting(cfg, 'dtype')!r} is not a floating-point dtype")
     return sae.to(dtype=dtype)
 
 
