@@ -12,7 +12,8 @@ import json
 import math
 import re
 import sys
-from functools import cached_property
+from bisect import bisect_right
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -351,8 +352,13 @@ class LoadedThresholds(BaseModel):
         """The baseline a run compares against: `override` or `baseline =`; none otherwise."""
         return self.baseline_file(override) if override or self.config.baseline else None
 
+    @cached_property
+    def lines(self) -> TomlLines:
+        return TomlLines(self.text)
+
     def line_of(self, *loc: str | int) -> int:
-        return locate(self.text, loc)
+        """The line a location (`"sae", 3, "path"`) is at, for messages that point back."""
+        return self.lines.locate(loc)
 
 
 def _looks_local(value: str) -> bool:
@@ -478,38 +484,57 @@ def same_hook(members: list[tuple[str, str]]) -> str | None:
 
 
 def locate(text: str, loc: tuple[str | int, ...]) -> int:
-    """Best line number for a validation error's location (tomllib keeps no positions).
+    """Best line number for a validation error's location (tomllib keeps no positions)."""
+    return TomlLines(text).locate(loc)
 
-    Walks the location: a table header (`[eval]`, the n-th `[[sae]]`), then the
-    first `key =` (or inline `key = {`) line under it; falls back to the last
-    line found.
-    """
-    lines = text.splitlines()
-    line, start, end = 1, 0, len(lines)
-    keys = [p for p in loc if isinstance(p, str | int)]
-    if keys and isinstance(keys[0], str):
-        table = keys[0]
-        index = keys[1] if len(keys) > 1 and isinstance(keys[1], int) else 0
-        headers = [
-            i for i, text_line in enumerate(lines) if re.match(rf"\s*\[\[?\s*{re.escape(table)}\s*\]\]?", text_line)
-        ]
-        if len(headers) > index:
-            start = headers[index]
-            line = start + 1
-            nxt = [i for i, text_line in enumerate(lines) if i > start and re.match(r"\s*\[", text_line)]
-            end = nxt[0] if nxt else len(lines)
-            keys = keys[2:] if len(keys) > 1 and isinstance(keys[1], int) else keys[1:]
-        else:
-            keys = keys[0:]
-    for key in keys:
-        if not isinstance(key, str):
-            continue
-        pattern = re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
-        for i in range(start, end):
-            if pattern.search(lines[i]):
-                line, start = i + 1, i
-                break
-    return line
+
+_ANY_HEADER = re.compile(r"\s*\[")
+_TABLE_HEADER = re.compile(r"\s*\[\[?\s*([^\[\]\s]+)\s*\]")
+
+
+@lru_cache(maxsize=256)
+def _key_pattern(key: str) -> re.Pattern[str]:
+    return re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
+
+
+class TomlLines:
+    """A TOML text's table headers, scanned once: each entry's line is then found without
+    reading the file from its start again (a release's file has thousands of `[[sae]]`)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.headers: list[int] = []  # every line that opens a table (or starts with `[`)
+        self.tables: dict[str, list[int]] = {}  # `[name]` / `[[name]]` -> its header lines, in order
+        for i, line in enumerate(self.lines):
+            if _ANY_HEADER.match(line):
+                self.headers.append(i)
+                if match := _TABLE_HEADER.match(line):
+                    self.tables.setdefault(match.group(1), []).append(i)
+
+    def locate(self, loc: tuple[str | int, ...]) -> int:
+        """Walks the location: a table header (`[eval]`, the n-th `[[sae]]`), then the
+        first `key =` (or inline `key = {`) line under it; falls back to the last line found."""
+        line, start, end = 1, 0, len(self.lines)
+        keys = list(loc)
+        if keys and isinstance(keys[0], str):
+            indexed = len(keys) > 1 and isinstance(keys[1], int)
+            index = keys[1] if indexed else 0
+            headers = self.tables.get(keys[0], [])
+            if isinstance(index, int) and 0 <= index < len(headers):
+                start = headers[index]
+                line = start + 1
+                after = bisect_right(self.headers, start)
+                end = self.headers[after] if after < len(self.headers) else len(self.lines)
+                keys = keys[2:] if indexed else keys[1:]
+        for key in keys:
+            if not isinstance(key, str):
+                continue
+            pattern = _key_pattern(key)
+            for i in range(start, end):
+                if pattern.search(self.lines[i]):
+                    line, start = i + 1, i
+                    break
+        return line
 
 
 def json_schema() -> dict[str, Any]:
