@@ -7,6 +7,8 @@ expected, 1 a gate failed, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import types
 import typing
@@ -241,6 +243,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"sae-acceptance: warning: {message}", file=sys.stderr)
 
 
+def _one_stream() -> bool:
+    """Whether stdout and stderr end in one place (a terminal, `2>&1`): there the report's
+    ERROR lines are already in view, and repeating them on stderr would print each twice."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in EVAL_SET + EVAL_RUN if getattr(args, name) is not None}
     if args.config is not None:
@@ -274,10 +286,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         fingerprint = run_fingerprint([loaded], shard.count, inputs)
         report.shard = ShardRecord(shard.index, shard.count, list(names or []), run_id(args.run_id), fingerprint)
     print(format_report(report))
-    for result in report.entries:  # also on stderr, where a CI log shows a tool's errors
-        for message in (result.error, result.baseline_error):
-            if message:
-                print(f"sae-acceptance: error: {message}", file=sys.stderr)
+    if not _one_stream():  # also on stderr, where a CI log shows a tool's errors
+        for result in report.entries:
+            for message in (result.error, result.baseline_error):
+                if message:
+                    print(f"sae-acceptance: error: {message}", file=sys.stderr)
     entries = baseline_entries(report, loaded.config.eval) if args.baseline_part or target else {}
     outputs = Outputs(
         json=args.json,

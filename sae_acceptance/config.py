@@ -339,7 +339,7 @@ class LoadedThresholds(BaseModel):
     def resolve_model(self, name: str) -> str:
         """A model directory relative to the file's directory (`~` expanded); a hub name as given."""
         candidate = self.path.parent / Path(name).expanduser()
-        return str(candidate) if candidate.is_dir() else name
+        return str(candidate) if candidate.is_dir() or names_local_path(name, self.path.parent) else name
 
     def baseline_file(self, override: str | Path | None = None) -> Path:
         """The regression baseline: `override` (a command-line path), else `baseline =`
@@ -363,6 +363,16 @@ class LoadedThresholds(BaseModel):
 
 def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".npy", ".json"))
+
+
+def names_local_path(name: str, base: Path | None = None) -> bool:
+    """Whether a model name can only be a local path, so it is never sent to a hub: it starts with
+    `.`, `/` or `~`, holds a backslash, more than one `/` or a trailing one, or its first part
+    exists in `base` (default: the working directory), as `reference/` does for `reference/modle`."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/"):
+        return True
+    first, slash, _ = name.partition("/")
+    return bool(slash) and ((base or Path.cwd()) / first).exists()
 
 
 def load_thresholds(path: str | Path) -> LoadedThresholds:
@@ -424,6 +434,14 @@ def _check_paths(loaded: LoadedThresholds, where: str) -> None:
     for i, entry in enumerate(loaded.config.sae):
         if not is_remote(entry.path) and not Path(loaded.resolve(entry.path)).exists():
             raise ConfigError(f"{at('sae', i, 'path')}: sae.{i}.path: no such SAE directory {entry.path!r}")
+    models = [(("eval", "model"), loaded.config.eval.model)]
+    models += [(("sae", i, "model"), entry.model) for i, entry in enumerate(loaded.config.sae)]
+    for loc, model in models:
+        if model and names_local_path(model, loaded.path.parent):
+            found = Path(loaded.resolve_model(model))
+            if not found.is_dir():
+                what = "a file, expected a checkpoint directory" if found.exists() else "no such model directory"
+                raise ConfigError(f"{at(*loc)}: {'.'.join(map(str, loc))}: {what} {model!r}")
     data = loaded.config.eval.data
     if _looks_local(data) and not Path(loaded.resolve(data)).exists():
         raise ConfigError(f"{at('eval', 'data')}: eval.data: no such file or directory {data!r}")
