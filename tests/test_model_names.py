@@ -16,7 +16,7 @@ import sae_acceptance.sources.model as model_module
 from sae_acceptance.cli import main
 from sae_acceptance.config import load_thresholds, names_local_path
 from sae_acceptance.errors import ConfigError, SourceError
-from sae_acceptance.sources.backends.checkpoint import quiet_hub
+from sae_acceptance.sources.hub_calls import quiet_hub
 from sae_acceptance.sources.model import load_backend
 
 SAE = REPO / "reference" / "saes" / "L0-k32"

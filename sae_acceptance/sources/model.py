@@ -8,7 +8,6 @@ that default.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -21,7 +20,8 @@ from sae_acceptance.config import BACKENDS, eval_default, names_local_path
 from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import hook_layer  # noqa: F401  (callers import it from here)
 from sae_acceptance.sources.backends import Backend, as_backend
-from sae_acceptance.sources.backends.checkpoint import NotForTransformerLens, quiet_hub
+from sae_acceptance.sources.backends.checkpoint import NotForTransformerLens
+from sae_acceptance.sources.hub_calls import quiet_hub, say_hub_wait
 
 NO_PROCESSING = {
     "fold_ln": False,
@@ -103,7 +103,7 @@ def load_backend(
         raise SourceError(f"model {name!r}: not a Hugging Face checkpoint directory (no config.json)")
     source = path if path.is_dir() else name
     if not isinstance(source, Path):
-        print(f"sae-acceptance: {_hub_wait(name)}...", file=sys.stderr, flush=True)
+        say_hub_wait(f"model {name!r}")
     with warnings.catch_warnings(), nullcontext() if isinstance(source, Path) else quiet_hub():
         warnings.simplefilter("ignore", DeprecationWarning)
         if backend == "hf":
@@ -156,15 +156,6 @@ def load_hf(
             "the hf backend runs raw weights: use backend transformer_lens"
         )
     return load(source, device, dtype, devices)
-
-
-def _hub_wait(name: str) -> str:
-    """What a hub name's load waits for, said before the wait (a download, or retries that end in an error)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return f"looking for model {name!r} in the Hugging Face cache (HF_HUB_OFFLINE is set)"
-    return f"resolving model {name!r} on the Hugging Face hub"
 
 
 def _after_name(err: SourceError) -> str:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import difflib
-import logging
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,21 +42,6 @@ def quiet_transformers():
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-@contextmanager
-def quiet_hub() -> Iterator[None]:
-    """huggingface_hub's retry lines and warnings kept from the user while a model is fetched:
-    a failed fetch ends in one line of ours, which says what the hub answered."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hub_logger.setLevel(level)
 
 
 def closest_names(name: str, names: Sequence[str]) -> str:
