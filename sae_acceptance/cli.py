@@ -68,7 +68,8 @@ def add_fields(
     parser: argparse.ArgumentParser, model: type[BaseModel], names: tuple[str, ...], defaults: bool = True
 ) -> None:
     """One `--flag` per settings field: type, choices, help and default come from the model,
-    so the CLI never restates a default. With `defaults=False` an absent flag is None."""
+    so the CLI never restates a default. With `defaults=False` an absent flag is None (the
+    settings model fills it in later), and `--help` still shows the default it gets."""
     for name in names:
         field = model.model_fields[name]
         kind = field.annotation
@@ -79,9 +80,10 @@ def add_fields(
             options["choices"] = typing.get_args(kind)
         elif kind in (int, float):
             options["type"] = kind
-        default = field.default if defaults and not field.is_required() else None
-        if default is not None:
-            options["help"] = f"{field.description} (default: {default})"
+        shown = None if field.is_required() else field.get_default(call_default_factory=True)
+        default = shown if defaults else None
+        if shown is not None:
+            options["help"] = f"{field.description} (default: {shown})"
         parser.add_argument(f"--{name.replace('_', '-')}", default=default, **options)
 
 
@@ -99,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate SAEs (a thresholds file, or SAEs named here)")
-    ev.add_argument("--config", type=Path, help="a thresholds.toml: run its gate without pytest")
+    ev.add_argument(
+        "--config",
+        type=Path,
+        help="a thresholds.toml: run its gate without pytest (its settings, models and SAEs; "
+        "the settings flags below go with --sae)",
+    )
     ev.add_argument("--model", help="TransformerLens model name or local HF checkpoint directory")
     ev.add_argument("--hook", help="hookpoint, e.g. blocks.3.hook_resid_post (default: the SAE's own)")
     ev.add_argument(
@@ -212,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("build-reference", help="rebuild the embedded reference model, tokens and SAEs")
     ref.add_argument("--out", type=Path, default=Path("reference"))
     ref.add_argument("--reuse-model", action="store_true", help="keep the checkpoint, retrain the SAEs")
+    ref.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -447,7 +455,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_reference(args: argparse.Namespace) -> int:
-    build_reference(args.out, reuse_model=args.reuse_model)
+    out = build_reference(args.out, progress=not args.no_progress, reuse_model=args.reuse_model)
+    manifest = read_json(out / "manifest.json", "the reference manifest")
+    print(
+        f"reference written to {out}: model (eval loss {manifest['eval_loss_nats']:.3f} nats) and SAEs "
+        f"{', '.join(manifest['saes'])}; refresh the baseline (sae-acceptance eval --config thresholds.toml "
+        "--update-baseline) and revisit the bounds"
+    )
     return 0
 
 
