@@ -27,13 +27,17 @@ def say_hub_wait(what: str) -> None:
 
 @contextmanager
 def quiet_hub() -> Iterator[None]:
-    """huggingface_hub's logging (its retry lines) and every warning held back during the call."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.CRITICAL + 1)
+    """huggingface_hub's logging (its retry lines) and every warning held back during the call.
+
+    Through huggingface_hub's own verbosity: its logging module sets the library's level when
+    first imported, which a level set on the logger before that import would not survive."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        hub_logger.setLevel(level)
+        hub_logging.set_verbosity(level)
