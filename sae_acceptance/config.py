@@ -12,8 +12,7 @@ import json
 import math
 import re
 import sys
-from bisect import bisect_right
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -510,9 +509,14 @@ _ANY_HEADER = re.compile(r"\s*\[")
 _TABLE_HEADER = re.compile(r"\s*\[\[?\s*([^\[\]\s]+)\s*\]")
 
 
-@lru_cache(maxsize=256)
+_KEY_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
 def _key_pattern(key: str) -> re.Pattern[str]:
-    return re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
+    """`key =` (or `, key =`, `{key =`) as a compiled pattern, compiled once per key."""
+    if key not in _KEY_PATTERNS:
+        _KEY_PATTERNS[key] = re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
+    return _KEY_PATTERNS[key]
 
 
 class TomlLines:
@@ -528,6 +532,8 @@ class TomlLines:
                 self.headers.append(i)
                 if match := _TABLE_HEADER.match(line):
                     self.tables.setdefault(match.group(1), []).append(i)
+        # each header line -> where its table ends (the next header, or the end of the file)
+        self.ends = dict(zip(self.headers, [*self.headers[1:], len(self.lines)], strict=True))
 
     def locate(self, loc: tuple[str | int, ...]) -> int:
         """Walks the location: a table header (`[eval]`, the n-th `[[sae]]`), then the
@@ -540,9 +546,7 @@ class TomlLines:
             headers = self.tables.get(keys[0], [])
             if isinstance(index, int) and 0 <= index < len(headers):
                 start = headers[index]
-                line = start + 1
-                after = bisect_right(self.headers, start)
-                end = self.headers[after] if after < len(self.headers) else len(self.lines)
+                line, end = start + 1, self.ends[start]
                 keys = keys[2:] if indexed else keys[1:]
         for key in keys:
             if not isinstance(key, str):
