@@ -533,7 +533,7 @@ class TomlLines:
                 if match := _TABLE_HEADER.match(line):
                     self.tables.setdefault(match.group(1), []).append(i)
         # each header line -> where its table ends (the next header, or the end of the file)
-        self.ends = dict(zip(self.headers, [*self.headers[1:], len(self.lines)], strict=True))
+        self.ends = dict(zip(self.headers, [*self.headers[1:], len(self.lines)], strict=False))
 
     def locate(self, loc: tuple[str | int, ...]) -> int:
         """Walks the location: a table header (`[eval]`, the n-th `[[sae]]`), then the
