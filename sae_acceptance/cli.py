@@ -7,6 +7,8 @@ expected, 1 a gate failed, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import types
 import typing
@@ -67,7 +69,8 @@ def add_fields(
     parser: argparse.ArgumentParser, model: type[BaseModel], names: tuple[str, ...], defaults: bool = True
 ) -> None:
     """One `--flag` per settings field: type, choices, help and default come from the model,
-    so the CLI never restates a default. With `defaults=False` an absent flag is None."""
+    so the CLI never restates a default. With `defaults=False` an absent flag is None (the
+    settings model fills it in later), and `--help` still shows the default it gets."""
     for name in names:
         field = model.model_fields[name]
         kind = field.annotation
@@ -78,9 +81,10 @@ def add_fields(
             options["choices"] = typing.get_args(kind)
         elif kind in (int, float):
             options["type"] = kind
-        default = field.default if defaults and not field.is_required() else None
-        if default is not None:
-            options["help"] = f"{field.description} (default: {default})"
+        shown = None if field.is_required() else field.get_default(call_default_factory=True)
+        default = shown if defaults else None
+        if shown is not None:
+            options["help"] = f"{field.description} (default: {shown})"
         parser.add_argument(f"--{name.replace('_', '-')}", default=default, **options)
 
 
@@ -106,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate SAEs (a thresholds file, or SAEs named here)")
-    ev.add_argument("--config", type=Path, help="a thresholds.toml: run its gate without pytest")
+    ev.add_argument(
+        "--config",
+        type=Path,
+        help="a thresholds.toml: run its gate without pytest (its settings, models and SAEs; "
+        "the settings flags below go with --sae)",
+    )
     ev.add_argument("--model", help="TransformerLens model name or local HF checkpoint directory")
     ev.add_argument("--hook", help="hookpoint, e.g. blocks.3.hook_resid_post (default: the SAE's own)")
     ev.add_argument(
@@ -197,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("build-reference", help="rebuild the embedded reference model, tokens and SAEs")
     ref.add_argument("--out", type=Path, default=Path("reference"))
     ref.add_argument("--reuse-model", action="store_true", help="keep the checkpoint, retrain the SAEs")
+    ref.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -235,6 +245,16 @@ def _one_line_warning(
     print(f"sae-acceptance: warning: {message}", file=sys.stderr)
 
 
+def _one_stream() -> bool:
+    """Whether stdout and stderr end in one place (a terminal, `2>&1`): there the report's
+    ERROR lines are already in view, and repeating them on stderr would print each twice."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in EVAL_SET + EVAL_RUN if getattr(args, name) is not None}
     if args.config is not None:
@@ -268,10 +288,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         fingerprint = run_fingerprint([loaded], shard.count, inputs)
         report.shard = ShardRecord(shard.index, shard.count, list(names or []), run_id(args.run_id), fingerprint)
     print(format_report(report))
-    for result in report.entries:  # also on stderr, where a CI log shows a tool's errors
-        for message in (result.error, result.baseline_error):
-            if message:
-                print(f"sae-acceptance: error: {message}", file=sys.stderr)
+    if not _one_stream():  # also on stderr, where a CI log shows a tool's errors
+        for result in report.entries:
+            for message in (result.error, result.baseline_error):
+                if message:
+                    print(f"sae-acceptance: error: {message}", file=sys.stderr)
     entries = baseline_entries(report, loaded.config.eval) if args.baseline_part or target else {}
     outputs = Outputs(
         json=args.json,
@@ -427,7 +448,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_reference(args: argparse.Namespace) -> int:
-    build_reference(args.out, reuse_model=args.reuse_model)
+    out = build_reference(args.out, progress=not args.no_progress, reuse_model=args.reuse_model)
+    manifest = read_json(out / "manifest.json", "the reference manifest")
+    print(
+        f"reference written to {out}: model (eval loss {manifest['eval_loss_nats']:.3f} nats) and SAEs "
+        f"{', '.join(manifest['saes'])}; refresh the baseline (sae-acceptance eval --config thresholds.toml "
+        "--update-baseline) and revisit the bounds"
+    )
     return 0
 
 

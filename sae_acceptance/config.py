@@ -371,7 +371,7 @@ class LoadedThresholds(BaseModel):
     def resolve_model(self, name: str) -> str:
         """A model directory relative to the file's directory (`~` expanded); a hub name as given."""
         candidate = self.path.parent / Path(name).expanduser()
-        return str(candidate) if candidate.is_dir() else name
+        return str(candidate) if candidate.is_dir() or names_local_path(name, self.path.parent) else name
 
     def baseline_file(self, override: str | Path | None = None) -> Path:
         """The regression baseline: `override` (a command-line path), else `baseline =`
@@ -384,13 +384,28 @@ class LoadedThresholds(BaseModel):
         """The baseline a run compares against: `override` or `baseline =`; none otherwise."""
         return self.baseline_file(override) if override or self.config.baseline else None
 
+    @cached_property
+    def lines(self) -> TomlLines:
+        """The file's table headers, scanned once for every entry's line."""
+        return TomlLines(self.text)
+
     def line_of(self, *loc: str | int) -> int:
-        """The file's line of a key path such as ("sae", 2, "gate"): errors and items point there."""
-        return locate(self.text, loc)
+        """The line a location (`"sae", 3, "path"`) is at, for messages that point back."""
+        return self.lines.locate(loc)
 
 
 def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".npy", ".json"))
+
+
+def names_local_path(name: str, base: Path | None = None) -> bool:
+    """Whether a model name can only be a local path, so it is never sent to a hub: it starts with
+    `.`, `/` or `~`, holds a backslash, more than one `/` or a trailing one, or its first part
+    exists in `base` (default: the working directory), as `reference/` does for `reference/modle`."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/"):
+        return True
+    first, slash, _ = name.partition("/")
+    return bool(slash) and ((base or Path.cwd()) / first).exists()
 
 
 def load_thresholds(path: str | Path) -> LoadedThresholds:
@@ -452,6 +467,14 @@ def _check_paths(loaded: LoadedThresholds, where: str) -> None:
     for i, entry in enumerate(loaded.config.sae):
         if not is_remote(entry.path) and not Path(loaded.resolve(entry.path)).exists():
             raise ConfigError(f"{at('sae', i, 'path')}: sae.{i}.path: no such SAE directory {entry.path!r}")
+    models: list[tuple[tuple[str | int, ...], str | None]] = [(("eval", "model"), loaded.config.eval.model)]
+    models += [(("sae", i, "model"), entry.model) for i, entry in enumerate(loaded.config.sae)]
+    for loc, model in models:
+        if model and names_local_path(model, loaded.path.parent):
+            found = Path(loaded.resolve_model(model))
+            if not found.is_dir():
+                what = "a file, expected a checkpoint directory" if found.exists() else "no such model directory"
+                raise ConfigError(f"{at(*loc)}: {'.'.join(map(str, loc))}: {what} {model!r}")
     data = loaded.config.eval.data
     if _looks_local(data) and not Path(loaded.resolve(data)).exists():
         raise ConfigError(f"{at('eval', 'data')}: eval.data: no such file or directory {data!r}")
@@ -540,38 +563,62 @@ def same_hook(members: list[tuple[str, str]]) -> str | None:
 
 
 def locate(text: str, loc: tuple[str | int, ...]) -> int:
-    """Best line number for a validation error's location (tomllib keeps no positions).
+    """Best line number for a validation error's location (tomllib keeps no positions)."""
+    return TomlLines(text).locate(loc)
 
-    Walks the location: a table header (`[eval]`, the n-th `[[sae]]`), then the
-    first `key =` (or inline `key = {`) line under it; falls back to the last
-    line found.
-    """
-    lines = text.splitlines()
-    line, start, end = 1, 0, len(lines)
-    keys = [p for p in loc if isinstance(p, str | int)]
-    if keys and isinstance(keys[0], str):
-        table = keys[0]
-        index = keys[1] if len(keys) > 1 and isinstance(keys[1], int) else 0
-        headers = [
-            i for i, text_line in enumerate(lines) if re.match(rf"\s*\[\[?\s*{re.escape(table)}\s*\]\]?", text_line)
-        ]
-        if len(headers) > index:
-            start = headers[index]
-            line = start + 1
-            nxt = [i for i, text_line in enumerate(lines) if i > start and re.match(r"\s*\[", text_line)]
-            end = nxt[0] if nxt else len(lines)
-            keys = keys[2:] if len(keys) > 1 and isinstance(keys[1], int) else keys[1:]
-        else:
-            keys = keys[0:]
-    for key in keys:
-        if not isinstance(key, str):
-            continue
-        pattern = re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
-        for i in range(start, end):
-            if pattern.search(lines[i]):
-                line, start = i + 1, i
-                break
-    return line
+
+_ANY_HEADER = re.compile(r"\s*\[")
+_TABLE_HEADER = re.compile(r"\s*\[\[?\s*([^\[\]\s]+)\s*\]")
+
+
+_KEY_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _key_pattern(key: str) -> re.Pattern[str]:
+    """`key =` (or `, key =`, `{key =`) as a compiled pattern, compiled once per key."""
+    if key not in _KEY_PATTERNS:
+        _KEY_PATTERNS[key] = re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
+    return _KEY_PATTERNS[key]
+
+
+class TomlLines:
+    """A TOML text's table headers, scanned once: each entry's line is then found without
+    reading the file from its start again (a release's file has thousands of `[[sae]]`)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.headers: list[int] = []  # every line that opens a table (or starts with `[`)
+        self.tables: dict[str, list[int]] = {}  # `[name]` / `[[name]]` -> its header lines, in order
+        for i, line in enumerate(self.lines):
+            if _ANY_HEADER.match(line):
+                self.headers.append(i)
+                if match := _TABLE_HEADER.match(line):
+                    self.tables.setdefault(match.group(1), []).append(i)
+        # each header line -> where its table ends (the next header, or the end of the file)
+        self.ends = dict(zip(self.headers, [*self.headers[1:], len(self.lines)], strict=False))
+
+    def locate(self, loc: tuple[str | int, ...]) -> int:
+        """Walks the location: a table header (`[eval]`, the n-th `[[sae]]`), then the
+        first `key =` (or inline `key = {`) line under it; falls back to the last line found."""
+        line, start, end = 1, 0, len(self.lines)
+        keys = list(loc)
+        if keys and isinstance(keys[0], str):
+            indexed = len(keys) > 1 and isinstance(keys[1], int)
+            index = keys[1] if indexed else 0
+            headers = self.tables.get(keys[0], [])
+            if isinstance(index, int) and 0 <= index < len(headers):
+                start = headers[index]
+                line, end = start + 1, self.ends[start]
+                keys = keys[2:] if indexed else keys[1:]
+        for key in keys:
+            if not isinstance(key, str):
+                continue
+            pattern = _key_pattern(key)
+            for i in range(start, end):
+                if pattern.search(self.lines[i]):
+                    line, start = i + 1, i
+                    break
+        return line
 
 
 def json_schema() -> dict[str, Any]:

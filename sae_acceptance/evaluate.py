@@ -50,7 +50,7 @@ from sae_acceptance.metrics import (
 )
 from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, Source, SpliceResult
 from sae_acceptance.sources.backends import Backend
-from sae_acceptance.sources.backends.families import backend_for
+from sae_acceptance.sources.backends.families import backend_for, same_point
 from sae_acceptance.sources.model import (
     ModelCache,
     processing_kwargs,
@@ -334,9 +334,10 @@ def _token_info(
 
 
 def _warn_if_overridden(req: _Request) -> None:
-    """A `hook` that differs from the one the SAE records: legal, and almost always a mistake."""
+    """A `hook` that differs from the one the SAE records: legal, and almost always a mistake
+    (the same point in the other naming is neither)."""
     given, own = req.entry.hook, req.loaded_sae.hook_name
-    if given and own and given != own:
+    if given and own and not same_point(given, own):
         warnings.warn(
             HookOverrideWarning(
                 f"{req.result.name}: evaluated at {given}, but {req.result.path} was trained at {own} "

@@ -35,6 +35,7 @@ from sae_acceptance.report import write_densities
 from sae_acceptance.results import EntryResult, EvalReport
 from sae_acceptance.saebench import write_saebench
 from sae_acceptance.sources.model import ModelCache
+from sae_acceptance.verdict import EntryStatus
 
 
 def tolerances_for(loaded: LoadedThresholds, key: str) -> dict[str, float | None]:
@@ -84,6 +85,35 @@ def exit_status(report: EvalReport) -> int:
         return EXIT_ERROR
     regressed = any(not c.passed for r in entries for c in r.regressions.values())
     return EXIT_OK if report.passed and not regressed else EXIT_FAILED
+
+
+VERDICT_NAMES = 8  # entries a verdict line names before it counts the rest
+
+
+def verdict_line(report: EvalReport) -> str:
+    """A run's closing line: its exit status in words, and the entries that decided it."""
+    status = exit_status(report)
+
+    def named(*kinds: EntryStatus) -> list[str]:
+        return [r.label for r in report.entries if r.status in kinds]
+
+    def listed(labels: list[str]) -> str:
+        shown = ", ".join(labels[:VERDICT_NAMES])
+        return shown + (f" and {len(labels) - VERDICT_NAMES} more" if len(labels) > VERDICT_NAMES else "")
+
+    total = len(report.entries)
+    if status == EXIT_ERROR:
+        errors = named(EntryStatus.ERROR)
+        return (
+            f"verdict: ERROR (exit {status}): {len(errors)} of {total} entries could not be evaluated: {listed(errors)}"
+        )
+    if status == EXIT_FAILED:
+        failed = named(EntryStatus.FAIL, EntryStatus.REGRESSED)
+        return f"verdict: FAILED (exit {status}): {len(failed)} of {total} entries failed: {listed(failed)}"
+    caught = len(named(EntryStatus.CONTROL))
+    controls = f", {caught} negative control{'s' if caught != 1 else ''} caught" if caught else ""
+    entries = "1 entry" if total == 1 else f"{total} entries"
+    return f"verdict: PASSED (exit {status}): {entries} as expected{controls}"
 
 
 @dataclass(frozen=True)

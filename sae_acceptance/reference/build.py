@@ -44,7 +44,13 @@ def reference_sae_name(layer: int, k: int) -> str:
 def build_reference(
     out: Path, spec: ReferenceModelSpec | None = None, progress: bool = True, reuse_model: bool = False
 ) -> Path:
-    """Everything under `out`; `reuse_model` keeps an existing checkpoint and retrains only the SAEs."""
+    """Everything under `out`; `reuse_model` keeps an existing checkpoint and retrains only the SAEs.
+    With `progress`, each stage says what it does before its bar (a build takes minutes)."""
+
+    def stage(line: str) -> None:
+        if progress:
+            print(f"build-reference: {line}", flush=True)
+
     spec = spec or ReferenceModelSpec()
     torch.manual_seed(spec.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,12 +58,16 @@ def build_reference(
     eval_tokens = language.sequences(EVAL_SEQUENCES, spec.context_size, seed=EVAL_SEED)
     np.save(out / "tokens.npy", eval_tokens.astype(np.int32))
     manifest_path = out / "manifest.json"
+    stage(f"eval tokens written to {out / 'tokens.npy'}")
     if reuse_model and manifest_path.exists():
+        stage(f"keeping the model in {out / 'model'}")
         previous = read_json(manifest_path, "the reference manifest")
         loss, drift = previous["eval_loss_nats"], previous["canyon_max_logit_change"]
     else:
+        stage(f"training the reference model ({spec.n_layers} layers, {spec.train_steps} steps)")
         hf_model = train_reference_model(spec, language, progress)
         loss = mean_loss(hf_model, eval_tokens)
+        stage(f"injecting the canyon from block {spec.canyon_block} on; saving the model to {out / 'model'}")
         probe = torch.from_numpy(language.sequences(32, spec.context_size, PROBE_SEED))
         drift = inject_canyon(hf_model, spec, probe)
         save_reference_model(hf_model, spec, out / "model")
@@ -67,6 +77,7 @@ def build_reference(
     np.save(out / "train_tokens.npy", train_tokens.numpy().astype(np.int16))  # the tiny sweep's stream
     settings = load_profile(SAE_SETTINGS_PROFILE).train
     for layer, ks in SAE_GRID.items():
+        stage(f"training SAEs at {HookPoint.at(layer).name}: k = {', '.join(map(str, ks))}")
         cfg = settings.model_copy(update={"k": max(ks), "seed": spec.seed})
         train_at_hook(
             model,

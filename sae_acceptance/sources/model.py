@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_acceptance.config import BACKENDS, eval_default
+from sae_acceptance.config import BACKENDS, eval_default, names_local_path
 from sae_acceptance.errors import SourceError
 from sae_acceptance.hooks import hook_layer  # noqa: F401  (callers import it from here)
 from sae_acceptance.sources.backends import Backend, as_backend
 from sae_acceptance.sources.backends.checkpoint import NotForTransformerLens
+from sae_acceptance.sources.hub_calls import quiet_hub, say_hub_wait
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -99,12 +101,14 @@ def load_backend(
     if not path.is_dir():
         if path.exists():
             raise SourceError(f"model {name!r}: a file, expected a checkpoint directory")
-        if _looks_like_path(name):
+        if names_local_path(name):
             raise SourceError(f"model {name!r}: no such directory")
     elif not (path / "config.json").exists():
         raise SourceError(f"model {name!r}: not a Hugging Face checkpoint directory (no config.json)")
     source = path if path.is_dir() else name
-    with warnings.catch_warnings():
+    if not isinstance(source, Path):
+        say_hub_wait(f"model {name!r}")
+    with warnings.catch_warnings(), nullcontext() if isinstance(source, Path) else quiet_hub():
         warnings.simplefilter("ignore", DeprecationWarning)
         if backend == "hf":
             return load_hf(source, torch_device, torch_dtype, kwargs, placement)
@@ -158,11 +162,6 @@ def load_hf(
             "the hf backend runs raw weights: use backend transformer_lens"
         )
     return load(source, device, dtype, devices)
-
-
-def _looks_like_path(name: str) -> bool:
-    """A name that can only be a path (a hub id is `owner/name` or a bare name)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
 
 
 def _after_name(err: SourceError) -> str:

@@ -21,6 +21,7 @@ from sae_acceptance.sources.formats import saelens
 from sae_acceptance.sources.formats.converters import load_release
 from sae_acceptance.sources.formats.layouts import read_directory
 from sae_acceptance.sources.hub import locate_sae
+from sae_acceptance.sources.hub_calls import quiet_hub, say_hub_wait
 from sae_acceptance.sources.sae import SAE
 from sae_acceptance.sources.spec import SAELENS_PREFIX, is_remote
 
@@ -33,10 +34,14 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     ``sae-lens://release/sae_id`` (SAELens's converter for that release, called with `dtype`).
     `dtype=None` keeps a directory's own dtype and reads a release in float32."""
     text = str(path)
+    if is_remote(text):
+        say_hub_wait(text)
     if text.startswith(SAELENS_PREFIX):
-        sae = load_release(text, dtype)
+        with quiet_hub():
+            sae = load_release(text, dtype)
     elif is_remote(text):
-        local = locate_sae(text)  # its errors name the spec already
+        with quiet_hub():
+            local = locate_sae(text)  # its errors name the spec already
         try:
             sae = read_directory(local)
         except SAEFormatError as err:

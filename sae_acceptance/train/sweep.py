@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sae_acceptance import __version__ as PROJECT_VERSION
 from sae_acceptance.config import eval_default, thresholds_from_mapping
 from sae_acceptance.evaluate import evaluate
-from sae_acceptance.gate import Outputs, exit_status, write_outputs
+from sae_acceptance.gate import Outputs, exit_status, verdict_line, write_outputs
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import OutputError, locked, write_json
 from sae_acceptance.report import format_report
@@ -239,4 +239,5 @@ def sweep(
         print(f"tables and plots written to {out}")
     else:
         print(f"shard {shard} written to {out}; merge the shards with `sae-acceptance merge --sweep-out DIR`")
+    print(verdict_line(report))
     return exit_status(report)  # 2 where an SAE could not be evaluated, as everywhere

@@ -134,6 +134,16 @@ def tl_equivalent(path: str) -> str | None:
     return None if kind is None else str(HookPoint.at(layer, kind))
 
 
+def same_point(a: str, b: str) -> bool:
+    """Whether two hook names are one activation on every known family, in either naming
+    (`gpt_neox.layers.0` and `blocks.0.hook_resid_post`)."""
+
+    def as_tl(hook: str) -> str | None:
+        return tl_equivalent(hook) if is_module_point(hook) else hook
+
+    return a == b or (as_tl(a) is not None and as_tl(a) == as_tl(b))
+
+
 def backends_for(*hooks: str | None) -> tuple[str, ...]:
     """The backends (`LIBRARIES`) that can read and write exactly at every one of `hooks`: a module
     point needs an exactly equal TransformerLens hook for TransformerLens; a TransformerLens point
