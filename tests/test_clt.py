@@ -4,15 +4,22 @@ circuit-tracer's own transcoder classes (its encode and decode), layer by layer 
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import D_MODEL, N_LAYERS
+from conftest import D_MODEL, N_LAYERS, REPO
 
+from sae_acceptance.config import load_thresholds
 from sae_acceptance.engine import run_model
-from sae_acceptance.errors import SAEFormatError
+from sae_acceptance.errors import ConfigError, SAEFormatError
+from sae_acceptance.evaluate import evaluate
 from sae_acceptance.sources.formats.circuit_tracer import load_clt
 from sae_acceptance.sources.tokens import counted_mask
 
@@ -245,3 +252,113 @@ def test_bad_clt_directories_are_one_line(written, tmp_path, mutate, message):
     with pytest.raises(SAEFormatError, match=message) as err:
         load_clt(path)
     assert "\n" not in str(err.value)
+
+
+def _thresholds_text(model: Path, data: Path, clt: Path, gate: str = "ce_rec = { min = -1000.0 }") -> str:
+    return f"""[eval]
+model = "{model}"
+data = "{data}"
+n_sequences = 16
+context_size = 16
+batch_size = 8
+bootstrap_resamples = 100
+
+[gate]
+ce_rec = {{ min = 0.5 }}
+
+[[clt]]
+name = "whole"
+path = "{clt}"
+gate = {{ {gate}, kl_div = {{ max = 100.0 }} }}
+"""
+
+
+@pytest.fixture(scope="module")
+def clt_report(written, tiny_checkpoint, tiny_tokens_file, tmp_path_factory):
+    """A thresholds file with only a [[clt]], evaluated."""
+    root = tmp_path_factory.mktemp("cltfile")
+    path = root / "thresholds.toml"
+    path.write_text(_thresholds_text(tiny_checkpoint, tiny_tokens_file, written["jump"][0]))
+    return evaluate(load_thresholds(path), progress=False), load_thresholds(path)
+
+
+def test_evaluate_reports_a_clt_like_a_splice(clt_report, tiny_model, tiny_tokens_file, written):
+    """`[[clt]]` -> a `clt:<name>` result with the joint metrics, intervals, verdicts and per-layer
+    rows; its CE equals the reference forward on the same tokens; the JSON report reads back."""
+    report, loaded = clt_report
+    result = report.clts["whole"]
+    assert result.error is None, result.error
+    assert result.key == "clt:whole" and loaded.config.by_key["clt:whole"].name == "whole"
+    assert set(result.verdicts) == {"ce_rec", "kl_div"} and result.passed
+    assert result.metrics["ce_rec"].ci is not None
+    assert result.metrics["ce_rec"].ci[0] <= result.metrics["ce_rec"].value <= result.metrics["ce_rec"].ci[1]
+    assert [row["layer"] for row in result.layers] == list(range(N_LAYERS))
+    tokens = torch.from_numpy(np.load(tiny_tokens_file)[:16, :16])
+    counted = counted_mask(tokens, report.settings["tokens"]["excluded_ids"])
+    _, ce_recon, kl = _reference(tiny_model, tokens, counted, written["jump"][1])
+    assert result.metrics["ce_recon"].value == pytest.approx(ce_recon, rel=1e-5)
+    assert result.metrics["kl_div"].value == pytest.approx(kl, rel=1e-4)
+    back = type(report).from_dict(json.loads(report.to_json()))
+    assert back.clts["whole"].metrics["ce_rec"].value == result.metrics["ce_rec"].value
+    assert back.clts["whole"].layers == result.layers and back.clts["whole"].status == result.status
+
+
+def test_clt_gate_can_fail(written, tiny_checkpoint, tiny_tokens_file, tmp_path):
+    """A random CLT does not reach ce_rec 0.99: the gate says so (the metric is gated, not just shown)."""
+    path = tmp_path / "thresholds.toml"
+    path.write_text(_thresholds_text(tiny_checkpoint, tiny_tokens_file, written["relu"][0], "ce_rec = { min = 0.99 }"))
+    result = evaluate(load_thresholds(path), progress=False).clts["whole"]
+    assert result.error is None and not result.passed and not result.verdicts["ce_rec"].passed
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('name = "whole"', 'name = "a::b"'), r"toml:13: clt\.0\.name: name 'a::b'"),
+        (
+            lambda t: t.replace("kl_div = { max = 100.0 }", "cosine = { min = 0.5 }"),
+            r"toml:15: clt\.0\.gate\.cosine: a splice or CLT gates its joint",
+        ),
+        (lambda t: t.replace('path = "', 'path = "nowhere/'), r"toml:14: clt\.0\.path: no such transcoder directory"),
+        (lambda t: t + 'colour = "red"\n', r"clt\.0\.colour"),
+    ],
+)
+def test_bad_clt_field_is_one_line_exit_2(written, tiny_checkpoint, tiny_tokens_file, tmp_path, edit, message):
+    """A bad [[clt]] field: one line naming the file, line and field, exit status 2."""
+    path = tmp_path / "thresholds.toml"
+    path.write_text(edit(_thresholds_text(tiny_checkpoint, tiny_tokens_file, written["relu"][0])))
+    with pytest.raises(ConfigError, match=message):
+        load_thresholds(path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_acceptance.cli", "eval", "--config", str(path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")])},
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "thresholds.toml:" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_runs_a_clt(written, tiny_checkpoint, tiny_tokens_file, tmp_path):
+    """`sae-acceptance eval --config` with a [[clt]]: the CLI table has the CLT and its layers, the
+    JSON report its result, the HTML report its name; exit 0 when its gate passes."""
+    path = tmp_path / "thresholds.toml"
+    path.write_text(_thresholds_text(tiny_checkpoint, tiny_tokens_file, written["set"][0]))
+    out, html = tmp_path / "report.json", tmp_path / "report.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_acceptance.cli", "eval", "--config", str(path), "--no-progress"]
+        + ["--json", str(out), "--html", str(html)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")])},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "transcoder_set, 3 layers" in proc.stdout and "PASS" in proc.stdout
+    assert "blocks.2.ln2.hook_normalized  blocks.2.hook_mlp_out" in proc.stdout  # the per-layer table
+    data = json.loads(out.read_text())
+    assert data["clts"]["whole"]["verdicts"]["ce_rec"]["passed"] is True
+    assert len(data["clts"]["whole"]["layers"]) == N_LAYERS
+    assert "clt whole" in html.read_text()
