@@ -96,7 +96,8 @@ def merge_shards(shards: list[tuple[str, EvalReport]], run: str | None = None) -
             same("token data", tokens, where, "evaluated other token data")
         if shard.index in by_index:
             raise ReportError(f"{where}: shard {shard.index}/{shard.count} again (also {by_index[shard.index][0]})")
-        missing = [name for name in shard.saes if name not in report.saes]
+        done = {*report.saes, *(clt.key for clt in report.clts.values())}
+        missing = [name for name in shard.saes if name not in done]
         if missing:
             raise ReportError(
                 f"{where}: shard {shard.index}/{shard.count} failed or was cut short: no result for {', '.join(missing)}"

@@ -362,3 +362,48 @@ def test_cli_runs_a_clt(written, tiny_checkpoint, tiny_tokens_file, tmp_path):
     assert data["clts"]["whole"]["verdicts"]["ce_rec"]["passed"] is True
     assert len(data["clts"]["whole"]["layers"]) == N_LAYERS
     assert "clt whole" in html.read_text()
+
+
+def test_pytest_items_of_a_clt(pytester, written, tiny_checkpoint, tiny_tokens_file):
+    """`pytest thresholds.toml`: one item per gated metric as `clt:<name>::<metric>`, a failing
+    gate fails its item, and the run's JSON report holds the CLT."""
+    text = _thresholds_text(tiny_checkpoint, tiny_tokens_file, written["relu"][0], "ce_rec = { min = 0.99 }")
+    pytester.path.joinpath("thresholds.toml").write_text(text)
+    result = pytester.runpytest("thresholds.toml", "-v", "-p", "no:cacheprovider", "--sae-json", "report.json")
+    result.stdout.fnmatch_lines(
+        ["*thresholds.toml::clt:whole::ce_rec FAILED*", "*thresholds.toml::clt:whole::kl_div PASSED*"]
+    )
+    assert result.ret == 1
+    data = json.loads((pytester.path / "report.json").read_text())
+    assert data["clts"]["whole"]["verdicts"]["ce_rec"]["passed"] is False
+
+
+def test_baseline_holds_a_clt_and_compares_it(written, tiny_checkpoint, tiny_tokens_file, tmp_path):
+    """`--update-baseline` writes the CLT's entry under `clt:<name>`; the next run compares its
+    joint metrics with it (same tokens, same CLT: no regression, exit 0)."""
+    path = tmp_path / "thresholds.toml"
+    path.write_text(_thresholds_text(tiny_checkpoint, tiny_tokens_file, written["jump"][0]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")])}
+    command = [sys.executable, "-m", "sae_acceptance.cli", "eval", "--config", str(path), "--no-progress"]
+    first = subprocess.run([*command, "--update-baseline"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    baseline = json.loads((tmp_path / "thresholds.baseline.json").read_text())
+    assert list(baseline["saes"]) == ["clt:whole"]
+    compared = [*command, "--json", "r.json", "--baseline", "thresholds.baseline.json"]
+    second = subprocess.run(compared, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    regressions = json.loads((tmp_path / "r.json").read_text())["clts"]["whole"]["regressions"]
+    assert set(regressions) == {"ce_rec", "kl_div"} and all(
+        r["status"] == "OK" and r["change"] == 0.0 for r in regressions.values()
+    )
+
+
+def test_shards_and_xdist_runs_place_a_clt_once(written, tiny_checkpoint, tiny_tokens_file, tmp_path):
+    """A CLT is evaluated by shard 1 only and by the first xdist run (a CLT-only file included)."""
+    from sae_acceptance.shard import Shard, shard_members, xdist_runs
+
+    path = tmp_path / "thresholds.toml"
+    path.write_text(_thresholds_text(tiny_checkpoint, tiny_tokens_file, written["relu"][0]))
+    loaded = load_thresholds(path)
+    assert [shard_members(loaded, Shard(i, 3)) for i in (1, 2, 3)] == [["clt:whole"], [], []]
+    assert xdist_runs(loaded, 4) == {"clt:whole": 0}

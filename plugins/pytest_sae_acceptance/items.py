@@ -16,7 +16,7 @@ import pytest
 
 from pytest_sae_acceptance.selection import PYTEST_FLAGS, SESSION_KEY, baseline_path, read_baseline
 from sae_acceptance.baseline import remedy
-from sae_acceptance.config import LoadedThresholds, SAEEntry, SpliceEntry, load_thresholds
+from sae_acceptance.config import CLTEntry, LoadedThresholds, SAEEntry, SpliceEntry, load_thresholds
 from sae_acceptance.errors import BaselineError, ConfigError, R2ProxyWarning, SAEAcceptanceError
 from sae_acceptance.results import EntryResult, SAEResult
 from sae_acceptance.verdict import Status
@@ -57,6 +57,8 @@ class ThresholdsFile(pytest.File):
             yield SpliceCollector.from_parent(
                 self, name=splice.key, loaded=loaded, entry=splice, line=loaded.line_of("splice", i)
             )
+        for i, clt in enumerate(loaded.config.clt):
+            yield CLTCollector.from_parent(self, name=clt.key, loaded=loaded, entry=clt, line=loaded.line_of("clt", i))
 
 
 class _Collector(pytest.Collector):
@@ -66,7 +68,7 @@ class _Collector(pytest.Collector):
     regression_item: type[pytest.Item]
     reported = ()  # ungated metrics that still get an item (an SAE's r2)
 
-    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry, line: int, **kwargs):
+    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry | CLTEntry, line: int, **kwargs):
         super().__init__(**kwargs)
         self.loaded, self.entry, self.line = loaded, entry, line
         self.add_marker("sae")
@@ -100,6 +102,14 @@ class SpliceCollector(_Collector):
 
     def evaluate_entry(self) -> EntryResult:
         return sae_session(self.config).splice(self.loaded, self.entry.name)
+
+
+class CLTCollector(_Collector):
+    """A `[[clt]]`: its gated joint metrics and their regression checks. Its items are selected,
+    sharded and grouped as an SAE's are, under its key `clt:<name>`."""
+
+    def evaluate_entry(self) -> EntryResult:
+        return sae_session(self.config).result(self.loaded, self.entry.key)
 
 
 INPUT_ERROR_PROPERTY = "sae_error"
@@ -222,4 +232,5 @@ class SpliceRegressionItem(_SpliceItem, _RegressionCheck):
 
 
 SAECollector.metric_item, SAECollector.regression_item = MetricItem, RegressionItem
+CLTCollector.metric_item, CLTCollector.regression_item = MetricItem, RegressionItem
 SpliceCollector.metric_item, SpliceCollector.regression_item = SpliceMetricItem, SpliceRegressionItem
