@@ -421,31 +421,34 @@ class _Evaluation:
         writing to it (from this layer's and earlier layers' features); the ablation zeroes
         every layer's MLP output together."""
         clt = self.clts[name]
-        features: dict[int, torch.Tensor] = {}
-        inputs: dict[int, torch.Tensor] = {}
+        pending: dict[int, torch.Tensor] = {}  # per later layer: b_dec plus the decoders written so far
+        l0: dict[int, torch.Tensor] = {}
         layer_sums = self.clt_layers[name]
         recon_patches: list[tuple[str, Patch]] = []
         ablate_patches: list[tuple[str, Patch]] = []
 
         def encoder(layer: int) -> Patch:
             def read(act: torch.Tensor) -> torch.Tensor:
-                flat_in = act.reshape(-1, act.shape[-1]).to(clt.b_enc[layer].device)
-                inputs[layer] = flat_in
-                features[layer] = clt.encode(layer, flat_in)
+                x = act.reshape(-1, act.shape[-1]).to(clt.b_enc[layer].device)
+                features = clt.encode(layer, x)
+                l0[layer] = (features != 0).sum(-1)
+                for target in clt.targets(layer):
+                    start = pending.get(target, clt.b_dec[target].expand(x.shape[0], -1))
+                    pending[target] = start + clt.decode_to(layer, target, features)
+                pending[layer] = pending[layer] + clt.skip(layer, x)
                 return act
 
             return read
 
         def decoder(layer: int) -> Patch:
             def write(act: torch.Tensor) -> torch.Tensor:
-                recon = clt.reconstruct_layer(layer, features, inputs[layer] if clt.W_skip is not None else None)
-                recon = recon.reshape(act.shape).to(device=act.device, dtype=act.dtype)
+                recon = pending.pop(layer).reshape(act.shape).to(device=act.device, dtype=act.dtype)
                 keep = b.mask.to(act.device)
                 a, r = act.float(), recon.float()
                 a_norm, r_norm = a.norm(dim=-1), r.norm(dim=-1)
                 cos = torch.where(r_norm > 0, (a * r).sum(-1) / (a_norm * r_norm).clamp(min=1e-30), 0.0)
-                l0 = (features[layer] != 0).sum(-1).reshape(keep.shape)
-                per_token = [(a - r).pow(2).sum(-1), a.pow(2).sum(-1), cos.clamp(-1, 1), l0, torch.ones_like(cos)]
+                fired = l0.pop(layer).reshape(keep.shape).to(act.device)
+                per_token = [(a - r).pow(2).sum(-1), a.pow(2).sum(-1), cos.clamp(-1, 1), fired, torch.ones_like(cos)]
                 layer_sums[layer] += torch.stack([torch.where(keep, v.double(), 0.0).sum() for v in per_token]).cpu()
                 return torch.where(keep.unsqueeze(-1), recon, act)
 

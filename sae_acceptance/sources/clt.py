@@ -70,19 +70,28 @@ class CLT:
             return torch.relu(pre)
         return pre * (pre > self.threshold[layer])
 
-    def reconstruct_layer(
-        self, layer: int, features: dict[int, torch.Tensor], x: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The output written to layer `layer`: Σ over writing layers s of features[s] @ W_dec[s][:, layer − s],
-        plus `b_dec[layer]`, plus the skip from `x` (this layer's input) where there is one."""
-        out = self.b_dec[layer].expand(next(iter(features.values())).shape[0], -1).clone()
+    def targets(self, source: int) -> range:
+        """The layers that layer `source`'s decoders write to."""
+        return range(source, source + self.W_dec[source].shape[1])
+
+    def decode_to(self, source: int, target: int, features: torch.Tensor) -> torch.Tensor:
+        """What layer `source`'s features write to layer `target` (no bias)."""
+        return features @ self.W_dec[source][:, target - source]
+
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder's linear term from layer `layer`'s input (zero without one)."""
+        if self.W_skip is None:
+            return torch.zeros((), dtype=self.dtype, device=x.device)
+        return x.to(self.dtype) @ self.W_skip[layer]
+
+    def reconstruct_layer(self, layer: int, features: dict[int, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The output written to layer `layer` from every layer's `features` and this layer's input
+        `x`: `b_dec[layer]`, plus each writing layer's decoder in layer order, plus the skip (the
+        engine accumulates the same sum, in the same order, as the forward reaches each layer)."""
+        out = self.b_dec[layer].expand(x.shape[0], -1)
         for s in self.writers(layer):
-            out = out + features[s] @ self.W_dec[s][:, layer - s]
-        if self.W_skip is not None:
-            if x is None:
-                raise ValueError("a skip transcoder needs its layer's input")
-            out = out + x.to(self.dtype) @ self.W_skip[layer]
-        return out
+            out = out + self.decode_to(s, layer, features[s])
+        return out + self.skip(layer, x)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CLT:
         def move(ts: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
