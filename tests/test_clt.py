@@ -407,3 +407,35 @@ def test_shards_and_xdist_runs_place_a_clt_once(written, tiny_checkpoint, tiny_t
     loaded = load_thresholds(path)
     assert [shard_members(loaded, Shard(i, 3)) for i in (1, 2, 3)] == [["clt:whole"], [], []]
     assert xdist_runs(loaded, 4) == {"clt:whole": 0}
+
+
+def _cached_repo(cache: Path, repo_id: str, files: Path) -> None:
+    """`files` as huggingface_hub's cached snapshot of `repo_id` (offline loads find it there)."""
+    import shutil
+
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    shutil.copytree(files, root / "snapshots" / commit)
+
+
+def test_a_mntss_release_loads_whole_from_the_hub_cache(written, tmp_path, monkeypatch):
+    """`sae-lens://<mntss release>` -> SAELens's directory names the repository, whose top level is
+    circuit-tracer's CLT layout: read whole (all layers, every decoder), offline from the cache.
+    Another release is refused naming its converter; an uncached one is one line."""
+    pytest.importorskip("sae_lens")
+    from huggingface_hub import constants
+
+    release = "mntss-gemma-2-2b-2.5m-clt-as-per-layer"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SAEFormatError, match="cannot fetch mntss/clt-gemma-2-2b-2.5M"):
+        load_clt(f"sae-lens://{release}")
+    _cached_repo(tmp_path / "hub", "mntss/clt-gemma-2-2b-2.5M", written["jump"][0])
+    clt = load_clt(f"sae-lens://{release}")
+    direct = load_clt(written["jump"][0])
+    assert clt.n_layers == N_LAYERS and clt.threshold is not None
+    for ours, theirs in zip(clt.W_dec, direct.W_dec, strict=True):
+        assert torch.equal(ours, theirs)
+    with pytest.raises(SAEFormatError, match="read by 'gemma_2'"):
+        load_clt("sae-lens://gemma-scope-2b-pt-res")
