@@ -200,8 +200,8 @@ def regression_rows(report: EvalReport) -> list[list[str]]:
 
 
 def tables(report: EvalReport, markdown: bool = False) -> list[tuple[str, str]]:
-    """The report's tables as (title, table): the gate's, the splices' and the regression checks',
-    each where it has rows."""
+    """The report's tables as (title, table): the gate's, the splices', the CLTs' (and their
+    layers') and the regression checks', each where it has rows."""
     out = []
     if report.saes:
         out.append(("SAEs", format_table(SUMMARY_HEADER, summary_rows(report.saes.values()), markdown)))

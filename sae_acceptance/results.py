@@ -1,8 +1,9 @@
 """What a gate produced: one `EntryResult` per entry of a thresholds file, gathered in an `EvalReport`.
 
-An entry is an `[[sae]]` (`SAEResult`) or a `[[splice]]` (`SpliceResult`); both
-share the fields, the decisions and the JSON form of `EntryResult`, and add only
-their own fields. Plain data: every decision they expose comes from `verdict`.
+An entry is an `[[sae]]` (`SAEResult`), a `[[splice]]` (`SpliceResult`) or a
+`[[clt]]` (`CLTResult`, a splice's fields plus its layers); all share the
+fields, the decisions and the JSON form of `EntryResult`, and add only their
+own fields. Plain data: every decision they expose comes from `verdict`.
 `to_dict` is the JSON report's form; `from_dict` reads it back (unknown keys
 from a newer version are ignored), so a merged or re-read report decides and
 prints exactly as the run that wrote it.
