@@ -331,14 +331,6 @@ class Thresholds(StrictModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Thresholds:
-        names = [c.name for c in self.clt]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"two [[clt]] entries are named {twice[0]!r}")
-        for i, entry in enumerate(self.clt):
-            missing = [m for m in entry.expect_fail if m not in entry.gate]
-            if missing:
-                raise ValueError(f"clt.{i}.expect_fail names metrics without a bound: {', '.join(missing)}")
         seen: set[str] = set()
         for entry in self.sae:
             if entry.display_name in seen:
@@ -455,6 +447,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
     loaded = LoadedThresholds(config=config, path=path, text=text)
     _check_paths(loaded, where)
     _check_splices(loaded, where)
+    _check_clts(loaded, where)
     _check_measured(loaded, where)
     return loaded
 
@@ -537,6 +530,22 @@ def _check_splices(loaded: LoadedThresholds, where: str) -> None:
         problem = same_hook([(e.display_name, e.hook) for e in members if e.hook])
         if problem:
             fail(i, "saes", problem)
+
+
+def _check_clts(loaded: LoadedThresholds, where: str) -> None:
+    """Names are unique among [[clt]] entries; a negative control names gated metrics."""
+    seen: set[str] = set()
+    for i, clt in enumerate(loaded.config.clt):
+        line = f":{loaded.line_of('clt', i, 'name')}" if loaded.text else ""
+        if clt.name in seen:
+            raise ConfigError(f"{where}{line}: clt.{i}.name: two [[clt]] entries are named {clt.name!r}")
+        seen.add(clt.name)
+        missing = [m for m in clt.expect_fail if m not in clt.gate]
+        if missing:
+            line = f":{loaded.line_of('clt', i, 'expect_fail')}" if loaded.text else ""
+            raise ConfigError(
+                f"{where}{line}: clt.{i}.expect_fail: names metrics without a bound: {', '.join(missing)}"
+            )
 
 
 def same_hook(members: list[tuple[str, str]]) -> str | None:

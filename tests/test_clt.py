@@ -321,6 +321,11 @@ def test_clt_gate_can_fail(written, tiny_checkpoint, tiny_tokens_file, tmp_path)
         ),
         (lambda t: t.replace('path = "', 'path = "nowhere/'), r"toml:14: clt\.0\.path: no such transcoder directory"),
         (lambda t: t + 'colour = "red"\n', r"clt\.0\.colour"),
+        (lambda t: t + t[t.index("[[clt]]") :], r"toml:17: clt\.1\.name: two \[\[clt\]\] entries are named 'whole'"),
+        (
+            lambda t: t.replace('name = "whole"', 'name = "whole"\nexpect_fail = ["ce_loss_score"]'),
+            r"toml:14: clt\.0\.expect_fail: names metrics without a bound: ce_loss_score",
+        ),
     ],
 )
 def test_bad_clt_field_is_one_line_exit_2(written, tiny_checkpoint, tiny_tokens_file, tmp_path, edit, message):
