@@ -34,13 +34,6 @@ DEFAULT_HOOKS = ("hook_resid_mid", "hook_mlp_out")  # circuit-tracer's load_clt 
 _HOOK = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-def is_clt_directory(path: Path) -> bool:
-    """Whether `path` holds circuit-tracer transcoder files (a CLT's or a per-layer set's)."""
-    return path.is_dir() and (
-        (path / "W_enc_0.safetensors").exists() or (path / "layer_0.safetensors").exists() or (path / CONFIG).exists()
-    )
-
-
 def load_clt(spec: str | Path, dtype: torch.dtype | None = None) -> CLT:
     """The CLT at `spec`: a local directory (or its config.yaml), `hf://owner/repo[@rev][/folder]`,
     or `sae-lens://<release>` of a `mntss_clt_layer_transcoder` release (the whole CLT, not a layer).
