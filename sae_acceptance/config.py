@@ -30,7 +30,7 @@ from pydantic import (
 from sae_acceptance.errors import ConfigError, SAEFormatError
 from sae_acceptance.io import read_text, write_atomic
 from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS, VARIANCE_NORMALISED
-from sae_acceptance.sources.spec import check_spec, default_name, is_remote
+from sae_acceptance.sources.spec import SAELENS_PREFIX, check_spec, default_name, is_remote
 from sae_acceptance.stats import BootstrapSettings
 
 if sys.version_info >= (3, 11):
@@ -250,7 +250,7 @@ def node_safe(name: str) -> str:
 def _check_splice_gate(gate: dict[str, Bound]) -> dict[str, Bound]:
     for name in gate:
         if name in METRICS and name not in SPLICE_METRICS:
-            raise ValueError(f"{name}: a splice gates its joint loss only ({', '.join(SPLICE_METRICS)})")
+            raise ValueError(f"{name}: a splice or CLT gates its joint loss only ({', '.join(SPLICE_METRICS)})")
     return gate
 
 
@@ -279,6 +279,57 @@ class SpliceEntry(StrictModel):
         return splice_key(self.name)
 
 
+def clt_key(name: str) -> str:
+    """`clt:<name>`: a cross-layer transcoder's node name and baseline entry."""
+    return f"clt:{name}"
+
+
+class CLTEntry(StrictModel):
+    """`[[clt]]`: a cross-layer transcoder (or a set of per-layer transcoders) evaluated as a whole:
+    every MLP output it covers replaced at once, its joint loss measured and gated like a splice's."""
+
+    name: str = Field(description="items are thresholds.toml::clt:<name>::<metric>")
+    path: str = Field(
+        description="circuit-tracer transcoder directory (or its config.yaml) relative to this file, "
+        "hf://owner/repo[@revision][/folder], or sae-lens://<release> of a mntss_clt_layer_transcoder release"
+    )
+    model: str | None = Field(None, description="the model (default: [eval] model, else the config.yaml's model_name)")
+    gate: Annotated[Gate, AfterValidator(_check_splice_gate)]
+    """bounds on the whole replacement's joint metrics (those a splice may gate)"""
+    expect_fail: list[str] = Field(default_factory=list, description="negative control: these gated metrics must fail")
+
+    @field_validator("name")
+    @classmethod
+    def _node_safe(cls, name: str) -> str:
+        return node_safe(name)
+
+    @field_validator("path")
+    @classmethod
+    def _hub_name_well_formed(cls, path: str) -> str:
+        if path.startswith(SAELENS_PREFIX):
+            if not path[len(SAELENS_PREFIX) :].strip("/") or "/" in path[len(SAELENS_PREFIX) :].strip("/"):
+                raise ValueError(f"{path}: expected sae-lens://<release> (a CLT is read whole, not one layer)")
+        else:
+            try:
+                check_spec(path)
+            except SAEFormatError as err:
+                raise ValueError(str(err)) from None
+        return path
+
+    @property
+    def key(self) -> str:
+        """The CLT's key in item ids and runs (`clt:<name>`), apart from any SAE's or splice's name."""
+        return clt_key(self.name)
+
+    @property
+    def saes(self) -> list[str]:
+        """A CLT has no [[sae]] members: it is one entry."""
+        return []
+
+
+JointEntry = SpliceEntry | CLTEntry
+
+
 class Thresholds(StrictModel):
     """A whole thresholds file: the eval settings, the bounds, and the entries they apply to."""
 
@@ -291,10 +342,12 @@ class Thresholds(StrictModel):
     regression: dict[str, Tolerance] = Field(default_factory=dict)
     """`[regression]`: per metric, how much worse than the baseline still passes"""
     baseline: str | None = Field(None, description="regression baseline JSON, relative to this file")
-    sae: list[SAEEntry] = Field(min_length=1)
+    sae: list[SAEEntry] = Field(default_factory=list)
     """`[[sae]]`: the SAEs to gate"""
     splice: list[SpliceEntry] = Field(default_factory=list)
     """`[[splice]]`: SAEs patched in together, gated on the joint metrics"""
+    clt: list[CLTEntry] = Field(default_factory=list)
+    """`[[clt]]`: cross-layer transcoders, each gated on its whole replacement's joint metrics"""
 
     @field_validator("regression")
     @classmethod
@@ -303,6 +356,12 @@ class Thresholds(StrictModel):
             if name not in METRICS or METRICS[name].higher_is_better is None:
                 raise ValueError(f"no regression direction for {name!r}")
         return tolerances
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> Thresholds:
+        if not self.sae and not self.clt:
+            raise ValueError("sae: at least one [[sae]] (or [[clt]]) entry is required")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Thresholds:
@@ -321,27 +380,27 @@ class Thresholds(StrictModel):
                 raise ValueError(f"sae.{i}.expect_fail names metrics without a bound: {', '.join(missing)}")
         return self
 
-    def gate_for(self, entry: SAEEntry | SpliceEntry) -> dict[str, Bound]:
+    def gate_for(self, entry: SAEEntry | JointEntry) -> dict[str, Bound]:
         """The default [gate] bounds, overridden metric by metric by the entry's own; a splice
-        has its own bounds only."""
-        if isinstance(entry, SpliceEntry):
+        or a CLT has its own bounds only."""
+        if isinstance(entry, SpliceEntry | CLTEntry):
             return dict(entry.gate)
         return {**self.gate, **entry.gate}
 
-    def regressed_for(self, entry: SAEEntry | SpliceEntry) -> list[str]:
+    def regressed_for(self, entry: SAEEntry | JointEntry) -> list[str]:
         """Metrics compared against a baseline: the gated ones that have a better direction
         (`l0` or `ce_orig` have none), and every metric given a `[regression]` tolerance
         (for a splice, those it measures)."""
         gated = [m for m in self.gate_for(entry) if METRICS[m].higher_is_better is not None]
         extra = [m for m in self.regression if m not in gated]
-        if isinstance(entry, SpliceEntry):
+        if isinstance(entry, SpliceEntry | CLTEntry):
             extra = [m for m in extra if m in SPLICE_METRICS]
         return gated + extra
 
     @cached_property
-    def by_key(self) -> dict[str, SAEEntry | SpliceEntry]:
-        """Every entry by its key: SAEs by name, splices as `splice:<name>`."""
-        return {**{e.key: e for e in self.sae}, **{s.key: s for s in self.splice}}
+    def by_key(self) -> dict[str, SAEEntry | JointEntry]:
+        """Every entry by its key: SAEs by name, splices as `splice:<name>`, CLTs as `clt:<name>`."""
+        return {**{e.key: e for e in self.sae}, **{s.key: s for s in self.splice}, **{c.key: c for c in self.clt}}
 
     def splice_members(self, splice: SpliceEntry) -> list[SAEEntry]:
         """The `[[sae]]` entries a splice patches in, in the splice's order."""
@@ -439,6 +498,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
     loaded = LoadedThresholds(config=config, path=path, text=text)
     _check_paths(loaded, where)
     _check_splices(loaded, where)
+    _check_clts(loaded, where)
     _check_measured(loaded, where)
     _check_names(loaded, where)
     return loaded
@@ -469,12 +529,16 @@ def _check_paths(loaded: LoadedThresholds, where: str) -> None:
             raise ConfigError(f"{at('sae', i, 'path')}: sae.{i}.path: no such SAE directory {entry.path!r}")
     models: list[tuple[tuple[str | int, ...], str | None]] = [(("eval", "model"), loaded.config.eval.model)]
     models += [(("sae", i, "model"), entry.model) for i, entry in enumerate(loaded.config.sae)]
+    models += [(("clt", i, "model"), entry.model) for i, entry in enumerate(loaded.config.clt)]
     for loc, model in models:
         if model and names_local_path(model, loaded.path.parent):
             found = Path(loaded.resolve_model(model))
             if not found.is_dir():
                 what = "a file, expected a checkpoint directory" if found.exists() else "no such model directory"
                 raise ConfigError(f"{at(*loc)}: {'.'.join(map(str, loc))}: {what} {model!r}")
+    for i, clt in enumerate(loaded.config.clt):
+        if not is_remote(clt.path) and not Path(loaded.resolve(clt.path)).exists():
+            raise ConfigError(f"{at('clt', i, 'path')}: clt.{i}.path: no such transcoder directory {clt.path!r}")
     data = loaded.config.eval.data
     if _looks_local(data) and not Path(loaded.resolve(data)).exists():
         raise ConfigError(f"{at('eval', 'data')}: eval.data: no such file or directory {data!r}")
@@ -483,7 +547,12 @@ def _check_paths(loaded: LoadedThresholds, where: str) -> None:
 def _check_measured(loaded: LoadedThresholds, where: str) -> None:
     """Every gated metric is measured: one a diagnostic part gives needs that part switched on."""
     config, parts = loaded.config, loaded.config.eval.parts()
-    for loc, gate in [(("gate",), config.gate), *((("sae", i, "gate"), e.gate) for i, e in enumerate(config.sae))]:
+    gates = [
+        (("gate",), config.gate),
+        *((("sae", i, "gate"), e.gate) for i, e in enumerate(config.sae)),
+        *((("clt", i, "gate"), e.gate) for i, e in enumerate(config.clt)),
+    ]
+    for loc, gate in gates:
         for name in gate:
             part = METRICS[name].part
             if part is not None and part not in parts:
@@ -550,6 +619,22 @@ def _check_splices(loaded: LoadedThresholds, where: str) -> None:
         problem = same_hook([(e.display_name, e.hook) for e in members if e.hook])
         if problem:
             fail(i, "saes", problem)
+
+
+def _check_clts(loaded: LoadedThresholds, where: str) -> None:
+    """Names are unique among [[clt]] entries; a negative control names gated metrics."""
+    seen: set[str] = set()
+    for i, clt in enumerate(loaded.config.clt):
+        line = f":{loaded.line_of('clt', i, 'name')}" if loaded.text else ""
+        if clt.name in seen:
+            raise ConfigError(f"{where}{line}: clt.{i}.name: two [[clt]] entries are named {clt.name!r}")
+        seen.add(clt.name)
+        missing = [m for m in clt.expect_fail if m not in clt.gate]
+        if missing:
+            line = f":{loaded.line_of('clt', i, 'expect_fail')}" if loaded.text else ""
+            raise ConfigError(
+                f"{where}{line}: clt.{i}.expect_fail: names metrics without a bound: {', '.join(missing)}"
+            )
 
 
 def same_hook(members: list[tuple[str, str]]) -> str | None:

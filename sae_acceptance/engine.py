@@ -4,7 +4,8 @@ Per batch the model runs once, capturing every hook any SAE needs and the
 original logits; then, per hook, the zero-ablation and every SAE at that hook
 each run the model's tail from the hook (a full pass where the backend has no
 tails); then every splice (several SAEs at several hooks patched in together)
-runs once. What leaves a batch is per-sequence float64 sums. The memory bound
+runs once, and every cross-layer transcoder (every MLP output replaced by the decoders
+writing to it) runs once. What leaves a batch is per-sequence float64 sums. The memory bound
 is stated in docs/engine.md.
 """
 
@@ -23,6 +24,7 @@ from sae_acceptance.covariance import CovarianceAccumulator
 from sae_acceptance.diagnostics import Diagnostics, WorstContexts, random_generator, random_unit
 from sae_acceptance.sources.backends import Backend, as_backend
 from sae_acceptance.sources.backends.base import Pass, Patch
+from sae_acceptance.sources.clt import CLT
 from sae_acceptance.sources.sae import SAE, SparseCode
 from sae_acceptance.stats import SequenceSums
 
@@ -56,8 +58,17 @@ class HookRun:
 
 
 @dataclass
+class CLTRun:
+    """A cross-layer transcoder's replacement passes: the joint sums (as a splice's) and, per
+    layer, pooled reconstruction numbers of the MLP output inside the replacement forward."""
+
+    sums: SequenceSums
+    layers: list[dict[str, Any]]
+
+
+@dataclass
 class ModelRun:
-    """Every hook and splice of one model over the eval set. `backend` names how it ran
+    """Every hook, splice and CLT of one model over the eval set. `backend` names how it ran
     (`transformer_lens`, `hf` ...) and `tail_only` whether patched passes were tails."""
 
     hooks: dict[str, HookRun]
@@ -66,6 +77,7 @@ class ModelRun:
     n_positions: int  # every token position of the eval set (counted or not)
     backend: str = ""
     tail_only: bool = True
+    clts: dict[str, CLTRun] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -190,8 +202,14 @@ class _Evaluation:
         splices: Mapping[str, Mapping[str, SAE]],
         tokens: torch.Tensor,
         diagnostics: Diagnostics,
+        clts: Mapping[str, CLT] | None = None,
     ) -> None:
         self.backend, self.by_hook, self.splices, self.diagnostics = backend, by_hook, splices, diagnostics
+        self.clts: dict[str, CLT] = dict(clts or {})
+        self.clt_scalars: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in self.clts}
+        self.clt_layers: dict[str, torch.Tensor] = {  # per layer: Σ‖a − r‖², Σ‖a‖², Σ cos, Σ l0, n
+            name: torch.zeros(clt.n_layers, 5, dtype=torch.float64) for name, clt in self.clts.items()
+        }
         self.tokens = tokens
         self.loss_terms = _LossTerms()
         self.targets = {
@@ -223,6 +241,7 @@ class _Evaluation:
             | {backend.block_output(layer) for layers in self.later_blocks.values() for layer in layers}
             | {h for members in splices.values() for h in members}
             | {_Target.of(h, sae).hook for members in splices.values() for h, sae in members.items()}
+            | {hook for clt in self.clts.values() for layer in range(clt.n_layers) for hook in _clt_hooks(clt, layer)}
         )
 
     def _later_blocks(self, target: _Target) -> list[int]:
@@ -243,6 +262,8 @@ class _Evaluation:
             self.hook_s[hook] += time.perf_counter() - start
         for name in self.splices:
             self._splice(b, name)
+        for name in self.clts:
+            self._clt(b, name)
         for sums in self.target_sums.values():
             sums.batch, sums.gradient = None, None
         self.first_sequence += tok.shape[0]
@@ -402,6 +423,84 @@ class _Evaluation:
             }
         )
 
+    def _clt(self, b: _Batch, name: str) -> None:
+        """The replacement forward: at each layer, in forward order, the encoder reads the input
+        this pass computes there and the MLP output is replaced by the sum of the decoders
+        writing to it (from this layer's and earlier layers' features); the ablation zeroes
+        every layer's MLP output together."""
+        clt = self.clts[name]
+        pending: dict[int, torch.Tensor] = {}  # per later layer: b_dec plus the decoders written so far
+        l0: dict[int, torch.Tensor] = {}
+        layer_sums = self.clt_layers[name]
+        recon_patches: list[tuple[str, Patch]] = []
+        ablate_patches: list[tuple[str, Patch]] = []
+
+        def encoder(layer: int) -> Patch:
+            def read(act: torch.Tensor) -> torch.Tensor:
+                x = act.reshape(-1, act.shape[-1]).to(clt.b_enc[layer].device)
+                features = clt.encode(layer, x)
+                l0[layer] = (features != 0).sum(-1)
+                for target in clt.targets(layer):
+                    start = pending.get(target, clt.b_dec[target].expand(x.shape[0], -1))
+                    pending[target] = start + clt.decode_to(layer, target, features)
+                pending[layer] = pending[layer] + clt.skip(layer, x)
+                return act
+
+            return read
+
+        def decoder(layer: int) -> Patch:
+            def write(act: torch.Tensor) -> torch.Tensor:
+                recon = pending.pop(layer).reshape(act.shape).to(device=act.device, dtype=act.dtype)
+                keep = b.mask.to(act.device)
+                a, r = act.float(), recon.float()
+                a_norm, r_norm = a.norm(dim=-1), r.norm(dim=-1)
+                cos = torch.where(r_norm > 0, (a * r).sum(-1) / (a_norm * r_norm).clamp(min=1e-30), 0.0)
+                fired = l0.pop(layer).reshape(keep.shape).to(act.device)
+                per_token = [(a - r).pow(2).sum(-1), a.pow(2).sum(-1), cos.clamp(-1, 1), fired, torch.ones_like(cos)]
+                layer_sums[layer] += torch.stack([torch.where(keep, v.double(), 0.0).sum() for v in per_token]).cpu()
+                return torch.where(keep.unsqueeze(-1), recon, act)
+
+            return write
+
+        for layer in range(clt.n_layers):
+            hook_in, hook_out = _clt_hooks(clt, layer)
+            recon_patches += [(hook_in, encoder(layer)), (hook_out, decoder(layer))]
+            ablate_patches.append((hook_out, _ablation_patch(b, _Target(hook_out))))
+        ce_ablate, kl_ablate = b.loss_sums(self.loss_terms, self.backend.patched(b.original, ablate_patches))
+        ce_recon, kl_recon = b.loss_sums(self.loss_terms, self.backend.patched(b.original, recon_patches))
+        self.clt_scalars[name].append(
+            {
+                "n_tokens": b.mask.sum(1).double(),
+                "n_loss": b.loss_mask.sum(1).double(),
+                "ce_orig": _per_sequence(b.ce_orig, b.loss_mask),
+                "ce_recon": ce_recon,
+                "ce_ablate": ce_ablate,
+                "kl_ablate": kl_ablate,
+                "kl_recon": kl_recon,
+            }
+        )
+
+    def _clt_results(self) -> dict[str, CLTRun]:
+        runs = {}
+        for name, batches in self.clt_scalars.items():
+            clt, totals = self.clts[name], self.clt_layers[name].numpy()
+            layers = []
+            for layer, (err, act_sq, cos, l0, n) in enumerate(totals):
+                hook_in, hook_out = _clt_hooks(clt, layer)
+                layers.append(
+                    {
+                        "layer": layer,
+                        "hook_in": hook_in,
+                        "hook_out": hook_out,
+                        "nmse": float(err / act_sq) if act_sq > 0 else float("nan"),
+                        "cosine": float(cos / n) if n else float("nan"),
+                        "l0": float(l0 / n) if n else float("nan"),
+                    }
+                )
+            sums = SequenceSums(scalars=_concat(batches), fired=np.zeros(0, dtype=np.int64), d_in=1)
+            runs[name] = CLTRun(sums, layers)
+        return runs
+
     def results(self, n_seq: int, ctx: int, eval_s: float, shared_s: float) -> ModelRun:
         per_hook_shared = shared_s / max(len(self.by_hook), 1)
         hooks = {}
@@ -432,7 +531,9 @@ class _Evaluation:
             name: SequenceSums(scalars=_concat(batches), fired=np.zeros(0, dtype=np.int64), d_in=1)
             for name, batches in self.splice_scalars.items()
         }
-        return ModelRun(hooks, splices, eval_s, n_seq * ctx, self.backend.kind, self.backend.tail_only)
+        return ModelRun(
+            hooks, splices, eval_s, n_seq * ctx, self.backend.kind, self.backend.tail_only, self._clt_results()
+        )
 
 
 def _stacked(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
@@ -464,6 +565,11 @@ def _saebench_sums(
 
 def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
     return {key: torch.cat([batch[key] for batch in batches]).cpu().numpy() for key in batches[0]}
+
+
+def _clt_hooks(clt: CLT, layer: int) -> tuple[str, str]:
+    """Where layer `layer` of a CLT reads and where the decoders writing to it write."""
+    return clt.hook_in(layer), clt.hook_out(layer)
 
 
 def _observer(into: dict[str, torch.Tensor]) -> Patch:
@@ -498,9 +604,11 @@ def run_model(
     progress: bool = True,
     splices: Mapping[str, Mapping[str, SAE]] | None = None,
     diagnostics: Diagnostics | None = None,
+    clts: Mapping[str, CLT] | None = None,
 ) -> ModelRun:
-    """Evaluate every SAE of `by_hook` ({hook: {name: SAE}}) and every splice ({name: {hook: SAE}})
-    over `tokens` ([n_seq, ctx]) with one original forward per batch.
+    """Evaluate every SAE of `by_hook` ({hook: {name: SAE}}), every splice ({name: {hook: SAE}})
+    and every cross-layer transcoder (`clts`, {name: CLT}) over `tokens` ([n_seq, ctx]) with one
+    original forward per batch.
 
     `model` is a backend or a model `as_backend` wraps. `counted` ([n_seq, ctx] bool)
     marks the positions that count: excluded ones keep their original activation in
@@ -511,8 +619,8 @@ def run_model(
     by_hook = {hook: dict(saes) for hook, saes in by_hook.items() if saes}
     splices = {name: dict(members) for name, members in (splices or {}).items() if members}
     n_seq, ctx = tokens.shape
-    state = _Evaluation(backend, by_hook, splices, tokens, diagnostics or Diagnostics.off())
-    label = ", ".join(by_hook) if len(by_hook) == 1 else f"{len(by_hook)} hooks"
+    state = _Evaluation(backend, by_hook, splices, tokens, diagnostics or Diagnostics.off(), dict(clts or {}))
+    label = ", ".join(by_hook) if len(by_hook) == 1 else f"{len(by_hook)} hooks" if by_hook else "CLTs"
     bar = tqdm(range(0, n_seq, batch_size), desc=f"eval {label}", unit="batch", disable=not progress)
     start = time.perf_counter()
     with torch.no_grad():  # not inference mode: the gradient diagnostic differentiates through a tail

@@ -23,6 +23,7 @@ import torch
 from sae_acceptance.config import (
     Bound,
     CanyonSettings,
+    CLTEntry,
     EvalSettings,
     LoadedThresholds,
     SAEEntry,
@@ -48,9 +49,11 @@ from sae_acceptance.metrics import (
     normalized_freq_over,
     rate_bits,
 )
-from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, Source, SpliceResult
+from sae_acceptance.results import CLTResult, EntryResult, EvalReport, Latents, SAEResult, Source, SpliceResult
 from sae_acceptance.sources.backends import Backend
 from sae_acceptance.sources.backends.families import backend_for, same_point
+from sae_acceptance.sources.clt import CLT
+from sae_acceptance.sources.formats.circuit_tracer import load_clt
 from sae_acceptance.sources.model import (
     ModelCache,
     processing_kwargs,
@@ -81,6 +84,19 @@ class _Request:
         return self.sae
 
 
+@dataclass
+class _CLTRequest:
+    entry: CLTEntry
+    result: CLTResult
+    clt: CLT | None = None
+
+    @property
+    def loaded_clt(self) -> CLT:
+        """The CLT of a request `_prepare_clt` found no problem with (only those reach a model)."""
+        assert self.clt is not None, f"{self.result.name}: the CLT was not loaded"
+        return self.clt
+
+
 def evaluate(
     loaded: LoadedThresholds,
     names: list[str] | None = None,
@@ -91,7 +107,8 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate the named SAEs and splices of a thresholds file (all when `names` is None;
     `splices` None: those whose members are all named). A splice's members are evaluated
-    with it, named or not.
+    with it, named or not. A `[[clt]]` is evaluated when `names` is None or holds its key
+    (`clt:<name>`).
 
     `device` overrides `[eval] device` (the pytest plugin gives each xdist worker its GPU).
     """
@@ -121,6 +138,16 @@ def evaluate(
         if s in splice_entries
     }
 
+    clt_requests = [
+        _prepare_clt(loaded, entry, i) for i, entry in enumerate(config.clt) if wanted is None or entry.key in wanted
+    ]
+    clt_groups: dict[ModelKey, list[_CLTRequest]] = defaultdict(list)
+    for creq in clt_requests:
+        if creq.result.error is None and creq.clt is not None:
+            assert creq.result.model is not None  # _prepare_clt: no error means a model
+            kind = backend_for(settings.backend, creq.clt.hook_in(0), creq.clt.hook_out(0))
+            clt_groups[(creq.result.model, tuple(sorted(processing_kwargs().items())), kind)].append(creq)
+
     groups: dict[ModelKey, list[_Request]] = defaultdict(list)
     for req in requests:
         if req.result.error is None and req.sae is not None:
@@ -132,13 +159,16 @@ def evaluate(
     eval_info: dict[str, Any] = {}
     timing: dict[str, Any] = {"eval_s": 0.0, "n_tokens": 0}
     start = time.perf_counter()
-    for (model_name, kwarg_items, kind), group in groups.items():
+    for model_name, kwarg_items, kind in dict.fromkeys([*groups, *clt_groups]):
+        key = (model_name, kwarg_items, kind)
+        group: list[_Request] = groups.get(key, [])
+        clt_group: list[_CLTRequest] = clt_groups.get(key, [])
         try:
             backend = models.backend(model_name, dict(kwarg_items), device, settings.dtype, kind, settings.devices)
             tokens, counted, excluded = _eval_tokens(loaded, backend)
         except SAEAcceptanceError as err:
-            for req in group:
-                req.result.error = str(err)
+            for unloaded in [req.result for req in group] + [creq.result for creq in clt_group]:
+                unloaded.error = str(err)
             continue
         eval_info.setdefault("tokens", _token_info(tokens, counted, excluded, settings.exclude_special_tokens))
         by_hook: dict[str, list[_Request]] = defaultdict(list)
@@ -147,9 +177,14 @@ def evaluate(
                 _warn_if_overridden(req)
                 assert req.result.hook is not None  # _prepare: no error means a model and a hook
                 by_hook[req.result.hook].append(req)
-        if not by_hook:
-            continue
         sae_dtype = None if settings.sae_dtype is None else resolve_dtype(settings.sae_dtype)
+        clts = {
+            creq.result.name: creq.loaded_clt.to(device=backend.device, dtype=sae_dtype)
+            for creq in clt_group
+            if _clt_fits(backend, creq)
+        }
+        if not by_hook and not clts:
+            continue
         saes = {
             hook: {
                 req.result.name: req.loaded_sae.to(device=backend.hook_device(hook), dtype=sae_dtype) for req in reqs
@@ -158,7 +193,7 @@ def evaluate(
         }
         spliced = _splices_of(loaded, splice_entries, joint, by_name, group, saes)
         model_run = run_model(
-            backend, saes, tokens, counted, settings.batch_size, progress, spliced, diagnostics_of(settings)
+            backend, saes, tokens, counted, settings.batch_size, progress, spliced, diagnostics_of(settings), clts
         )
         timing["eval_s"] += model_run.eval_s
         timing["n_tokens"] += model_run.n_positions
@@ -181,6 +216,15 @@ def evaluate(
             splice.tokens_fingerprint, splice.excluded_ids = tokens_fingerprint, excluded
             bounds = config.gate_for(config.by_key[splice.key])
             _measure(splice, splice.label, bounds, sums, bootstrap, SPLICE_METRICS)
+        for creq in clt_group:
+            clt_run = model_run.clts.get(creq.result.name)
+            if clt_run is None:
+                continue
+            clt_result = creq.result
+            clt_result.tokens_fingerprint, clt_result.excluded_ids = tokens_fingerprint, excluded
+            clt_result.layers = clt_run.layers
+            bounds = config.gate_for(creq.entry)
+            _measure(clt_result, clt_result.label, bounds, clt_run.sums, bootstrap, SPLICE_METRICS)
     for splice in joint.values():
         if splice.error is None and not splice.metrics:
             failed = [n for n in splice.saes if by_name[n].result.error is not None]
@@ -202,7 +246,53 @@ def evaluate(
         timing=timing,
         saes={req.result.name: req.result for req in requests},
         splices=joint,
+        clts={creq.result.name: creq.result for creq in clt_requests},
     )
+
+
+def _prepare_clt(loaded: LoadedThresholds, entry: CLTEntry, index: int) -> _CLTRequest:
+    """Load the CLT and decide its model; a problem becomes the result's error."""
+    path = loaded.resolve(entry.path)
+    result = CLTResult(entry.name, expect_fail=list(entry.expect_fail), source=_source(loaded, "clt", index), path=path)
+    dtype = loaded.config.eval.sae_dtype
+    try:
+        clt = load_clt(path, dtype=None if dtype is None else resolve_dtype(dtype))
+    except SAEAcceptanceError as err:
+        result.error = str(err)
+        return _CLTRequest(entry, result)
+    model = entry.model or loaded.config.eval.model or clt.model_name
+    result.model = None if model is None else loaded.resolve_model(model)
+    result.clt_kind = clt.kind
+    result.hooks = [clt.hook_out(layer) for layer in range(clt.n_layers)]
+    result.hook = f"blocks.0-{clt.n_layers - 1}: {clt.input_hook} -> {clt.output_hook}"
+    problems = []
+    if result.model is None:
+        problems.append("no model: set `model` in [[clt]] or [eval], or model_name in config.yaml")
+    bad = clt.nonfinite_tensors()
+    if bad:
+        problems.append(f"CLT weights hold NaN or infinity in tensor(s) {', '.join(bad[:3])}")
+    if problems:
+        result.error = f"{path}: {'; '.join(problems)}"
+    return _CLTRequest(entry, result, clt)
+
+
+def _clt_fits(model: Backend, creq: _CLTRequest) -> bool:
+    """The CLT's layers exist on the model and every hook it reads and writes has its d_model."""
+    clt, result = creq.loaded_clt, creq.result
+    if clt.n_layers > model.n_layers:
+        result.error = f"{result.path}: the CLT has {clt.n_layers} layers, the model {model.n_layers}"
+        return False
+    for layer in range(clt.n_layers):
+        for hook in (clt.hook_in(layer), clt.hook_out(layer)):
+            try:
+                width = model.hook_width(hook)
+            except SAEAcceptanceError as err:
+                result.error = f"{result.path}: {err}"
+                return False
+            if width != clt.d_model:
+                result.error = f"{result.path}: CLT d_model = {clt.d_model} but hook {hook} has width {width}"
+                return False
+    return True
 
 
 def _splices_of(

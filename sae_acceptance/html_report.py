@@ -21,7 +21,7 @@ from sae_acceptance.config import CanyonSettings
 from sae_acceptance.hooks import HookPoint
 from sae_acceptance.io import write_atomic
 from sae_acceptance.plots import Bars, Figure, Panel, Scatter, Series, colours, png
-from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
+from sae_acceptance.results import CLTResult, EntryResult, EvalReport, Latents, SAEResult, SpliceResult
 from sae_acceptance.verdict import EntryStatus, MetricValue, Status, loss_context
 
 CSS = """
@@ -73,7 +73,7 @@ def render_html(report: EvalReport) -> str:
         ]
     for result in report.saes.values():
         body.append(_sae_section(result, report))
-    for splice in report.splices.values():
+    for splice in [*report.splices.values(), *report.clts.values()]:
         body.append(_splice_section(splice))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -127,6 +127,8 @@ def _summary_line(report: EvalReport) -> str:
     if regressions:
         parts.append(f"{sum(not c.passed for c in regressions)} of {len(regressions)} regression checks regressed")
     counted = f"{_plural(len(report.saes), 'SAE')}, {_plural(len(report.splices), 'splice')}"
+    if report.clts:
+        counted += f", {_plural(len(report.clts), 'CLT')}"
     return f"{counted}; checks: " + ", ".join(parts or ["none"])
 
 
@@ -352,11 +354,19 @@ def _proxy_figure(report: EvalReport) -> bytes | None:
 
 
 def _splice_section(splice: SpliceResult) -> str:
-    parts = [
-        f'<h2 id="{_anchor(splice)}">splice {_e(splice.name)} {_badge(splice.status)}</h2>',
-        f'<p class="meta">{_e(" + ".join(splice.saes))} patched in together at {_e(splice.hook or "-")}'
-        f"{_e('; negative control on ' + ', '.join(splice.expect_fail)) if splice.expect_fail else ''}</p>",
-    ]
+    """A splice's section, or a CLT's (its replacement model, with a table per layer)."""
+    control = f"{_e('; negative control on ' + ', '.join(splice.expect_fail)) if splice.expect_fail else ''}"
+    if isinstance(splice, CLTResult):
+        meta = (
+            f'<p class="meta">{_e(splice.clt_kind or "CLT")} {_e(splice.path)}: every MLP output it covers replaced '
+            f"by the sum of the decoders writing to it ({_e(splice.hook or '-')}){control}</p>"
+        )
+    else:
+        meta = (
+            f'<p class="meta">{_e(" + ".join(splice.saes))} patched in together at {_e(splice.hook or "-")}'
+            f"{control}</p>"
+        )
+    parts = [f'<h2 id="{_anchor(splice)}">{_e(splice.label)} {_badge(splice.status)}</h2>', meta]
     if splice.error is not None:
         parts.append(f'<p class="error">{_e(splice.error)}</p>')
         return "\n".join(parts)
@@ -367,6 +377,22 @@ def _splice_section(splice: SpliceResult) -> str:
         for m, v in splice.metrics.items()
     )
     parts.append(f"<table><tr><th>joint metric</th><th>value</th><th>interval</th></tr>{rows}</table>")
+    if isinstance(splice, CLTResult) and splice.layers:
+        layer_rows = "".join(
+            f"<tr><td>{row['layer']}</td><td>{_e(row['hook_in'])}</td><td>{_e(row['hook_out'])}</td>"
+            + "".join(
+                f'<td class="num">{_e("-" if row[k] is None else _fmt(row[k]))}</td>' for k in ("nmse", "cosine", "l0")
+            )
+            + "</tr>"
+            for row in splice.layers
+        )
+        parts.append(
+            "<p>Per layer, inside the replacement forward: the MLP output the model would compute from the "
+            "patched input, against what the decoders write (normalised squared error, cosine), and the "
+            "layer's active features per token.</p>"
+            "<table><tr><th>layer</th><th>reads</th><th>writes</th><th>nmse</th><th>cosine</th><th>l0</th></tr>"
+            f"{layer_rows}</table>"
+        )
     parts.append(_gated_figures(splice))
     parts.append(_regression_table(splice))
     return "\n".join(parts)

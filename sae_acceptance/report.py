@@ -4,6 +4,7 @@ gate, and each SAE's per-latent densities beside the JSON report."""
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 from sae_acceptance.errors import ReportError
 from sae_acceptance.io import npz_within, write_atomic
 from sae_acceptance.render import format_table
-from sae_acceptance.results import EntryResult, EvalReport, Latents, SAEResult, SpliceResult
+from sae_acceptance.results import CLTResult, EntryResult, EvalReport, Latents, SAEResult, SpliceResult
 from sae_acceptance.verdict import EntryStatus, Status
 
 SUMMARY_METRICS = (
@@ -32,6 +33,7 @@ SUMMARY_HEADER = ("sae", "hook", *SUMMARY_METRICS, "pr_ratio", "canyon", "verdic
 REGRESSION_HEADER = ("entry", "metric", "change [paired CI] vs baseline", "verdict")
 SPLICE_METRICS_SHOWN = ("ce_rec", "ce_loss_score", "kl_div")
 SPLICE_HEADER = ("splice", "saes", *SPLICE_METRICS_SHOWN, "verdict")
+CLT_HEADER = ("clt", "layers", *SPLICE_METRICS_SHOWN, "verdict")
 
 
 def merge_reports(reports: Iterable[EvalReport]) -> EvalReport | None:
@@ -51,6 +53,7 @@ def merge_reports(reports: Iterable[EvalReport]) -> EvalReport | None:
     for part in parts:
         merged.saes.update(part.saes)
         merged.splices.update(part.splices)
+        merged.clts.update(part.clts)
         if part.timing:  # a part that evaluated nothing took no time
             merged.timing = _add_timing(merged.timing, part.timing)
     return merged
@@ -93,7 +96,8 @@ def merge_shards(shards: list[tuple[str, EvalReport]], run: str | None = None) -
             same("token data", tokens, where, "evaluated other token data")
         if shard.index in by_index:
             raise ReportError(f"{where}: shard {shard.index}/{shard.count} again (also {by_index[shard.index][0]})")
-        missing = [name for name in shard.saes if name not in report.saes]
+        done = {*report.saes, *(clt.key for clt in report.clts.values())}
+        missing = [name for name in shard.saes if name not in done]
         if missing:
             raise ReportError(
                 f"{where}: shard {shard.index}/{shard.count} failed or was cut short: no result for {', '.join(missing)}"
@@ -152,6 +156,38 @@ def splice_rows(splices: Iterable[SpliceResult]) -> list[list[str]]:
     return rows
 
 
+CLT_LAYER_HEADER = ["clt", "layer", "reads", "writes", "nmse", "cosine", "l0"]
+
+
+def clt_rows(clts: Iterable[CLTResult]) -> list[list[str]]:
+    """One row per `[[clt]]` under `CLT_HEADER`."""
+    rows = []
+    for r in clts:
+        cells = ["-"] * len(SPLICE_METRICS_SHOWN) if r.error else [_metric_cell(r, m) for m in SPLICE_METRICS_SHOWN]
+        what = f"{r.clt_kind or 'CLT'}, {len(r.hooks)} layers" if r.hooks else "-"
+        rows.append([r.name, what, *cells, r.status.word])
+    return rows
+
+
+def clt_layer_rows(clts: Iterable[CLTResult]) -> list[list[str]]:
+    """Per CLT and layer, the MLP output's reconstruction inside the replacement forward."""
+    return [
+        [
+            r.name,
+            str(row["layer"]),
+            row["hook_in"],
+            row["hook_out"],
+            *(_float(row[k]) for k in ("nmse", "cosine", "l0")),
+        ]
+        for r in clts
+        for row in r.layers
+    ]
+
+
+def _float(value: Any) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 def regression_rows(report: EvalReport) -> list[list[str]]:
     """One row per (entry, metric) compared with the baseline, under `REGRESSION_HEADER`."""
     rows = []
@@ -164,13 +200,18 @@ def regression_rows(report: EvalReport) -> list[list[str]]:
 
 
 def tables(report: EvalReport, markdown: bool = False) -> list[tuple[str, str]]:
-    """The report's tables as (title, table): the gate's, the splices' and the regression checks',
-    each where it has rows."""
+    """The report's tables as (title, table): the gate's, the splices', the CLTs' (and their
+    layers') and the regression checks', each where it has rows."""
     out = []
     if report.saes:
         out.append(("SAEs", format_table(SUMMARY_HEADER, summary_rows(report.saes.values()), markdown)))
     if report.splices:
         out.append(("Splices", format_table(SPLICE_HEADER, splice_rows(report.splices.values()), markdown)))
+    if report.clts:
+        out.append(("Cross-layer transcoders", format_table(CLT_HEADER, clt_rows(report.clts.values()), markdown)))
+        layers = clt_layer_rows(report.clts.values())
+        if layers:
+            out.append(("CLT layers", format_table(CLT_LAYER_HEADER, layers, markdown)))
     changes = regression_rows(report)
     if changes:
         out.append(("Regression changes against the baseline", format_table(REGRESSION_HEADER, changes, markdown)))

@@ -1,8 +1,9 @@
 """What a gate produced: one `EntryResult` per entry of a thresholds file, gathered in an `EvalReport`.
 
-An entry is an `[[sae]]` (`SAEResult`) or a `[[splice]]` (`SpliceResult`); both
-share the fields, the decisions and the JSON form of `EntryResult`, and add only
-their own fields. Plain data: every decision they expose comes from `verdict`.
+An entry is an `[[sae]]` (`SAEResult`), a `[[splice]]` (`SpliceResult`) or a
+`[[clt]]` (`CLTResult`, a splice's fields plus its layers); all share the
+fields, the decisions and the JSON form of `EntryResult`, and add only their
+own fields. Plain data: every decision they expose comes from `verdict`.
 `to_dict` is the JSON report's form; `from_dict` reads it back (unknown keys
 from a newer version are ignored), so a merged or re-read report decides and
 prints exactly as the run that wrote it.
@@ -17,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from sae_acceptance.config import splice_key
+from sae_acceptance.config import clt_key, splice_key
 from sae_acceptance.geometry import LayerGeometry
 from sae_acceptance.io import to_json
 from sae_acceptance.metrics import latent_densities
@@ -255,6 +256,29 @@ class SpliceResult(EntryResult):
         return f"splice {self.name}"
 
 
+@dataclass
+class CLTResult(SpliceResult):
+    """A `[[clt]]`: a cross-layer transcoder's replacement model, its joint loss measured and gated
+    as a splice's; `layers` holds, per layer, the reconstruction of the MLP output inside the
+    replacement forward (`nmse`, `cosine`, `l0`) and the layer's hooks."""
+
+    path: str = ""
+    clt_kind: str | None = None  # circuit-tracer's model_kind
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    kind: ClassVar[str] = "clt"
+    head: ClassVar[tuple[str, ...]] = ("path", "clt_kind", "hooks", "model")
+    tail: ClassVar[tuple[str, ...]] = ("layers",)
+
+    @property
+    def key(self) -> str:
+        return clt_key(self.name)
+
+    @property
+    def label(self) -> str:
+        return f"clt {self.name}"
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     """What a shard's report says of itself, so `merge` can tell a missing, partial or foreign
@@ -303,6 +327,7 @@ class EvalReport:
     saes: dict[str, SAEResult]
     splices: dict[str, SpliceResult] = field(default_factory=dict)
     shard: ShardRecord | None = None
+    clts: dict[str, CLTResult] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> EvalReport:
@@ -311,8 +336,8 @@ class EvalReport:
 
     @property
     def entries(self) -> list[EntryResult]:
-        """Every SAE's result, then every splice's."""
-        return [*self.saes.values(), *self.splices.values()]
+        """Every SAE's result, then every splice's, then every CLT's."""
+        return [*self.saes.values(), *self.splices.values(), *self.clts.values()]
 
     def __iter__(self) -> Iterator[EntryResult]:
         return iter(self.entries)
@@ -330,6 +355,8 @@ class EvalReport:
             "saes": {name: r.to_dict(sums) for name, r in self.saes.items()},
             "splices": {name: r.to_dict(sums) for name, r in self.splices.items()},
         }
+        if self.clts:  # absent when there are none: reports without CLTs read as before
+            out["clts"] = {name: r.to_dict(sums) for name, r in self.clts.items()}
         if self.shard is not None:
             out["shard"] = self.shard.to_dict()
         return out
@@ -348,6 +375,7 @@ class EvalReport:
             saes={name: SAEResult.from_dict(name, r) for name, r in (data.get("saes") or {}).items()},
             splices={name: SpliceResult.from_dict(name, r) for name, r in (data.get("splices") or {}).items()},
             shard=None if shard is None else ShardRecord.from_dict(shard),
+            clts={name: CLTResult.from_dict(name, r) for name, r in (data.get("clts") or {}).items()},
         )
 
 
@@ -356,14 +384,14 @@ def _plain(value: Any) -> Any:
     return value.to_dict() if hasattr(value, "to_dict") else value
 
 
-REPORT_KEYS = ("eval", "timing", "saes", "splices", "shard")
+REPORT_KEYS = ("eval", "timing", "saes", "splices", "clts", "shard")
 
 
 def unknown_fields(data: Mapping[str, Any]) -> list[str]:
     """Keys of a JSON report this version does not read (a newer version wrote it): `from_dict`
     ignores them, and a reader says so."""
     found = [key for key in data if key not in REPORT_KEYS]
-    for section, kind in (("saes", SAEResult), ("splices", SpliceResult)):
+    for section, kind in (("saes", SAEResult), ("splices", SpliceResult), ("clts", CLTResult)):
         known = {f.name for f in dataclasses.fields(kind)} | set(kind.head) | set(kind.tail)
         known |= {"regressions", "baseline_error", "source", "sums"}
         for name, entry in (data.get(section) or {}).items():

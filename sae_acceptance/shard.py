@@ -165,20 +165,27 @@ def units(loaded: LoadedThresholds, by_group: dict[Group, list[str]]) -> list[li
 
 
 def shard_members(loaded: LoadedThresholds, shard: Shard) -> list[str]:
-    """The SAE names `shard` evaluates, in file order: the same answer on every machine."""
+    """The SAE names `shard` evaluates, in file order: the same answer on every machine. Shard 1
+    also evaluates every `[[clt]]` (its key, `clt:<name>`): a CLT is one unit of its own."""
+    clts = [clt.key for clt in loaded.config.clt] if shard.index == 1 else []
+    if not loaded.config.sae:
+        return clts
     by_group, joined, runs = _cut(loaded, shard.count, budget=SHARD_SPLIT_BUDGET)
     mine = {key for i in runs[shard.index - 1] for key in joined[i]}
-    return [name for key, names in by_group.items() if key in mine for name in names]
+    return [name for key, names in by_group.items() if key in mine for name in names] + clts
 
 
 def xdist_runs(loaded: LoadedThresholds, workers: int) -> dict[str, int]:
-    """Every SAE name and splice key (`splice:<name>`) -> the xdist run (of at most `workers`)
-    that evaluates it: the scope whose SAEs and splices a worker evaluates together, one pass
-    per model."""
+    """Every SAE name, splice key (`splice:<name>`) and CLT key (`clt:<name>`, all in the first
+    run) -> the xdist run (of at most `workers`) that evaluates it: the scope whose SAEs and
+    splices a worker evaluates together, one pass per model."""
+    clts = dict.fromkeys((clt.key for clt in loaded.config.clt), 0)
+    if not loaded.config.sae:
+        return clts
     by_group, joined, runs = _cut(loaded, workers, budget=XDIST_SPLIT_BUDGET)
     run_of = {name: r for r, run in enumerate(runs) for i in run for key in joined[i] for name in by_group[key]}
     run_of.update({splice.key: run_of[splice.saes[0]] for splice in loaded.config.splice})
-    return run_of
+    return run_of | clts
 
 
 def _cut(

@@ -136,7 +136,7 @@ saes = ["a", "b"]
         load_thresholds(path)
     path.write_text(text.replace('saes = ["a", "b"]', 'saes = ["a"]\ngate = { cosine = { min = 0.5 } }'))
     with pytest.raises(
-        ConfigError, match=r"thresholds.toml:18: splice.0.gate.cosine: a splice gates its joint loss only"
+        ConfigError, match=r"thresholds.toml:18: splice.0.gate.cosine: a splice or CLT gates its joint loss only"
     ):
         load_thresholds(path)
 

@@ -19,7 +19,7 @@ import pytest
 
 from pytest_sae_acceptance.selection import PYTEST_FLAGS, SESSION_KEY, baseline_path, read_baseline
 from sae_acceptance.baseline import remedy
-from sae_acceptance.config import LoadedThresholds, SAEEntry, SpliceEntry, load_thresholds
+from sae_acceptance.config import CLTEntry, LoadedThresholds, SAEEntry, SpliceEntry, load_thresholds
 from sae_acceptance.errors import BaselineError, ConfigError, R2ProxyWarning, SAEAcceptanceError
 from sae_acceptance.results import EntryResult, SAEResult
 from sae_acceptance.verdict import Status
@@ -65,17 +65,21 @@ class ThresholdsFile(pytest.File):
             yield SpliceCollector.from_parent(
                 self, name=splice.key, loaded=loaded, entry=splice, line=loaded.line_of("splice", i)
             )
+        for i, clt in enumerate(loaded.config.clt):
+            yield CLTCollector.from_parent(self, name=clt.key, loaded=loaded, entry=clt, line=loaded.line_of("clt", i))
 
 
 class _Collector(pytest.Collector):
-    """One `[[sae]]` or `[[splice]]` entry: its metric items, then its regression items."""
+    """One `[[sae]]`, `[[splice]]` or `[[clt]]` entry: its metric items, then its regression items."""
 
     metric_item: type[pytest.Item]
     regression_item: type[pytest.Item]
-    entry: SAEEntry | SpliceEntry
+    entry: SAEEntry | SpliceEntry | CLTEntry
     reported: tuple[str, ...] = ()  # ungated metrics that still get an item (an SAE's r2)
 
-    def __init__(self, *, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry, line: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *, loaded: LoadedThresholds, entry: SAEEntry | SpliceEntry | CLTEntry, line: int, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.loaded, self.entry, self.line = loaded, entry, line
         self.add_marker("sae")
@@ -112,6 +116,14 @@ class SpliceCollector(_Collector):
 
     def evaluate_entry(self) -> EntryResult:
         return sae_session(self.config).splice(self.loaded, self.entry.name)
+
+
+class CLTCollector(_Collector):
+    """A `[[clt]]`: its gated joint metrics and their regression checks. Its items are selected,
+    sharded and grouped as an SAE's are, under its key `clt:<name>`."""
+
+    def evaluate_entry(self) -> EntryResult:
+        return sae_session(self.config).result(self.loaded, self.entry.key)
 
 
 INPUT_ERROR_PROPERTY = "sae_error"
@@ -250,4 +262,5 @@ class SpliceRegressionItem(_SpliceItem, _RegressionCheck):
 
 
 SAECollector.metric_item, SAECollector.regression_item = MetricItem, RegressionItem
+CLTCollector.metric_item, CLTCollector.regression_item = MetricItem, RegressionItem
 SpliceCollector.metric_item, SpliceCollector.regression_item = SpliceMetricItem, SpliceRegressionItem

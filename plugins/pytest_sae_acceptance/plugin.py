@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from pytest_sae_acceptance.outputs import RunOutcome  # noqa: F401  # OUTCOME_KEY names it
     from pytest_sae_acceptance.scheduling import SAEGroupScheduling
-    from sae_acceptance.results import EvalReport, SAEResult
+    from sae_acceptance.results import CLTResult, EvalReport, SAEResult
 
 PARTS_KEY = pytest.StashKey[list[Part]]()
 OUTCOME_KEY = pytest.StashKey["RunOutcome"]()
@@ -148,8 +148,9 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Thresholds
 
 
 @pytest.fixture(scope="session")
-def sae_eval(request: pytest.FixtureRequest) -> Callable[[str], SAEResult]:
-    """`sae_eval("name")` -> that SAE's `sae_acceptance.SAEResult` (evaluated once per run).
+def sae_eval(request: pytest.FixtureRequest) -> Callable[[str], SAEResult | CLTResult]:
+    """`sae_eval("name")` -> that SAE's `sae_acceptance.SAEResult` (`"clt:name"`: a CLT's
+    `CLTResult`), evaluated once per run.
 
     The thresholds file is `--sae-thresholds`, else the `sae_thresholds` ini value,
     relative to the directory pytest was started from.

@@ -29,7 +29,7 @@ from sae_acceptance.config import LoadedThresholds, eval_default, splice_key
 from sae_acceptance.errors import BaselineError, SAEAcceptanceError
 from sae_acceptance.evaluate import evaluate
 from sae_acceptance.gate import compare
-from sae_acceptance.results import EntryResult, EvalReport, SAEResult, SpliceResult
+from sae_acceptance.results import CLTResult, EntryResult, EvalReport, SAEResult, SpliceResult
 from sae_acceptance.shard import xdist_runs
 from sae_acceptance.sources.model import ModelCache
 from sae_acceptance.train.analysis import write_analysis
@@ -46,7 +46,7 @@ class SAESession:
         self.config = config
         self.models = ModelCache()
         self.reports: dict[Path, EvalReport] = {}
-        self.results: dict[tuple[Path, str], SAEResult] = {}
+        self.results: dict[tuple[Path, str], SAEResult | CLTResult] = {}
         self.splices: dict[tuple[Path, str], SpliceResult] = {}
         self.failures: dict[tuple[Path, str], SAEAcceptanceError | Warning] = {}
         self.compared: set[tuple[Path, str]] = set()
@@ -66,14 +66,14 @@ class SAESession:
             splices = [n for n in splices if run[splice_key(n)] == run[key]]
         return saes, splices
 
-    def result(self, loaded: LoadedThresholds, name: str) -> SAEResult:
-        """The SAE's result, evaluating it (with the SAEs and splices it shares passes with) once.
+    def result(self, loaded: LoadedThresholds, name: str) -> SAEResult | CLTResult:
+        """The SAE's (or CLT's) result, evaluating it (with the SAEs and splices it shares passes with) once.
 
         An evaluation that fails as a whole (the model or tokens cannot load) fails every
         item of its SAEs with the same error, without being run again for each.
         """
         key = (loaded.path, name)
-        known = [entry.key for entry in loaded.config.sae]
+        known = [entry.key for entry in loaded.config.sae] + [entry.key for entry in loaded.config.clt]
         if name not in known:
             raise SAEAcceptanceError(f"{loaded.path}: no [[sae]] named {name!r} (there are: {', '.join(known)})")
         if key in self.failures:
@@ -97,6 +97,7 @@ class SAESession:
         """One evaluation; its progress shows in the terminal, past pytest's output capture."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter") if self.progress else None
         capture = self.config.pluginmanager.get_plugin("capturemanager") if self.progress else None
+        clts = {clt.key: clt.name for clt in loaded.config.clt}
         what = f"{len(names)} SAE(s)" + (f" and {len(splices)} splice(s)" if splices else "")
         with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
             if reporter is not None:  # inside: a line written while the item runs is captured otherwise
@@ -108,7 +109,8 @@ class SAESession:
             except (SAEAcceptanceError, Warning) as err:  # a warning when -W error escalates it
                 self.failures.update({(loaded.path, n): err for n in [*names, *splices]})
                 if isinstance(err, SAEAcceptanceError):  # the report shows what could not be evaluated
-                    failed = EvalReport({}, {}, {n: SAEResult(n, error=str(err)) for n in names})
+                    failed = EvalReport({}, {}, {n: SAEResult(n, error=str(err)) for n in names if n not in clts})
+                    failed.clts = {n: CLTResult(clts[n], error=str(err)) for n in names if n in clts}
                     failed.splices = {n: SpliceResult(n, error=str(err)) for n in splices}
                     self._keep(loaded.path, failed)
                 raise
@@ -125,9 +127,12 @@ class SAESession:
         if previous is not None:
             report.saes = {**previous.saes, **report.saes}
             report.splices = {**previous.splices, **report.splices}
+            report.clts = {**previous.clts, **report.clts}
         self.reports[path] = report
         for name, result in report.saes.items():
             self.results[(path, name)] = result
+        for clt_result in report.clts.values():
+            self.results[(path, clt_result.key)] = clt_result
         for name, splice in report.splices.items():
             self.splices[(path, name)] = splice
 
