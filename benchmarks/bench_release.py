@@ -314,7 +314,7 @@ def run_one(args) -> dict:
 
 def diagnostics_ratios(results: dict[str, dict]) -> dict[str, float | list[float]]:
     """What the diagnostics cost against the bare work their passes add: (on - off) / limit-diag,
-    of the medians in wall and CPU time, and of each round-robin repeat (wall) to show the spread."""
+    of the medians in wall and CPU time, and of each round-robin repeat to show the spread."""
     on, off, limit = results["project-diag"], results["project"], results["limit-diag"]
     out: dict[str, float | list[float]] = {}
     for key, suffix in (("seconds", ""), ("cpu_seconds", "_cpu")):
@@ -322,9 +322,10 @@ def diagnostics_ratios(results: dict[str, dict]) -> dict[str, float | list[float
         out[f"diagnostics_extra_s{suffix}"] = extra
         out[f"diagnostics_over_limit{suffix}"] = extra / common.median(limit[key])
         out[f"diagnostics_on_over_off{suffix}"] = common.median(on[key]) / common.median(off[key])
-    out["diagnostics_over_limit_each"] = [
-        (a - b) / c for a, b, c in zip(on["seconds"], off["seconds"], limit["seconds"], strict=True)
-    ]
+    for key, suffix in (("seconds", ""), ("cpu_seconds", "_cpu")):
+        out[f"diagnostics_over_limit{suffix}_each"] = [
+            (a - b) / c for a, b, c in zip(on[key], off[key], limit[key], strict=True)
+        ]
     return out
 
 
