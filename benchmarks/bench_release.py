@@ -17,6 +17,7 @@ Targets: project / limit <= 1.15; SAELens / project >= 5; with diagnostics,
 interpreter per contender and repeat, round-robin repeats, one untimed warm-up batch.
 
     python benchmarks/bench_release.py --json benchmarks/results/cpu2-release.json
+    python benchmarks/bench_release.py --contenders project --diagnostics on --repeats 3 --json diag.json
 """
 
 from __future__ import annotations
