@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_eval  # noqa: E402
+import bench_release  # noqa: E402
 import common  # noqa: E402
 
 
@@ -26,8 +27,9 @@ def instrument() -> None:
     """Wrap the engine's building blocks in profiler ranges."""
     import sae_acceptance.engine as engine
     from sae_acceptance.covariance import CovarianceAccumulator
+    from sae_acceptance.diagnostics import WorstContexts
     from sae_acceptance.sources.backends import Backend
-    from sae_acceptance.sources.sae import SAE
+    from sae_acceptance.sources.sae import SAE, SparseCode
 
     def wrap(owner, name: str, label: str) -> None:
         fn = getattr(owner, name)
@@ -45,6 +47,11 @@ def instrument() -> None:
     wrap(SAE, "decode", "stage: SAE decode")
     wrap(CovarianceAccumulator, "update", "stage: covariance update (float64)")
     wrap(engine, "_per_sequence", "stage: per-sequence float64 sums")
+    wrap(engine._Evaluation, "_gradient", "stage: diagnostics: gradient (tail forward + backward)")
+    wrap(engine, "random_unit", "stage: diagnostics: random directions")
+    wrap(WorstContexts, "update", "stage: diagnostics: worst contexts")
+    wrap(engine, "_saebench_sums", "stage: diagnostics: SAEBench sums")
+    wrap(SparseCode, "fired_sequences", "stage: diagnostics: sequences each latent fired in")
 
 
 def main(argv=None) -> None:
@@ -58,6 +65,13 @@ def main(argv=None) -> None:
     p.add_argument("--n-saes", type=int, default=6)
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument(
+        "--diagnostics",
+        type=bench_release.diagnostics_value,
+        default=False,
+        metavar="off|on|PART[,PART...]",
+        help="[eval] diagnostics for run_model (default off)",
+    )
     common.add_backend_arg(p)
     args = p.parse_args(argv)
     size = common.model_size(args)
@@ -79,11 +93,21 @@ def main(argv=None) -> None:
         }
     counted = common.counted_mask(tokens)
     hook = bench_eval.hook_name(args)
-    run_model(model, {hook: saes}, tokens[: args.batch_size], counted[: args.batch_size], args.batch_size, False)
+    diagnostics = bench_release.engine_diagnostics(args)
+    run_model(
+        model,
+        {hook: saes},
+        tokens[: args.batch_size],
+        counted[: args.batch_size],
+        args.batch_size,
+        False,
+        None,
+        diagnostics,
+    )
     instrument()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
-        run_model(model, {hook: saes}, tokens, counted, args.batch_size, False)
+        run_model(model, {hook: saes}, tokens, counted, args.batch_size, False, None, diagnostics)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -475,6 +475,14 @@ def as_jsonable(obj):
     return obj
 
 
+def uptime() -> str:
+    """`uptime`'s line (1-, 5- and 15-minute load averages): how shared the machine was."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def load_average() -> float | None:
     """1-minute load average at the end of a run: a shared machine's timings are only as good as this."""
     try:

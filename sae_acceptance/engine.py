@@ -163,10 +163,18 @@ class _Batch:
     mask: torch.Tensor  # [B, T] counted positions
     ce_orig: torch.Tensor
     cross_orig: torch.Tensor
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.mask[:, :-1]
+
+    def scale(self, name: str) -> torch.Tensor:
+        """Per-sequence Σ_t ‖r_orig‖² of the original pass at hook `name`: the propagation's
+        denominator, the same for every SAE whose error reaches that hook, so computed once."""
+        if name not in self.scales:
+            self.scales[name] = _per_sequence(self.original.acts[name].float().pow(2).sum(-1), self.mask)
+        return self.scales[name]
 
     def keep(self, like: torch.Tensor) -> torch.Tensor:
         return self.mask.to(like.device).unsqueeze(-1)
@@ -189,7 +197,7 @@ class _TargetSums:
     shift: torch.Tensor | None = None
     shift_sums: list[torch.Tensor] = field(default_factory=list)
     batch: dict[str, torch.Tensor] | None = None
-    gradient: torch.Tensor | None = None  # this batch's ∂L/∂(activation at the target's hook)
+    gradient: tuple[torch.Tensor, torch.Tensor] | None = None  # this batch's ∂L/∂(target's view), its ‖·‖²
 
 
 class _Evaluation:
@@ -294,9 +302,10 @@ class _Evaluation:
         }
         return sums.batch
 
-    def _gradient(self, b: _Batch, target: _Target) -> torch.Tensor:
+    def _gradient(self, b: _Batch, target: _Target) -> tuple[torch.Tensor, torch.Tensor]:
         """∂L/∂a at the target's hook, L the batch's Σ of counted next-token CE terms (sequences
-        stay independent): one backward of the tail, shared by every SAE replacing that hook."""
+        stay independent), in the target's view, and its squared norm per position: one backward
+        of the tail, shared by every SAE replacing that target."""
         sums = self.target_sums[target]
         if sums.gradient is None:
             full = b.original.acts[target.hook]
@@ -314,8 +323,9 @@ class _Evaluation:
             finally:
                 for p in params:
                     p.requires_grad_(True)
-            sums.gradient = gradient.float()
-        return target.view(sums.gradient)
+            view = target.view(gradient.float())
+            sums.gradient = (view, view.pow(2).sum(-1))
+        return sums.gradient
 
     def _hook(self, b: _Batch, hook: str) -> None:
         act = b.original.acts[hook]
@@ -359,7 +369,7 @@ class _Evaluation:
             }
             delta = r - a
             if self.diagnostics.saebench:
-                sums |= _saebench_sums(a, r, err, dot, l1, mask)
+                sums |= _saebench_sums(a, r, a_norm, r_norm, err, dot, l1, mask)
                 self.fired_sequences[key] += code.fired_sequences(sae.d_sae, mask.shape[0]).to(self.fired[key].device)
             if self.diagnostics.random:
                 step = delta.norm(dim=-1, keepdim=True) * random_unit(a.shape, self.generators[key], a.device)
@@ -368,11 +378,11 @@ class _Evaluation:
                     self.loss_terms, self.backend.patched(b.original, [(target.hook, noisy)])
                 )
             if self.diagnostics.gradient:
-                gradient = self._gradient(b, target).to(delta.device)
-                along = (gradient * delta).sum(-1)
+                gradient, gradient_sq = self._gradient(b, target)
+                along = (gradient.to(delta.device) * delta).sum(-1)
                 sums["g_delta"] = _per_sequence(along, mask)
                 sums["ga_num"] = _per_sequence(along.pow(2), mask)
-                sums["ga_den"] = _per_sequence(gradient.pow(2).sum(-1) * delta.pow(2).sum(-1), mask)
+                sums["ga_den"] = _per_sequence(gradient_sq.to(delta.device) * err, mask)  # err = ‖δ‖²
             self.scalars[key].append(sums)
 
     def _observers(self, b: _Batch, target: _Target, key: tuple[str, str]) -> list[tuple[str, Patch]]:
@@ -389,7 +399,7 @@ class _Evaluation:
             def keep(act: torch.Tensor) -> torch.Tensor:
                 original = b.original.acts[name].float()
                 moved[:, i] = _per_sequence((act.float() - original).pow(2).sum(-1), b.mask)
-                size[:, i] = _per_sequence(original.pow(2).sum(-1), b.mask)
+                size[:, i] = b.scale(name)
                 return act
 
             return keep
@@ -544,18 +554,26 @@ def _stacked(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarr
 
 
 def _saebench_sums(
-    a: torch.Tensor, r: torch.Tensor, err: torch.Tensor, dot: torch.Tensor, l1: torch.Tensor, mask: torch.Tensor
+    a: torch.Tensor,
+    r: torch.Tensor,
+    a_norm: torch.Tensor,
+    r_norm: torch.Tensor,
+    err: torch.Tensor,
+    dot: torch.Tensor,
+    l1: torch.Tensor,
+    mask: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """The per-sequence sums of SAEBench's core numbers: ‖x‖², ‖x̂‖², Σ latents, and the legacy
-    explained variance, per token centred on the batch's counted mean as SAEBench centres it."""
+    explained variance, per token centred on the batch's counted mean as SAEBench centres it.
+    The per-token norms, error and dot product are the reconstruction metrics', passed in."""
     keep = mask.to(a.device)
     centre = (a * keep.unsqueeze(-1)).sum((0, 1)) / keep.sum().clamp(min=1)
     spread = (a - centre).pow(2).sum(-1)
     legacy = 1.0 - err / torch.where(spread > 0, spread, torch.nan)
     return {
         "x_sq": _per_sequence(a.pow(2).sum(-1), mask),
-        "x_norm": _per_sequence(a.norm(dim=-1), mask),
-        "recon_norm": _per_sequence(r.norm(dim=-1), mask),
+        "x_norm": _per_sequence(a_norm, mask),
+        "recon_norm": _per_sequence(r_norm, mask),
         "recon_sq": _per_sequence(r.pow(2).sum(-1), mask),
         "dot": _per_sequence(dot, mask),
         "l1": _per_sequence(l1, mask),
