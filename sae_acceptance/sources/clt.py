@@ -99,6 +99,7 @@ class CLT:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CLT:
         """A copy on `device` in `dtype` (None keeps each tensor's own)."""
+
         def move(ts: list[torch.Tensor]) -> list[torch.Tensor]:
             return [t.to(device=device, dtype=dtype or t.dtype) for t in ts]
 

@@ -140,7 +140,7 @@ def load(
         placement["tokenizer"] = _stand_in_tokenizer()
     try:
         with quiet_transformers():
-            bridge = TransformerBridge.boot_transformers(str(source), dtype=dtype, **placement)
+            bridge = TransformerBridge.boot_transformers(str(source), dtype=dtype, trust_remote_code=False, **placement)
     except UNREADABLE_WEIGHTS as err:
         raise weights_refused(source, err) from None
     except (OSError, ValueError, KeyError, NotImplementedError, AttributeError) as err:
