@@ -406,6 +406,22 @@ class _Evaluation:
 
         return [(name, observe(i, name)) for i, name in enumerate(map(self.backend.block_output, layers))]
 
+    def _joint_sums(
+        self, b: _Batch, recon_patches: list[tuple[str, Patch]], ablate_patches: list[tuple[str, Patch]]
+    ) -> dict[str, torch.Tensor]:
+        """A joint replacement's per-sequence sums (splice or CLT): its patched and zero-ablated passes."""
+        ce_ablate, kl_ablate = b.loss_sums(self.loss_terms, self.backend.patched(b.original, ablate_patches))
+        ce_recon, kl_recon = b.loss_sums(self.loss_terms, self.backend.patched(b.original, recon_patches))
+        return {
+            "n_tokens": b.mask.sum(1).double(),
+            "n_loss": b.loss_mask.sum(1).double(),
+            "ce_orig": _per_sequence(b.ce_orig, b.loss_mask),
+            "ce_recon": ce_recon,
+            "ce_ablate": ce_ablate,
+            "kl_ablate": kl_ablate,
+            "kl_recon": kl_recon,
+        }
+
     def _splice(self, b: _Batch, name: str) -> None:
         """All members patched in one forward, each reconstructing the activation that forward
         computes at its hook; the ablation zero-ablates every member's target together."""
@@ -419,19 +435,7 @@ class _Evaluation:
                 recon_patches.append((hook, _observer(live)))
             recon_patches.append((target.hook, _splice_patch(b, sae, target, live)))
             ablate_patches.append((target.hook, _ablation_patch(b, target)))
-        ce_ablate, kl_ablate = b.loss_sums(self.loss_terms, self.backend.patched(b.original, ablate_patches))
-        ce_recon, kl_recon = b.loss_sums(self.loss_terms, self.backend.patched(b.original, recon_patches))
-        self.splice_scalars[name].append(
-            {
-                "n_tokens": b.mask.sum(1).double(),
-                "n_loss": b.loss_mask.sum(1).double(),
-                "ce_orig": _per_sequence(b.ce_orig, b.loss_mask),
-                "ce_recon": ce_recon,
-                "ce_ablate": ce_ablate,
-                "kl_ablate": kl_ablate,
-                "kl_recon": kl_recon,
-            }
-        )
+        self.splice_scalars[name].append(self._joint_sums(b, recon_patches, ablate_patches))
 
     def _clt(self, b: _Batch, name: str) -> None:
         """The replacement forward: at each layer, in forward order, the encoder reads the input
@@ -476,19 +480,7 @@ class _Evaluation:
             hook_in, hook_out = _clt_hooks(clt, layer)
             recon_patches += [(hook_in, encoder(layer)), (hook_out, decoder(layer))]
             ablate_patches.append((hook_out, _ablation_patch(b, _Target(hook_out))))
-        ce_ablate, kl_ablate = b.loss_sums(self.loss_terms, self.backend.patched(b.original, ablate_patches))
-        ce_recon, kl_recon = b.loss_sums(self.loss_terms, self.backend.patched(b.original, recon_patches))
-        self.clt_scalars[name].append(
-            {
-                "n_tokens": b.mask.sum(1).double(),
-                "n_loss": b.loss_mask.sum(1).double(),
-                "ce_orig": _per_sequence(b.ce_orig, b.loss_mask),
-                "ce_recon": ce_recon,
-                "ce_ablate": ce_ablate,
-                "kl_ablate": kl_ablate,
-                "kl_recon": kl_recon,
-            }
-        )
+        self.clt_scalars[name].append(self._joint_sums(b, recon_patches, ablate_patches))
 
     def _clt_results(self) -> dict[str, CLTRun]:
         runs = {}

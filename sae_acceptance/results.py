@@ -249,11 +249,13 @@ class SpliceResult(EntryResult):
 
     @property
     def key(self) -> str:
-        return splice_key(self.name)
+        """`<kind>:<name>` (`splice:` or `clt:`), apart from any SAE's name."""
+        return clt_key(self.name) if self.kind == "clt" else splice_key(self.name)
 
     @property
     def label(self) -> str:
-        return f"splice {self.name}"
+        """`splice <name>` or `clt <name>`."""
+        return f"{self.kind} {self.name}"
 
 
 @dataclass
@@ -269,14 +271,6 @@ class CLTResult(SpliceResult):
     kind: ClassVar[str] = "clt"
     head: ClassVar[tuple[str, ...]] = ("path", "clt_kind", "hooks", "model")
     tail: ClassVar[tuple[str, ...]] = ("layers",)
-
-    @property
-    def key(self) -> str:
-        return clt_key(self.name)
-
-    @property
-    def label(self) -> str:
-        return f"clt {self.name}"
 
 
 @dataclass(frozen=True)
