@@ -42,20 +42,28 @@ def locate_sae(spec: str | Path) -> Path:
     return Path(text)
 
 
-def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
-    """Download the SAE files of `folder` (nothing else of the repository) and return its path."""
-    # lazy on purpose: huggingface_hub is imported only when an SAE is fetched
+def download_folder(spec: str, repo_id: str, revision: str | None, folder: str, patterns: Iterable[str]) -> Path:
+    """The files of `folder` matching `patterns` (nothing else of the repository), downloaded
+    into the hub cache; the folder's path, which must lie inside that cache."""
+    # lazy on purpose: huggingface_hub is imported only when something is fetched
     from huggingface_hub import constants, snapshot_download
 
     prefix = f"{folder}/" if folder else ""
     try:
-        root = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + f for f in SAE_FILES])
+        root = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + p for p in patterns])
     except Exception as err:  # offline without a cached copy, no such repo or revision, HTTP
         at = f"{repo_id}@{revision}" if revision else repo_id
         raise SAEFormatError(
             f"{spec}: cannot fetch {at} from the Hugging Face Hub ({type(err).__name__}: {err})"
         ) from err
-    path = _inside_cache(spec, Path(root) / folder, Path(constants.HF_HUB_CACHE))
+    return _inside_cache(spec, Path(root) / folder, Path(constants.HF_HUB_CACHE))
+
+
+def fetch_folder(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
+    """Download the SAE files of `folder` (nothing else of the repository) and return its path."""
+    from huggingface_hub import constants
+
+    path = download_folder(spec, repo_id, revision, folder, SAE_FILES)
     if not has_sae_files(path):
         where = f"folder {folder!r}" if folder else "top level"
         if constants.HF_HUB_OFFLINE:

@@ -26,6 +26,8 @@ from sae_acceptance.errors import SAEFormatError
 from sae_acceptance.io import read_text
 from sae_acceptance.sources.clt import CLT
 from sae_acceptance.sources.formats.tensors import read_safetensors, require
+from sae_acceptance.sources.hub import download_folder
+from sae_acceptance.sources.hub_calls import quiet_hub, say_hub_wait
 from sae_acceptance.sources.spec import HF_PREFIX, SAELENS_PREFIX, parse_hf
 
 CONFIG = "config.yaml"
@@ -42,7 +44,9 @@ def load_clt(spec: str | Path, dtype: torch.dtype | None = None) -> CLT:
     if text.startswith(SAELENS_PREFIX):
         text = _saelens_release(text)
     if text.startswith(HF_PREFIX):
-        path = _fetch(text, *parse_hf(text))
+        say_hub_wait(text)
+        with quiet_hub():
+            path = download_folder(text, *parse_hf(text), ("*.safetensors", CONFIG))
     else:
         path = Path(text)
         if path.is_file() and path.name.endswith((".yaml", ".yml")):
@@ -206,17 +210,3 @@ def _saelens_release(spec: str) -> str:
             f"({CLT_CONVERTER}); give it as an [[sae]]"
         )
     return f"{HF_PREFIX}{entry.repo_id}"
-
-
-def _fetch(spec: str, repo_id: str, revision: str | None, folder: str) -> Path:
-    """The transcoder files of `folder` in the hub cache (nothing else of the repository)."""
-    from huggingface_hub import snapshot_download  # lazy: only hub transcoders need it
-
-    prefix = f"{folder}/" if folder else ""
-    try:
-        root = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + "*.safetensors", prefix + CONFIG])
-    except Exception as err:  # offline without a cached copy, no such repo or revision, HTTP
-        raise SAEFormatError(
-            f"{spec}: cannot fetch {repo_id} from the Hugging Face Hub ({type(err).__name__})"
-        ) from err
-    return Path(root) / folder
