@@ -15,7 +15,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -71,30 +71,29 @@ from sae_acceptance.weights import latent_weights
 ModelKey = tuple[str, tuple[tuple[str, Any], ...], str]
 
 
-@dataclass
-class _Request:
-    entry: SAEEntry
-    result: SAEResult
-    sae: SAE | None = None
-
-    @property
-    def loaded_sae(self) -> SAE:
-        """The SAE of a request `_prepare` found no problem with (only those reach a model)."""
-        assert self.sae is not None, f"{self.result.name}: the SAE was not loaded"
-        return self.sae
+EntryT = TypeVar("EntryT", SAEEntry, CLTEntry)
+ResultT = TypeVar("ResultT", SAEResult, CLTResult)
+SourceT = TypeVar("SourceT", SAE, CLT)
 
 
 @dataclass
-class _CLTRequest:
-    entry: CLTEntry
-    result: CLTResult
-    clt: CLT | None = None
+class _Request(Generic[EntryT, ResultT, SourceT]):
+    """One entry on its way through an evaluation: its config entry, its result so far, and
+    what was read for it (an SAE or a CLT; None where reading failed, with `result.error` set)."""
+
+    entry: EntryT
+    result: ResultT
+    source: SourceT | None = None
 
     @property
-    def loaded_clt(self) -> CLT:
-        """The CLT of a request `_prepare_clt` found no problem with (only those reach a model)."""
-        assert self.clt is not None, f"{self.result.name}: the CLT was not loaded"
-        return self.clt
+    def loaded(self) -> SourceT:
+        """What was read, for a request its preparation found no problem with (only those reach a model)."""
+        assert self.source is not None, f"{self.result.name}: not loaded"
+        return self.source
+
+
+_SAERequest = _Request[SAEEntry, SAEResult, SAE]
+_CLTRequest = _Request[CLTEntry, CLTResult, CLT]
 
 
 def evaluate(
@@ -143,16 +142,16 @@ def evaluate(
     ]
     clt_groups: dict[ModelKey, list[_CLTRequest]] = defaultdict(list)
     for creq in clt_requests:
-        if creq.result.error is None and creq.clt is not None:
+        if creq.result.error is None and creq.source is not None:
             assert creq.result.model is not None  # _prepare_clt: no error means a model
-            kind = backend_for(settings.backend, creq.clt.hook_in(0), creq.clt.hook_out(0))
+            kind = backend_for(settings.backend, creq.source.hook_in(0), creq.source.hook_out(0))
             clt_groups[(creq.result.model, tuple(sorted(processing_kwargs().items())), kind)].append(creq)
 
-    groups: dict[ModelKey, list[_Request]] = defaultdict(list)
+    groups: dict[ModelKey, list[_SAERequest]] = defaultdict(list)
     for req in requests:
-        if req.result.error is None and req.sae is not None:
-            kwargs = processing_kwargs(req.sae.metadata.get("model_from_pretrained_kwargs"))
-            kind = backend_for(settings.backend, req.result.hook, req.sae.hook_name_out)
+        if req.result.error is None and req.source is not None:
+            kwargs = processing_kwargs(req.source.metadata.get("model_from_pretrained_kwargs"))
+            kind = backend_for(settings.backend, req.result.hook, req.source.hook_name_out)
             assert req.result.model is not None  # _prepare: no error means a model and a hook
             groups[(req.result.model, tuple(sorted(kwargs.items())), kind)].append(req)
 
@@ -161,7 +160,7 @@ def evaluate(
     start = time.perf_counter()
     for model_name, kwarg_items, kind in dict.fromkeys([*groups, *clt_groups]):
         key = (model_name, kwarg_items, kind)
-        group: list[_Request] = groups.get(key, [])
+        group: list[_SAERequest] = groups.get(key, [])
         clt_group: list[_CLTRequest] = clt_groups.get(key, [])
         try:
             backend = models.backend(model_name, dict(kwarg_items), device, settings.dtype, kind, settings.devices)
@@ -171,7 +170,7 @@ def evaluate(
                 unloaded.error = str(err)
             continue
         eval_info.setdefault("tokens", _token_info(tokens, counted, excluded, settings.exclude_special_tokens))
-        by_hook: dict[str, list[_Request]] = defaultdict(list)
+        by_hook: dict[str, list[_SAERequest]] = defaultdict(list)
         for req in group:
             if _check_fits(backend, req):
                 _warn_if_overridden(req)
@@ -179,16 +178,14 @@ def evaluate(
                 by_hook[req.result.hook].append(req)
         sae_dtype = None if settings.sae_dtype is None else resolve_dtype(settings.sae_dtype)
         clts = {
-            creq.result.name: creq.loaded_clt.to(device=backend.device, dtype=sae_dtype)
+            creq.result.name: creq.loaded.to(device=backend.device, dtype=sae_dtype)
             for creq in clt_group
             if _clt_fits(backend, creq)
         }
         if not by_hook and not clts:
             continue
         saes = {
-            hook: {
-                req.result.name: req.loaded_sae.to(device=backend.hook_device(hook), dtype=sae_dtype) for req in reqs
-            }
+            hook: {req.result.name: req.loaded.to(device=backend.hook_device(hook), dtype=sae_dtype) for req in reqs}
             for hook, reqs in by_hook.items()
         }
         spliced = _splices_of(loaded, splice_entries, joint, by_name, group, saes)
@@ -278,7 +275,7 @@ def _prepare_clt(loaded: LoadedThresholds, entry: CLTEntry, index: int) -> _CLTR
 
 def _clt_fits(model: Backend, creq: _CLTRequest) -> bool:
     """The CLT's layers exist on the model and every hook it reads and writes has its d_model."""
-    clt, result = creq.loaded_clt, creq.result
+    clt, result = creq.loaded, creq.result
     if clt.n_layers > model.n_layers:
         result.error = f"{result.path}: the CLT has {clt.n_layers} layers, the model {model.n_layers}"
         return False
@@ -299,8 +296,8 @@ def _splices_of(
     loaded: LoadedThresholds,
     entries: list[SpliceEntry],
     joint: dict[str, SpliceResult],
-    by_name: dict[str, _Request],
-    group: list[_Request],
+    by_name: dict[str, _SAERequest],
+    group: list[_SAERequest],
     saes: dict[str, dict[str, SAE]],
 ) -> dict[str, dict[str, SAE]]:
     """The splices this model run can patch ({name: {hook: SAE}}): every member measured here,
@@ -341,7 +338,7 @@ def _source(loaded: LoadedThresholds, table: str, index: int) -> Source | None:
     return Source(workspace_path(loaded.path), loaded.line_of(table, index)) if loaded.text else None
 
 
-def _prepare(loaded: LoadedThresholds, entry: SAEEntry, index: int) -> _Request:
+def _prepare(loaded: LoadedThresholds, entry: SAEEntry, index: int) -> _SAERequest:
     """Load the SAE and decide its model and hook; every problem found becomes the result's error."""
     path = loaded.resolve(entry.path)
     result = SAEResult(
@@ -352,7 +349,7 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry, index: int) -> _Request:
         sae = load_sae(path, dtype=None if dtype is None else resolve_dtype(dtype))
     except SAEAcceptanceError as err:
         result.error = str(err)
-        return _Request(entry, result)
+        return _SAERequest(entry, result)
     model = entry.model or loaded.config.eval.model or sae.model_name
     result.model = None if model is None else loaded.resolve_model(model)
     result.hook = entry.hook or sae.hook_name
@@ -370,7 +367,7 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry, index: int) -> _Request:
         problems.append(f"SAE weights hold NaN or infinity in tensor(s) {', '.join(bad)}")
     if problems:
         result.error = f"{path}: {'; '.join(problems)}"
-    return _Request(entry, result, sae)
+    return _SAERequest(entry, result, sae)
 
 
 def _eval_tokens(loaded: LoadedThresholds, model: Backend) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -423,10 +420,10 @@ def _token_info(
     }
 
 
-def _warn_if_overridden(req: _Request) -> None:
+def _warn_if_overridden(req: _SAERequest) -> None:
     """A `hook` that differs from the one the SAE records: legal, and almost always a mistake
     (the same point in the other naming is neither)."""
-    given, own = req.entry.hook, req.loaded_sae.hook_name
+    given, own = req.entry.hook, req.loaded.hook_name
     if given and own and not same_point(given, own):
         warnings.warn(
             HookOverrideWarning(
@@ -437,9 +434,9 @@ def _warn_if_overridden(req: _Request) -> None:
         )
 
 
-def _check_fits(model: Backend, req: _Request) -> bool:
+def _check_fits(model: Backend, req: _SAERequest) -> bool:
     """The SAE's hooks exist on the model, inside its blocks, with the widths the SAE reads and writes."""
-    sae, hook = req.loaded_sae, req.result.hook
+    sae, hook = req.loaded, req.result.hook
     assert hook is not None  # _prepare: no error means a model and a hook
     hook_out = getattr(sae, "hook_name_out", None)
     head = getattr(sae, "hook_head_index", None)
@@ -493,7 +490,7 @@ def _measure(
 
 
 def _measure_sae(
-    req: _Request,
+    req: _SAERequest,
     loaded: LoadedThresholds,
     run: HookRun,
     geometry: LayerGeometry,
