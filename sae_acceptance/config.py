@@ -259,19 +259,27 @@ def splice_key(name: str) -> str:
     return f"splice:{name}"
 
 
-class SpliceEntry(StrictModel):
-    """`[[splice]]`: SAEs of one model at different hooks, patched in together in one forward."""
+class _JointEntry(StrictModel):
+    """What a splice and a CLT share: a name that is a pytest node, bounds on the joint metrics
+    of one replacement, and negative controls."""
 
-    name: str = Field(description="the group's name: items are thresholds.toml::splice:<name>::<metric>")
-    saes: list[str] = Field(min_length=1, description="names of [[sae]] entries of this file, one per hook")
+    name: str
+    """the entry's name: its pytest node and baseline entry, after its kind (`splice:`, `clt:`)"""
     gate: Annotated[Gate, AfterValidator(_check_splice_gate)]
-    """the bounds on the joint metrics (a splice has no default bounds)"""
+    """the bounds on the joint metrics (no default bounds: a joint entry gates what it names)"""
     expect_fail: list[str] = Field(default_factory=list, description="negative control: these gated metrics must fail")
 
     @field_validator("name")
     @classmethod
     def _node_safe(cls, name: str) -> str:
         return node_safe(name)
+
+
+class SpliceEntry(_JointEntry):
+    """`[[splice]]`: SAEs of one model at different hooks, patched in together in one forward."""
+
+    name: str = Field(description="the group's name: items are thresholds.toml::splice:<name>::<metric>")
+    saes: list[str] = Field(min_length=1, description="names of [[sae]] entries of this file, one per hook")
 
     @property
     def key(self) -> str:
@@ -284,7 +292,7 @@ def clt_key(name: str) -> str:
     return f"clt:{name}"
 
 
-class CLTEntry(StrictModel):
+class CLTEntry(_JointEntry):
     """`[[clt]]`: a cross-layer transcoder (or a set of per-layer transcoders) evaluated as a whole:
     every MLP output it covers replaced at once, its joint loss measured and gated like a splice's."""
 
@@ -294,14 +302,6 @@ class CLTEntry(StrictModel):
         "hf://owner/repo[@revision][/folder], or sae-lens://<release> of a mntss_clt_layer_transcoder release"
     )
     model: str | None = Field(None, description="the model (default: [eval] model, else the config.yaml's model_name)")
-    gate: Annotated[Gate, AfterValidator(_check_splice_gate)]
-    """bounds on the whole replacement's joint metrics (those a splice may gate)"""
-    expect_fail: list[str] = Field(default_factory=list, description="negative control: these gated metrics must fail")
-
-    @field_validator("name")
-    @classmethod
-    def _node_safe(cls, name: str) -> str:
-        return node_safe(name)
 
     @field_validator("path")
     @classmethod

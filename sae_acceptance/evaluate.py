@@ -176,7 +176,7 @@ def evaluate(
                 _warn_if_overridden(req)
                 assert req.result.hook is not None  # _prepare: no error means a model and a hook
                 by_hook[req.result.hook].append(req)
-        sae_dtype = None if settings.sae_dtype is None else resolve_dtype(settings.sae_dtype)
+        sae_dtype = _sae_dtype(settings)
         clts = {
             creq.result.name: creq.loaded.to(device=backend.device, dtype=sae_dtype)
             for creq in clt_group
@@ -247,13 +247,17 @@ def evaluate(
     )
 
 
+def _sae_dtype(settings: EvalSettings) -> torch.dtype | None:
+    """`[eval] sae_dtype` as a torch dtype; None keeps what each SAE or CLT was read in."""
+    return None if settings.sae_dtype is None else resolve_dtype(settings.sae_dtype)
+
+
 def _prepare_clt(loaded: LoadedThresholds, entry: CLTEntry, index: int) -> _CLTRequest:
     """Load the CLT and decide its model; a problem becomes the result's error."""
     path = loaded.resolve(entry.path)
     result = CLTResult(entry.name, expect_fail=list(entry.expect_fail), source=_source(loaded, "clt", index), path=path)
-    dtype = loaded.config.eval.sae_dtype
     try:
-        clt = load_clt(path, dtype=None if dtype is None else resolve_dtype(dtype))
+        clt = load_clt(path, dtype=_sae_dtype(loaded.config.eval))
     except SAEAcceptanceError as err:
         result.error = str(err)
         return _CLTRequest(entry, result)
@@ -344,9 +348,8 @@ def _prepare(loaded: LoadedThresholds, entry: SAEEntry, index: int) -> _SAEReque
     result = SAEResult(
         name=entry.key, path=path, expect_fail=list(entry.expect_fail), source=_source(loaded, "sae", index)
     )
-    dtype = loaded.config.eval.sae_dtype
     try:
-        sae = load_sae(path, dtype=None if dtype is None else resolve_dtype(dtype))
+        sae = load_sae(path, dtype=_sae_dtype(loaded.config.eval))
     except SAEAcceptanceError as err:
         result.error = str(err)
         return _SAERequest(entry, result)
