@@ -8,7 +8,6 @@ point estimate. The paired bootstrap applies the same counts to two runs.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,25 +66,19 @@ def bootstrap_bytes(n_sequences: int, resamples: int) -> int:
     return 4 * 8 * resamples * n_sequences
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this process can still have (None where the system does not say)."""
-    try:
-        import psutil
+def available_memory() -> int:
+    """Bytes of memory this process can still have: psutil's `available` (free memory plus the
+    cache the system can reclaim; the free pages alone would refuse settings that fit)."""
+    import psutil  # lazy: only the start of an evaluation asks
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return int(psutil.virtual_memory().available)
 
 
 def check_bootstrap_fits(n_sequences: int, resamples: int, where: str) -> None:
     """Refuse, before anything is evaluated, a bootstrap whose resample matrix cannot fit in
     memory: one line naming the setting, not "out of memory" after the evaluation."""
     needed, available = bootstrap_bytes(n_sequences, resamples), available_memory()
-    if available is not None and needed > available:
+    if needed > available:
         raise ConfigError(
             f"{where}: [eval] bootstrap_resamples = {resamples:,} over {n_sequences:,} sequences needs about "
             f"{needed / 1e9:,.1f} GB, more than the {available / 1e9:,.1f} GB of memory available; lower it"
