@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import time
-from pathlib import Path
 
 from conftest import REPO
 
@@ -13,20 +13,16 @@ from sae_acceptance.config import load_thresholds
 ENTRIES = 10_000
 
 
-def write_release(folder: Path, entries: int) -> Path:
-    """A thresholds file with `entries` [[sae]] tables, all naming the embedded reference's L0-k32."""
-    head = (
-        "[eval]\n"
-        f'model = "{REPO / "reference" / "model"}"\n'
-        f'data = "{REPO / "reference" / "tokens.npy"}"\n'
-        "n_sequences = 8\ncontext_size = 16\n\n"
-        "[gate]\nce_rec = { min = 0.5 }\n\n"
-    )
-    sae = REPO / "reference" / "saes" / "L0-k32"
-    body = "".join(f'[[sae]]\npath = "{sae}"\nname = "e{i}"\n\n' for i in range(entries))
-    path = folder / "thresholds.toml"
-    path.write_text(head + body)
-    return path
+def _load_benchmark():
+    """benchmarks/bench_collection.py, whose release file the test collects (one writer for both)."""
+    spec = importlib.util.spec_from_file_location("bench_collection", REPO / "benchmarks" / "bench_collection.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_release = _load_benchmark().write_release
 
 
 def test_every_entry_points_at_its_own_line(tmp_path):
