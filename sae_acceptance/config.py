@@ -13,9 +13,10 @@ import math
 import re
 import sys
 import unicodedata
-from functools import cached_property
+from collections.abc import Callable, Sequence
+from functools import cache, cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, NoReturn, get_args
 
 from pydantic import (
     AfterValidator,
@@ -448,6 +449,10 @@ class LoadedThresholds(BaseModel):
         """The file's table headers, scanned once for every entry's line."""
         return TomlLines(self.text)
 
+    def place(self, where: str, *loc: str | int) -> str:
+        """`where:LINE` of a location, the head of a one-line error (`where` alone without the file's text)."""
+        return f"{where}:{self.line_of(*loc)}" if self.text else where
+
     def line_of(self, *loc: str | int) -> int:
         """The line a location (`"sae", 3, "path"`) is at, for messages that point back."""
         return self.lines.locate(loc)
@@ -498,7 +503,7 @@ def _validate(raw: dict[str, Any], path: Path, text: str, where: str) -> LoadedT
     loaded = LoadedThresholds(config=config, path=path, text=text)
     _check_paths(loaded, where)
     _check_splices(loaded, where)
-    _check_clts(loaded, where)
+    _joint_checks(loaded, where, "clt", loaded.config.clt)
     _check_measured(loaded, where)
     _check_names(loaded, where)
     return loaded
@@ -522,7 +527,7 @@ def describe(err: ValidationError, text: str, where: str) -> str:
 
 def _check_paths(loaded: LoadedThresholds, where: str) -> None:
     def at(*loc: str | int) -> str:
-        return f"{where}:{loaded.line_of(*loc)}" if loaded.text else where
+        return loaded.place(where, *loc)
 
     for i, entry in enumerate(loaded.config.sae):
         if not is_remote(entry.path) and not Path(loaded.resolve(entry.path)).exists():
@@ -556,9 +561,10 @@ def _check_measured(loaded: LoadedThresholds, where: str) -> None:
         for name in gate:
             part = METRICS[name].part
             if part is not None and part not in parts:
-                line = f":{loaded.line_of(*loc, name)}" if loaded.text else ""
                 field = ".".join(map(str, (*loc, name)))
-                raise ConfigError(f"{where}{line}: {field}: needs [eval] diagnostics' {part!r} part, which is off")
+                raise ConfigError(
+                    f"{loaded.place(where, *loc, name)}: {field}: needs [eval] diagnostics' {part!r} part, which is off"
+                )
 
 
 # A run writes files named after each SAE: `<report>.<name>.densities.npz` beside the JSON report
@@ -585,8 +591,7 @@ def _check_names(loaded: LoadedThresholds, where: str) -> None:
             )
         else:
             continue
-        line = f":{loaded.line_of('sae', i, key)}" if loaded.text else ""
-        raise ConfigError(f"{where}{line}: sae.{i}.{key}: {problem}")
+        raise ConfigError(f"{loaded.place(where, 'sae', i, key)}: sae.{i}.{key}: {problem}")
 
 
 def _check_splices(loaded: LoadedThresholds, where: str) -> None:
@@ -595,23 +600,13 @@ def _check_splices(loaded: LoadedThresholds, where: str) -> None:
     config = loaded.config
     names = [entry.display_name for entry in config.sae]
 
-    def fail(i: int, key: str, message: str) -> None:
-        line = f":{loaded.line_of('splice', i, key)}" if loaded.text else ""
-        raise ConfigError(f"{where}{line}: splice.{i}.{key}: {message}")
-
-    seen: set[str] = set()
+    fail = _joint_checks(loaded, where, "splice", config.splice)
     for i, splice in enumerate(config.splice):
-        if splice.name in seen:
-            fail(i, "name", f"two [[splice]] entries are named {splice.name!r}")
-        seen.add(splice.name)
         unknown = [n for n in splice.saes if n not in names]
         if unknown:
             fail(i, "saes", f"no [[sae]] named {', '.join(map(repr, unknown))} (there are: {', '.join(names)})")
         if len(set(splice.saes)) != len(splice.saes):
             fail(i, "saes", "an SAE is named twice")
-        missing = [m for m in splice.expect_fail if m not in splice.gate]
-        if missing:
-            fail(i, "expect_fail", f"names metrics without a bound: {', '.join(missing)}")
         members = config.splice_members(splice)
         models = {loaded.resolve_model(m) for e in members if (m := e.model or config.eval.model)}
         if len(models) > 1:
@@ -621,20 +616,24 @@ def _check_splices(loaded: LoadedThresholds, where: str) -> None:
             fail(i, "saes", problem)
 
 
-def _check_clts(loaded: LoadedThresholds, where: str) -> None:
-    """Names are unique among [[clt]] entries; a negative control names gated metrics."""
+def _joint_checks(
+    loaded: LoadedThresholds, where: str, kind: str, entries: Sequence[JointEntry]
+) -> Callable[[int, str, str], NoReturn]:
+    """What splices and CLTs share: names unique among their kind's entries, and a negative
+    control that names gated metrics. Returns the one-line failure for the kind's own checks."""
+
+    def fail(i: int, key: str, message: str) -> NoReturn:
+        raise ConfigError(f"{loaded.place(where, kind, i, key)}: {kind}.{i}.{key}: {message}")
+
     seen: set[str] = set()
-    for i, clt in enumerate(loaded.config.clt):
-        line = f":{loaded.line_of('clt', i, 'name')}" if loaded.text else ""
-        if clt.name in seen:
-            raise ConfigError(f"{where}{line}: clt.{i}.name: two [[clt]] entries are named {clt.name!r}")
-        seen.add(clt.name)
-        missing = [m for m in clt.expect_fail if m not in clt.gate]
+    for i, entry in enumerate(entries):
+        if entry.name in seen:
+            fail(i, "name", f"two [[{kind}]] entries are named {entry.name!r}")
+        seen.add(entry.name)
+        missing = [m for m in entry.expect_fail if m not in entry.gate]
         if missing:
-            line = f":{loaded.line_of('clt', i, 'expect_fail')}" if loaded.text else ""
-            raise ConfigError(
-                f"{where}{line}: clt.{i}.expect_fail: names metrics without a bound: {', '.join(missing)}"
-            )
+            fail(i, "expect_fail", f"names metrics without a bound: {', '.join(missing)}")
+    return fail
 
 
 def same_hook(members: list[tuple[str, str]]) -> str | None:
@@ -656,14 +655,10 @@ _ANY_HEADER = re.compile(r"\s*\[")
 _TABLE_HEADER = re.compile(r"\s*\[\[?\s*([^\[\]\s]+)\s*\]")
 
 
-_KEY_PATTERNS: dict[str, re.Pattern[str]] = {}
-
-
+@cache
 def _key_pattern(key: str) -> re.Pattern[str]:
     """`key =` (or `, key =`, `{key =`) as a compiled pattern, compiled once per key."""
-    if key not in _KEY_PATTERNS:
-        _KEY_PATTERNS[key] = re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
-    return _KEY_PATTERNS[key]
+    return re.compile(rf"(^|[\s{{,]){re.escape(key)}\s*=")
 
 
 class TomlLines:

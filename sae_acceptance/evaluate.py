@@ -317,7 +317,7 @@ def _splices_of(
         result.hook = " + ".join(result.hooks)
         clash = same_hook([(m.name, hook) for m, hook in zip(members, result.hooks, strict=True)])
         if clash:
-            where = f"{loaded.path}:{loaded.line_of('splice', i, 'saes')}" if loaded.text else str(loaded.path)
+            where = loaded.place(str(loaded.path), "splice", i, "saes")
             result.error = f"{where}: splice.{i}.saes: {clash}"
         elif all(m.error is None for m in members):
             runnable[entry.name] = {hook: saes[hook][m.name] for m, hook in zip(members, result.hooks, strict=True)}
