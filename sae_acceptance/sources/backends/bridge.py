@@ -24,14 +24,11 @@ import torch
 from sae_acceptance.errors import SourceError
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site
 from sae_acceptance.sources.backends.checkpoint import (
-    UNREADABLE_WEIGHTS,
     NotForTransformerLens,
-    check_checkpoint,
     checkpoint_special_ids,
     first_line,
     has_tokenizer,
-    quiet_transformers,
-    weights_refused,
+    loading_checkpoint,
 )
 from sae_acceptance.sources.backends.families import family_of
 from sae_acceptance.sources.backends.hf import HFBackend
@@ -132,17 +129,13 @@ def load(
     """`TransformerBridge.boot_transformers`, then compatibility mode with the SAE's processing."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    if isinstance(source, Path):
-        check_checkpoint(source)
     placement: dict[str, Any] = {"n_devices": len(devices)} if devices else {"device": device}
     without_tokenizer = isinstance(source, Path) and not has_tokenizer(source)
     if without_tokenizer:  # else the bridge asks AutoTokenizer for files the directory does not have
         placement["tokenizer"] = _stand_in_tokenizer()
     try:
-        with quiet_transformers():
+        with loading_checkpoint(source):
             bridge = TransformerBridge.boot_transformers(str(source), dtype=dtype, trust_remote_code=False, **placement)
-    except UNREADABLE_WEIGHTS as err:
-        raise weights_refused(source, err) from None
     except (OSError, ValueError, KeyError, NotImplementedError, AttributeError) as err:
         if not isinstance(source, Path) and not is_known_name(source):
             raise NotForTransformerLens(unknown_name(source)) from None

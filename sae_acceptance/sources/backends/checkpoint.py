@@ -93,14 +93,21 @@ def checkpoint_special_ids(config: PretrainedConfig) -> list[int]:
 
 
 @contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" bar for a local checkpoint: it takes seconds, and logs read better without."""
+def loading_checkpoint(source: str | Path) -> Iterator[None]:
+    """Around every transformers load of a model: a local checkpoint is checked first
+    (`check_checkpoint`), weights transformers cannot read safely are one line
+    (`weights_refused`), and there is no "Loading weights" bar (it takes seconds, and logs read
+    better without)."""
     from transformers.utils import logging as hf_logging
 
+    if isinstance(source, Path):
+        check_checkpoint(source)
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         yield
+    except UNREADABLE_WEIGHTS as err:
+        raise weights_refused(source, err) from None
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

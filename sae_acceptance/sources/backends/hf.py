@@ -24,14 +24,11 @@ from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
     NO_REMOTE_CODE,
-    UNREADABLE_WEIGHTS,
-    check_checkpoint,
     checkpoint_special_ids,
     dtype_kwarg,
     first_line,
     has_tokenizer,
-    quiet_transformers,
-    weights_refused,
+    loading_checkpoint,
 )
 from sae_acceptance.sources.backends.families import Family, backends_for, family_of
 
@@ -306,17 +303,13 @@ def load(source: str | Path, device: torch.device, dtype: torch.dtype, devices: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shown = repr(str(source))
-    if isinstance(source, Path):
-        check_checkpoint(source)
     kwargs: dict[str, Any] = {**dtype_kwarg(dtype), **NO_REMOTE_CODE}
     if devices:
         memory = {d.index or 0: torch.cuda.get_device_properties(d).total_memory for d in devices}
         kwargs.update(device_map="auto", max_memory=memory)
     try:
-        with quiet_transformers():
+        with loading_checkpoint(source):
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except UNREADABLE_WEIGHTS as err:
-        raise weights_refused(source, err) from None
     except (OSError, ValueError, KeyError) as err:
         where = (
             "cannot load as a Hugging Face causal LM"

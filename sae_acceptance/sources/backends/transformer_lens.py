@@ -23,16 +23,13 @@ from sae_acceptance.hooks import HookPoint
 from sae_acceptance.sources.backends.base import Backend, Pass, Patch, Site, apply
 from sae_acceptance.sources.backends.checkpoint import (
     NO_REMOTE_CODE,
-    UNREADABLE_WEIGHTS,
     NotForTransformerLens,
-    check_checkpoint,
     checkpoint_special_ids,
     closest_names,
     dtype_kwarg,
     first_line,
     has_tokenizer,
-    quiet_transformers,
-    weights_refused,
+    loading_checkpoint,
 )
 from sae_acceptance.sources.backends.families import family_of, inside_layer, is_module_point
 
@@ -215,12 +212,9 @@ def _load_local(
     from transformer_lens import HookedTransformer, loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_checkpoint(path)
     try:
-        with quiet_transformers():
+        with loading_checkpoint(path):
             hf_model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch.float32), **NO_REMOTE_CODE)
-    except UNREADABLE_WEIGHTS as err:
-        raise weights_refused(path, err) from None
     except (OSError, ValueError, KeyError) as err:
         raise SourceError(f"model {str(path)!r}: cannot load as a local checkpoint ({first_line(err)})") from None
     with _neutral_name(path) as neutral:
