@@ -143,6 +143,11 @@ class _LossTerms:
         return ce, cross
 
 
+def _cosine(dot: torch.Tensor, a_norm: torch.Tensor, r_norm: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine of an activation and its reconstruction (0 where the reconstruction is zero)."""
+    return torch.where(r_norm > 0, dot / (a_norm * r_norm).clamp(min=1e-30), 0.0).clamp(-1, 1)
+
+
 def _per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ over positions of values where mask, per sequence, in float64 (an excluded
     position counts for nothing, even where its value is not finite)."""
@@ -352,7 +357,7 @@ class _Evaluation:
             a_norm, r_norm = a.norm(dim=-1), r.norm(dim=-1)
             err = (a - r).pow(2).sum(-1)
             dot = (a * r).sum(-1)
-            cos = torch.where(r_norm > 0, dot / (a_norm * r_norm).clamp(min=1e-30), 0.0).clamp(-1, 1)
+            cos = _cosine(dot, a_norm, r_norm)
             l0 = code.l0().reshape(mask.shape)
             l1 = code.values.float().sum(-1).reshape(mask.shape)
             code.values = code.values * mask.reshape(-1, 1).to(code.values)
@@ -468,9 +473,9 @@ class _Evaluation:
                 keep = b.mask.to(act.device)
                 a, r = act.float(), recon.float()
                 a_norm, r_norm = a.norm(dim=-1), r.norm(dim=-1)
-                cos = torch.where(r_norm > 0, (a * r).sum(-1) / (a_norm * r_norm).clamp(min=1e-30), 0.0)
+                cos = _cosine((a * r).sum(-1), a_norm, r_norm)
                 fired = l0.pop(layer).reshape(keep.shape).to(act.device)
-                per_token = [(a - r).pow(2).sum(-1), a.pow(2).sum(-1), cos.clamp(-1, 1), fired, torch.ones_like(cos)]
+                per_token = [(a - r).pow(2).sum(-1), a.pow(2).sum(-1), cos, fired, torch.ones_like(cos)]
                 layer_sums[layer] += torch.stack([torch.where(keep, v.double(), 0.0).sum() for v in per_token]).cpu()
                 return torch.where(keep.unsqueeze(-1), recon, act)
 
