@@ -86,6 +86,16 @@ def _inside_cache(spec: str, path: Path, cache: Path) -> Path:
 def saelens_entry(spec: str) -> tuple[Any, str, str]:
     """(SAELens's directory entry, release, SAE id) of a ``sae-lens://`` id."""
     release, sae_id = parse_saelens(spec)
+    lookup = saelens_release(spec, release)
+    if sae_id not in lookup.saes_map:
+        raise SAEFormatError(
+            f"{spec}: release {release!r} has no SAE {sae_id!r}{_did_you_mean(sae_id, lookup.saes_map)}"
+        )
+    return lookup, release, sae_id
+
+
+def saelens_release(spec: str, release: str) -> Any:
+    """SAELens's directory entry of `release` (`spec` names it in errors)."""
     try:
         # lazy on purpose: sae-lens is optional, needed only for sae-lens:// ids
         with warnings.catch_warnings():
@@ -99,12 +109,7 @@ def saelens_entry(spec: str) -> tuple[Any, str, str]:
     directory = get_pretrained_saes_directory()
     if release not in directory:
         raise SAEFormatError(f"{spec}: no SAELens release {release!r}{_did_you_mean(release, directory)}")
-    lookup = directory[release]
-    if sae_id not in lookup.saes_map:
-        raise SAEFormatError(
-            f"{spec}: release {release!r} has no SAE {sae_id!r}{_did_you_mean(sae_id, lookup.saes_map)}"
-        )
-    return lookup, release, sae_id
+    return directory[release]
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -26,7 +26,7 @@ from sae_acceptance.errors import SAEFormatError
 from sae_acceptance.io import read_text
 from sae_acceptance.sources.clt import CLT
 from sae_acceptance.sources.formats.tensors import read_safetensors, require
-from sae_acceptance.sources.hub import download_folder
+from sae_acceptance.sources.hub import download_folder, saelens_release
 from sae_acceptance.sources.hub_calls import quiet_hub, say_hub_wait
 from sae_acceptance.sources.spec import HF_PREFIX, SAELENS_PREFIX, parse_hf
 
@@ -197,13 +197,7 @@ def _check_shapes(clt: CLT, where: str) -> None:
 def _saelens_release(spec: str) -> str:
     """`sae-lens://<release>` of a CLT release -> `hf://<its repository>` (SAELens's directory)."""
     release = spec[len(SAELENS_PREFIX) :].strip("/").split("/")[0]
-    try:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-    except ImportError:
-        raise SAEFormatError(f"{spec}: SAELens release ids need sae-lens installed; or give hf://<repo>") from None
-    entry = get_pretrained_saes_directory().get(release)
-    if entry is None:
-        raise SAEFormatError(f"{spec}: no SAELens release {release!r}")
+    entry = saelens_release(spec, release)
     if entry.conversion_func != CLT_CONVERTER:
         raise SAEFormatError(
             f"{spec}: release {release!r} is read by {entry.conversion_func!r}, not a cross-layer transcoder "
