@@ -31,7 +31,7 @@ from pydantic import (
 from sae_acceptance.errors import ConfigError, SAEFormatError
 from sae_acceptance.io import read_text, write_atomic
 from sae_acceptance.metrics import METRICS, R2_REFUSAL, SPLICE_METRICS, VARIANCE_NORMALISED
-from sae_acceptance.sources.spec import SAELENS_PREFIX, check_spec, default_name, is_remote
+from sae_acceptance.sources.spec import SAELENS_PREFIX, check_spec, default_name, is_remote, parse_saelens_release
 from sae_acceptance.stats import BootstrapSettings
 
 if sys.version_info >= (3, 11):
@@ -307,14 +307,14 @@ class CLTEntry(_JointEntry):
     @field_validator("path")
     @classmethod
     def _hub_name_well_formed(cls, path: str) -> str:
-        if path.startswith(SAELENS_PREFIX):
-            if not path[len(SAELENS_PREFIX) :].strip("/") or "/" in path[len(SAELENS_PREFIX) :].strip("/"):
-                raise ValueError(f"{path}: expected sae-lens://<release> (a CLT is read whole, not one layer)")
-        else:
-            try:
+        """A hub name's syntax is checked here (a SAELens id names a whole release); fetching waits for the eval."""
+        try:
+            if path.startswith(SAELENS_PREFIX):
+                parse_saelens_release(path)
+            else:
                 check_spec(path)
-            except SAEFormatError as err:
-                raise ValueError(str(err)) from None
+        except SAEFormatError as err:
+            raise ValueError(str(err)) from None
         return path
 
     @property

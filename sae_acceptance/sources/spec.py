@@ -74,6 +74,15 @@ def parse_saelens(spec: str) -> tuple[str, str]:
     return release, sae_id
 
 
+def parse_saelens_release(spec: str) -> str:
+    """``sae-lens://release`` (a whole release: a CLT is read whole, not one layer) -> the release."""
+    release = spec[len(SAELENS_PREFIX) :].strip("/")
+    if not release or "/" in release:
+        raise SAEFormatError(f"{spec}: expected sae-lens://<release> (a CLT is read whole, not one layer)")
+    _check_segments(spec, "release", [unquote(release)])
+    return release
+
+
 # A Hugging Face repository's owner or name: letters, digits, '-', '_' and '.', not '.' or '..'.
 REPO_PART = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,96}")
 

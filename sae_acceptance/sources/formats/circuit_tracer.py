@@ -28,7 +28,7 @@ from sae_acceptance.sources.clt import CLT
 from sae_acceptance.sources.formats.tensors import read_safetensors, require
 from sae_acceptance.sources.hub import download_folder, saelens_release
 from sae_acceptance.sources.hub_calls import quiet_hub, say_hub_wait
-from sae_acceptance.sources.spec import HF_PREFIX, SAELENS_PREFIX, parse_hf
+from sae_acceptance.sources.spec import HF_PREFIX, SAELENS_PREFIX, parse_hf, parse_saelens_release
 
 CONFIG = "config.yaml"
 CLT_CONVERTER = "mntss_clt_layer_transcoder"
@@ -196,7 +196,7 @@ def _check_shapes(clt: CLT, where: str) -> None:
 
 def _saelens_release(spec: str) -> str:
     """`sae-lens://<release>` of a CLT release -> `hf://<its repository>` (SAELens's directory)."""
-    release = spec[len(SAELENS_PREFIX) :].strip("/").split("/")[0]
+    release = parse_saelens_release(spec)
     entry = saelens_release(spec, release)
     if entry.conversion_func != CLT_CONVERTER:
         raise SAEFormatError(
