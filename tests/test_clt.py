@@ -414,6 +414,40 @@ def test_shards_and_xdist_runs_place_a_clt_once(written, tiny_checkpoint, tiny_t
     assert xdist_runs(loaded, 4) == {"clt:whole": 0}
 
 
+def test_a_failing_clt_fails_alike_on_every_path(written, tiny_checkpoint, tiny_tokens_file, tmp_path):
+    """One failing CLT gate through the CLI, pytest, pytest -n 2, and two shards + merge: exit 1
+    everywhere, and every JSON report holds the same CLT verdicts and numbers."""
+    pytest.importorskip("xdist", reason="the -n 2 path needs pytest-xdist (the dev extra; not in the TL4 environment)")
+    path = tmp_path / "thresholds.toml"
+    path.write_text(_thresholds_text(tiny_checkpoint, tiny_tokens_file, written["relu"][0], "ce_rec = { min = 0.99 }"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins")])}
+
+    def run(*args: str) -> int:
+        return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env).returncode
+
+    cli = [sys.executable, "-m", "sae_acceptance.cli"]
+    pytest_run = [sys.executable, "-m", "pytest", "thresholds.toml", "-q", "-p", "no:cacheprovider"]
+    statuses = {
+        "cli": run(*cli, "eval", "--config", str(path), "--no-progress", "--json", "cli.json"),
+        "pytest": run(*pytest_run, "--sae-json", "pytest.json"),
+        "xdist": run(*pytest_run, "-n", "2", "--sae-json", "xdist.json"),
+        "shard 1": run(*cli, "eval", "--config", str(path), "--no-progress", "--shard", "1/2", "--json", "s1.json"),
+        "shard 2": run(*cli, "eval", "--config", str(path), "--no-progress", "--shard", "2/2", "--json", "s2.json"),
+    }
+    statuses["merge"] = run(*cli, "merge", "s1.json", "s2.json", "--json", "merged.json")
+    assert {k: v for k, v in statuses.items() if k != "shard 2"} == dict.fromkeys(
+        ["cli", "pytest", "xdist", "shard 1", "merge"], 1
+    ), statuses
+    reports = {
+        name: json.loads((tmp_path / f"{name}.json").read_text())["clts"]["whole"]
+        for name in ("cli", "pytest", "xdist", "merged")
+    }
+    for name, clt in reports.items():
+        assert clt["verdicts"] == reports["cli"]["verdicts"], name
+        assert clt["metrics"] == reports["cli"]["metrics"], name
+        assert clt["verdicts"]["ce_rec"]["passed"] is False
+
+
 def _cached_repo(cache: Path, repo_id: str, files: Path) -> None:
     """`files` as huggingface_hub's cached snapshot of `repo_id` (offline loads find it there)."""
     import shutil
